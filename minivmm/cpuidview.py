@@ -1,0 +1,76 @@
+"""The guest CPUID view: what the guest's CPUID instruction returns.
+
+This is where every CPUID answer is computed. The view is the host profile's table,
+passed through the VM's mask, then normalised as a hypervisor presents a virtual CPU
+(SPEC section 1). It is frozen when the VM powers on and travels with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .cpuid import EXTENDED, CpuidTable, Regs
+
+HYPERVISOR_BIT = 1 << 31   # CPUID.1:ECX[31], reserved for hypervisors to set
+OSXSAVE_BIT = 1 << 27      # CPUID.1:ECX[27] mirrors CR4.OSXSAVE (bit 18)
+OSPKE_BIT = 1 << 4         # CPUID.7.0:ECX[4] mirrors CR4.PKE (bit 22)
+CR4_OSXSAVE = 1 << 18
+CR4_PKE = 1 << 22
+HYPERVISOR_LEAF = 0x40000000
+HYPERVISOR_SIGNATURE = b"minivmm\0\0\0\0\0"
+
+# A mask turns a raw table into the table the guest may see. The identity is the
+# default; masks and EVC modes plug in here.
+Mask = Callable[[CpuidTable], CpuidTable]
+
+
+def no_mask(table: CpuidTable) -> CpuidTable:
+    return table
+
+
+def _normalise(table: CpuidTable) -> dict[tuple[int, int], Regs]:
+    entries = dict(table)
+    a, b, c, d = table.query(1, 0)
+    # Every vCPU of this VM is CPU 0 (initial APIC ID in EBX[31:24]).
+    entries[(1, 0)] = (a, b & 0x00FFFFFF, (c | HYPERVISOR_BIT) & ~OSXSAVE_BIT, d)
+    for (leaf, sub), (a, b, c, d) in table.items():
+        if leaf in (0xB, 0x1F):          # x2APIC ID
+            entries[(leaf, sub)] = (a, b, c, 0)
+        elif leaf == 0x8000001E:         # AMD extended APIC ID
+            entries[(leaf, sub)] = (0, b & ~0xFF, c & ~0xFF, d)
+        elif leaf == 7 and sub == 0:
+            entries[(leaf, sub)] = (a, b, c & ~OSPKE_BIT, d)
+    return entries
+
+
+class GuestCpuidView:
+    """A frozen table plus the few bits that mirror live CPU state."""
+
+    def __init__(self, host_table: CpuidTable, mask: Mask = no_mask):
+        self.masked = mask(host_table)
+        self.table = CpuidTable(_normalise(self.masked), host_table.origin)
+        self.vendor = host_table.vendor
+        ebx, ecx, edx = (int.from_bytes(HYPERVISOR_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))
+        self._hypervisor_leaf = (HYPERVISOR_LEAF, ebx, ecx, edx)
+
+    def has(self, feature) -> bool:
+        return feature.is_set(self.table.query(feature.leaf, feature.subleaf))
+
+    def answer(self, leaf: int, subleaf: int, cr4: int) -> Regs:
+        """CPUID(leaf, subleaf) for a guest whose CR4 is ``cr4``."""
+        if leaf == HYPERVISOR_LEAF:
+            # With the hypervisor bit set, 0x40000000 is the hypervisor's vendor leaf
+            # (the convention KVM, Xen, Hyper-V and VMware share).
+            return self._hypervisor_leaf
+        if HYPERVISOR_LEAF < leaf < EXTENDED and leaf <= 0x4FFFFFFF:
+            return (0, 0, 0, 0)
+        a, b, c, d = self.table.query(leaf, subleaf)
+        if leaf == 1 and cr4 & CR4_OSXSAVE:
+            c |= OSXSAVE_BIT
+        elif leaf == 7 and subleaf == 0 and cr4 & CR4_PKE:
+            c |= OSPKE_BIT
+        return (a, b, c, d)
+
+    def live_leaves(self) -> frozenset[tuple[int, int]]:
+        """Answers that depend on CR4 and so cannot be precomputed."""
+        return frozenset({(1, 0), (7, 0)})

@@ -1,0 +1,83 @@
+"""The CPUID table of the machine minivmm runs on, read without root.
+
+CPUID is unprivileged, so a tiny function in an executable page runs it directly
+(what ``cpuid -1 -r`` does in C); the dump is then enumerated the way that tool does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import platform
+
+from .cpuid import EXTENDED, CpuidTable
+from .errors import MinivmmError
+
+# void cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])  (System V x86-64)
+_CODE = bytes.fromhex(
+    "53"            # push rbx
+    "89f8"          # mov eax, edi
+    "89f1"          # mov ecx, esi
+    "4989d0"        # mov r8, rdx
+    "0fa2"          # cpuid
+    "418900"        # mov [r8], eax
+    "41895804"      # mov [r8+4], ebx
+    "41894808"      # mov [r8+8], ecx
+    "4189500c"      # mov [r8+12], edx
+    "5b"            # pop rbx
+    "c3"            # ret
+)
+
+# Indexed leaves and how far to enumerate their subleaves.
+_SUBLEAF_LIMITS = {0x4: 16, 0x7: None, 0xB: 8, 0xD: 64, 0xF: 4, 0x10: 8, 0x12: 8, 0x14: None,
+                   0x17: 4, 0x18: 16, 0x1D: 2, 0x1E: 2, 0x1F: 8, 0x20: 2, 0x23: 4, 0x24: 2,
+                   0x8000001D: 16, 0x80000020: 4, 0x80000026: 4}
+
+
+@functools.cache
+def _cpuid_function():
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise MinivmmError(f"'native' needs an x86-64 machine, this one is {platform.machine()}")
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(_CODE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
+    return fn, page
+
+
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    fn, _page = _cpuid_function()
+    out = (ctypes.c_uint32 * 4)()
+    fn(leaf, subleaf, out)
+    return tuple(out)
+
+
+def _subleaves(leaf: int, first: tuple[int, int, int, int]) -> range:
+    limit = _SUBLEAF_LIMITS[leaf]
+    if limit is None:  # leaves 7 and 0x14 report their last subleaf in EAX
+        return range(min(first[0], 31) + 1)
+    return range(limit)
+
+
+def read_table() -> CpuidTable:
+    entries = {}
+    for base in (0, EXTENDED):
+        top = cpuid(base)[0]
+        if base == EXTENDED and top < EXTENDED:
+            break
+        for leaf in range(base, min(top, base + 0xFF) + 1):
+            first = cpuid(leaf, 0)
+            entries[(leaf, 0)] = first
+            if leaf in _SUBLEAF_LIMITS:
+                for sub in _subleaves(leaf, first)[1:]:
+                    regs = cpuid(leaf, sub)
+                    if any(regs) and regs != (0, 0, sub & 0xFF, 0):
+                        entries[(leaf, sub)] = regs
+    # As libvirt's dumps do: present logical CPU 0 whichever CPU this thread ran on.
+    a, b, c, d = entries[(1, 0)]
+    entries[(1, 0)] = (a, b & 0x00FFFFFF, c, d)
+    for (leaf, sub), (a, b, c, d) in list(entries.items()):
+        if leaf in (0xB, 0x1F):
+            entries[(leaf, sub)] = (a, b, c, 0)
+    return CpuidTable(entries, "native")

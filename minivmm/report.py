@@ -1,0 +1,83 @@
+"""The result of a run, and its JSON report (SPEC section 3)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+EXIT_CODES = {"halted": 0, "crashed": 125, "unsupported": 126, "limit": 124}
+DETECTION_LINE = re.compile(r"^(?P<feature>[\w.\-]+):\s+cpuid=(?P<cpuid>[01])\s+probe=(?P<probe>[01-])"
+                            r"\s+uses=(?P<uses>\S+)\s*$")
+
+
+@dataclass
+class Stop:
+    reason: str                      # exited | halted | crashed | unsupported | limit
+    status: int = 0
+    vector: int | None = None
+    rip: int | None = None
+    instruction: str | None = None
+    missing_features: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "status": self.status, "vector": self.vector, "rip": self.rip,
+                "instruction": self.instruction, "missing_features": list(self.missing_features),
+                "message": self.message}
+
+
+@dataclass
+class Detection:
+    """One ``FEATURE: cpuid=0|1 probe=0|1|- uses=PATH`` console line."""
+    feature: str
+    cpuid: bool
+    probe: bool | None
+    uses: str
+
+
+@dataclass
+class RunResult:
+    guest: str
+    stop: Stop
+    console: str
+    host: str
+    hosts: list[str]
+    evc: str | None
+    instructions: int | None
+    cpuid_exits: list[dict]
+    exceptions: list[dict] = field(default_factory=list)
+    migrations: list[dict] = field(default_factory=list)
+    audit: list[dict] = field(default_factory=list)
+    checkpoints: int = 0
+    unknown_port_writes: dict[int, int] = field(default_factory=dict)
+    engine_model: str = ""
+    memory: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        if self.stop.reason == "exited":
+            return self.stop.status
+        return EXIT_CODES[self.stop.reason]
+
+    @property
+    def detections(self) -> dict[str, Detection]:
+        found = {}
+        for line in self.console.splitlines():
+            m = DETECTION_LINE.match(line.strip())
+            if m:
+                probe = None if m["probe"] == "-" else m["probe"] == "1"
+                found[m["feature"]] = Detection(m["feature"], m["cpuid"] == "1", probe, m["uses"])
+        return found
+
+    def cpuid_leaves(self) -> list[tuple[int, int]]:
+        return list(dict.fromkeys((e["leaf"], e["subleaf"]) for e in self.cpuid_exits))
+
+    def to_dict(self) -> dict:
+        return {
+            "guest": self.guest, "stop": self.stop.to_dict(), "console": self.console,
+            "host": self.host, "hosts": self.hosts, "evc": self.evc, "instructions": self.instructions,
+            "cpuid_exits": self.cpuid_exits, "exceptions": self.exceptions,
+            "migrations": self.migrations, "audit": self.audit, "checkpoints": self.checkpoints,
+            "unknown_port_writes": {f"0x{p:x}": n for p, n in sorted(self.unknown_port_writes.items())},
+            "engine_model": self.engine_model, "memory": self.memory,
+        }
