@@ -131,10 +131,10 @@ def profiles(dumps, as_json):
         emit_json(rows)
         return
     table = Table(title="Real CPU dumps" if dumps else "Built-in host profiles")
-    for column in ("name", "vendor", "family/model", "CPU", "engine model", "features"):
+    for column in ("name", "vendor", "family/model/stepping", "CPU", "engine model", "features"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], r["vendor"], f"{r['family']}/{r['model']} ({r['family']:#x}/{r['model']:#x})",
+        table.add_row(r["name"], r["vendor"], f"{r['family']:#x}/{r['model']:#x}/{r['stepping']}",
                       r["cpu"], r["engine_model"], str(r["features"]))
     Console().print(table)
 

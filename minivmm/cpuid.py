@@ -110,8 +110,13 @@ class CpuidTable(Mapping):
         words = [w for leaf in (0x80000002, 0x80000003, 0x80000004) for w in self.query(leaf, 0)]
         return regs_to_text(*words)
 
+    @property
+    def indexed_leaves(self) -> frozenset[int]:
+        """Leaves whose answer depends on the subleaf in ECX."""
+        return INDEXED_LEAVES | {leaf for leaf, sub in self._entries if sub}
+
     def is_indexed(self, leaf: int) -> bool:
-        return leaf in INDEXED_LEAVES or any(k[0] == leaf and k[1] for k in self._entries)
+        return leaf in self.indexed_leaves
 
     def in_range(self, leaf: int) -> bool:
         if leaf < EXTENDED:

@@ -50,8 +50,12 @@ class GuestCpuidView:
         self.masked = mask(host_table)
         self.table = CpuidTable(_normalise(self.masked), host_table.origin)
         self.vendor = host_table.vendor
+        self.indexed_leaves = self.table.indexed_leaves
         ebx, ecx, edx = (int.from_bytes(HYPERVISOR_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))
         self._hypervisor_leaf = (HYPERVISOR_LEAF, ebx, ecx, edx)
+
+    def effective_subleaf(self, leaf: int, subleaf: int) -> int:
+        return subleaf if leaf in self.indexed_leaves else 0
 
     def has(self, feature) -> bool:
         return feature.is_set(self.table.query(feature.leaf, feature.subleaf))

@@ -145,8 +145,8 @@ def _symbol_missing(error) -> bool:
     return error.errno == KS_ERR_ASM_SYMBOL_MISSING
 
 
-def _error_line(lines: list[str], address: int, error) -> int:
-    """Keystone reports no line numbers: find the culprit by re-assembling."""
+def _locate_error(lines: list[str], address: int, error):
+    """(1-based line, its error): keystone reports no line numbers, so re-assemble."""
     if _symbol_missing(error):
         # The line whose removal cures the error is the one naming the missing symbol.
         for i, line in enumerate(lines):
@@ -154,19 +154,19 @@ def _error_line(lines: list[str], address: int, error) -> int:
                 trial = lines[:i] + [""] + lines[i + 1:]
                 _, e = _try_assemble(trial, address)
                 if e is None:
-                    return i + 1
-        return 0
+                    return i + 1, error
+        return 0, error
     # Otherwise the shortest failing prefix ends at the culprit; forward references in
     # a prefix fail as missing symbols and do not count.
-    lo, hi = 1, len(lines)
+    lo, hi, first = 1, len(lines), error
     while lo < hi:
         mid = (lo + hi) // 2
         _, e = _try_assemble(lines[:mid], address)
         if e is not None and not _symbol_missing(e):
-            hi = mid
+            hi, first = mid, e
         else:
             lo = mid + 1
-    return lo
+    return lo, first
 
 
 def assemble(source: str, origin: str = "<asm>", address: int = LOAD_ADDRESS) -> bytes:
@@ -174,7 +174,7 @@ def assemble(source: str, origin: str = "<asm>", address: int = LOAD_ADDRESS) ->
     lines = [text for text, _, _ in located]
     code, error = _try_assemble(lines, address)
     if error is not None:
-        index = _error_line(lines, address, error)
+        index, error = _locate_error(lines, address, error)
         message = re.sub(r"\s*\(KS_ERR_\w+\)", "", str(error))
         if index:
             text, file, lineno = located[index - 1]

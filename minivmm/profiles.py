@@ -46,7 +46,7 @@ class HostProfile:
 
     @property
     def description(self) -> str:
-        return self.cpuid.brand or self.source
+        return " ".join(self.cpuid.brand.split()) or self.source
 
     def has(self, feature: str) -> bool:
         return catalogue()[feature].name in self.physical

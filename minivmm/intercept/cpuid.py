@@ -36,11 +36,14 @@ class CpuidExitHandler:
         inputs, cr4 = self._inputs, self._cr4
         read, write = engine.reg_read_batch, engine.reg_write_batch
         cache, live, log, view = self._cache, self._live, self.log, self.view
+        indexed = view.indexed_leaves
 
         def on_cpuid(_h, _ud):
             try:
                 read(handle, inputs.ids, inputs.pointers, 2)
-                key = (inputs.values[0] & 0xFFFFFFFF, inputs.values[1] & 0xFFFFFFFF)
+                leaf = inputs.values[0] & 0xFFFFFFFF
+                # Leaves that ignore ECX are logged and cached as subleaf 0.
+                key = (leaf, inputs.values[1] & 0xFFFFFFFF if leaf in indexed else 0)
                 block = cache.get(key)
                 if block is None:
                     if key in live:

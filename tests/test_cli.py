@@ -1,0 +1,110 @@
+"""The command line as users and scripts see it (SPEC section 3)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import dump_registers, minivmm_cli, parse_raw_lines
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def detections(report):
+    found = {}
+    for line in report["console"].splitlines():
+        name, _, rest = line.partition(": ")
+        found[name] = dict(kv.split("=") for kv in rest.split())
+    return found
+
+
+@pytest.mark.parametrize("host, present, absent", [
+    ("penryn", {"sse4_1"}, {"sse4_2", "popcnt"}),
+    ("nehalem", {"sse4_1", "sse4_2", "popcnt"}, {"avx", "avx2"}),
+])
+def test_detect_cpuid_json_report(host, present, absent):
+    out = minivmm_cli("run", str(REPO / "guests" / "detect_cpuid.asm"), "--host", host, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)  # stdout holds only the report
+    assert report["stop"]["reason"] == "exited" and report["host"] == host and report["hosts"] == [host]
+    found = detections(report)
+    assert {f for f, d in found.items() if d["cpuid"] == "1"} >= present
+    assert not {f for f, d in found.items() if d["cpuid"] == "1"} & absent
+    for key in ("guest", "stop", "console", "host", "hosts", "evc", "instructions", "cpuid_exits",
+                "exceptions", "migrations", "audit"):
+        assert key in report
+    assert {"leaf", "subleaf", "eax", "ebx", "ecx", "edx", "host"} <= set(report["cpuid_exits"][0])
+    assert set(report["stop"]) >= {"reason", "status", "vector", "rip", "instruction", "missing_features"}
+
+
+def test_console_streams_to_stdout_and_the_ending_to_stderr():
+    out = minivmm_cli("run", "hello", "--host", "core2")
+    assert out.stdout == "Hello from a minivmm guest!\n"
+    assert out.stderr.startswith("minivmm: exited") and out.stderr.count("\n") == 1
+
+
+def test_exit_status_is_the_guests(tmp_path):
+    guest = tmp_path / "g.asm"
+    guest.write_text("mov al, 42\nout 0xf4, al\n")
+    assert minivmm_cli("run", str(guest)).returncode == 42
+    guest.write_text("ud2\n")
+    assert minivmm_cli("run", str(guest)).returncode == 125
+    guest.write_text("l: jmp l\n")
+    assert minivmm_cli("run", str(guest), "--timeout", "0.3").returncode == 124
+    assert minivmm_cli("run", str(guest), "--max-insns", "1000").returncode == 124
+
+
+def elf_header_only():
+    return b"\x7fELF\x02\x01\x01" + bytes(20)
+
+
+@pytest.mark.parametrize("args, files, fragment", [
+    (["run", "no/such/guest.asm"], {}, "not found"),
+    (["run", "{bad.asm}"], {"bad.asm": "nop\nmov eax, 1\nbogus rax\n"}, "bad.asm:3: assembler error"),
+    (["run", "{trunc.elf}"], {"trunc.elf": elf_header_only()}, "truncated ELF"),
+    (["run", "hello", "--host", "pentium9"], {}, "unknown host profile 'pentium9'"),
+    (["run", "hello", "--memory", "12Q"], {}, "malformed size '12Q'"),
+    (["run", "hello", "--host", "file:/no/such/dump.xml"], {}, "cannot read CPUID dump"),
+    (["run", "hello", "--host", "{junk.xml}"], {"junk.xml": "<cpudata><cpuid eax_in='zz'/></cpudata>"},
+     "lacks a hex"),
+    (["run", "hello", "--evc", "intel-penryn"], {}, "not implemented yet"),
+    (["run", "hello", "--no-such-flag"], {}, "No such option"),
+    (["cpuid", "nosuchcpu"], {}, "unknown host profile"),
+    (["run"], {}, "Missing argument 'GUEST'"),
+])
+def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, files, fragment):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    for name in files:
+        path = str(tmp_path / name)
+        args = [a.replace("{" + name + "}", "file:" + path if name.endswith(".xml") else path) for a in args]
+    out = minivmm_cli(*args)
+    assert out.returncode == 2, out
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert fragment in out.stderr
+    assert out.stdout == ""
+
+
+def test_cpuid_raw_format_matches_the_real_dump_where_not_normalised():
+    out = minivmm_cli("cpuid", "penryn", "--format", "raw")
+    assert out.returncode == 0
+    seen = parse_raw_lines(out.stdout)
+    real = dump_registers("Xeon-X5460")
+    assert seen.keys() == real.keys()
+    assert seen[(0, 0)] == real[(0, 0)] and seen[(0x80000001, 0)] == real[(0x80000001, 0)]
+    assert seen[(1, 0)][2] == real[(1, 0)][2] | 1 << 31  # the hypervisor bit
+
+
+def test_profiles_json_lists_every_builtin():
+    out = minivmm_cli("profiles", "--json")
+    names = [p["name"] for p in json.loads(out.stdout)]
+    assert names[:3] == ["core2", "penryn", "nehalem"] and "epyc-rome" in names and len(names) == 19
+    table = minivmm_cli("profiles")
+    assert "Xeon" in table.stdout and table.returncode == 0
+
+
+def test_help_teaches_with_examples():
+    for command in (["--help"], ["run", "--help"], ["cpuid", "--help"], ["profiles", "--help"]):
+        out = minivmm_cli(*command)
+        assert out.returncode == 0 and "minivmm" in out.stdout
+    assert "Examples" in minivmm_cli("run", "--help").stdout
