@@ -6,8 +6,6 @@ import json
 import sys
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import profiles as profiles_mod
 from .cpuidview import GuestCpuidView
@@ -46,6 +44,18 @@ class OneLineErrors(click.Group):
 
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
+
+
+def print_table(title: str, columns, rows, justify="left") -> None:
+    # rich costs a tenth of a second to import: only the commands that draw pay it.
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,13 +140,10 @@ def profiles(dumps, as_json):
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="Real CPU dumps" if dumps else "Built-in host profiles")
-    for column in ("name", "vendor", "family/model/stepping", "CPU", "engine model", "features"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["name"], r["vendor"], f"{r['family']:#x}/{r['model']:#x}/{r['stepping']}",
-                      r["cpu"], r["engine_model"], str(r["features"]))
-    Console().print(table)
+    print_table("Real CPU dumps" if dumps else "Built-in host profiles",
+                ("name", "vendor", "family/model/stepping", "CPU", "engine model", "features"),
+                [(r["name"], r["vendor"], f"{r['family']:#x}/{r['model']:#x}/{r['stepping']}",
+                  r["cpu"], r["engine_model"], str(r["features"])) for r in rows])
 
 
 @cli.command()
@@ -166,12 +173,10 @@ def cpuid(profile, evc, cpuid_mask, fmt, as_json):
     elif fmt == "raw":
         click.echo("\n".join(view.raw_lines()))
     else:
-        table = Table(title=f"{host.name}: {host.description} (guest CPUID view)")
-        for column in ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"):
-            table.add_column(column, justify="right")
-        for (leaf, sub), regs in view.items():
-            table.add_row(f"0x{leaf:08x}", f"0x{sub:02x}", *(f"0x{r:08x}" for r in regs))
-        Console().print(table)
+        print_table(f"{host.name}: {host.description} (guest CPUID view)",
+                    ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"),
+                    [(f"0x{leaf:08x}", f"0x{sub:02x}", *(f"0x{r:08x}" for r in regs))
+                     for (leaf, sub), regs in view.items()], justify="right")
 
 
 def main():

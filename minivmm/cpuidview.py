@@ -75,6 +75,5 @@ class GuestCpuidView:
             c |= OSPKE_BIT
         return (a, b, c, d)
 
-    def live_leaves(self) -> frozenset[tuple[int, int]]:
-        """Answers that depend on CR4 and so cannot be precomputed."""
-        return frozenset({(1, 0), (7, 0)})
+    LIVE_LEAVES = frozenset({(1, 0), (7, 0)})  # answers that depend on CR4
+    LIVE_CR4_BITS = CR4_OSXSAVE | CR4_PKE

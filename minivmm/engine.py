@@ -23,6 +23,7 @@ class RegisterBlock:
 
     def __init__(self, regs: tuple[int, ...], values: tuple[int, ...] | None = None):
         self.count = len(regs)
+        self.initial = tuple(values or ())
         self.ids = (ctypes.c_int * self.count)(*regs)
         self.values = (ctypes.c_uint64 * self.count)(*(values or ()))
         base = ctypes.addressof(self.values)

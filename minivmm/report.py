@@ -44,7 +44,7 @@ class RunResult:
     hosts: list[str]
     evc: str | None
     instructions: int | None
-    cpuid_exits: list[dict]
+    cpuid_log: list[tuple] = field(repr=False)   # ((leaf, subleaf), (eax..edx), host), as recorded
     exceptions: list[dict] = field(default_factory=list)
     migrations: list[dict] = field(default_factory=list)
     audit: list[dict] = field(default_factory=list)
@@ -52,6 +52,11 @@ class RunResult:
     unknown_port_writes: dict[int, int] = field(default_factory=dict)
     engine_model: str = ""
     memory: int = 0
+
+    @property
+    def cpuid_exits(self) -> list[dict]:
+        return [{"leaf": leaf, "subleaf": subleaf, "eax": a, "ebx": b, "ecx": c, "edx": d, "host": host}
+                for (leaf, subleaf), (a, b, c, d), host in self.cpuid_log]
 
     @property
     def exit_code(self) -> int:
@@ -70,7 +75,7 @@ class RunResult:
         return found
 
     def cpuid_leaves(self) -> list[tuple[int, int]]:
-        return list(dict.fromkeys((e["leaf"], e["subleaf"]) for e in self.cpuid_exits))
+        return list(dict.fromkeys(key for key, _, _ in self.cpuid_log))
 
     def to_dict(self) -> dict:
         return {

@@ -200,7 +200,7 @@ class VM:
         return RunResult(
             guest=self.image.name, stop=stop[0], console=io.console.decode("latin-1"), host=self.host.name,
             hosts=[self.host.name], evc=self.evc, instructions=executed,
-            cpuid_exits=cpuid.records(), checkpoints=io.checkpoints,
+            cpuid_log=cpuid.log, checkpoints=io.checkpoints,
             unknown_port_writes=dict(io.unknown_writes), engine_model=self.host.engine_model,
             memory=self.memory)
 

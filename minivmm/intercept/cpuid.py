@@ -18,49 +18,42 @@ OUTPUT_REGS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
 
 
 class CpuidExitHandler:
-    """Answers CPUID from the guest view and logs ``(leaf, subleaf, eax, ebx, ecx, edx, host)``."""
+    """Answers CPUID from the guest view and logs ``((leaf, subleaf), (eax..edx), host)``."""
 
     def __init__(self, view, host_name: str, on_error):
         self.view = view
         self.host = host_name
         self.log: list[tuple] = []
         self._on_error = on_error
-        self._live = view.live_leaves()
         self._cache: dict[tuple[int, int], engine.RegisterBlock] = {}
-        self._inputs = engine.RegisterBlock((UC_X86_REG_EAX, UC_X86_REG_ECX))
-        self._cr4 = engine.RegisterBlock((UC_X86_REG_CR4,))
+        # CR4 rides along in the same call: leaves 1 and 7 mirror two of its bits.
+        self._inputs = engine.RegisterBlock((UC_X86_REG_EAX, UC_X86_REG_ECX, UC_X86_REG_CR4))
         self._keep = None
 
     def install(self, uc) -> None:
         handle = uc._uch
-        inputs, cr4 = self._inputs, self._cr4
+        inputs = self._inputs
+        values = inputs.values
         read, write = engine.reg_read_batch, engine.reg_write_batch
-        cache, live, log, view = self._cache, self._live, self.log, self.view
-        indexed = view.indexed_leaves
+        cache, log, view, host = self._cache, self.log, self.view, self.host
+        indexed, live, live_bits = view.indexed_leaves, view.LIVE_LEAVES, view.LIVE_CR4_BITS
 
         def on_cpuid(_h, _ud):
             try:
-                read(handle, inputs.ids, inputs.pointers, 2)
-                leaf = inputs.values[0] & 0xFFFFFFFF
+                read(handle, inputs.ids, inputs.pointers, 3)
+                leaf = values[0] & 0xFFFFFFFF
                 # Leaves that ignore ECX are logged and cached as subleaf 0.
-                key = (leaf, inputs.values[1] & 0xFFFFFFFF if leaf in indexed else 0)
-                block = cache.get(key)
+                key = (leaf, values[1] & 0xFFFFFFFF if leaf in indexed else 0)
+                state = values[2] & live_bits if key in live else 0
+                block = cache.get((key, state))
                 if block is None:
-                    if key in live:
-                        read(handle, cr4.ids, cr4.pointers, 1)
-                        block = engine.RegisterBlock(OUTPUT_REGS, view.answer(*key, cr4.values[0]))
-                    else:
-                        block = engine.RegisterBlock(OUTPUT_REGS, view.answer(*key, 0))
-                        if len(cache) < CACHE_LIMIT:
-                            cache[key] = block
+                    block = engine.RegisterBlock(OUTPUT_REGS, view.answer(*key, state))
+                    if len(cache) < CACHE_LIMIT:
+                        cache[(key, state)] = block
                 write(handle, block.ids, block.pointers, 4)
-                log.append((*key, *block.values, self.host))
+                log.append((key, block.initial, host))
             except BaseException as e:  # never let an exception vanish inside ctypes
                 self._on_error(e)
             return 1  # skip the engine's own CPUID
 
         self._keep = engine.add_insn_hook(uc, UC_X86_INS_CPUID, on_cpuid)
-
-    def records(self) -> list[dict]:
-        keys = ("leaf", "subleaf", "eax", "ebx", "ecx", "edx", "host")
-        return [dict(zip(keys, entry)) for entry in self.log]

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""minivmm benchmarks: each row against bare unicorn, measured in the same run.
+
+    python bench/bench.py            # prints a Markdown table
+    python bench/bench.py --quick    # fewer repetitions
+
+Timings on the emulator are noisy (unicorn's speed on a tight loop is bimodal
+from run to run), so each measurement is repeated, interleaved with its
+baseline, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
+from unicorn.x86_const import UC_CPU_X86_NEHALEM, UC_X86_INS_CPUID, UC_X86_REG_RSP
+
+from minivmm.loader import LOAD_ADDRESS, assemble
+from minivmm.vm import NEVER, VM
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOOP_ITERATIONS = 100_000_000
+COMPUTE_LOOP = f"""
+    mov rcx, {LOOP_ITERATIONS}
+top:
+    add rax, rcx
+    xor rbx, rax
+    rol rbx, 7
+    dec rcx
+    jnz top
+    out 0xf4, al
+"""
+CPUIDS = 100_000
+CPUID_LOOP = f"""
+    mov esi, {CPUIDS}
+top:
+    mov eax, 1
+    xor ecx, ecx
+    cpuid
+    dec esi
+    jnz top
+    out 0xf4, al
+"""
+
+
+def bare_unicorn(source: str, hook=None) -> float:
+    """Seconds to run the code on a bare engine: no GDT, no exits, nothing of ours."""
+    code = assemble(source)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_cpu_model(UC_CPU_X86_NEHALEM)
+    uc.mem_map(0, 16 << 20)
+    uc.mem_write(LOAD_ADDRESS, code)
+    uc.reg_write(UC_X86_REG_RSP, 16 << 20)
+    if hook:
+        uc.hook_add(UC_HOOK_INSN, hook, None, 1, 0, UC_X86_INS_CPUID)
+    start = time.perf_counter()
+    uc.emu_start(LOAD_ADDRESS, LOAD_ADDRESS + len(code) - 2)  # stop before the OUT
+    return time.perf_counter() - start
+
+
+def minivmm_run(path: str) -> float:
+    vm = VM(path, "nehalem")
+    start = time.perf_counter()
+    result = vm.run()
+    elapsed = time.perf_counter() - start
+    assert result.stop.reason == "exited", result.stop
+    return elapsed
+
+
+def interleaved(repeats: int, *runs):
+    samples = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            samples[i].append(run())
+    return [statistics.median(s) for s in samples]
+
+
+def cli_startup(repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "minivmm", "run", str(REPO / "guests" / "hello.asm")],
+                       check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def python_startup(repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 7")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop_path = os.path.join(tmp, "loop.asm")
+        cpuid_path = os.path.join(tmp, "cpuid.asm")
+        Path(loop_path).write_text(COMPUTE_LOOP)
+        Path(cpuid_path).write_text(CPUID_LOOP)
+
+        bare, ours = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP), lambda: minivmm_run(loop_path))
+        insns = 5 * LOOP_ITERATIONS
+        rows = [("guest compute loop (500 M insns)", f"{bare * 1e3:.0f} ms ({insns / bare / 1e6:.0f} M/s)",
+                 f"{ours * 1e3:.0f} ms ({insns / ours / 1e6:.0f} M/s)", f"{ours / bare:.3f}x", "<= 1.05x")]
+
+        engine, empty, exits = interleaved(
+            repeats, lambda: bare_unicorn(CPUID_LOOP), lambda: bare_unicorn(CPUID_LOOP, lambda uc, ud: 0),
+            lambda: minivmm_run(cpuid_path))
+        per = lambda t: (t - engine) / CPUIDS * 1e6  # noqa: E731
+        rows.append(("CPUID exit, 100k CPUIDs (us per CPUID over the engine's own)",
+                     f"engine {engine / CPUIDS * 1e6:.2f} us; empty binding hook +{per(empty):.2f} us",
+                     f"+{per(exits):.2f} us", f"{exits / engine:.0f}x engine", "<= 3.5 us"))
+
+        startup, bare_python = cli_startup(repeats), python_startup(repeats)
+        rows.append(("CLI start-up: minivmm run guests/hello.asm", f"python -c pass: {bare_python * 1e3:.0f} ms",
+                     f"{startup * 1e3:.0f} ms", f"{startup / bare_python:.1f}x python", "<= 500 ms"))
+
+    print("| benchmark | bare unicorn / baseline | minivmm | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
