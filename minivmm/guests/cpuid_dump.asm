@@ -30,21 +30,21 @@ dump_range:
     mov eax, r12d
     xor ecx, ecx
     cpuid
-    lea rsi, [rip + eax_is]
+    mov [rip + regs], eax
+    mov [rip + regs + 4], ebx
+    mov [rip + regs + 8], ecx
+    mov [rip + regs + 12], edx
+    xor ebx, ebx                ; register index 0..3
+print_reg:
+    lea rsi, [rip + reg_names]
+    lea rsi, [rsi + rbx * 8]
     call print_str
+    lea rsi, [rip + regs]
+    mov eax, [rsi + rbx * 4]
     call print_hex32
-    lea rsi, [rip + ebx_is]
-    call print_str
-    mov eax, ebx
-    call print_hex32
-    lea rsi, [rip + ecx_is]
-    call print_str
-    mov eax, ecx
-    call print_hex32
-    lea rsi, [rip + edx_is]
-    call print_str
-    mov eax, edx
-    call print_hex32
+    inc ebx
+    cmp ebx, 4
+    jb print_reg
     mov al, 10
     call print_char
     inc r12d
@@ -54,9 +54,12 @@ dump_range:
 
 prefix:   .asciz "   0x"
 subleaf0: .asciz " 0x00:"
-eax_is:   .asciz " eax=0x"
-ebx_is:   .asciz " ebx=0x"
-ecx_is:   .asciz " ecx=0x"
-edx_is:   .asciz " edx=0x"
+reg_names:                      ; 8 bytes each
+    .asciz " eax=0x"
+    .asciz " ebx=0x"
+    .asciz " ecx=0x"
+    .asciz " edx=0x"
+.align 4
+regs: .fill 16, 1, 0
 
 .include "lib/console.inc"
