@@ -12,8 +12,7 @@ from .cpuidview import GuestCpuidView
 from .errors import MinivmmError
 from .vm import VM, parse_size
 
-NOT_YET = {"evc": "--evc", "cpuid_mask": "--cpuid-mask", "migrate": "--migrate", "force": "--force",
-           "audit": "--audit"}
+NOT_YET = {"migrate": "--migrate", "force": "--force", "audit": "--audit"}
 
 
 class OneLineErrors(click.Group):
@@ -90,7 +89,7 @@ def cli():
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, host, memory, max_insns, timeout, as_json, **later):
+def run(guest, host, evc, cpuid_mask, memory, max_insns, timeout, as_json, **later):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -107,7 +106,7 @@ def run(guest, host, memory, max_insns, timeout, as_json, **later):
     for key, flag in NOT_YET.items():
         if later.get(key):
             raise MinivmmError(f"{flag} is not implemented yet in this version of minivmm")
-    vm = VM(guest, host, memory=parse_size(memory))
+    vm = VM(guest, host, memory=parse_size(memory), evc=evc, masks=cpuid_mask)
     sink = None if as_json else _stream_console
     result = vm.run(max_insns=max_insns, timeout=timeout, console=sink)
     if as_json:
@@ -162,10 +161,8 @@ def cpuid(profile, evc, cpuid_mask, fmt, as_json):
       minivmm cpuid nehalem --format raw | diff - <(cpuid -1 -r)
       minivmm cpuid dump:EPYC-7601-32-Core --format json
     """
-    if evc or cpuid_mask:
-        raise MinivmmError(f"{'--evc' if evc else '--cpuid-mask'} is not implemented yet in this version of minivmm")
     host = profiles_mod.load_profile(profile)
-    view = GuestCpuidView(host.cpuid).table
+    view = GuestCpuidView.for_host(host, evc, cpuid_mask).table
     if as_json or fmt == "json":
         emit_json({"profile": host.name, "vendor": host.vendor, "cpu": host.description,
                    "leaves": [{"leaf": leaf, "subleaf": sub, "eax": a, "ebx": b, "ecx": c, "edx": d}

@@ -7,9 +7,10 @@ passed through the VM's mask, then normalised as a hypervisor presents a virtual
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .cpuid import EXTENDED, CpuidTable, Regs
+from .errors import MinivmmError
+from .evc import evc_mode, require_supported
+from .masks import Mask
 
 HYPERVISOR_BIT = 1 << 31   # CPUID.1:ECX[31], reserved for hypervisors to set
 OSXSAVE_BIT = 1 << 27      # CPUID.1:ECX[27] mirrors CR4.OSXSAVE (bit 18)
@@ -19,13 +20,20 @@ CR4_PKE = 1 << 22
 HYPERVISOR_LEAF = 0x40000000
 HYPERVISOR_SIGNATURE = b"minivmm\0\0\0\0\0"
 
-# A mask turns a raw table into the table the guest may see. The identity is the
-# default; masks and EVC modes plug in here.
-Mask = Callable[[CpuidTable], CpuidTable]
 
-
-def no_mask(table: CpuidTable) -> CpuidTable:
-    return table
+def build_mask(host, evc: str | None = None, masks=()) -> Mask:
+    """The VM's mask: the EVC mode's, then each user mask in order. Refused, as VMware
+    refuses to power on, if the host cannot run the mode or fails a T/F mark."""
+    parts = [m if isinstance(m, Mask) else Mask.parse(m) for m in masks]
+    if evc:
+        mode = evc_mode(evc)
+        require_supported(mode, host)
+        parts.insert(0, mode.mask)
+    mask = Mask.compose(parts)
+    problems = mask.power_on_violations(host.cpuid)
+    if problems:
+        raise MinivmmError(f"cannot power on on {host.name}: {'; '.join(problems)}")
+    return mask
 
 
 def _normalise(table: CpuidTable) -> dict[tuple[int, int], Regs]:
@@ -46,8 +54,9 @@ def _normalise(table: CpuidTable) -> dict[tuple[int, int], Regs]:
 class GuestCpuidView:
     """A frozen table plus the few bits that mirror live CPU state."""
 
-    def __init__(self, host_table: CpuidTable, mask: Mask = no_mask):
-        self.masked = mask(host_table)
+    def __init__(self, host_table: CpuidTable, mask: Mask = Mask()):
+        self.mask = mask
+        self.masked = mask.apply(host_table)
         self.table = CpuidTable(_normalise(self.masked), host_table.origin)
         self.vendor = host_table.vendor
         self.indexed_leaves = self.table.indexed_leaves
@@ -56,6 +65,10 @@ class GuestCpuidView:
 
     def effective_subleaf(self, leaf: int, subleaf: int) -> int:
         return subleaf if leaf in self.indexed_leaves else 0
+
+    @classmethod
+    def for_host(cls, host, evc: str | None = None, masks=()) -> GuestCpuidView:
+        return cls(host.cpuid, build_mask(host, evc, masks))
 
     def has(self, feature) -> bool:
         return feature.is_set(self.table.query(feature.leaf, feature.subleaf))

@@ -99,9 +99,11 @@ def _vendor_regs(vendor: str) -> tuple[int, int, int]:
     return ebx, ecx, edx
 
 
-def table_from_qemu_model(name: str) -> CpuidTable:
-    """The CPUID a QEMU model presents: QEMU's level 5 / xlevel 0x80000008 layout."""
+def table_from_qemu_model(name: str, extra: frozenset[str] = frozenset()) -> CpuidTable:
+    """The CPUID a QEMU model presents (QEMU's level 5 / xlevel 0x80000008 layout),
+    plus the ``extra`` features of the real CPU."""
     vendor, sig, names = qemu_model(name)
+    names = names | extra
     ebx, ecx, edx = _vendor_regs(vendor)
     entries: dict[tuple[int, int], list[int]] = {
         (0, 0): [5, ebx, ecx, edx],
@@ -187,8 +189,9 @@ def load_profile(spec: str) -> HostProfile:
         if kind == "dump":
             table = CpuidTable.from_libvirt_xml(dump_path(ref).read_text(), f"dump:{ref}")
             return _from_table(key, table, row["source"], row["engine_model"])
-        table = table_from_qemu_model(ref)
-        return _from_table(key, table, row["source"], row["engine_model"], qemu_model(ref)[2])
+        extra = frozenset(catalogue()[n].name for n in (row["extra_features"] or "").split())
+        table = table_from_qemu_model(ref, extra)
+        return _from_table(key, table, row["source"], row["engine_model"], qemu_model(ref)[2] | extra)
     if spec.startswith("dump:"):
         ref = spec[5:]
         return _from_table(spec, CpuidTable.from_libvirt_xml(dump_path(ref).read_text(), spec), spec)

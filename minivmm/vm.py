@@ -20,8 +20,9 @@ from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_ERR_READ_UNMAPPED,
                      UC_HOOK_MEM_UNMAPPED, UC_MODE_64, Uc, UcError)
 
 from . import isa
-from .cpuidview import CR4_OSXSAVE, GuestCpuidView, Mask, no_mask
+from .cpuidview import CR4_OSXSAVE, GuestCpuidView
 from .errors import MinivmmError
+from .evc import evc_mode
 from .features import catalogue
 from .intercept import CpuidExitHandler, IoExitHandler
 from .loader import LOAD_ADDRESS, GuestImage, load_guest
@@ -101,12 +102,14 @@ class VM:
     """
 
     def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
-                 memory: int | str = DEFAULT_MEMORY, mask: Mask = no_mask, evc: str | None = None):
+                 memory: int | str = DEFAULT_MEMORY, evc: str | None = None, masks=()):
+        """``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
+        any mask format, applied after the EVC mode's mask, in order."""
         self.image = load_guest(guest) if isinstance(guest, str) else guest
         self.host = load_profile(host) if isinstance(host, str) else host
         self.memory = parse_size(memory)
-        self.view = GuestCpuidView(self.host.cpuid, mask)
-        self.evc = evc
+        self.evc = evc_mode(evc).key if evc else None
+        self.view = GuestCpuidView.for_host(self.host, self.evc, masks)
         self._check_layout()
 
     def _check_layout(self):

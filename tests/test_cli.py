@@ -67,7 +67,7 @@ def elf_header_only():
     (["run", "hello", "--host", "file:/no/such/dump.xml"], {}, "cannot read CPUID dump"),
     (["run", "hello", "--host", "{junk.xml}"], {"junk.xml": "<cpudata><cpuid eax_in='zz'/></cpudata>"},
      "lacks a hex"),
-    (["run", "hello", "--evc", "intel-penryn"], {}, "not implemented yet"),
+    (["run", "hello", "--migrate", "penryn@checkpoint:1"], {}, "not implemented yet"),
     (["run", "hello", "--no-such-flag"], {}, "No such option"),
     (["cpuid", "nosuchcpu"], {}, "unknown host profile"),
     (["run"], {}, "Missing argument 'GUEST'"),
