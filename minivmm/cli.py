@@ -7,9 +7,14 @@ import sys
 
 import click
 
+from . import cluster as cluster_mod
+from . import evc as evc_mod
+from . import flexmigration as flex_mod
+from . import lint as lint_mod
 from . import profiles as profiles_mod
 from .cpuidview import GuestCpuidView
 from .errors import MinivmmError
+from .masks import Mask, format_firecracker_template
 from .vm import VM, parse_size
 
 NOT_YET = {"migrate": "--migrate", "force": "--force", "audit": "--audit"}
@@ -27,8 +32,8 @@ class OneLineErrors(click.Group):
             click.echo("minivmm: interrupted", err=True)
             sys.exit(130)
         except click.UsageError as e:
-            where = f"minivmm {e.ctx.command.name}" if e.ctx and e.ctx.command.name != "cli" else "minivmm"
-            click.echo(f"{where}: error: {e.format_message()}", err=True)
+            where = e.ctx.command_path if e.ctx else "minivmm"
+            click.echo(f"{where}: error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(2)
         except click.ClickException as e:
             click.echo(f"minivmm: error: {e.format_message()}", err=True)
@@ -78,7 +83,8 @@ def cli():
 @click.option("--host", default="nehalem", show_default=True, metavar="PROFILE",
               help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native.")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask to the guest CPUID view.")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask (repeatable).")
+@click.option("--cpuid-mask", multiple=True, metavar="SPEC",
+              help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
               help="Live-migrate at checkpoint:N, insn:N or ms:N (repeatable).")
 @click.option("--force", is_flag=True, help="Migrate even when the compatibility check fails.")
@@ -174,6 +180,221 @@ def cpuid(profile, evc, cpuid_mask, fmt, as_json):
                     ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"),
                     [(f"0x{leaf:08x}", f"0x{sub:02x}", *(f"0x{r:08x}" for r in regs))
                      for (leaf, sub), regs in view.items()], justify="right")
+
+
+def _profiles(names):
+    return [profiles_mod.load_profile(n) for n in names]
+
+
+@cli.command()
+@click.argument("profiles", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def baseline(profiles, as_json):
+    """What a cluster of PROFILES can present: common features, EVC mode, levelling masks.
+
+    The common feature set is what every host physically has (as `virsh
+    cpu-baseline`); the EVC mode is the richest one every host supports; each host's
+    mask hides what it has beyond the baseline.
+
+    \b
+    Examples:
+      minivmm baseline penryn nehalem westmere
+      minivmm baseline dump:EPYC-7601-32-Core dump:EPYC-7502-32-Core --json
+    """
+    result = cluster_mod.baseline(_profiles(profiles))
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(f"hosts: {', '.join(result.hosts)}")
+    click.echo(f"highest common EVC mode: {result.evc.key if result.evc else 'none'}")
+    click.echo(f"common features ({len(result.features)}): {' '.join(sorted(result.features))}")
+    for host, mask in result.masks.items():
+        click.echo(f"levelling mask for {host}: {mask.to('features') or '(none needed)'}")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("destination")
+@click.option("--evc", metavar="MODE", help="The VM runs under this EVC mode.")
+@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask of the VM (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(source, destination, evc, cpuid_mask, as_json):
+    """Can a VM powered on on SOURCE live-migrate to DESTINATION?
+
+    Prints IDENTICAL (the destination presents the same features), SUPERSET (it
+    has more: the VM keeps its view and moves) or INCOMPATIBLE, with the features
+    that block the move. Exit status 0 when the VM can move, 1 when it cannot.
+
+    \b
+    Examples:
+      minivmm check nehalem penryn                     # INCOMPATIBLE: sse4_2 popcnt rdtscp
+      minivmm check nehalem penryn --evc intel-penryn  # IDENTICAL
+    """
+    src, dst = _profiles((source, destination))
+    result = cluster_mod.compare(src, dst, evc, cpuid_mask)
+    if as_json:
+        emit_json({"source": src.name, "destination": dst.name, "evc": evc, **result.to_dict()})
+    else:
+        click.echo(result.verdict)
+        if result.blocking:
+            click.echo(f"blocking features (the VM sees them, {dst.name} lacks them): "
+                       f"{' '.join(sorted(result.blocking))}")
+        for mark in result.marks:
+            click.echo(f"blocking mark: {mark}")
+    sys.exit(0 if result.can_migrate else 1)
+
+
+@cli.group()
+def evc():
+    """VMware EVC modes: named baselines that a whole cluster presents."""
+
+
+@evc.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evc_list(as_json):
+    """List the EVC modes (VMware's keys) in order, per vendor.
+
+    \b
+    Example:
+      minivmm evc list
+    """
+    modes = list(evc_mod.evc_modes().values())
+    if as_json:
+        emit_json([_mode_dict(m) for m in modes])
+        return
+    print_table("EVC modes", ("mode", "vendor", "order", "parent", "adds", "confidence"),
+                [(m.key, m.vendor, str(m.order), m.parent or "", " ".join(sorted(m.added)), m.confidence)
+                 for m in modes])
+
+
+@evc.command("show")
+@click.argument("mode")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def evc_show(mode, as_json):
+    """Show one EVC MODE: its features, source, and the built-in hosts that can run it.
+
+    \b
+    Example:
+      minivmm evc show intel-penryn
+    """
+    m = evc_mod.evc_mode(mode)
+    hosts = [p.name for p in profiles_mod.builtin_profiles() if m.supported_by(p)]
+    if as_json:
+        emit_json({**_mode_dict(m), "hosts": hosts})
+        return
+    click.echo(f"{m.key} ({m.vendor}, order {m.order}, parent {m.parent or 'none'}, {m.confidence})")
+    click.echo(f"source: {m.source}")
+    click.echo(f"features ({len(m.features)}): {' '.join(sorted(m.features))}")
+    click.echo(f"built-in hosts that can run it: {' '.join(hosts) or 'none'}")
+
+
+def _mode_dict(m):
+    return {"mode": m.key, "vendor": m.vendor, "order": m.order, "parent": m.parent,
+            "added": sorted(m.added), "features": sorted(m.features), "source": m.source,
+            "confidence": m.confidence}
+
+
+@cli.group()
+def mask():
+    """CPUID masks: convert between formats, lint, explain, and see them as MSRs.
+
+    \b
+    Formats (SPEC section 5):
+      Firecracker  0x1:ecx=0bxxxxxxxxxxxx0xxxxxxxxxxxxxxxxxxx   (or a CPU template .json)
+      VMware       cpuid.1.ecx=----:----:---0:----:----:----:----:----
+      Xen          1:ecx=xxxxxxxxxxxx0xxxxxxxxxxxxxxxxxxx
+      features     -sse4_1,-popcnt,+lahf_lm
+      EVC          evc:intel-penryn
+    On run and cpuid, write a mask that starts with '-' as --cpuid-mask=-sse4_1.
+    """
+
+
+MASK_ARGUMENTS = {"ignore_unknown_options": True}  # "-sse4_1,-popcnt" is a mask, not an option
+
+
+@mask.command("convert", context_settings=MASK_ARGUMENTS)
+@click.argument("spec", metavar="MASK")
+@click.option("--to", "fmt", type=click.Choice(["firecracker", "vmware", "xen", "features", "firecracker-json"]),
+              required=True, help="Target format.")
+def mask_convert(spec, fmt):
+    """Write MASK in another format, exactly (or refuse, naming what cannot be written).
+
+    \b
+    Examples:
+      minivmm mask convert -sse4_1,-popcnt --to vmware
+      minivmm mask convert 'cpuid.1.ecx=----:----:---0:----:----:----:----:----' --to xen
+    """
+    parsed = Mask.parse(spec)
+    click.echo(format_firecracker_template(parsed) if fmt == "firecracker-json" else parsed.to(fmt))
+
+
+@mask.command("lint", context_settings=MASK_ARGUMENTS)
+@click.argument("spec", metavar="MASK")
+@click.option("--host", metavar="PROFILE", help="Also check the mask on this host.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def mask_lint(spec, host, as_json):
+    """Report inconsistencies in MASK; exit 1 if there are any.
+
+    Shown features whose requirements are hidden (avx2 without avx), a maximum leaf
+    clamped below leaves that still advertise features, leaves or features of the
+    other vendor.
+
+    \b
+    Example:
+      minivmm mask lint -avx,+avx2 --host haswell
+    """
+    problems = lint_mod.lint(Mask.parse(spec), profiles_mod.load_profile(host) if host else None)
+    if as_json:
+        emit_json({"mask": spec, "problems": problems})
+    else:
+        click.echo("\n".join(problems) if problems else "no problems found")
+    sys.exit(1 if problems else 0)
+
+
+@mask.command("msr", context_settings=MASK_ARGUMENTS)
+@click.argument("spec", metavar="MASK")
+@click.option("--host", metavar="PROFILE", required=True, help="The host whose masking MSRs to use.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def mask_msr(spec, host, as_json):
+    """The FlexMigration / Extended Migration MSR values that express MASK on HOST.
+
+    Bits the host's MSRs cannot express are listed: they need CPUID faulting or a
+    CPUID-exiting hypervisor like minivmm.
+
+    \b
+    Examples:
+      minivmm mask msr -sse4_1 --host penryn
+      minivmm mask msr evc:amd-greyhound-no3dnow --host opteron-g3
+    """
+    view = flex_mod.msr_view(Mask.parse(spec), profiles_mod.load_profile(host))
+    if as_json:
+        emit_json(view.to_dict())
+        return
+    kind = "value replaces CPUID's answer" if view.replaces else "AND mask: 1 passes the bit, 0 hides it"
+    for msr, value in view.values:
+        click.echo(f"wrmsr {msr.index:#x} {value:#018x}   # {msr.name} ({kind})")
+    for line in view.unmaskable:
+        click.echo(f"cannot mask: {line}")
+
+
+@mask.command("explain", context_settings=MASK_ARGUMENTS)
+@click.argument("specs", metavar="MASK...", nargs=-1)
+@click.option("--host", metavar="PROFILE", required=True, help="The host the VM runs on.")
+@click.option("--evc", metavar="MODE", help="The VM's EVC mode (applied first).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def mask_explain(specs, host, evc, as_json):
+    """For each CPUID bit the guest sees differently from HOST, the rule that changed it.
+
+    \b
+    Example:
+      minivmm mask explain -xsave --host sandybridge
+    """
+    changes = lint_mod.explain(specs, profiles_mod.load_profile(host), evc)
+    if as_json:
+        emit_json([c.to_dict() for c in changes])
+        return
+    for c in changes:
+        click.echo(f"{c.name}: host {c.host} -> guest {c.guest}: {c.rule}")
 
 
 def main():

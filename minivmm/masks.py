@@ -80,8 +80,17 @@ class Mask:
         return bool(self.registers)
 
     def apply(self, table: CpuidTable) -> CpuidTable:
+        """The table with every modifier applied. The range leaves (0 and 0x80000000) go
+        first: a leaf outside the resulting range does not exist, so it is not created."""
+        ranges = {k: m for k, m in self.registers.items() if k[:2] in ((0, 0), (0x80000000, 0))}
+        table = self._modify(table, ranges)
+        rest = {k: m for k, m in self.registers.items() if k not in ranges and table.in_range(k[0])}
+        return self._modify(table, rest)
+
+    @staticmethod
+    def _modify(table: CpuidTable, modifiers) -> CpuidTable:
         changes = {}
-        for (leaf, subleaf, reg), modifier in self.registers.items():
+        for (leaf, subleaf, reg), modifier in modifiers.items():
             if not modifier.filter:
                 continue
             regs = list(changes.get((leaf, subleaf), table.get((leaf, subleaf), (0, 0, 0, 0))))
