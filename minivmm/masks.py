@@ -144,7 +144,7 @@ class Mask:
         if text.lower().startswith("evc:"):
             from .evc import evc_mode
             return evc_mode(text[4:]).mask
-        if text.endswith(".json") or (Path(text).is_file() and not re.match(r"^[-+]", text)):
+        if text.endswith(".json") or (text[0] not in "+-" and _is_file(text)):
             return parse_firecracker_template(text)
         parts = [p for p in re.split(r"[;\s]+(?=cpuid\.|0x|\d)", text) if p.strip()]
         if text.lower().startswith("cpuid."):
@@ -170,6 +170,13 @@ class Mask:
         if fmt not in printers:
             raise MinivmmError(f"unknown mask format '{fmt}' (firecracker, vmware, xen, features)")
         return printers[fmt](self)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long, or not a path at all
+        return False
 
 
 def _bits(value: int):

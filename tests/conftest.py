@@ -1,6 +1,15 @@
 import pytest
+from hypothesis import HealthCheck, settings
 
 from minivmm.vm import VM
+
+# A fast default for development; --hypothesis-profile=ci explores more.
+settings.register_profile("default", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
+
 
 @pytest.fixture
 def asm_guest(tmp_path):
@@ -22,5 +31,3 @@ def run_asm(asm_guest):
         return VM(asm_guest(source), host, **options).run(timeout=timeout)
 
     return run
-
-
