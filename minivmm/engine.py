@@ -41,3 +41,63 @@ def add_insn_hook(uc, insn: int, callback) -> tuple:
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle
+
+
+# ---- the engine's stale exception state ------------------------------------------------
+# QEMU remembers the last contributory exception in CPUX86State.old_exception and turns a
+# second one into #DF (Intel SDM Vol. 3A, Table 6-5). It forgets it only when it delivers
+# an interrupt itself, which unicorn never does: after minivmm has delivered a #DE to the
+# guest's handler, the next #DE would arrive as #DF. The field is not exposed, so its
+# offset in the saved context is found once by experiment and verified.
+
+_OLD_EXCEPTION_OFFSET: int | None | bool = False  # False: not calibrated yet
+
+
+def _calibrate() -> int | None:
+    from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_RIP
+    code = bytes.fromhex("31c9" "f7f1" "f7f1" "f4")  # xor ecx, ecx; div ecx; div ecx; hlt
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, code)
+    before = bytes(uc.context_save())
+    seen = []
+
+    def first_fault(uc, intno, _ud):
+        seen.append(intno)
+        uc.reg_write(UC_X86_REG_RIP, uc.reg_read(UC_X86_REG_RIP) + 2)
+        uc.emu_stop()
+
+    handle = uc.hook_add(UC_HOOK_INTR, first_fault)
+    uc.emu_start(0, len(code) - 1)
+    after = bytes(uc.context_save())
+    candidates = [i for i in range(0, len(before) - 3, 4)
+                  if before[i:i + 4] == b"\xff\xff\xff\xff" and after[i:i + 4] == b"\0\0\0\0"]
+    if seen != [0] or len(candidates) != 1:
+        return None
+    offset = candidates[0]
+    _patch(uc, offset)
+    uc.hook_del(handle)
+    uc.hook_add(UC_HOOK_INTR, lambda uc, intno, _ud: (seen.append(intno), uc.emu_stop()))
+    uc.emu_start(uc.reg_read(UC_X86_REG_RIP), len(code) - 1)
+    return offset if seen == [0, 0] else None
+
+
+def _patch(uc, offset: int) -> None:
+    context = uc.context_save()
+    raw = bytearray(bytes(context))
+    raw[offset:offset + 4] = b"\xff\xff\xff\xff"
+    context.__setstate__((bytes(raw), context.size, context.arch, context.mode))
+    uc.context_restore(context)
+
+
+def forget_exception(uc) -> bool:
+    """Make the engine forget the last exception, as a real delivery would. False if this
+    engine build could not be calibrated (repeated #DE/#GP then arrive as #DF)."""
+    global _OLD_EXCEPTION_OFFSET
+    if _OLD_EXCEPTION_OFFSET is False:
+        _OLD_EXCEPTION_OFFSET = _calibrate()
+    if _OLD_EXCEPTION_OFFSET is None:
+        return False
+    _patch(uc, _OLD_EXCEPTION_OFFSET)
+    return True

@@ -1,10 +1,20 @@
-"""Instructions and the CPUID features they need, with iced-x86 as the decoder."""
+"""Instructions, the CPUID features they need, and what a host does with each.
+
+iced-x86 decodes and names the features an instruction needs; this module decides,
+for a host's physical ISA and the engine's abilities, whether an instruction runs
+natively, raises #UD, runs as an older instruction (LZCNT as BSR), or cannot be run
+exactly by the engine at all.
+"""
 
 from __future__ import annotations
 
+import csv
 import functools
+from enum import Enum
+from importlib import resources
 
 import iced_x86
+from iced_x86 import Code, Mnemonic
 
 from .features import catalogue
 
@@ -23,6 +33,17 @@ BASELINE = frozenset({
 })
 _FEATURE_NAMES = {v: k for k, v in vars(iced_x86.CpuidFeature).items() if k.isupper()}
 _FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
+# LAHF/SAHF are 8086 instructions, but in 64-bit mode they need CPUID.80000001H:ECX[0]
+# (Intel SDM Vol. 2A, LAHF: "#UD ... if CPUID.80000001H:ECX.LAHF-SAHF[bit 0] = 0").
+_LONG_MODE_EXTRAS = {Mnemonic.LAHF: "lahf_lm", Mnemonic.SAHF: "lahf_lm"}
+
+
+class Verdict(Enum):
+    RUN = "run"                  # the engine executes it exactly
+    UD = "#UD"                   # the host does not have it
+    UNSUPPORTED = "unsupported"  # the host has it, the engine cannot run it exactly
+    AS_BSR = "as bsr"            # LZCNT on a host without ABM: the REP prefix is ignored
+    AS_BSF = "as bsf"            # TZCNT on a host without BMI1
 
 
 @functools.cache
@@ -35,11 +56,45 @@ def linux_name(iced_feature: int) -> str | None:
     return feature.name if feature else linux
 
 
+@functools.cache
+def engine_capable() -> frozenset[str]:
+    with resources.files("minivmm").joinpath("data", "engine-isa.csv").open() as f:
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        return frozenset(r["feature"] for r in rows if r["executes"] == "yes")
+
+
+def needed_features(instr) -> frozenset[str]:
+    return _needs(instr.code, instr.mnemonic, tuple(instr.cpuid_features()))
+
+
+@functools.cache
+def _needs(code: int, mnemonic: int, iced_features: tuple[int, ...]) -> frozenset[str]:
+    names = {n for n in (linux_name(f) for f in iced_features) if n}
+    if mnemonic in _LONG_MODE_EXTRAS:
+        names.add(_LONG_MODE_EXTRAS[mnemonic])
+    return frozenset(names)
+
+
+def verdict(needs: frozenset[str], mnemonic: int, physical: frozenset[str]) -> Verdict:
+    missing = needs - physical
+    if not missing:
+        return Verdict.RUN if needs <= engine_capable() else Verdict.UNSUPPORTED
+    # Intel SDM Vol. 2A, LZCNT: "on processors that do not support LZCNT, the instruction
+    # byte encoding is executed as BSR"; TZCNT likewise as BSF.
+    if mnemonic == Mnemonic.LZCNT and missing == {"abm"}:
+        return Verdict.AS_BSR
+    if mnemonic == Mnemonic.TZCNT and missing == {"bmi1"}:
+        return Verdict.AS_BSF
+    return Verdict.UD
+
+
+def disassemble(instr) -> str:
+    return _FORMATTER.format(instr)
+
+
 def decode(code: bytes, address: int):
     """(disassembly, features the instruction needs) of the first instruction in code."""
-    decoder = iced_x86.Decoder(64, code, ip=address)
-    instr = decoder.decode()
-    if instr.is_invalid:
+    instr = iced_x86.Decoder(64, code, ip=address).decode()
+    if instr.code == Code.INVALID:
         return "(bad)", []
-    features = [n for n in (linux_name(f) for f in instr.cpuid_features()) if n]
-    return _FORMATTER.format(instr), sorted(set(features))
+    return disassemble(instr), sorted(needed_features(instr))

@@ -8,23 +8,27 @@ halts, crashes or exhausts a budget, and never lets a guest take the VMM down.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import re
 import struct
 import threading
 import time
 
-import unicorn
 import unicorn.x86_const as x86
-from unicorn import (UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_ERR_READ_UNMAPPED,
-                     UC_ERR_WRITE_UNMAPPED, UC_HOOK_INSN_INVALID, UC_HOOK_INTR,
-                     UC_HOOK_MEM_UNMAPPED, UC_MODE_64, Uc, UcError)
+from iced_x86 import Code, Mnemonic
+from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED,
+                     UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL,
+                     Uc, UcError)
 
 from . import isa
+from .audit import Audit
 from .cpuidview import CR4_OSXSAVE, GuestCpuidView
 from .errors import MinivmmError
 from .evc import evc_mode
 from .features import catalogue
-from .intercept import CpuidExitHandler, IoExitHandler
+from .intercept import CpuidExitHandler, FaultExits, InstructionExits, IoExits
+from .intercept.legacy import bit_scan
 from .loader import LOAD_ADDRESS, GuestImage, load_guest
 from .profiles import HostProfile, load_profile
 from .report import RunResult, Stop
@@ -40,10 +44,6 @@ CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE 
 XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX state
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
 SLICE_SECONDS = 0.2               # run-loop slice: how soon a timeout or Ctrl-C is seen
-
-VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
-                10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC",
-                18: "#MC", 19: "#XM"}
 
 
 def parse_size(text: str | int) -> int:
@@ -128,10 +128,8 @@ class VM:
 
     # ---- power-on ------------------------------------------------------------------
 
-    def _power_on(self) -> Uc:
-        uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{self.host.engine_model}"))
-        uc.mem_map(0, self.memory)
+    def _power_on(self, uc: Uc, exits: InstructionExits) -> None:
+        """The machine state of SPEC section 2 on a fresh engine with RAM mapped."""
         for addr, data in self.image.segments:
             uc.mem_write(addr, data)
         uc.mem_write(GDT_BASE, GDT)
@@ -142,13 +140,12 @@ class VM:
         for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
             uc.reg_write(reg, DATA_SELECTOR)
         if self.view.has(catalogue()["xsave"]):
-            self._enable_xsave(uc)
+            self._enable_xsave(uc, exits)
         uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
         uc.reg_write(x86.UC_X86_REG_RSP, self.memory & ~0xF)
         uc.reg_write(x86.UC_X86_REG_RIP, self.image.entry)
-        return uc
 
-    def _enable_xsave(self, uc: Uc):
+    def _enable_xsave(self, uc: Uc, exits: InstructionExits):
         """CR4.OSXSAVE and XCR0 = x87|SSE, as firmware and an OS leave them."""
         uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT | CR4_OSXSAVE)
         if not uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
@@ -158,145 +155,161 @@ class VM:
         saved = uc.mem_read(BOOT_STUB, len(stub))
         uc.mem_write(BOOT_STUB, stub)
         try:
-            uc.emu_start(BOOT_STUB, NEVER, count=len(stub))
+            uc.emu_start(BOOT_STUB, NEVER, count=4)  # up to the XSETBV, not the HLT
         except UcError:
             uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)  # no XSETBV on this model after all
         uc.mem_write(BOOT_STUB, bytes(saved))
+        exits.forget(BOOT_STUB)
         for reg in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX):
             uc.reg_write(reg, 0)
 
     # ---- running -------------------------------------------------------------------
 
     def run(self, max_insns: int | None = None, timeout: float | None = None,
-            console=None) -> RunResult:
-        """Run to completion. ``console`` receives guest console bytes as they appear."""
-        uc = self._power_on()
-        stop: list[Stop] = []
-        errors: list[BaseException] = []
+            console=None, audit: bool = False) -> RunResult:
+        """Run to completion. ``console`` receives guest console bytes as they appear;
+        ``audit`` reports instructions that need features the CPUID view hides."""
+        return _Run(self, console, audit).run(max_insns, timeout)
 
-        def end(s: Stop):
-            if not stop:
-                stop.append(s)
-            uc.emu_stop()
+    def classifier(self, audit: bool):
+        """What an exit at each instruction does on this host (cached per opcode)."""
+        physical = self.host.physical
+        shown = catalogue().decode(self.view.table) if audit else frozenset()
+        actions = {isa.Verdict.RUN: None, isa.Verdict.UD: "ud", isa.Verdict.UNSUPPORTED: "unsupported",
+                   isa.Verdict.AS_BSR: "bsr", isa.Verdict.AS_BSF: "bsf"}
+        cache: dict[int, tuple] = {}
 
-        def fail(e: BaseException):
-            errors.append(e)
-            uc.emu_stop()
+        def classify(instr):
+            result = cache.get(instr.code)
+            if result is None:
+                if instr.code == Code.INVALID:
+                    result = (None, frozenset())
+                else:
+                    needs = isa.needed_features(instr)
+                    action = EXIT_MNEMONICS.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
+                    result = (action, needs - shown if audit else frozenset())
+                cache[instr.code] = result
+            return result
 
-        cpuid = CpuidExitHandler(self.view, self.host.name, fail)
-        cpuid.install(uc)
-        io = IoExitHandler(console, lambda status: end(Stop("exited", status, message=f"guest powered off with status {status}")),
-                           lambda n: None)
-        io.install(uc)
-        uc.hook_add(UC_HOOK_INSN_INVALID, lambda uc, _ud: self._on_invalid(uc, end) or True)
-        uc.hook_add(UC_HOOK_INTR, lambda uc, intno, _ud: self._on_interrupt(uc, intno, end))
-        uc.hook_add(UC_HOOK_MEM_UNMAPPED, lambda uc, access, address, size, value, _ud:
-                    self._on_unmapped(uc, access, address, end))
+        return classify
 
-        executed = None
-        if max_insns:
-            executed = self._run_counted(uc, max_insns, timeout, stop, end)
-        else:
-            self._run_sliced(uc, timeout, stop, errors, end)
-        if errors:
-            raise errors[0]
-        return RunResult(
-            guest=self.image.name, stop=stop[0], console=io.console.decode("latin-1"), host=self.host.name,
-            hosts=[self.host.name], evc=self.evc, instructions=executed,
-            cpuid_log=cpuid.log, checkpoints=io.checkpoints,
-            unknown_port_writes=dict(io.unknown_writes), engine_model=self.host.engine_model,
-            memory=self.memory)
 
-    def _run_counted(self, uc, max_insns, timeout, stop, end) -> int | None:
-        """One start with the engine's exact instruction count (slower per instruction,
-        so used only when a budget in instructions is asked for)."""
-        started = time.monotonic()
+EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
+
+
+class _Run:
+    """One run of a VM: the engine, its exit handlers, and the loop that drives them."""
+
+    def __init__(self, vm: VM, console, audit: bool):
+        self.vm = vm
+        self.stop: list[Stop] = []
+        self.errors: list[BaseException] = []
+        self.pending_fault = None
+        self.audit = Audit() if audit else None
+        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{vm.host.engine_model}"))
+        # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
+        self.ram = mmap.mmap(-1, vm.memory)
+        uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
+        self.exits = InstructionExits(self.ram, vm.classifier(audit), self._on_exit)
+        self.exits.install(uc)
+        vm._power_on(uc, self.exits)
+        self.cpuid = CpuidExitHandler(vm.view, vm.host.name, self._fail)
+        self.cpuid.install(uc)
+        self.io = IoExits(console, self._power_off, lambda n: False)
+        self.io.install(uc)
+        self.faults = FaultExits(vm.host, vm.memory, self._end)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self.faults.on_invalid)
+        uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
+
+    def _end(self, stop: Stop) -> None:
+        if not self.stop:
+            self.stop.append(stop)
+        self.uc.emu_stop()
+
+    def _fail(self, error: BaseException) -> None:
+        self.errors.append(error)
+        self.uc.emu_stop()
+
+    def _power_off(self, status: int) -> None:
+        self._end(Stop("exited", status, message=f"guest powered off with status {status}"))
+
+    def _on_exit(self, uc, address, size, action, audited, instr):
         try:
-            uc.emu_start(self._rip(uc), NEVER, count=max_insns,
-                         timeout=int(timeout * 1e6) if timeout else 0)
-        except UcError as e:
-            end(self._engine_error(uc, e))
-        if stop:
-            return None
-        if self._after_hlt(uc):
-            end(Stop("halted", rip=self._rip(uc) - 1, instruction="hlt", message="guest executed hlt"))
-            return None
-        if timeout and time.monotonic() - started >= timeout:
-            end(Stop("limit", rip=self._rip(uc), message=f"time budget of {timeout:g} s exhausted"))
-            return None
-        end(Stop("limit", rip=self._rip(uc), message=f"instruction budget of {max_insns} exhausted"))
-        return max_insns
+            if audited and self.audit:
+                self.audit.count(address, instr, audited)
+            if action == "hlt":
+                self._end(Stop("halted", rip=address, instruction="hlt", message="guest executed hlt"))
+            elif action == "out":
+                self.io.on_out_exit(uc, address, size, instr)
+            elif action == "ud":
+                self.faults.undefined(uc, address, instr, isa.needed_features(instr) - self.vm.host.physical)
+            elif action == "unsupported":
+                self.faults.unsupported(uc, address, instr, isa.needed_features(instr))
+            elif action in ("bsr", "bsf"):
+                bit_scan(uc, address, size, instr, reverse=action == "bsr")
+        except BaseException as e:  # an exception inside a hook must not vanish
+            self._fail(e)
 
-    def _run_sliced(self, uc, timeout, stop, errors, end):
-        """Full-speed slices between watchdog stops, until a stop reason appears."""
+    def _unmapped(self, uc, access, address, size, value, _ud):
+        kind = {UC_MEM_FETCH_UNMAPPED: "fetch from", UC_MEM_READ_UNMAPPED: "read of",
+                UC_MEM_WRITE_UNMAPPED: "write to"}.get(access, "access to")
+        self.pending_fault = (access, address, uc.reg_read(x86.UC_X86_REG_RIP), kind)
+        return False  # the engine stops; the run loop delivers #PF
+
+    def run(self, max_insns, timeout) -> RunResult:
         deadline = time.monotonic() + timeout if timeout else None
-        watchdog = _Watchdog(uc, SLICE_SECONDS)
+        watchdog = None if max_insns else _Watchdog(self.uc, SLICE_SECONDS)
+        exact = True   # the engine's count restarts when a start is resumed
         try:
-            while not stop and not errors:
-                watchdog.arm()
-                try:
-                    uc.emu_start(self._rip(uc), NEVER)
-                except UcError as e:
-                    if not stop:
-                        end(self._engine_error(uc, e))
-                ticked = watchdog.disarm()
-                if stop or errors:
+            while not self.stop and not self.errors:
+                ticked = self._start(watchdog, max_insns, deadline)
+                if self.stop or self.errors:
                     break
-                # HLT ends emu_start with no hook of its own. A watchdog stop lands on a
-                # block boundary; only one right after an F4 byte that is not HLT (the end
-                # of a not-taken "jcc -12") would be mistaken for it.
-                if self._after_hlt(uc):
-                    end(Stop("halted", rip=self._rip(uc) - 1, instruction="hlt", message="guest executed hlt"))
-                elif not ticked:
-                    end(Stop("crashed", rip=self._rip(uc), message="the engine stopped the guest for no known reason"))
+                if self.pending_fault:
+                    access, address, rip, kind = self.pending_fault
+                    self.pending_fault = None
+                    self.faults.on_unmapped(self.uc, access, address, rip, kind)
+                    exact = False
                 elif deadline and time.monotonic() >= deadline:
-                    end(Stop("limit", rip=self._rip(uc), message=f"time budget of {timeout:g} s exhausted"))
+                    self._end(Stop("limit", rip=self._rip(), message=f"time budget of {timeout:g} s exhausted"))
+                elif max_insns:
+                    self._end(Stop("limit", rip=self._rip(), message=f"instruction budget of {max_insns} exhausted"))
+                elif not ticked:
+                    self._end(Stop("crashed", rip=self._rip(), message="the engine stopped the guest for no known reason"))
         finally:
-            watchdog.close()
+            if watchdog:
+                watchdog.close()
+        if self.errors:
+            raise self.errors[0]
+        stop = self.stop[0]
+        vm = self.vm
+        return RunResult(
+            guest=vm.image.name, stop=stop, console=self.io.console.decode("latin-1"), host=vm.host.name,
+            hosts=[vm.host.name], evc=vm.evc,
+            instructions=max_insns if stop.reason == "limit" and max_insns and exact and "instruction" in stop.message else None,
+            cpuid_log=self.cpuid.log, exceptions=self.faults.exceptions,
+            audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
+            unknown_port_writes=dict(self.io.unknown_writes), engine_model=vm.host.engine_model,
+            memory=vm.memory)
 
-    @staticmethod
-    def _rip(uc) -> int:
-        return uc.reg_read(x86.UC_X86_REG_RIP)
-
-    def _after_hlt(self, uc) -> bool:
-        # The engine ends emu_start after HLT with RIP past it; HLT has no hook of its own.
-        rip = self._rip(uc)
-        return 0 < rip <= self.memory and uc.mem_read(rip - 1, 1) == b"\xf4"
-
-    def _fault(self, uc, vector: int, rip: int, detail: str = "") -> Stop:
+    def _start(self, watchdog, max_insns, deadline) -> bool:
+        """One engine start; True if the watchdog stopped it."""
+        if watchdog:
+            watchdog.arm()
         try:
-            code = bytes(uc.mem_read(rip, 15))
-        except UcError:
-            code = b""
-        instruction, needs = isa.decode(code, rip) if code else ("(unmapped)", [])
-        missing = [f for f in needs if f not in self.host.physical] if vector == 6 else []
-        name = VECTOR_NAMES.get(vector, f"vector {vector}")
-        message = f"{name} at 0x{rip:x} ({instruction})"
-        if missing:
-            message += f": needs {', '.join(missing)}, which {self.host.name} lacks"
-        if detail:
-            message += f": {detail}"
-        return Stop("crashed", vector=vector, rip=rip, instruction=instruction,
-                    missing_features=missing, message=message + "; no IDT to deliver it")
+            remaining = max(deadline - time.monotonic(), 0.001) if deadline else 0
+            self.uc.emu_start(self._rip(), NEVER, count=max_insns or 0,
+                              timeout=int(remaining * 1e6) if max_insns and deadline else 0)
+        except UcError as e:
+            if not self.pending_fault and not self.stop:
+                self._end(Stop("crashed", rip=self._rip(), message=f"the engine stopped the guest at "
+                                                                  f"{self._rip():#x}: {e}"))
+        return watchdog.disarm() if watchdog else False
 
-    def _on_invalid(self, uc, end):
-        end(self._fault(uc, 6, self._rip(uc)))
-
-    def _on_interrupt(self, uc, intno, end):
-        end(self._fault(uc, intno, self._rip(uc)))
-
-    def _on_unmapped(self, uc, access, address, end):
-        kind = {unicorn.UC_MEM_FETCH_UNMAPPED: "fetch from", unicorn.UC_MEM_READ_UNMAPPED: "read of",
-                unicorn.UC_MEM_WRITE_UNMAPPED: "write to"}.get(access, "access to")
-        rip = self._rip(uc)
-        end(self._fault(uc, 14, rip, f"{kind} 0x{address:x} beyond guest RAM (0x{self.memory:x} bytes)"))
-        return False
-
-    def _engine_error(self, uc, error: UcError) -> Stop:
-        rip = self._rip(uc)
-        if error.errno in (UC_ERR_FETCH_UNMAPPED, UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
-            return self._fault(uc, 14, rip, str(error))
-        return Stop("crashed", rip=rip, message=f"engine stopped the guest at 0x{rip:x}: {error}")
+    def _rip(self) -> int:
+        return self.uc.reg_read(x86.UC_X86_REG_RIP)
 
 
 def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options) -> RunResult:

@@ -1,6 +1,9 @@
-"""VM exit handlers: what the VMM does when the guest executes CPUID or port I/O."""
+"""VM exit handlers: what the VMM does when the guest executes CPUID, port I/O, an
+instruction it must not run natively, or faults."""
 
 from .cpuid import CpuidExitHandler
-from .io import IoExitHandler
+from .faults import FaultExits
+from .io import IoExits
+from .traps import InstructionExits
 
-__all__ = ["CpuidExitHandler", "IoExitHandler"]
+__all__ = ["CpuidExitHandler", "FaultExits", "InstructionExits", "IoExits"]

@@ -1,0 +1,137 @@
+"""Fault exits: #UD and every other exception, delivered through the guest's IDT.
+
+Sources: a planted #UD exit (the host lacks the instruction's feature), the engine's
+own invalid-opcode exit, its interrupt exit (#DE, #BP, #GP, INT n ...), and accesses
+beyond guest RAM (delivered as #PF). An instruction the host has but the engine cannot
+execute exactly ends the run as ``unsupported``; a fault that cannot be delivered
+(no IDT, gate not present, handler or stack outside RAM) ends it as ``crashed``.
+"""
+
+from __future__ import annotations
+
+import unicorn.x86_const as x86
+from iced_x86 import Code, Decoder
+from unicorn import UcError
+
+from .. import engine, idt, isa
+from ..report import Stop
+
+VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+                10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
+                19: "#XM", 21: "#CP"}
+MAX_RECORDED = 1000          # a guest that faults forever does not fill the VMM's memory
+PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
+
+
+class FaultExits:
+    def __init__(self, host, memory: int, end):
+        self.host = host
+        self.memory = memory
+        self._end = end              # end(Stop): finish the run
+        self.exceptions: list[dict] = []
+        self.dropped = 0
+
+    # -- what the instruction is -------------------------------------------------------
+
+    def _instruction(self, uc, rip: int):
+        try:
+            code = bytes(uc.mem_read(rip, 15))
+        except UcError:
+            return None
+        instr = Decoder(64, code, ip=rip).decode()
+        return None if instr.code == Code.INVALID else instr
+
+    def _record(self, vector, rip, instruction, features, delivered, message=""):
+        if len(self.exceptions) >= MAX_RECORDED:
+            self.dropped += 1
+            return
+        entry = {"vector": vector, "name": VECTOR_NAMES.get(vector, f"vector {vector}"), "rip": rip,
+                 "instruction": instruction, "features": sorted(features), "delivered": delivered,
+                 "host": self.host.name}
+        if message:
+            entry["message"] = message
+        self.exceptions.append(entry)
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def deliver(self, uc, vector: int, rip: int, error_code: int | None = None, instr=None,
+                missing=(), detail: str = "") -> bool:
+        """Enter the guest's handler for ``vector``, or end the run as crashed."""
+        instr = instr if instr is not None else self._instruction(uc, rip)
+        text = isa.disassemble(instr) if instr is not None else "(bad)"
+        try:
+            idt.deliver(uc, vector, rip, self.memory, error_code)
+        except idt.DeliveryFailed as e:
+            name = VECTOR_NAMES.get(vector, f"vector {vector}")
+            message = f"{name} at {rip:#x} ({text})"
+            if missing:
+                message += f": needs {', '.join(missing)}, which {self.host.name} lacks"
+            if detail:
+                message += f": {detail}"
+            message += f"; cannot deliver it: {e}"
+            self._record(vector, rip, text, missing, False, message)
+            self._end(Stop("crashed", vector=vector, rip=rip, instruction=text,
+                           missing_features=list(missing), message=message))
+            uc.emu_stop()
+            return False
+        self._record(vector, rip, text, missing, True)
+        if vector in idt.CONTRIBUTORY or vector == 14:
+            engine.forget_exception(uc)
+        return True
+
+    def undefined(self, uc, rip: int, instr, missing) -> None:
+        """#UD for an instruction whose feature the host lacks."""
+        self.deliver(uc, 6, rip, instr=instr, missing=sorted(missing))
+
+    def unsupported(self, uc, rip: int, instr, needs) -> None:
+        text = isa.disassemble(instr)
+        beyond = sorted(needs - isa.engine_capable()) or sorted(needs)
+        message = (f"{text} at {rip:#x} needs {', '.join(beyond)}: {self.host.name} has it, but the "
+                   f"emulation engine cannot execute it exactly")
+        self._end(Stop("unsupported", rip=rip, instruction=text, missing_features=beyond, message=message))
+        uc.emu_stop()
+
+    # -- the engine's exits ------------------------------------------------------------
+
+    def on_invalid(self, uc, _ud) -> bool:
+        """The engine refused an instruction: architectural #UD, or a feature the host
+        has that the engine model lacks (unsupported)."""
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        instr = self._instruction(uc, rip)
+        if instr is not None:
+            needs = isa.needed_features(instr)
+            if needs and needs <= self.host.physical and not needs <= engine_model_features(self.host):
+                self.unsupported(uc, rip, instr, needs)
+                return True
+            missing = sorted(needs - self.host.physical)
+        else:
+            missing = []
+        self.deliver(uc, 6, rip, instr=instr, missing=missing)
+        return True
+
+    def on_interrupt(self, uc, vector: int, _ud) -> None:
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        software = self._software_interrupt(uc, rip, vector)
+        error = 0 if vector in idt.ERROR_CODE_VECTORS and not software else None
+        self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip))
+
+    @staticmethod
+    def _software_interrupt(uc, rip: int, vector: int) -> bool:
+        """INT n, INT3, INTO and INT1 report RIP after themselves and push no error code."""
+        try:
+            before = bytes(uc.mem_read(max(rip - 2, 0), 2))
+        except UcError:
+            return False
+        return before == bytes([0xCD, vector]) or (vector, before[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1))
+
+    def on_unmapped(self, uc, access: int, address: int, rip: int, kind: str) -> None:
+        """An access beyond guest RAM: #PF, as an unmapped page would raise it."""
+        from unicorn import UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED
+        error = (PF_WRITE if access == UC_MEM_WRITE_UNMAPPED else 0) | (PF_FETCH if access == UC_MEM_FETCH_UNMAPPED else 0)
+        uc.reg_write(x86.UC_X86_REG_CR2, address)
+        self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
+
+
+def engine_model_features(host) -> frozenset[str]:
+    from ..profiles import engine_models
+    return engine_models()[host.engine_model]
