@@ -17,7 +17,7 @@ from .errors import MinivmmError
 from .masks import Mask, format_firecracker_template
 from .vm import VM, parse_size
 
-NOT_YET = {"migrate": "--migrate", "force": "--force", "audit": "--audit"}
+NOT_YET = {"migrate": "--migrate", "force": "--force"}
 
 
 class OneLineErrors(click.Group):
@@ -95,7 +95,7 @@ def cli():
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, host, evc, cpuid_mask, memory, max_insns, timeout, as_json, **later):
+def run(guest, host, evc, cpuid_mask, audit, memory, max_insns, timeout, as_json, **later):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -114,11 +114,15 @@ def run(guest, host, evc, cpuid_mask, memory, max_insns, timeout, as_json, **lat
             raise MinivmmError(f"{flag} is not implemented yet in this version of minivmm")
     vm = VM(guest, host, memory=parse_size(memory), evc=evc, masks=cpuid_mask)
     sink = None if as_json else _stream_console
-    result = vm.run(max_insns=max_insns, timeout=timeout, console=sink)
+    result = vm.run(max_insns=max_insns, timeout=timeout, console=sink, audit=audit)
     if as_json:
         emit_json(result.to_dict())
     else:
         sys.stdout.flush()
+        for entry in result.audit:
+            click.echo(f"minivmm: audit: {entry['rip']:#x} {entry['instruction']} needs "
+                       f"{', '.join(entry['features'])}, hidden from the guest's CPUID "
+                       f"(reached {entry['count']}x)", err=True)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
     sys.exit(result.exit_code)
 

@@ -33,6 +33,7 @@ BASELINE = frozenset({
 })
 _FEATURE_NAMES = {v: k for k, v in vars(iced_x86.CpuidFeature).items() if k.isupper()}
 _FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
+_FORMATTER.space_after_operand_separator = True
 # LAHF/SAHF are 8086 instructions, but in 64-bit mode they need CPUID.80000001H:ECX[0]
 # (Intel SDM Vol. 2A, LAHF: "#UD ... if CPUID.80000001H:ECX.LAHF-SAHF[bit 0] = 0").
 _LONG_MODE_EXTRAS = {Mnemonic.LAHF: "lahf_lm", Mnemonic.SAHF: "lahf_lm"}
@@ -86,6 +87,23 @@ def verdict(needs: frozenset[str], mnemonic: int, physical: frozenset[str]) -> V
     if mnemonic == Mnemonic.TZCNT and missing == {"bmi1"}:
         return Verdict.AS_BSF
     return Verdict.UD
+
+
+# Control bits an OS sets before some instruction families work; without them the CPU
+# raises #UD whatever CPUID says (Intel SDM Vol. 3A, 2.5 "Control Registers").
+CR4_OSFXSR, CR4_FSGSBASE, CR4_OSXSAVE, CR4_PKE = 1 << 9, 1 << 16, 1 << 18, 1 << 22
+_CR4_NEEDS = {
+    **dict.fromkeys(("SSE", "SSE2", "SSE3", "SSSE3", "SSE4_1", "SSE4_2", "SSE4A", "AES", "PCLMULQDQ", "SHA"),
+                    CR4_OSFXSR),
+    **dict.fromkeys(("XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES", "AVX", "AVX2", "FMA", "F16C", "AVX512F",
+                     "AVX512VL", "AVX512BW", "AVX512DQ", "AVX512CD", "VAES", "VPCLMULQDQ", "AVX_VNNI"), CR4_OSXSAVE),
+    "FSGSBASE": CR4_FSGSBASE, "PKU": CR4_PKE,
+}
+
+
+def cr4_allows(instr, cr4: int) -> bool:
+    """False when a CR4 enable bit the instruction needs is clear (an architectural #UD)."""
+    return all(cr4 & _CR4_NEEDS.get(_FEATURE_NAMES.get(f, ""), cr4) for f in instr.cpuid_features())
 
 
 def disassemble(instr) -> str:

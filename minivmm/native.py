@@ -10,6 +10,7 @@ import ctypes
 import functools
 import mmap
 import platform
+import time
 
 from .cpuid import EXTENDED, CpuidTable
 from .errors import MinivmmError
@@ -35,15 +36,32 @@ _SUBLEAF_LIMITS = {0x4: 16, 0x7: None, 0xB: 8, 0xD: 64, 0xF: 4, 0x10: 8, 0x12: 8
                    0x8000001D: 16, 0x80000020: 4, 0x80000026: 4}
 
 
+# uint64_t rdtsc(void)
+_RDTSC = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")  # rdtsc; shl rdx, 32; or rax, rdx; ret
+
+
+@functools.cache
+def _executable(code: bytes, restype, *argtypes):
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise MinivmmError(f"this needs an x86-64 machine, this one is {platform.machine()}")
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address), page
+
+
+def rdtsc() -> int:
+    """The host's time-stamp counter (the engine's RDTSC reads the same)."""
+    try:
+        fn, _page = _executable(_RDTSC, ctypes.c_uint64)
+    except MinivmmError:
+        return time.perf_counter_ns()
+    return fn()
+
+
 @functools.cache
 def _cpuid_function():
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise MinivmmError(f"'native' needs an x86-64 machine, this one is {platform.machine()}")
-    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    page.write(_CODE)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))(address)
-    return fn, page
+    return _executable(_CODE, None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))
 
 
 def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:

@@ -28,7 +28,7 @@ from .errors import MinivmmError
 from .evc import evc_mode
 from .features import catalogue
 from .intercept import CpuidExitHandler, FaultExits, InstructionExits, IoExits
-from .intercept.legacy import bit_scan
+from .intercept.emulate import bit_scan
 from .loader import LOAD_ADDRESS, GuestImage, load_guest
 from .profiles import HostProfile, load_profile
 from .report import RunResult, Stop

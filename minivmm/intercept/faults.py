@@ -14,6 +14,7 @@ from iced_x86 import Code, Decoder
 from unicorn import UcError
 
 from .. import engine, idt, isa
+from .emulate import EMULATED
 from ..report import Stop
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
@@ -94,18 +95,21 @@ class FaultExits:
     # -- the engine's exits ------------------------------------------------------------
 
     def on_invalid(self, uc, _ud) -> bool:
-        """The engine refused an instruction: architectural #UD, or a feature the host
-        has that the engine model lacks (unsupported)."""
+        """The engine refused an instruction. If the host has it and the guest enabled
+        what it needs, the refusal is the engine model's gap: emulate it or stop as
+        unsupported. Otherwise it is the architecture's #UD."""
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         instr = self._instruction(uc, rip)
+        missing = []
         if instr is not None:
             needs = isa.needed_features(instr)
-            if needs and needs <= self.host.physical and not needs <= engine_model_features(self.host):
-                self.unsupported(uc, rip, instr, needs)
+            if needs and needs <= self.host.physical and isa.cr4_allows(instr, uc.reg_read(x86.UC_X86_REG_CR4)):
+                if instr.mnemonic in EMULATED:
+                    EMULATED[instr.mnemonic](uc, rip, instr.len)
+                else:
+                    self.unsupported(uc, rip, instr, needs)
                 return True
             missing = sorted(needs - self.host.physical)
-        else:
-            missing = []
         self.deliver(uc, 6, rip, instr=instr, missing=missing)
         return True
 
@@ -125,13 +129,13 @@ class FaultExits:
         return before == bytes([0xCD, vector]) or (vector, before[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1))
 
     def on_unmapped(self, uc, access: int, address: int, rip: int, kind: str) -> None:
-        """An access beyond guest RAM: #PF, as an unmapped page would raise it."""
+        """An access beyond guest RAM: #PF, as an unmapped page would raise it; #GP(0)
+        for a non-canonical address (Intel SDM Vol. 1, 3.3.7.1)."""
         from unicorn import UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED
+        if (address >> 47) not in (0, 0x1FFFF):
+            self.deliver(uc, 13, rip, 0, detail=f"{kind} non-canonical address {address:#x}")
+            return
         error = (PF_WRITE if access == UC_MEM_WRITE_UNMAPPED else 0) | (PF_FETCH if access == UC_MEM_FETCH_UNMAPPED else 0)
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
-
-def engine_model_features(host) -> frozenset[str]:
-    from ..profiles import engine_models
-    return engine_models()[host.engine_model]

@@ -1,0 +1,390 @@
+"""Each host executes exactly its physical ISA; #UD and other faults reach the guest's
+IDT as the architecture delivers them; the audit finds guideline violations."""
+
+import functools
+import struct
+
+import pytest
+from iced_x86 import Decoder
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+from unicorn.x86_const import (UC_CPU_X86_HASWELL, UC_X86_REG_CR4, UC_X86_REG_XMM0, UC_X86_REG_XMM1,
+                               UC_X86_REG_XMM2)
+
+from minivmm import isa
+from minivmm.loader import GuestImage, assemble
+from minivmm.profiles import builtin_names, load_profile
+from minivmm.vm import VM
+
+# Instruction, the feature the vendors' manuals say it needs. iced-x86 must agree.
+INSTRUCTIONS = [
+    ("haddps xmm0, xmm1", "pni"), ("pshufb xmm0, xmm1", "ssse3"), ("ptest xmm0, xmm1", "sse4_1"),
+    ("crc32 eax, ebx", "sse4_2"), ("popcnt rax, rbx", "popcnt"), ("aesenc xmm0, xmm1", "aes"),
+    ("pclmulqdq xmm0, xmm1, 0", "pclmulqdq"), ("movbe eax, dword ptr [rsp - 8]", "movbe"),
+    ("andn eax, ebx, ecx", "bmi1"), ("pdep eax, ebx, ecx", "bmi2"), ("adcx eax, ebx", "adx"),
+    ("rdrand eax", "rdrand"), ("rdseed eax", "rdseed"), ("rdtscp", "rdtscp"), ("xgetbv", "xsave"),
+    ("xsaveopt [rsp - 4096]", "xsaveopt"), ("clflushopt [rsp - 64]", "clflushopt"), ("clwb [rsp - 64]", "clwb"),
+    ("lahf", "lahf_lm"), ("cmpxchg16b [rsp - 64]", "cx16"), ("extrq xmm0, xmm1", "sse4a"),
+    ("pfadd mm0, mm1", "3dnow"), ("vaddps xmm0, xmm1, xmm2", "avx"),
+    ("vpaddd ymm0, ymm1, ymm2", "avx2"), ("vfmadd132ps xmm0, xmm1, xmm2", "fma"),
+    ("vcvtph2ps xmm0, xmm1", "f16c"), ("sha1rnds4 xmm0, xmm1, 0", "sha_ni"),
+    ("vaddps zmm0, zmm1, zmm2", "avx512f"), ("vprotb xmm0, xmm1, xmm2", "xop"),
+    ("vfmaddps xmm0, xmm1, xmm2, xmm3", "fma4"), ("blcfill eax, ebx", "tbm"),
+]
+# Its own IDT: #UD (vector 6) powers off with status 6; running on powers off with 0.
+HARNESS = """
+    lea rdi, [rip + idt]
+    lea rax, [rip + on_ud]
+    mov word ptr [rdi + 96], ax
+    mov word ptr [rdi + 98], 8
+    mov word ptr [rdi + 100], 0x8e00
+    shr rax, 16
+    mov word ptr [rdi + 102], ax
+    shr rax, 16
+    mov dword ptr [rdi + 104], eax
+    lea rax, [rip + idtr]
+    mov word ptr [rax], 111
+    mov qword ptr [rax + 2], rdi
+    lidt [rax]
+    xor ecx, ecx
+    {setup}
+    {instruction}
+    xor eax, eax
+    out 0xf4, al
+on_ud:
+    mov al, 6
+    out 0xf4, al
+.align 8
+idtr: .fill 10, 1, 0
+.align 16
+idt: .fill 112, 1, 0
+"""
+# The guest enables what the architecture wants enabled first, where CPUID says it may.
+SETUP = {"xsave": "", "fsgsbase": ""}
+
+
+@functools.cache
+def image(instruction: str) -> GuestImage:
+    code = assemble(HARNESS.format(setup=SETUP.get(instruction, ""), instruction=instruction), instruction)
+    return GuestImage(instruction, "asm", ((0x100000, code),), 0x100000)
+
+
+def expected(host, feature: str, instruction: str) -> str:
+    if feature not in host.physical:
+        if feature == "abm":
+            return "runs"
+        return "#UD"
+    return "runs" if feature in isa.engine_capable() else "unsupported"
+
+
+def outcome(result) -> str:
+    if result.stop.reason == "unsupported":
+        return "unsupported"
+    assert result.stop.reason == "exited", result.stop.message
+    return {0: "runs", 6: "#UD"}[result.stop.status]
+
+
+@pytest.mark.parametrize("instruction, feature", INSTRUCTIONS)
+def test_iced_x86_agrees_on_the_feature(instruction, feature):
+    code = assemble(instruction)
+    assert isa.needed_features(Decoder(64, code).decode()) == {feature}
+
+
+@pytest.mark.parametrize("host", builtin_names())
+def test_each_host_executes_exactly_its_physical_isa(host):
+    profile = load_profile(host)
+    table = {instr: (expected(profile, feature, instr), outcome(VM(image(instr), profile).run(timeout=10)))
+             for instr, feature in INSTRUCTIONS}
+    wrong = {i: t for i, t in table.items() if t[0] != t[1]}
+    assert not wrong, f"{host}: expected vs got {wrong}"
+
+
+def test_the_table_has_at_least_25_features_and_both_outcomes():
+    assert len({f for _, f in INSTRUCTIONS}) >= 25
+    outcomes = {expected(load_profile(h), f, i) for h in ("core2", "haswell") for i, f in INSTRUCTIONS}
+    assert outcomes == {"runs", "#UD", "unsupported"}
+
+
+def test_dump_profiles_on_a_wider_engine_model_still_fault():
+    """A Xeon 5110 runs on an engine model with POPCNT; the host does not have it."""
+    xeon = load_profile("dump:Xeon-5110")
+    assert "popcnt" in __import__("minivmm.profiles", fromlist=["x"]).engine_models()[xeon.engine_model]
+    assert outcome(VM(image("popcnt rax, rbx"), xeon).run(timeout=5)) == "#UD"
+
+
+def test_vaddps_never_gives_the_engines_wrong_answer():
+    for host in builtin_names():
+        result = VM(image("vaddps xmm0, xmm1, xmm2"), host).run(timeout=5)
+        assert outcome(result) in ("#UD", "unsupported"), host
+        assert outcome(result) == ("unsupported" if load_profile(host).has("avx") else "#UD")
+
+
+def test_negative_control_bare_engine_miscomputes_vaddps():
+    """Without the gate, the engine ignores VEX.vvvv: xmm0 = xmm0 + xmm2, not xmm1 + xmm2."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_cpu_model(UC_CPU_X86_HASWELL)
+    uc.mem_map(0, 0x10000)
+    uc.reg_write(UC_X86_REG_CR4, 0x600)
+    floats = lambda *v: int.from_bytes(struct.pack("<4f", *v), "little")  # noqa: E731
+    uc.reg_write(UC_X86_REG_XMM0, floats(100, 100, 100, 100))
+    uc.reg_write(UC_X86_REG_XMM1, floats(1, 1, 1, 1))
+    uc.reg_write(UC_X86_REG_XMM2, floats(2, 2, 2, 2))
+    code = assemble("vaddps xmm0, xmm1, xmm2", address=0x1000)
+    uc.mem_write(0x1000, code)
+    uc.emu_start(0x1000, 0x1000 + len(code))
+    assert uc.reg_read(UC_X86_REG_XMM0) == floats(102, 102, 102, 102)  # wrong: should be 3.0
+
+
+def test_lzcnt_runs_as_bsr_without_abm():
+    assert VM("lzcnt_pitfall", "haswell").run(timeout=5).stop.status == 31
+    assert VM("lzcnt_pitfall", "penryn").run(timeout=5).stop.status == 0
+    # The engine model of this dump has ABM: minivmm computes the BSR itself.
+    assert VM("lzcnt_pitfall", "dump:Xeon-5110").run(timeout=5).stop.status == 0
+
+
+def test_bsr_emulation_of_memory_operands_and_zero(run_asm):
+    result = run_asm("""
+        mov qword ptr [rsp - 8], 0x100
+        lzcnt rax, qword ptr [rsp - 8]    ; as BSR: 8
+        mov rbx, 0x55
+        xor ecx, ecx
+        lzcnt rbx, rcx                    ; BSR of 0: ZF=1, destination unchanged
+        jnz bad
+        cmp rbx, 0x55
+        jne bad
+        tzcnt edx, eax                    ; as BSF of 8: 3
+        add eax, edx
+        out 0xf4, al
+    bad:
+        mov al, 0xbb
+        out 0xf4, al
+    """, "dump:Xeon-5110")
+    assert result.stop.status == 11
+
+
+# ---- exception delivery ----------------------------------------------------------------
+
+IDT_GUEST = """
+    lea rdi, [rip + idt]
+    mov ecx, {vector}
+    shl ecx, 4
+    lea rax, [rip + handler]
+    mov word ptr [rdi + rcx], ax
+    mov word ptr [rdi + rcx + 2], 8
+    mov word ptr [rdi + rcx + 4], {gate_type}
+    shr rax, 16
+    mov word ptr [rdi + rcx + 6], ax
+    shr rax, 16
+    mov dword ptr [rdi + rcx + 8], eax
+    lea rax, [rip + idtr]
+    mov word ptr [rax], {limit}
+    mov qword ptr [rax + 2], rdi
+    lidt [rax]
+    mov r12, rsp
+    {body}
+handler:
+    {handler}
+.align 8
+idtr: .fill 10, 1, 0
+.align 16
+idt: .fill 512, 1, 0
+"""
+
+
+def idt_guest(run_asm, body, handler, vector, host="nehalem", gate_type="0x8e00", limit=511, **kw):
+    return run_asm(IDT_GUEST.format(body=body, handler=handler, vector=vector, gate_type=gate_type,
+                                    limit=limit), host, **kw)
+
+
+def test_ud_frame_is_architectural_and_iretq_returns(run_asm):
+    # The handler checks the frame: RIP at the faulting instruction, CS 8, SS 0x10,
+    # the old RSP, IF clear in the handler; then skips ud2 (2 bytes) and returns.
+    result = idt_guest(run_asm, body="""
+        pushfq
+        pop r13
+    fault:
+        ud2
+        mov al, 42
+        out 0xf4, al
+    """, handler="""
+        lea rax, [rip + fault]
+        cmp [rsp], rax
+        jne bad
+        cmp qword ptr [rsp + 8], 8
+        jne bad
+        cmp [rsp + 16], r13
+        jne bad
+        cmp [rsp + 24], r12
+        jne bad
+        cmp qword ptr [rsp + 32], 0x10
+        jne bad
+        add qword ptr [rsp], 2
+        iretq
+    bad:
+        mov al, 1
+        out 0xf4, al
+    """, vector=6)
+    assert result.stop.status == 42
+    assert result.exceptions == [{"vector": 6, "name": "#UD", "rip": result.exceptions[0]["rip"],
+                                  "instruction": "ud2", "features": [], "delivered": True, "host": "nehalem"}]
+
+
+def test_repeated_divide_errors_stay_divide_errors(run_asm):
+    """The engine's stale exception state would turn the second #DE into #DF."""
+    result = idt_guest(run_asm, body="""
+        xor ecx, ecx
+        mov r14d, 5
+    again:
+        xor eax, eax
+        div ecx
+        dec r14d
+        jnz again
+        mov al, 77
+        out 0xf4, al
+    """, handler="""
+        add qword ptr [rsp], 2
+        iretq
+    """, vector=0)
+    assert result.stop.status == 77
+    assert [e["vector"] for e in result.exceptions] == [0] * 5
+
+
+def test_general_protection_fault_pushes_an_error_code(run_asm):
+    result = idt_guest(run_asm, body="""
+        mov rax, 0x8000000000000000
+        mov rbx, [rax]              ; non-canonical: #GP(0)
+        mov al, 1
+        out 0xf4, al
+    """, handler="""
+        cmp qword ptr [rsp], 0      ; the error code, then RIP
+        jne bad
+        mov al, 13
+        out 0xf4, al
+    bad:
+        mov al, 2
+        out 0xf4, al
+    """, vector=13)
+    assert result.stop.status == 13
+
+
+def test_int3_is_a_trap_with_rip_after_it(run_asm):
+    result = idt_guest(run_asm, body="""
+        int3
+    after:
+        mov al, 1
+        out 0xf4, al
+    """, handler="""
+        lea rax, [rip + after]
+        cmp [rsp], rax
+        jne bad
+        mov al, 3
+        out 0xf4, al
+    bad:
+        mov al, 9
+        out 0xf4, al
+    """, vector=3)
+    assert result.stop.status == 3
+
+
+def test_access_beyond_ram_is_a_page_fault_with_cr2(run_asm):
+    result = idt_guest(run_asm, body="""
+        mov rbx, 0x7000000
+        mov qword ptr [rbx], 1
+    """, handler="""
+        mov rax, cr2
+        cmp rax, 0x7000000
+        jne bad
+        cmp qword ptr [rsp], 2      ; error code: a write to a not-present page
+        jne bad
+        mov al, 14
+        out 0xf4, al
+    bad:
+        mov al, 1
+        out 0xf4, al
+    """, vector=14)
+    assert result.stop.status == 14
+
+
+@pytest.mark.parametrize("gate_type, limit, handler_at, reason", [
+    ("0x8e00", 16 * 6 - 1, None, "IDT limit 0x5f does not cover vector 6"),
+    ("0x0e00", 511, None, "IDT gate 6 is not present"),
+    ("0x8c00", 511, None, "not a 64-bit interrupt or trap gate"),
+    ("0x8e00", 511, "0x40000000", "outside guest RAM"),
+])
+def test_malformed_idt_crashes_with_the_reason(run_asm, gate_type, limit, handler_at, reason):
+    handler = "nop" if handler_at is None else ""
+    body = "ud2"
+    if handler_at:
+        body = f"mov dword ptr [rdi + 104], 0\n    mov word ptr [rdi + 102], {int(handler_at, 16) >> 16}\n    ud2"
+    result = idt_guest(run_asm, body=body, handler=handler, vector=6, gate_type=gate_type, limit=limit)
+    assert result.stop.reason == "crashed" and result.exit_code == 125
+    assert reason in result.stop.message and result.stop.vector == 6
+
+
+def test_a_guest_that_faults_forever_hits_the_budget(run_asm):
+    result = idt_guest(run_asm, body="ud2", handler="iretq", vector=6, timeout=0.5)  # re-executes ud2
+    assert result.stop.reason == "limit"
+    assert len(result.exceptions) > 10
+
+
+def test_stack_beyond_ram_is_a_triple_fault(run_asm):
+    result = idt_guest(run_asm, body="mov rsp, 0x7000000\n    ud2", handler="nop", vector=6)
+    assert result.stop.reason == "crashed" and "stack" in result.stop.message
+
+
+# ---- the gate and self-modifying code ---------------------------------------------------
+
+def test_code_written_at_run_time_is_gated(run_asm):
+    """Write POPCNT over NOPs, then run it: on Penryn it must fault, not execute."""
+    source = """
+        lea rdi, [rip + slot]
+        mov dword ptr [rdi], 0xc3b80ff3     ; f3 0f b8 c3 = popcnt eax, ebx
+        mov ebx, 0xff
+    slot:
+        nop
+        nop
+        nop
+        nop
+        out 0xf4, al
+    """
+    assert run_asm(source, "penryn").stop.vector == 6
+    assert run_asm(source, "nehalem").stop.status == 8
+    untouched = source.replace("mov dword ptr [rdi], 0xc3b80ff3", "nop")
+    assert run_asm(untouched, "penryn").stop.reason == "exited"  # negative control: NOPs run
+
+
+# ---- the seed's point and the audit -----------------------------------------------------
+
+def detection(host, evc=None, guest="detect_both"):
+    return VM(guest, host, evc=evc).run(timeout=20).detections
+
+
+def test_masked_but_executable_under_evc():
+    nehalem_as_penryn = detection("nehalem", "intel-penryn")["popcnt"]
+    assert (nehalem_as_penryn.cpuid, nehalem_as_penryn.probe) == (False, True)
+    penryn = detection("penryn")["popcnt"]
+    assert (penryn.cpuid, penryn.probe) == (False, False)
+
+
+def test_detect_ud_uses_what_it_finds():
+    found = detection("nehalem", "intel-penryn", guest="detect_ud")
+    assert found["popcnt"].uses == "popcnt" and not found["popcnt"].cpuid
+    assert detection("nehalem", "intel-penryn", guest="detect_cpuid")["popcnt"].uses == "generic"
+
+
+def test_audit_reports_the_unasked_popcnt(run_asm, asm_guest):
+    guest = asm_guest("""
+        mov ecx, 3
+    l:  popcnt eax, ebx
+        loop l
+        xor eax, eax
+        out 0xf4, al
+    """)
+    result = VM(guest, "nehalem", evc="intel-penryn").run(timeout=5, audit=True)
+    assert result.stop.reason == "exited"  # the host executes it...
+    assert [(a["instruction"], a["features"], a["count"]) for a in result.audit] == [("popcnt eax, ebx", ["popcnt"], 3)]
+    clean = VM(guest, "nehalem").run(timeout=5, audit=True)
+    assert clean.audit == []  # ...and without the mask it is no violation
+
+
+def test_audit_of_a_cpuid_guided_guest_is_clean():
+    assert VM("detect_cpuid", "nehalem", evc="intel-penryn").run(timeout=10, audit=True).audit == []
