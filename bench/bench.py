@@ -52,6 +52,47 @@ top:
 """
 
 
+UDS = 20_000
+UD_LOOP = """
+    lea rdi, [rip + idt]
+    lea rax, [rip + on_ud]
+    mov word ptr [rdi + 96], ax
+    mov word ptr [rdi + 98], 8
+    mov word ptr [rdi + 100], 0x8e00
+    shr rax, 16
+    mov word ptr [rdi + 102], ax
+    lea rax, [rip + idtr]
+    mov word ptr [rax], 111
+    mov qword ptr [rax + 2], rdi
+    lidt [rax]
+    mov esi, {count}
+top:
+    {body}
+    dec esi
+    jnz top
+    out 0xf4, al
+on_ud:
+    add qword ptr [rsp], 2
+    iretq
+.align 8
+idtr: .fill 10, 1, 0
+.align 16
+idt: .fill 112, 1, 0
+"""
+# A hot loop on a page that also holds instructions the host must trap (never reached).
+GATED_LOOP = COMPUTE_LOOP.replace("out 0xf4, al", "out 0xf4, al\n    popcnt rax, rbx\n    aesenc xmm0, xmm1")
+AUDITED_ITERATIONS = 200_000
+AUDITED_LOOP = f"""
+    mov rcx, {AUDITED_ITERATIONS}
+top:
+    popcnt rax, rcx
+    add rbx, rax
+    dec rcx
+    jnz top
+    out 0xf4, al
+"""
+
+
 def bare_unicorn(source: str, hook=None) -> float:
     """Seconds to run the code on a bare engine: no GDT, no exits, nothing of ours."""
     code = assemble(source)
@@ -63,14 +104,14 @@ def bare_unicorn(source: str, hook=None) -> float:
     if hook:
         uc.hook_add(UC_HOOK_INSN, hook, None, 1, 0, UC_X86_INS_CPUID)
     start = time.perf_counter()
-    uc.emu_start(LOAD_ADDRESS, LOAD_ADDRESS + len(code) - 2)  # stop before the OUT
+    uc.emu_start(LOAD_ADDRESS, LOAD_ADDRESS + code.index(b"\xe6\xf4"))  # stop at "out 0xf4, al"
     return time.perf_counter() - start
 
 
-def minivmm_run(path: str) -> float:
-    vm = VM(path, "nehalem")
+def minivmm_run(path: str, host: str = "nehalem", evc=None, audit=False) -> float:
+    vm = VM(path, host, evc=evc)
     start = time.perf_counter()
-    result = vm.run()
+    result = vm.run(audit=audit)
     elapsed = time.perf_counter() - start
     assert result.stop.reason == "exited", result.stop
     return elapsed
@@ -127,6 +168,29 @@ def main():
         rows.append(("CPUID exit, 100k CPUIDs (us per CPUID over the engine's own)",
                      f"engine {engine / CPUIDS * 1e6:.2f} us; empty binding hook +{per(empty):.2f} us",
                      f"+{per(exits):.2f} us", f"{exits / engine:.0f}x engine", "<= 3.5 us"))
+
+        paths = {}
+        for name, source in (("ud", UD_LOOP.format(count=UDS, body="ud2")),
+                             ("nop", UD_LOOP.format(count=UDS, body="nop\n    nop")),
+                             ("gated", GATED_LOOP), ("audited", AUDITED_LOOP)):
+            paths[name] = os.path.join(tmp, f"{name}.asm")
+            Path(paths[name]).write_text(source)
+        faults, plain = interleaved(repeats, lambda: minivmm_run(paths["ud"]), lambda: minivmm_run(paths["nop"]))
+        rows.append(("#UD round trip: ud2 -> guest IDT handler -> iretq, 20k times",
+                     f"same loop without the fault: {plain / UDS * 1e6:.2f} us per iteration",
+                     f"{(faults - plain) / UDS * 1e6:.1f} us per #UD", "", "(measured)"))
+        bare, gated = interleaved(repeats, lambda: bare_unicorn(GATED_LOOP), lambda: minivmm_run(paths["gated"], "penryn"))
+        rows.append(("gate: hot loop on a page with trapped POPCNT/AESENC (penryn)", f"{bare * 1e3:.0f} ms",
+                     f"{gated * 1e3:.0f} ms", f"{gated / bare:.3f}x", "~1.0x"))
+        off, on = interleaved(repeats, lambda: minivmm_run(paths["gated"], "penryn"),
+                              lambda: minivmm_run(paths["gated"], "penryn", audit=True))
+        rows.append(("audit: the same hot loop, no violation in it", f"{off * 1e3:.0f} ms (no audit)",
+                     f"{on * 1e3:.0f} ms", f"{on / off:.3f}x", "<= 1.5x"))
+        off, on = interleaved(repeats, lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn"),
+                              lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn", audit=True))
+        rows.append(("audit: a loop whose POPCNT is hidden by EVC, every iteration counted",
+                     f"{off * 1e3:.0f} ms (no audit)", f"{on * 1e3:.0f} ms", f"{on / off:.1f}x",
+                     f"{(on - off) / AUDITED_ITERATIONS * 1e6:.2f} us per counted execution"))
 
         startup, bare_python = cli_startup(repeats), python_startup(repeats)
         rows.append(("CLI start-up: minivmm run guests/hello.asm", f"python -c pass: {bare_python * 1e3:.0f} ms",

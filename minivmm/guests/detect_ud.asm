@@ -13,5 +13,3 @@ start:
     jmp power_off
 
 .include "lib/detect.inc"
-.include "lib/idt.inc"
-.include "lib/console.inc"
