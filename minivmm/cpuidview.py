@@ -67,6 +67,13 @@ class GuestCpuidView:
         return subleaf if leaf in self.indexed_leaves else 0
 
     @classmethod
+    def frozen(cls, table: CpuidTable, mask: Mask = Mask()) -> GuestCpuidView:
+        """A view saved earlier (a snapshot's): its table is already the guest's."""
+        view = cls(table, Mask())
+        view.mask, view.masked, view.table = mask, table, table
+        return view
+
+    @classmethod
     def for_host(cls, host, evc: str | None = None, masks=()) -> GuestCpuidView:
         return cls(host.cpuid, build_mask(host, evc, masks))
 

@@ -30,8 +30,11 @@ from .features import catalogue
 from .intercept import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .intercept.emulate import bit_scan
 from .loader import LOAD_ADDRESS, GuestImage, load_guest
+from .migration import PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, compatibility, precopy
 from .profiles import HostProfile, load_profile
 from .report import RunResult, Stop
+from .snapshot import Snapshot, read_registers, write_registers
+from .snapshot import save as save_snapshot
 
 DEFAULT_MEMORY = 16 << 20
 GDT_BASE = 0x1000
@@ -57,38 +60,57 @@ def parse_size(text: str | int) -> int:
 
 
 class _Watchdog:
-    """Stops the engine every slice so the run loop can check its clock and signals.
+    """Stops the engine after each slice so the run loop can check its clocks and signals.
 
     A thread calling ``emu_stop`` slices execution at full speed, where the engine's
     own instruction ``count`` would slow every instruction."""
 
-    def __init__(self, uc, seconds: float):
-        self._uc, self._seconds = uc, seconds
+    def __init__(self, run, seconds: float):
+        self._run, self._seconds = run, seconds
         self._lock = threading.Lock()
         self._running = False
-        self._done = threading.Event()
+        self._armed = threading.Event()
+        self._wake = threading.Event()
+        self._done = False
+        self._deadline = 0.0
         self.ticked = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self):
-        while not self._done.wait(self._seconds):
+        while True:
+            self._armed.wait()
+            if self._done:
+                return
+            delay = self._deadline - time.monotonic()
+            if delay > 0:
+                self._wake.wait(min(delay, self._seconds))
+                self._wake.clear()
+                continue
             with self._lock:
                 if self._running:
                     self.ticked = True
-                    self._uc.emu_stop()
+                    self._running = False
+                    self._armed.clear()
+                    self._run.uc.emu_stop()
 
-    def arm(self):
+    def arm(self, seconds: float):
         with self._lock:
             self._running, self.ticked = True, False
+            self._deadline = time.monotonic() + seconds
+            self._armed.set()
 
     def disarm(self) -> bool:
         with self._lock:
             self._running = False
+            self._armed.clear()
+            self._wake.set()
             return self.ticked
 
     def close(self):
-        self._done.set()
+        self._done = True
+        self._armed.set()
+        self._wake.set()
         self._thread.join()
 
 
@@ -102,15 +124,38 @@ class VM:
     """
 
     def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
-                 memory: int | str = DEFAULT_MEMORY, evc: str | None = None, masks=()):
+                 memory: int | str = DEFAULT_MEMORY, evc: str | None = None, masks=(),
+                 policy: str = "live", snapshot: Snapshot | None = None):
         """``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
-        any mask format, applied after the EVC mode's mask, in order."""
+        any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
+        VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
+        (its CPUID view, frozen at its power-on, comes along)."""
+        if policy not in POLICIES:
+            raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
         self.image = load_guest(guest) if isinstance(guest, str) else guest
         self.host = load_profile(host) if isinstance(host, str) else host
         self.memory = parse_size(memory)
         self.evc = evc_mode(evc).key if evc else None
+        self.masks = tuple(masks)
+        self.policy = policy
+        self.snapshot = snapshot
         self.view = GuestCpuidView.for_host(self.host, self.evc, masks)
         self._check_layout()
+
+    @classmethod
+    def resume(cls, snapshot: Snapshot, host: HostProfile | str, force: bool = False, **options) -> VM:
+        """The VM saved in ``snapshot``, on ``host``: refused, like a migration, if the
+        host cannot run the view the VM was powered on with (unless forced)."""
+        meta = snapshot.meta
+        vm = cls(GuestImage(meta["guest"], "snapshot", (), meta["entry"]), host, meta["memory"],
+                 evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
+                 snapshot=snapshot, **options)
+        vm.view = GuestCpuidView.frozen(snapshot.view_table, vm.view.mask)
+        missing, _ = compatibility(vm.view, vm.host, vm.host)
+        if missing and not force:
+            raise MinivmmError(f"cannot resume on {vm.host.name}: the VM's CPUID view has "
+                               f"{', '.join(missing)}, which {vm.host.name} lacks (--force resumes anyway)")
+        return vm
 
     def _check_layout(self):
         if self.memory % 4096 or self.memory < 2 << 20:
@@ -126,55 +171,32 @@ class VM:
         if not 0 <= self.image.entry < self.memory:
             raise MinivmmError(f"{self.image.name}: entry point 0x{self.image.entry:x} is outside guest RAM")
 
-    # ---- power-on ------------------------------------------------------------------
-
-    def _power_on(self, uc: Uc, exits: InstructionExits) -> None:
-        """The machine state of SPEC section 2 on a fresh engine with RAM mapped."""
-        for addr, data in self.image.segments:
-            uc.mem_write(addr, data)
-        uc.mem_write(GDT_BASE, GDT)
-        uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT_BASE, len(GDT) - 1, 0))
-        uc.reg_write(x86.UC_X86_REG_CR0, CR0_BOOT)
-        uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)
-        uc.reg_write(x86.UC_X86_REG_CS, CODE_SELECTOR)
-        for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
-            uc.reg_write(reg, DATA_SELECTOR)
-        if self.view.has(catalogue()["xsave"]):
-            self._enable_xsave(uc, exits)
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
-        uc.reg_write(x86.UC_X86_REG_RSP, self.memory & ~0xF)
-        uc.reg_write(x86.UC_X86_REG_RIP, self.image.entry)
-
-    def _enable_xsave(self, uc: Uc, exits: InstructionExits):
-        """CR4.OSXSAVE and XCR0 = x87|SSE, as firmware and an OS leave them."""
-        uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT | CR4_OSXSAVE)
-        if not uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
-            return  # the engine model has no XSAVE: the guest sees OSXSAVE clear
-        # XCR0 is reachable only through XSETBV: run it from the VMM's own area.
-        stub = bytes.fromhex("31c9" "b803000000" "31d2" "0f01d1" "f4")  # xor ecx; mov eax,3; xor edx; xsetbv; hlt
-        saved = uc.mem_read(BOOT_STUB, len(stub))
-        uc.mem_write(BOOT_STUB, stub)
-        try:
-            uc.emu_start(BOOT_STUB, NEVER, count=4)  # up to the XSETBV, not the HLT
-        except UcError:
-            uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)  # no XSETBV on this model after all
-        uc.mem_write(BOOT_STUB, bytes(saved))
-        exits.forget(BOOT_STUB)
-        for reg in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX):
-            uc.reg_write(reg, 0)
-
     # ---- running -------------------------------------------------------------------
 
-    def run(self, max_insns: int | None = None, timeout: float | None = None,
-            console=None, audit: bool = False) -> RunResult:
-        """Run to completion. ``console`` receives guest console bytes as they appear;
-        ``audit`` reports instructions that need features the CPUID view hides."""
-        return _Run(self, console, audit).run(max_insns, timeout)
+    def run(self, max_insns: int | None = None, timeout: float | None = None, console=None,
+            audit: bool = False, migrations=(), force: bool = False, snapshot_at: str | None = None,
+            snapshot_file: str | None = None, precopy: PreCopy = PreCopy()) -> RunResult:
+        """Run to completion.
 
-    def classifier(self, audit: bool):
+        ``console`` receives guest console bytes as they appear; ``audit`` reports
+        instructions that need features the CPUID view hides; ``migrations`` are
+        ``PROFILE@WHEN`` strings or :class:`MigrationRequest` objects, applied in order
+        (``force`` overrides a failed compatibility check); ``snapshot_at`` (a WHEN)
+        writes a snapshot to ``snapshot_file`` and carries on."""
+        events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
+        if snapshot_at:
+            if not snapshot_file:
+                raise MinivmmError("a snapshot point needs a snapshot file")
+            events.append((Trigger.parse(snapshot_at, "snapshot point"), snapshot_file))
+        for event in events:
+            if isinstance(event, MigrationRequest):
+                load_profile(event.destination)  # unknown names fail before anything runs
+        return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+
+    def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool):
         """What an exit at each instruction does on this host (cached per opcode)."""
-        physical = self.host.physical
-        shown = catalogue().decode(self.view.table) if audit else frozenset()
+        physical = host.physical
+        shown = catalogue().decode(view.table) if audit else frozenset()
         actions = {isa.Verdict.RUN: None, isa.Verdict.UD: "ud", isa.Verdict.UNSUPPORTED: "unsupported",
                    isa.Verdict.AS_BSR: "bsr", isa.Verdict.AS_BSF: "bsf"}
         cache: dict[int, tuple] = {}
@@ -197,31 +219,124 @@ class VM:
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
 
 
-class _Run:
-    """One run of a VM: the engine, its exit handlers, and the loop that drives them."""
+class _Engine:
+    """A host's half of a run: the unicorn instance, the guest RAM it maps, and the
+    exits whose answers depend on the host (ISA, faults, CPUID's host name)."""
 
-    def __init__(self, vm: VM, console, audit: bool):
-        self.vm = vm
-        self.stop: list[Stop] = []
-        self.errors: list[BaseException] = []
-        self.pending_fault = None
-        self.audit = Audit() if audit else None
+    def __init__(self, run: _Run, host: HostProfile, view: GuestCpuidView):
+        vm = run.vm
+        self.host, self.view = host, view
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{vm.host.engine_model}"))
+        uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{host.engine_model}"))
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
         self.ram = mmap.mmap(-1, vm.memory)
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
-        self.exits = InstructionExits(self.ram, vm.classifier(audit), self._on_exit)
+        self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None), run._on_exit)
         self.exits.install(uc)
-        vm._power_on(uc, self.exits)
-        self.cpuid = CpuidExitHandler(vm.view, vm.host.name, self._fail)
+        self.cpuid = CpuidExitHandler(view, host.name, run._fail, run.cpuid_log)
         self.cpuid.install(uc)
-        self.io = IoExits(console, self._power_off, lambda n: False)
-        self.io.install(uc)
-        self.faults = FaultExits(vm.host, vm.memory, self._end)
+        run.io.install(uc)
+        self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
         uc.hook_add(UC_HOOK_INSN_INVALID, self.faults.on_invalid)
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
-        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._unmapped)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
+
+    def power_on(self, vm: VM) -> None:
+        """The machine state of SPEC section 2."""
+        uc = self.uc
+        for addr, data in vm.image.segments:
+            self.ram[addr:addr + len(data)] = data
+        self.ram[GDT_BASE:GDT_BASE + len(GDT)] = GDT
+        uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT_BASE, len(GDT) - 1, 0))
+        uc.reg_write(x86.UC_X86_REG_CR0, CR0_BOOT)
+        uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)
+        uc.reg_write(x86.UC_X86_REG_CS, CODE_SELECTOR)
+        for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
+            uc.reg_write(reg, DATA_SELECTOR)
+        if self.view.has(catalogue()["xsave"]):
+            uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT | CR4_OSXSAVE)
+            if uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
+                self.write_xcr0(XCR0_BOOT)
+            else:
+                uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)  # the engine model has no XSAVE
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
+        uc.reg_write(x86.UC_X86_REG_RSP, vm.memory & ~0xF)
+        uc.reg_write(x86.UC_X86_REG_RIP, vm.image.entry)
+
+    # XCR0 is reachable only through XGETBV/XSETBV: run them from the VMM's own area,
+    # leaving registers, memory and the page's decode as they were.
+    def _stub(self, code: bytes, setup: dict) -> dict:
+        uc = self.uc
+        context = uc.context_save()
+        saved = bytes(self.ram[BOOT_STUB:BOOT_STUB + len(code)])
+        self.ram[BOOT_STUB:BOOT_STUB + len(code)] = code
+        self.exits.forget(BOOT_STUB)
+        for reg, value in setup.items():
+            uc.reg_write(reg, value)
+        try:
+            uc.emu_start(BOOT_STUB, NEVER, count=code.count(b"\x0f\x01") + len(setup))
+            out = {r: uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDX)}
+        except UcError:
+            out = None
+        self.ram[BOOT_STUB:BOOT_STUB + len(code)] = saved
+        self.exits.forget(BOOT_STUB)
+        uc.context_restore(context)
+        if out is None:
+            raise MinivmmError(f"the {self.host.engine_model} engine model refused XCR0 access")
+        return out
+
+    def read_xcr0(self) -> int | None:
+        if not self.uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
+            return None
+        out = self._stub(bytes.fromhex("0f01d0"), {x86.UC_X86_REG_RCX: 0})  # xgetbv
+        return out[x86.UC_X86_REG_RAX] & 0xFFFFFFFF | (out[x86.UC_X86_REG_RDX] & 0xFFFFFFFF) << 32
+
+    def write_xcr0(self, value: int) -> None:
+        self._stub(bytes.fromhex("0f01d1"), {x86.UC_X86_REG_RCX: 0, x86.UC_X86_REG_RAX: value & 0xFFFFFFFF,
+                                            x86.UC_X86_REG_RDX: value >> 32})  # xsetbv
+
+    def capture(self) -> dict:
+        return {"regs": read_registers(self.uc), "xcr0": self.read_xcr0()}
+
+    def restore(self, state: dict) -> None:
+        write_registers(self.uc, state["regs"])
+        if state.get("xcr0") is not None:
+            self.write_xcr0(state["xcr0"])
+
+    def rip(self) -> int:
+        return self.uc.reg_read(x86.UC_X86_REG_RIP)
+
+
+class _Run:
+    """One run of a VM: the exits' shared state, the current engine, and the loop."""
+
+    def __init__(self, vm: VM, console, audit: bool, events, force: bool, precopy: PreCopy):
+        self.vm = vm
+        self.events = list(events)
+        self.force = force
+        self.precopy = precopy
+        self.stop: list[Stop] = []
+        self.errors: list[BaseException] = []
+        self.pending_fault = None
+        self.fired = False
+        self.audit = Audit() if audit else None
+        self.cpuid_log: list[tuple] = []
+        self.exceptions: list[dict] = []
+        self.migrations: list[dict] = []
+        self.hosts = [vm.host.name]
+        self.executed, self.exact = 0, True
+        self.io = IoExits(console, self._power_off, self._checkpoint)
+        self.engine = _Engine(self, vm.host, vm.view)
+        if vm.snapshot:
+            self._restore_snapshot(vm.snapshot)
+        else:
+            self.engine.power_on(vm)
+
+    # -- exits ---------------------------------------------------------------------------
+
+    @property
+    def uc(self):
+        return self.engine.uc
 
     def _end(self, stop: Stop) -> None:
         if not self.stop:
@@ -235,6 +350,14 @@ class _Run:
     def _power_off(self, status: int) -> None:
         self._end(Stop("exited", status, message=f"guest powered off with status {status}"))
 
+    def _checkpoint(self, n: int) -> bool:
+        head = self.events[0] if self.events else None
+        when = head.when if isinstance(head, MigrationRequest) else head[0] if head else None
+        if when and when.kind == "checkpoint" and when.count == n:
+            self.fired = True
+            return True
+        return False
+
     def _on_exit(self, uc, address, size, action, audited, instr):
         try:
             if audited and self.audit:
@@ -244,9 +367,9 @@ class _Run:
             elif action == "out":
                 self.io.on_out_exit(uc, address, size, instr)
             elif action == "ud":
-                self.faults.undefined(uc, address, instr, isa.needed_features(instr) - self.vm.host.physical)
+                self.engine.faults.undefined(uc, address, instr, isa.needed_features(instr) - self.engine.host.physical)
             elif action == "unsupported":
-                self.faults.unsupported(uc, address, instr, isa.needed_features(instr))
+                self.engine.faults.unsupported(uc, address, instr, isa.needed_features(instr))
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
         except BaseException as e:  # an exception inside a hook must not vanish
@@ -258,63 +381,208 @@ class _Run:
         self.pending_fault = (access, address, uc.reg_read(x86.UC_X86_REG_RIP), kind)
         return False  # the engine stops; the run loop delivers #PF
 
+    # -- the loop ------------------------------------------------------------------------
+
     def run(self, max_insns, timeout) -> RunResult:
-        deadline = time.monotonic() + timeout if timeout else None
-        watchdog = None if max_insns else _Watchdog(self.uc, SLICE_SECONDS)
-        exact = True   # the engine's count restarts when a start is resumed
+        started = time.monotonic()
+        deadline = started + timeout if timeout else None
+        watchdog = _Watchdog(self, SLICE_SECONDS)
         try:
             while not self.stop and not self.errors:
-                ticked = self._start(watchdog, max_insns, deadline)
+                head = self.events[0] if self.events else None
+                when = (head.when if isinstance(head, MigrationRequest) else head[0]) if head else None
+                count = None
+                if when and when.kind == "insn":
+                    count = when.count - self.executed
+                if max_insns:
+                    count = min(count, max_insns - self.executed) if count is not None else max_insns - self.executed
+                if count is not None and count <= 0:
+                    if when and when.kind == "insn" and when.count <= self.executed:
+                        self._fire()
+                        continue
+                    self._end(Stop("limit", rip=self.engine.rip(), message=f"instruction budget of {max_insns} exhausted"))
+                    break
+                ms_due = started + when.count / 1e3 if when and when.kind == "ms" else None
+                ticked = self._start(watchdog, count, deadline, ms_due)
                 if self.stop or self.errors:
                     break
+                now = time.monotonic()
                 if self.pending_fault:
+                    self.exact = self.exact and count is None
                     access, address, rip, kind = self.pending_fault
                     self.pending_fault = None
-                    self.faults.on_unmapped(self.uc, access, address, rip, kind)
-                    exact = False
-                elif deadline and time.monotonic() >= deadline:
-                    self._end(Stop("limit", rip=self._rip(), message=f"time budget of {timeout:g} s exhausted"))
-                elif max_insns:
-                    self._end(Stop("limit", rip=self._rip(), message=f"instruction budget of {max_insns} exhausted"))
+                    self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
+                elif self.fired:
+                    self.exact = self.exact and count is None
+                    self._fire()
+                elif deadline and now >= deadline:
+                    self._end(Stop("limit", rip=self.engine.rip(), message=f"time budget of {timeout:g} s exhausted"))
+                elif ms_due and now >= ms_due:
+                    self.exact = self.exact and count is None
+                    self._fire()
+                elif count is not None:
+                    self.executed += count  # the engine ran exactly ``count`` instructions
                 elif not ticked:
-                    self._end(Stop("crashed", rip=self._rip(), message="the engine stopped the guest for no known reason"))
+                    self._end(Stop("crashed", rip=self.engine.rip(),
+                                   message="the engine stopped the guest for no known reason"))
         finally:
-            if watchdog:
-                watchdog.close()
+            watchdog.close()
         if self.errors:
             raise self.errors[0]
-        stop = self.stop[0]
-        vm = self.vm
-        return RunResult(
-            guest=vm.image.name, stop=stop, console=self.io.console.decode("latin-1"), host=vm.host.name,
-            hosts=[vm.host.name], evc=vm.evc,
-            instructions=max_insns if stop.reason == "limit" and max_insns and exact and "instruction" in stop.message else None,
-            cpuid_log=self.cpuid.log, exceptions=self.faults.exceptions,
-            audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
-            unknown_port_writes=dict(self.io.unknown_writes), engine_model=vm.host.engine_model,
-            memory=vm.memory)
+        return self._result(max_insns)
 
-    def _start(self, watchdog, max_insns, deadline) -> bool:
-        """One engine start; True if the watchdog stopped it."""
-        if watchdog:
-            watchdog.arm()
+    def _start(self, watchdog, count, deadline, ms_due) -> bool:
+        """One engine start; True if the watchdog stopped it. Counted starts use the
+        engine's exact count (and its own timeout); others run in watchdog slices."""
+        due = min(t for t in (deadline, ms_due, float("inf")) if t is not None)
         try:
-            remaining = max(deadline - time.monotonic(), 0.001) if deadline else 0
-            self.uc.emu_start(self._rip(), NEVER, count=max_insns or 0,
-                              timeout=int(remaining * 1e6) if max_insns and deadline else 0)
+            if count is not None:
+                remaining = max(due - time.monotonic(), 0.001) if due != float("inf") else 0
+                self.uc.emu_start(self.engine.rip(), NEVER, count=count, timeout=int(remaining * 1e6))
+                return False
+            watchdog.arm(min(SLICE_SECONDS, max(due - time.monotonic(), 0.0005)))
+            self.uc.emu_start(self.engine.rip(), NEVER)
         except UcError as e:
             if not self.pending_fault and not self.stop:
-                self._end(Stop("crashed", rip=self._rip(), message=f"the engine stopped the guest at "
-                                                                  f"{self._rip():#x}: {e}"))
-        return watchdog.disarm() if watchdog else False
+                self._end(Stop("crashed", rip=self.engine.rip(),
+                               message=f"the engine stopped the guest at {self.engine.rip():#x}: {e}"))
+        return watchdog.disarm() if count is None else False
 
-    def _rip(self) -> int:
-        return self.uc.reg_read(x86.UC_X86_REG_RIP)
+    def _fire(self) -> None:
+        self.fired = False
+        event = self.events.pop(0)
+        if isinstance(event, MigrationRequest):
+            self._migrate(event)
+        else:
+            when, path = event
+            save_snapshot(self._snapshot(), path)
+
+    # -- migration -----------------------------------------------------------------------
+
+    def _migrate(self, request: MigrationRequest) -> None:
+        vm, source = self.vm, self.engine
+        destination = load_profile(request.destination)
+        record = {"from": source.host.name, "to": destination.name, "when": str(request.when), "ok": False,
+                  "forced": False, "cold": request.cold, "missing": [], "rounds": 0, "pages_sent": 0,
+                  "pages_per_round": [], "downtime_ms": 0.0, "total_ms": 0.0, "mode": None}
+        self.migrations.append(record)
+        refusal = self._policy_refusal(request)
+        if refusal:
+            record["reason"] = refusal
+            return
+        if request.cold:
+            return self._cold_migrate(destination, record)
+        missing, marks = compatibility(source.view, source.host, destination)
+        record["missing"], record["marks"] = missing, marks
+        if (missing or marks) and not self.force:
+            record["reason"] = f"{destination.name} lacks {', '.join(missing + marks)}: the VM stays on {source.host.name}"
+            return
+        record["forced"] = bool(missing or marks)
+        target = _Engine(self, destination, source.view)
+        tracked: set[int] = set()
+
+        def run_guest(insns):
+            source.exits.track(tracked)
+            self._run_on_source(insns)
+            dirty = set(tracked)
+            tracked.clear()
+            return None if self.stop or self.errors else dirty
+
+        def copy_pages(pages):
+            if pages is None:
+                target.ram[:] = source.ram
+            else:
+                for page in pages:
+                    target.ram[page:page + PAGE] = source.ram[page:page + PAGE]
+
+        result = precopy(self.precopy, vm.memory // PAGE, run_guest, copy_pages)
+        source.exits.track(None)
+        record.update(rounds=result["rounds"], pages_per_round=result["pages_per_round"], mode=result["mode"])
+        if result.get("stopped"):
+            record["reason"] = "the guest stopped on the source before the switchover"
+            return
+        switch = time.perf_counter()
+        remaining = result["remaining"]
+        copy_pages(sorted(remaining))
+        target.restore(source.capture())
+        self.engine = target
+        switch_ms = (time.perf_counter() - switch) * 1e3
+        sent = sum(result["pages_per_round"]) + len(remaining)
+        record.update(ok=True, pages_sent=sent, switchover_ms=round(switch_ms, 3),
+                      downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
+                      total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
+        self.hosts.append(destination.name)
+
+    def _policy_refusal(self, request) -> str | None:
+        if self.vm.policy == "disabled":
+            return "the VM's migration policy is disabled"
+        if self.vm.policy == "offline" and not request.cold:
+            return "the VM's migration policy allows only cold (offline) migration"
+        return None
+
+    def _run_on_source(self, insns: int) -> None:
+        """Let the guest run ``insns`` instructions while its pages are in flight."""
+        if insns <= 0:
+            return
+        try:
+            self.uc.emu_start(self.engine.rip(), NEVER, count=insns)
+        except UcError as e:
+            if not self.pending_fault and not self.stop:
+                self._end(Stop("crashed", rip=self.engine.rip(), message=f"the engine stopped the guest: {e}"))
+        if self.pending_fault:
+            access, address, rip, kind = self.pending_fault
+            self.pending_fault = None
+            self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
+        self.exact = False
+
+    def _cold_migrate(self, destination, record) -> None:
+        """Power off, boot again on the destination: the guest re-detects its CPU."""
+        vm = self.vm
+        try:
+            view = GuestCpuidView.for_host(destination, vm.evc, vm.masks)
+        except MinivmmError as e:
+            record["reason"] = str(e)
+            return
+        self.engine = _Engine(self, destination, view)
+        self.engine.power_on(vm)
+        record.update(ok=True, mode="cold")
+        self.hosts.append(destination.name)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _snapshot(self) -> Snapshot:
+        vm, engine = self.vm, self.engine
+        state = engine.capture()
+        meta = {"guest": vm.image.name, "entry": vm.image.entry, "host": engine.host.name, "evc": vm.evc,
+                "masks": [m if isinstance(m, str) else m.to("vmware") for m in vm.masks],
+                "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
+                "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
+        leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
+        return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console), bytes(engine.ram))
+
+    def _restore_snapshot(self, snapshot: Snapshot) -> None:
+        self.engine.ram[:] = snapshot.memory
+        self.engine.restore({"regs": snapshot.regs, "xcr0": snapshot.meta.get("xcr0")})
+        self.io.console += snapshot.console
+        self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
+        self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
+
+    def _result(self, max_insns) -> RunResult:
+        stop, vm = self.stop[0], self.vm
+        counted = self.exact and (max_insns or any(m["when"].startswith("insn") for m in self.migrations))
+        return RunResult(
+            guest=vm.image.name, stop=stop, console=self.io.console.decode("latin-1"), host=self.engine.host.name,
+            hosts=self.hosts, evc=vm.evc, instructions=self.executed if counted else None,
+            cpuid_log=self.cpuid_log, exceptions=self.exceptions, migrations=self.migrations,
+            audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
+            unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
+            memory=vm.memory)
 
 
 def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options) -> RunResult:
     """Build a VM and run it: ``run("hello", host="penryn", timeout=5)``."""
-    run_options = {k: options.pop(k) for k in ("max_insns", "timeout", "console") if k in options}
+    run_options = {k: options.pop(k) for k in ("max_insns", "timeout", "console", "audit", "migrations", "force",
+                                                "snapshot_at", "snapshot_file", "precopy") if k in options}
     return VM(guest, host, **options).run(**run_options)
 
 

@@ -20,10 +20,10 @@ OUTPUT_REGS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
 class CpuidExitHandler:
     """Answers CPUID from the guest view and logs ``((leaf, subleaf), (eax..edx), host)``."""
 
-    def __init__(self, view, host_name: str, on_error):
+    def __init__(self, view, host_name: str, on_error, log: list | None = None):
         self.view = view
         self.host = host_name
-        self.log: list[tuple] = []
+        self.log: list[tuple] = [] if log is None else log
         self._on_error = on_error
         self._cache: dict[tuple[int, int], engine.RegisterBlock] = {}
         # CR4 rides along in the same call: leaves 1 and 7 mirror two of its bits.

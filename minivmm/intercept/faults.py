@@ -25,12 +25,11 @@ PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
 
 
 class FaultExits:
-    def __init__(self, host, memory: int, end):
+    def __init__(self, host, memory: int, end, exceptions: list | None = None):
         self.host = host
         self.memory = memory
         self._end = end              # end(Stop): finish the run
-        self.exceptions: list[dict] = []
-        self.dropped = 0
+        self.exceptions: list[dict] = [] if exceptions is None else exceptions
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -44,7 +43,6 @@ class FaultExits:
 
     def _record(self, vector, rip, instruction, features, delivered, message=""):
         if len(self.exceptions) >= MAX_RECORDED:
-            self.dropped += 1
             return
         entry = {"vector": vector, "name": VECTOR_NAMES.get(vector, f"vector {vector}"), "rip": rip,
                  "instruction": instruction, "features": sorted(features), "delivered": delivered,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import iced_x86
-from unicorn import (UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_PROT_ALL,
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
                      UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
 PAGE = 0x1000
@@ -41,6 +41,7 @@ class InstructionExits:
         self.pages: dict[int, dict[int, tuple]] = {}   # page -> {address: (action, audited, instr)}
         self._hooks: dict[int, int] = {}               # address -> hook handle
         self._uc = None
+        self._dirty: set[int] | None = None            # pages written since tracking began
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -49,16 +50,31 @@ class InstructionExits:
 
     # -- the TLB: identity mapping, decoding on first execution --------------------------
 
+    def track(self, dirty: set[int] | None) -> None:
+        """Record into ``dirty`` each page the guest writes from now on (None stops).
+
+        The TLB is flushed, so a page's first write after it asks for a mapping; a read
+        is mapped read-only while tracking, so a later write asks again. Decoded pages
+        stay writable: their write hook records them."""
+        self._dirty = dirty
+        self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
     def _fill(self, uc, vaddr, access, entry, _ud):
         page = vaddr & ~(PAGE - 1)
         entry.paddr = page
         if access == UC_MEM_FETCH and page < self.memory:
             self._decode_page(page)
+        if self._dirty is not None and access == UC_MEM_WRITE:
+            self._dirty.add(page)
         # Only decoded pages are executable: a data access to an undecoded page must not
         # let a later fetch skip the decode. Beyond RAM nothing is mapped: the access
         # itself reports the fault (the engine also probes its stop address this way).
-        decoded = page in self.pages or page >= self.memory
-        entry.perms = UC_PROT_ALL if decoded else UC_PROT_READ | UC_PROT_WRITE
+        if page in self.pages or page >= self.memory:
+            entry.perms = UC_PROT_ALL
+        elif self._dirty is not None and access != UC_MEM_WRITE:
+            entry.perms = UC_PROT_READ
+        else:
+            entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
 
     def _decode_page(self, page: int) -> None:
@@ -109,6 +125,8 @@ class InstructionExits:
         """Self-modifying code: re-decode every offset whose instruction the write touches."""
         new = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         for page in {address & ~(PAGE - 1), (address + size - 1) & ~(PAGE - 1)}:
+            if self._dirty is not None:
+                self._dirty.add(page)
             if page in self.pages:
                 start = max(0, address - page - MAX_INSN + 1)
                 end = min(PAGE, address - page + size)

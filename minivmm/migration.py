@@ -1,0 +1,99 @@
+"""Live migration: when to move, whether the destination can take the VM, and pre-copy.
+
+A migration is requested as ``PROFILE@WHEN`` (``checkpoint:N``, ``insn:N``, ``ms:N``).
+Before moving, the compatibility check VirtualCenter makes: every feature of the VM's
+frozen CPUID view must be in the destination's physical ISA, and the mask's T/F/R/H/k
+marks must hold; a refused migration leaves the VM running on its source.
+
+Memory moves by iterative pre-copy, as vMotion and Xen do it: all pages while the guest
+runs, then the pages it dirtied meanwhile, round after round, until what remains can be
+sent within the switchover goal; then the guest stops, the rest and the CPU state move,
+and it resumes on the destination. Time is simulated, so a migration is deterministic:
+a round of P pages takes P * 4 KiB / bandwidth, and the guest runs that long at the
+nominal guest speed, counted in instructions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import MinivmmError
+
+PAGE = 4096
+POLICIES = ("live", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    kind: str    # checkpoint | insn | ms
+    count: int
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Trigger:
+        m = re.fullmatch(r"(checkpoint|insn|ms):(\d+)", text.strip())
+        if not m:
+            raise MinivmmError(f"{where}: WHEN must be checkpoint:N, insn:N or ms:N, not '{text}'")
+        return cls(m[1], int(m[2]))
+
+    def __str__(self):
+        return f"{self.kind}:{self.count}"
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    destination: str
+    when: Trigger
+    cold: bool = False
+
+    @classmethod
+    def parse(cls, spec: str, cold: bool = False) -> MigrationRequest:
+        destination, at, when = spec.partition("@")
+        if not at or not destination.strip():
+            raise MinivmmError(f"migration '{spec}': expected PROFILE@WHEN (e.g. penryn@checkpoint:1)")
+        return cls(destination.strip(), Trigger.parse(when, f"migration '{spec}'"), cold)
+
+
+@dataclass(frozen=True)
+class PreCopy:
+    """The knobs of pre-copy (vMotion's defaults where it has them)."""
+    switchover_goal_ms: float = 500.0          # vMotion's default maximum switchover time
+    max_rounds: int = 30
+    bandwidth_bytes_per_s: float = 1.25e9      # a 10 GbE vMotion network
+    guest_insns_per_s: float = 1e9             # nominal guest speed while pages are in flight
+    throttle: float = 0.25                     # vMotion's stun: the guest's speed when not converging
+
+    def send_ms(self, pages: int) -> float:
+        return pages * PAGE / self.bandwidth_bytes_per_s * 1e3
+
+    def guest_insns(self, ms: float, throttled: bool) -> int:
+        return int(ms / 1e3 * self.guest_insns_per_s * (self.throttle if throttled else 1.0))
+
+
+def compatibility(view, source, destination) -> tuple[list[str], list[str]]:
+    """(features the VM sees that the destination lacks, migration marks it fails)."""
+    from .cluster import physical, presented
+    missing = sorted(presented(view) - physical(destination))
+    marks = view.mask.migration_violations(source.cpuid, destination.cpuid)
+    return missing, marks
+
+
+def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages) -> dict:
+    """Iterate until converged. ``run_guest(insns) -> dirty pages | None`` runs the guest
+    on the source while tracking writes (None: the guest stopped); ``copy_pages(pages)``
+    sends them (``None`` = all). Returns the record and the pages left to stop-and-copy."""
+    rounds, to_send, throttled, mode = [], None, False, "pre-copy"
+    pending = all_pages
+    for number in range(params.max_rounds):
+        copy_pages(to_send)
+        rounds.append(pending)
+        dirty = run_guest(params.guest_insns(params.send_ms(pending), throttled))
+        if dirty is None:
+            return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "stopped": True,
+                    "remaining": set()}
+        if params.send_ms(len(dirty)) <= params.switchover_goal_ms:
+            return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "remaining": dirty}
+        if number >= 1 and len(dirty) >= pending:  # not shrinking: stun the guest (vMotion SDPS)
+            throttled, mode = True, "throttled"
+        to_send, pending = dirty, len(dirty)
+    return {"rounds": len(rounds), "pages_per_round": rounds, "mode": "stop-and-copy", "remaining": to_send or set()}
