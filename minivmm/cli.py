@@ -15,9 +15,9 @@ from . import profiles as profiles_mod
 from .cpuidview import GuestCpuidView
 from .errors import MinivmmError
 from .masks import Mask, format_firecracker_template
+from . import snapshot as snapshot_mod
+from .migration import POLICIES, MigrationRequest, PreCopy
 from .vm import VM, parse_size
-
-NOT_YET = {"migrate": "--migrate", "force": "--force"}
 
 
 class OneLineErrors(click.Group):
@@ -87,7 +87,14 @@ def cli():
               help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
               help="Live-migrate at checkpoint:N, insn:N or ms:N (repeatable).")
-@click.option("--force", is_flag=True, help="Migrate even when the compatibility check fails.")
+@click.option("--force", is_flag=True, help="Migrate even when the compatibility check fails (VMware's override).")
+@click.option("--cold", is_flag=True, help="Migrations power the VM off and boot it on the destination.")
+@click.option("--stop-and-copy", is_flag=True,
+              help="Switch hosts exactly at WHEN (no iterative pre-copy while the guest runs).")
+@click.option("--migration", "policy", type=click.Choice(POLICIES), default="live", show_default=True,
+              help="The VM's migration policy: offline allows only --cold, disabled refuses all.")
+@click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N or ms:N.")
+@click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
 @click.option("--memory", default="16M", show_default=True, metavar="SIZE", help="Guest RAM: 64M, 1G or bytes.")
 @click.option("--max-insns", type=click.IntRange(min=1), metavar="N",
@@ -95,7 +102,8 @@ def cli():
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, host, evc, cpuid_mask, audit, memory, max_insns, timeout, as_json, **later):
+def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy, snapshot_at, snapshot_file,
+        audit, memory, max_insns, timeout, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -109,12 +117,17 @@ def run(guest, host, evc, cpuid_mask, audit, memory, max_insns, timeout, as_json
       minivmm run guests/cpuid_dump.asm --host epyc --json
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
     """
-    for key, flag in NOT_YET.items():
-        if later.get(key):
-            raise MinivmmError(f"{flag} is not implemented yet in this version of minivmm")
-    vm = VM(guest, host, memory=parse_size(memory), evc=evc, masks=cpuid_mask)
+    vm = VM(guest, host, memory=parse_size(memory), evc=evc, masks=cpuid_mask, policy=policy)
+    _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
+            migrations=[MigrationRequest.parse(m, cold) for m in migrate],
+            snapshot_at=snapshot_at, snapshot_file=snapshot_file,
+            precopy=PreCopy(enabled=not stop_and_copy))
+
+
+def _report(vm, as_json, **options):
+    """Run, then print the console/report the SPEC's way and exit with the run's code."""
     sink = None if as_json else _stream_console
-    result = vm.run(max_insns=max_insns, timeout=timeout, console=sink, audit=audit)
+    result = vm.run(console=sink, **options)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -123,6 +136,11 @@ def run(guest, host, evc, cpuid_mask, audit, memory, max_insns, timeout, as_json
             click.echo(f"minivmm: audit: {entry['rip']:#x} {entry['instruction']} needs "
                        f"{', '.join(entry['features'])}, hidden from the guest's CPUID "
                        f"(reached {entry['count']}x)", err=True)
+        for m in result.migrations:
+            verdict = "migrated" if m["ok"] else "refused"
+            detail = f"{m['mode']}, {m['rounds']} rounds, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
+            forced = " (forced past the compatibility check)" if m["forced"] else ""
+            click.echo(f"minivmm: {verdict} {m['from']} -> {m['to']} at {m['when']}{forced}: {detail}", err=True)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
     sys.exit(result.exit_code)
 
@@ -399,6 +417,51 @@ def mask_explain(specs, host, evc, as_json):
         return
     for c in changes:
         click.echo(f"{c.name}: host {c.host} -> guest {c.guest}: {c.rule}")
+
+
+@cli.command()
+@click.argument("snapshot_file", metavar="SNAPSHOT")
+@click.option("--host", required=True, metavar="PROFILE", help="The host to resume on.")
+@click.option("--force", is_flag=True, help="Resume even if the host lacks features of the VM's CPUID view.")
+@click.option("--migrate", multiple=True, metavar="PROFILE@WHEN", help="Live-migrate later (repeatable).")
+@click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
+@click.option("--max-insns", type=click.IntRange(min=1), metavar="N", help="Instruction budget.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Time budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
+def resume(snapshot_file, host, force, migrate, audit, max_insns, timeout, as_json):
+    """Resume the VM saved in SNAPSHOT on HOST, as it was (its CPUID view included).
+
+    \b
+    Example:
+      minivmm run dispatch_cpuid --host penryn --snapshot-at checkpoint:1 --snapshot-file vm.snap
+      minivmm resume vm.snap --host nehalem
+    """
+    vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force)
+    _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
+            migrations=[MigrationRequest.parse(m) for m in migrate])
+
+
+@cli.group()
+def snapshot():
+    """Snapshots of running VMs (written by run --snapshot-at)."""
+
+
+@snapshot.command("inspect")
+@click.argument("snapshot_file", metavar="SNAPSHOT")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def snapshot_inspect(snapshot_file, as_json):
+    """Check SNAPSHOT (every section's checksum) and say what it holds.
+
+    \b
+    Example:
+      minivmm snapshot inspect vm.snap
+    """
+    summary = snapshot_mod.load(snapshot_file).summary()
+    if as_json:
+        emit_json(summary)
+        return
+    for key, value in summary.items():
+        click.echo(f"{key}: {value}")
 
 
 def main():

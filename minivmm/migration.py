@@ -56,7 +56,9 @@ class MigrationRequest:
 
 @dataclass(frozen=True)
 class PreCopy:
-    """The knobs of pre-copy (vMotion's defaults where it has them)."""
+    """The knobs of pre-copy (vMotion's defaults where it has them). Disabled, the VM
+    stops at the trigger and moves at once: plain stop-and-copy."""
+    enabled: bool = True
     switchover_goal_ms: float = 500.0          # vMotion's default maximum switchover time
     max_rounds: int = 30
     bandwidth_bytes_per_s: float = 1.25e9      # a 10 GbE vMotion network
@@ -82,6 +84,8 @@ def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages) -> dict:
     """Iterate until converged. ``run_guest(insns) -> dirty pages | None`` runs the guest
     on the source while tracking writes (None: the guest stopped); ``copy_pages(pages)``
     sends them (``None`` = all). Returns the record and the pages left to stop-and-copy."""
+    if not params.enabled:
+        return {"rounds": 0, "pages_per_round": [], "mode": "stop-and-copy", "remaining": None}
     rounds, to_send, throttled, mode = [], None, False, "pre-copy"
     pending = all_pages
     for number in range(params.max_rounds):

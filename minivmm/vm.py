@@ -226,6 +226,7 @@ class _Engine:
     def __init__(self, run: _Run, host: HostProfile, view: GuestCpuidView):
         vm = run.vm
         self.host, self.view = host, view
+        self._counted = False
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{host.engine_model}"))
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
@@ -305,6 +306,16 @@ class _Engine:
 
     def rip(self) -> int:
         return self.uc.reg_read(x86.UC_X86_REG_RIP)
+
+    def start(self, count: int | None = None, timeout_us: int = 0) -> None:
+        """Run from RIP, for ``count`` instructions exactly if given. The engine plants
+        its counter in translated code: blocks translated without it ignore a count (and
+        with it slow every instruction), so the cache is flushed when counting starts or stops."""
+        counted = count is not None
+        if counted != self._counted:
+            self.uc.ctl_flush_tb()
+            self._counted = counted
+        self.uc.emu_start(self.rip(), NEVER, count=count or 0, timeout=timeout_us)
 
 
 class _Run:
@@ -438,10 +449,10 @@ class _Run:
         try:
             if count is not None:
                 remaining = max(due - time.monotonic(), 0.001) if due != float("inf") else 0
-                self.uc.emu_start(self.engine.rip(), NEVER, count=count, timeout=int(remaining * 1e6))
+                self.engine.start(count, int(remaining * 1e6))
                 return False
             watchdog.arm(min(SLICE_SECONDS, max(due - time.monotonic(), 0.0005)))
-            self.uc.emu_start(self.engine.rip(), NEVER)
+            self.engine.start()
         except UcError as e:
             if not self.pending_fault and not self.stop:
                 self._end(Stop("crashed", rip=self.engine.rip(),
@@ -503,11 +514,13 @@ class _Run:
             return
         switch = time.perf_counter()
         remaining = result["remaining"]
-        copy_pages(sorted(remaining))
+        copy_pages(None if remaining is None else sorted(remaining))
         target.restore(source.capture())
         self.engine = target
         switch_ms = (time.perf_counter() - switch) * 1e3
-        sent = sum(result["pages_per_round"]) + len(remaining)
+        final = vm.memory // PAGE if remaining is None else len(remaining)
+        sent = sum(result["pages_per_round"]) + final
+        remaining = range(final)
         record.update(ok=True, pages_sent=sent, switchover_ms=round(switch_ms, 3),
                       downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
@@ -525,7 +538,7 @@ class _Run:
         if insns <= 0:
             return
         try:
-            self.uc.emu_start(self.engine.rip(), NEVER, count=insns)
+            self.engine.start(insns)
         except UcError as e:
             if not self.pending_fault and not self.stop:
                 self._end(Stop("crashed", rip=self.engine.rip(), message=f"the engine stopped the guest: {e}"))
