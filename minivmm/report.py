@@ -52,6 +52,7 @@ class RunResult:
     unknown_port_writes: dict[int, int] = field(default_factory=dict)
     engine_model: str = ""
     memory: int = 0
+    memory_sha256: str = ""
 
     @property
     def cpuid_exits(self) -> list[dict]:
@@ -84,5 +85,5 @@ class RunResult:
             "cpuid_exits": self.cpuid_exits, "exceptions": self.exceptions,
             "migrations": self.migrations, "audit": self.audit, "checkpoints": self.checkpoints,
             "unknown_port_writes": {f"0x{p:x}": n for p, n in sorted(self.unknown_port_writes.items())},
-            "engine_model": self.engine_model, "memory": self.memory,
+            "engine_model": self.engine_model, "memory": self.memory, "memory_sha256": self.memory_sha256,
         }

@@ -4,11 +4,12 @@ A snapshot is everything a faithful continuation needs: the vCPU registers (gene
 segment and descriptor tables, control and debug registers, x87, SSE, MSRs), all guest
 memory, the frozen guest CPUID view and mask, and the run's counters.
 
-File format (never pickle, never the engine's raw context struct):
+File format (never pickle, never the engine's raw context struct; zlib's own check
+of the inflated memory backs up the section checksum):
 
     magic  b"MINIVMM\\x00"   version u16 (little-endian)   section count u16
     section*: name (8 bytes, NUL padded) | compression u8 (0 none, 1 zlib)
-              | stored length u64 | payload length u64 | CRC-32 of the payload u32 | stored bytes
+              | stored length u64 | payload length u64 | CRC-32 of the stored bytes u32 | stored bytes
 
 Sections: ``meta`` and ``regs`` (JSON), ``cpuid`` (JSON), ``console`` (bytes),
 ``memory`` (zlib). Every length is checked against the file and against limits before
@@ -19,6 +20,7 @@ file is refused with a clear error and nothing runs.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -100,7 +102,7 @@ class Snapshot:
         for name, payload, compress in sections:
             stored = zlib.compress(payload, 1) if compress else payload
             out.append(SECTION.pack(name.encode().ljust(8, b"\0"), compress, len(stored), len(payload),
-                                    zlib.crc32(payload)))
+                                    zlib.crc32(stored)))
             out.append(stored)
         return b"".join(out)
 
@@ -133,20 +135,22 @@ class Snapshot:
                 bad(f"truncated: section '{name}' needs {stored} bytes, {len(data) - offset} remain")
             body = data[offset:offset + stored]
             offset += stored
+            if zlib.crc32(body) != crc:  # any flipped bit, even one deflate would not notice
+                bad(f"section '{name}' fails its checksum")
             if compression == 1:
                 inflater = zlib.decompressobj()
                 try:
                     payload = inflater.decompress(body, length + 1)
                 except zlib.error as e:
                     bad(f"section '{name}' does not decompress ({e})")
+                if not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+                    bad(f"section '{name}': the compressed stream is incomplete or has trailing bytes")
             elif compression == 0:
                 payload = body
             else:
                 bad(f"section '{name}' has unknown compression {compression}")
             if len(payload) != length:
                 bad(f"section '{name}' holds {len(payload)} bytes, its header says {length}")
-            if zlib.crc32(payload) != crc:
-                bad(f"section '{name}' fails its checksum")
             sections[name] = payload
         if offset != len(data):
             bad(f"{len(data) - offset} bytes of garbage after the last section")
@@ -199,7 +203,10 @@ def save(snapshot: Snapshot, path: str) -> None:
 def load(path: str) -> Snapshot:
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_MEMORY + (64 << 20))
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MEMORY + (64 << 20):
+                raise MinivmmError(f"{path}: {size} bytes is larger than any snapshot minivmm writes")
+            data = f.read()
     except OSError as e:
         raise MinivmmError(f"cannot read snapshot {path}: {e.strerror}") from None
     return Snapshot.from_bytes(data, path)

@@ -9,6 +9,7 @@ halts, crashes or exhausts a budget, and never lets a guest take the VMM down.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import mmap
 import re
 import struct
@@ -268,20 +269,25 @@ class _Engine:
     # leaving registers, memory and the page's decode as they were.
     def _stub(self, code: bytes, setup: dict) -> dict:
         uc = self.uc
-        context = uc.context_save()
+        # Not context_save/restore: the saved context holds XCR0 too, and would undo XSETBV.
+        clobbered = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RIP,
+                     x86.UC_X86_REG_RFLAGS)
+        context = {reg: uc.reg_read(reg) for reg in clobbered}
         saved = bytes(self.ram[BOOT_STUB:BOOT_STUB + len(code)])
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = code
         self.exits.forget(BOOT_STUB)
         for reg, value in setup.items():
             uc.reg_write(reg, value)
         try:
-            uc.emu_start(BOOT_STUB, NEVER, count=code.count(b"\x0f\x01") + len(setup))
+            uc.emu_start(BOOT_STUB, NEVER, count=1)  # the one instruction, nothing after it
             out = {r: uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDX)}
         except UcError:
             out = None
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = saved
         self.exits.forget(BOOT_STUB)
-        uc.context_restore(context)
+        uc.ctl_flush_tb()  # no block translated with the count may outlive it
+        for reg, value in context.items():
+            uc.reg_write(reg, value)
         if out is None:
             raise MinivmmError(f"the {self.host.engine_model} engine model refused XCR0 access")
         return out
@@ -589,7 +595,7 @@ class _Run:
             cpuid_log=self.cpuid_log, exceptions=self.exceptions, migrations=self.migrations,
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
-            memory=vm.memory)
+            memory=vm.memory, memory_sha256=hashlib.sha256(self.engine.ram).hexdigest())
 
 
 def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options) -> RunResult:

@@ -11,7 +11,8 @@ trapped runs at full engine speed.
 The decode is a *superset*: an instruction is decoded at every byte offset, so that
 whatever alignment execution takes through the page, each instruction start that
 needs an exit has one (an exit at an offset that never starts an instruction never
-fires). A write to a decoded page re-decodes the bytes it touches (self-modifying code).
+fires). Bytes written to a decoded page are decoded again before code there is next
+translated (self-modifying code).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import iced_x86
-from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
-                     UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
+                     UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
 PAGE = 0x1000
 MAX_INSN = 15
@@ -42,6 +43,8 @@ class InstructionExits:
         self._hooks: dict[int, int] = {}               # address -> hook handle
         self._uc = None
         self._dirty: set[int] | None = None            # pages written since tracking began
+        self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
+        self._stale: set[int] = set()                  # decoded pages written since
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -52,26 +55,40 @@ class InstructionExits:
 
     def track(self, dirty: set[int] | None) -> None:
         """Record into ``dirty`` each page the guest writes from now on (None stops).
-
-        The TLB is flushed, so a page's first write after it asks for a mapping; a read
-        is mapped read-only while tracking, so a later write asks again. Decoded pages
-        stay writable: their write hook records them."""
+        The TLB is emptied, so that each page's first write asks for a mapping."""
         self._dirty = dirty
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    # -- the TLB: identity mapping, decoding on first execution --------------------------
+    # A decoded page is never writable and executable at once: a write asks for a
+    # mapping (the page is then marked stale and mapped without execute), and the next
+    # translation of code there asks again (the changed bytes are re-decoded first).
+    # Exits change only in fills, between blocks; a write hook changing them mid-block
+    # would make the engine re-run the block's earlier instructions.
 
     def _fill(self, uc, vaddr, access, entry, _ud):
         page = vaddr & ~(PAGE - 1)
         entry.paddr = page
-        if access == UC_MEM_FETCH and page < self.memory:
-            self._decode_page(page)
-        if self._dirty is not None and access == UC_MEM_WRITE:
-            self._dirty.add(page)
-        # Only decoded pages are executable: a data access to an undecoded page must not
-        # let a later fetch skip the decode. Beyond RAM nothing is mapped: the access
-        # itself reports the fault (the engine also probes its stop address this way).
-        if page in self.pages or page >= self.memory:
-            entry.perms = UC_PROT_ALL
-        elif self._dirty is not None and access != UC_MEM_WRITE:
+        if page >= self.memory:
+            entry.perms = UC_PROT_ALL  # nothing is mapped there: the access itself faults
+            return True
+        if access == UC_MEM_FETCH:
+            if page in self._stale:
+                self._refresh(page)
+            else:
+                self._decode_page(page)
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+            return True
+        decoded = page in self.pages
+        if access == UC_MEM_WRITE:
+            if decoded:
+                self._stale.add(page)
+            if self._dirty is not None:
+                self._dirty.add(page)
+            entry.perms = UC_PROT_READ | UC_PROT_WRITE
+        elif decoded and page not in self._stale:
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+        elif decoded or self._dirty is not None:
             entry.perms = UC_PROT_READ
         else:
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
@@ -82,20 +99,25 @@ class InstructionExits:
             return
         self.pages[page] = {}
         self._update(page, range(PAGE))
-        self._uc.hook_add(UC_HOOK_MEM_WRITE, self._written, None, page, page + PAGE - 1)
+        self._seen[page] = bytes(self.ram[page:page + PAGE])
 
-    def _bytes(self, page: int, patch: tuple[int, bytes] | None = None) -> bytes:
-        end = min(page + PAGE + MAX_INSN, self.memory)
-        data = bytearray(self.ram[page:end])
-        if patch:
-            at, new = patch
-            for i, b in enumerate(new):
-                if 0 <= at - page + i < len(data):
-                    data[at - page + i] = b
-        return bytes(data)
+    def _refresh(self, page: int) -> None:
+        """Re-decode what changed on a page since it was last decoded (self-modifying code,
+        or data that shares the page with code)."""
+        self._stale.discard(page)
+        now = bytes(self.ram[page:page + PAGE])
+        before = self._seen[page]
+        chunk = 64
+        for at in range(0, PAGE, chunk):
+            if now[at:at + chunk] != before[at:at + chunk]:
+                self._update(page, range(max(0, at - MAX_INSN + 1), at + chunk))
+        self._seen[page] = now
 
-    def _update(self, page: int, offsets, patch=None) -> None:
-        data = self._bytes(page, patch)
+    def _bytes(self, page: int) -> bytes:
+        return bytes(self.ram[page:min(page + PAGE + MAX_INSN, self.memory)])
+
+    def _update(self, page: int, offsets) -> None:
+        data = self._bytes(page)
         decoder = iced_x86.Decoder(64, data, ip=page)
         traps = self.pages[page]
         for offset in offsets:
@@ -120,17 +142,8 @@ class InstructionExits:
         page = address & ~(PAGE - 1)
         for traps_at in self.pages.pop(page, {}):
             self._uc.hook_del(self._hooks.pop(traps_at))
-
-    def _written(self, uc, _access, address, size, value, _ud):
-        """Self-modifying code: re-decode every offset whose instruction the write touches."""
-        new = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        for page in {address & ~(PAGE - 1), (address + size - 1) & ~(PAGE - 1)}:
-            if self._dirty is not None:
-                self._dirty.add(page)
-            if page in self.pages:
-                start = max(0, address - page - MAX_INSN + 1)
-                end = min(PAGE, address - page + size)
-                self._update(page, range(start, end), (address, new))
+        self._seen.pop(page, None)
+        self._stale.discard(page)
 
     def _fire(self, uc, address, size, _ud):
         trap = self.pages.get(address & ~(PAGE - 1), {}).get(address)
