@@ -11,7 +11,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import mmap
+import os
 import re
+import select
+import signal
 import struct
 import threading
 import time
@@ -47,7 +50,7 @@ CR0_BOOT = 0x33                   # PE | MP | ET | NE; not EM, not TS
 CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE op is #UD
 XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX state
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
-SLICE_SECONDS = 0.2               # run-loop slice: how soon a timeout or Ctrl-C is seen
+MS_CHUNK = 2_000_000              # instructions between clock checks while an ms: point is pending
 
 
 def parse_size(text: str | int) -> int:
@@ -61,58 +64,61 @@ def parse_size(text: str | int) -> int:
 
 
 class _Watchdog:
-    """Stops the engine after each slice so the run loop can check its clocks and signals.
+    """Stops the engine once: at the run's deadline, or when the user presses Ctrl-C.
 
-    A thread calling ``emu_stop`` slices execution at full speed, where the engine's
-    own instruction ``count`` would slow every instruction."""
+    An asynchronous ``emu_stop`` is not instruction-precise in unicorn 2.1: a loop that
+    is stopped from another thread and resumed computes a different result (the stop can
+    land inside a block, after some of its stores). So the VMM never resumes after one:
+    it only ends runs with it. Exact points (checkpoints, instruction counts, ms: points
+    checked between counted chunks) stop the engine from its own thread."""
 
-    def __init__(self, run, seconds: float):
-        self._run, self._seconds = run, seconds
-        self._lock = threading.Lock()
-        self._running = False
-        self._armed = threading.Event()
-        self._wake = threading.Event()
-        self._done = False
-        self._deadline = 0.0
-        self.ticked = False
+    def __init__(self, run):
+        self._run = run
+        self._deadline: float | None = None
+        self._done = threading.Event()
+        self.reason: str | None = None
+        self._signals = None
+        if threading.current_thread() is threading.main_thread():
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            try:
+                self._previous = signal.set_wakeup_fd(write)
+                self._signals = (read, write)
+            except ValueError:
+                os.close(read)
+                os.close(write)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def set_deadline(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
     def _loop(self):
-        while True:
-            self._armed.wait()
-            if self._done:
+        while not self._done.is_set():
+            wait = 0.05 if self._deadline is None else max(min(self._deadline - time.monotonic(), 0.05), 0)
+            readable = []
+            if self._signals:
+                readable, _, _ = select.select([self._signals[0]], [], [], wait)
+            else:
+                self._done.wait(wait)
+            if self._done.is_set():
                 return
-            delay = self._deadline - time.monotonic()
-            if delay > 0:
-                self._wake.wait(min(delay, self._seconds))
-                self._wake.clear()
-                continue
-            with self._lock:
-                if self._running:
-                    self.ticked = True
-                    self._running = False
-                    self._armed.clear()
-                    self._run.uc.emu_stop()
-
-    def arm(self, seconds: float):
-        with self._lock:
-            self._running, self.ticked = True, False
-            self._deadline = time.monotonic() + seconds
-            self._armed.set()
-
-    def disarm(self) -> bool:
-        with self._lock:
-            self._running = False
-            self._armed.clear()
-            self._wake.set()
-            return self.ticked
+            if readable:
+                os.read(self._signals[0], 64)
+                self.reason = "interrupted"
+            elif self._deadline is not None and time.monotonic() >= self._deadline:
+                self.reason = "deadline"
+            if self.reason:
+                self._run.uc.emu_stop()
+                return
 
     def close(self):
-        self._done = True
-        self._armed.set()
-        self._wake.set()
+        self._done.set()
         self._thread.join()
+        if self._signals:
+            signal.set_wakeup_fd(self._previous)
+            for fd in self._signals:
+                os.close(fd)
 
 
 class VM:
@@ -313,7 +319,7 @@ class _Engine:
     def rip(self) -> int:
         return self.uc.reg_read(x86.UC_X86_REG_RIP)
 
-    def start(self, count: int | None = None, timeout_us: int = 0) -> None:
+    def start(self, count: int | None = None) -> None:
         """Run from RIP, for ``count`` instructions exactly if given. The engine plants
         its counter in translated code: blocks translated without it ignore a count (and
         with it slow every instruction), so the cache is flushed when counting starts or stops."""
@@ -321,7 +327,7 @@ class _Engine:
         if counted != self._counted:
             self.uc.ctl_flush_tb()
             self._counted = counted
-        self.uc.emu_start(self.rip(), NEVER, count=count or 0, timeout=timeout_us)
+        self.uc.emu_start(self.rip(), NEVER, count=count or 0)
 
 
 class _Run:
@@ -403,7 +409,8 @@ class _Run:
     def run(self, max_insns, timeout) -> RunResult:
         started = time.monotonic()
         deadline = started + timeout if timeout else None
-        watchdog = _Watchdog(self, SLICE_SECONDS)
+        watchdog = _Watchdog(self)
+        watchdog.set_deadline(deadline)
         try:
             while not self.stop and not self.errors:
                 head = self.events[0] if self.events else None
@@ -411,6 +418,11 @@ class _Run:
                 count = None
                 if when and when.kind == "insn":
                     count = when.count - self.executed
+                if when and when.kind == "ms":
+                    if time.monotonic() >= started + when.count / 1e3:
+                        self._fire()
+                        continue
+                    count = MS_CHUNK
                 if max_insns:
                     count = min(count, max_insns - self.executed) if count is not None else max_insns - self.executed
                 if count is not None and count <= 0:
@@ -419,12 +431,14 @@ class _Run:
                         continue
                     self._end(Stop("limit", rip=self.engine.rip(), message=f"instruction budget of {max_insns} exhausted"))
                     break
-                ms_due = started + when.count / 1e3 if when and when.kind == "ms" else None
-                ticked = self._start(watchdog, count, deadline, ms_due)
+                self._start(count)
                 if self.stop or self.errors:
                     break
-                now = time.monotonic()
-                if self.pending_fault:
+                if watchdog.reason == "interrupted":
+                    raise KeyboardInterrupt
+                if watchdog.reason == "deadline":
+                    self._end(Stop("limit", rip=self.engine.rip(), message=f"time budget of {timeout:g} s exhausted"))
+                elif self.pending_fault:
                     self.exact = self.exact and count is None
                     access, address, rip, kind = self.pending_fault
                     self.pending_fault = None
@@ -432,14 +446,9 @@ class _Run:
                 elif self.fired:
                     self.exact = self.exact and count is None
                     self._fire()
-                elif deadline and now >= deadline:
-                    self._end(Stop("limit", rip=self.engine.rip(), message=f"time budget of {timeout:g} s exhausted"))
-                elif ms_due and now >= ms_due:
-                    self.exact = self.exact and count is None
-                    self._fire()
                 elif count is not None:
                     self.executed += count  # the engine ran exactly ``count`` instructions
-                elif not ticked:
+                else:
                     self._end(Stop("crashed", rip=self.engine.rip(),
                                    message="the engine stopped the guest for no known reason"))
         finally:
@@ -448,22 +457,14 @@ class _Run:
             raise self.errors[0]
         return self._result(max_insns)
 
-    def _start(self, watchdog, count, deadline, ms_due) -> bool:
-        """One engine start; True if the watchdog stopped it. Counted starts use the
-        engine's exact count (and its own timeout); others run in watchdog slices."""
-        due = min(t for t in (deadline, ms_due, float("inf")) if t is not None)
+    def _start(self, count) -> None:
+        """One engine start, for exactly ``count`` instructions if given."""
         try:
-            if count is not None:
-                remaining = max(due - time.monotonic(), 0.001) if due != float("inf") else 0
-                self.engine.start(count, int(remaining * 1e6))
-                return False
-            watchdog.arm(min(SLICE_SECONDS, max(due - time.monotonic(), 0.0005)))
-            self.engine.start()
+            self.engine.start(count)
         except UcError as e:
             if not self.pending_fault and not self.stop:
                 self._end(Stop("crashed", rip=self.engine.rip(),
                                message=f"the engine stopped the guest at {self.engine.rip():#x}: {e}"))
-        return watchdog.disarm() if count is None else False
 
     def _fire(self) -> None:
         self.fired = False

@@ -57,6 +57,12 @@ class InstructionExits:
         """Record into ``dirty`` each page the guest writes from now on (None stops).
         The TLB is emptied, so that each page's first write asks for a mapping."""
         self._dirty = dirty
+        self.flush_tlb()
+
+    def flush_tlb(self) -> None:
+        """Empty the engine's TLB. Only at a flush does the engine resize it to the guest's
+        working set, so the run loop flushes between slices: a guest streaming through
+        megabytes would otherwise miss (and call the VMM) on nearly every page it touches."""
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     # -- the TLB: identity mapping, decoding on first execution --------------------------
@@ -88,7 +94,7 @@ class InstructionExits:
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
         elif decoded and page not in self._stale:
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
-        elif decoded or self._dirty is not None:
+        elif decoded or (self._dirty is not None and page not in self._dirty):
             entry.perms = UC_PROT_READ
         else:
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
