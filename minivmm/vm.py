@@ -84,6 +84,9 @@ class _Watchdog:
             try:
                 self._previous = signal.set_wakeup_fd(write)
                 self._signals = (read, write)
+                # Ctrl-C must not raise inside an engine callback: the wakeup fd tells
+                # this thread, which stops the engine, and the run loop raises instead.
+                self._previous_handler = signal.signal(signal.SIGINT, lambda *_: None)
             except ValueError:
                 os.close(read)
                 os.close(write)
@@ -116,6 +119,7 @@ class _Watchdog:
         self._done.set()
         self._thread.join()
         if self._signals:
+            signal.signal(signal.SIGINT, self._previous_handler)
             signal.set_wakeup_fd(self._previous)
             for fd in self._signals:
                 os.close(fd)

@@ -110,3 +110,20 @@ def test_help_teaches_with_examples():
         out = minivmm_cli(*command)
         assert out.returncode == 0 and "minivmm" in out.stdout
     assert "Examples" in minivmm_cli("run", "--help").stdout
+
+
+def test_ctrl_c_interrupts_a_running_guest_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    guest = tmp_path / "loop.asm"
+    guest.write_text("l: jmp l\n")
+    # A shell's background job ignores SIGINT; give the child the default handler back.
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = ['minivmm', 'run', {str(guest)!r}]; from minivmm.cli import main; main()")
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 130 and err.strip() == "minivmm: interrupted"
