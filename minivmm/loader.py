@@ -111,7 +111,8 @@ _INCLUDE = re.compile(r'^\s*\.include\s+"([^"]+)"\s*$')
 
 def preprocess(source: str, origin: str, depth: int = 0) -> list[tuple[str, str, int]]:
     """Lines as ``(text, file, line number)``, comments stripped and ``.include "FILE"``
-    expanded (relative to the including file), so errors name the right place."""
+    expanded (relative to the including file, else to the shipped guests, so any guest
+    can use ``lib/console.inc``), so errors name the right place."""
     lines = []
     for lineno, raw in enumerate(source.splitlines(), 1):
         text = strip_comments(raw)
@@ -120,6 +121,8 @@ def preprocess(source: str, origin: str, depth: int = 0) -> list[tuple[str, str,
             lines.append((text, origin, lineno))
             continue
         path = Path(origin).parent / m[1]
+        if not path.exists():  # then the shipped guests' library, as a system include path
+            path = Path(str(shipped_guests_dir().joinpath(m[1])))
         if depth > 8:
             raise MinivmmError(f"{origin}:{lineno}: .include nested too deeply")
         try:

@@ -32,39 +32,23 @@ INSTRUCTIONS = [
 ]
 # Its own IDT: #UD (vector 6) powers off with status 6; running on powers off with 0.
 HARNESS = """
-    lea rdi, [rip + idt]
     lea rax, [rip + on_ud]
-    mov word ptr [rdi + 96], ax
-    mov word ptr [rdi + 98], 8
-    mov word ptr [rdi + 100], 0x8e00
-    shr rax, 16
-    mov word ptr [rdi + 102], ax
-    shr rax, 16
-    mov dword ptr [rdi + 104], eax
-    lea rax, [rip + idtr]
-    mov word ptr [rax], 111
-    mov qword ptr [rax + 2], rdi
-    lidt [rax]
+    mov ecx, 6
+    call install_gate
     xor ecx, ecx
-    {setup}
     {instruction}
     xor eax, eax
     out 0xf4, al
 on_ud:
     mov al, 6
     out 0xf4, al
-.align 8
-idtr: .fill 10, 1, 0
-.align 16
-idt: .fill 112, 1, 0
+.include "lib/idt.inc"
 """
-# The guest enables what the architecture wants enabled first, where CPUID says it may.
-SETUP = {"xsave": "", "fsgsbase": ""}
 
 
 @functools.cache
 def image(instruction: str) -> GuestImage:
-    code = assemble(HARNESS.format(setup=SETUP.get(instruction, ""), instruction=instruction), instruction)
+    code = assemble(HARNESS.format(instruction=instruction), "harness.asm")
     return GuestImage(instruction, "asm", ((0x100000, code),), 0x100000)
 
 
