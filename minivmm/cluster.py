@@ -67,6 +67,14 @@ class Comparison:
                 "marks": list(self.marks), "extra": sorted(self.extra)}
 
 
+def compatibility(view, source, destination) -> tuple[list[str], list[str]]:
+    """(features the VM sees that the destination lacks, migration marks it fails):
+    what VirtualCenter checks before a vMotion."""
+    missing = sorted(presented(view) - physical(destination))
+    marks = view.mask.migration_violations(source.cpuid, destination.cpuid)
+    return missing, marks
+
+
 def compare(source, destination, evc: str | None = None, masks=()) -> Comparison:
     """Can a VM powered on on ``source`` (under ``evc``/``masks``) move to ``destination``?
 
@@ -76,8 +84,8 @@ def compare(source, destination, evc: str | None = None, masks=()) -> Comparison
         require_supported(evc_mode(evc), destination)
     view = GuestCpuidView.for_host(source, evc, masks)
     seen = presented(view)
-    blocking = seen - physical(destination)
-    marks = tuple(view.mask.migration_violations(source.cpuid, destination.cpuid))
+    missing, marks = compatibility(view, source, destination)
+    blocking = frozenset(missing)
     there = presented(GuestCpuidView(destination.cpuid, view.mask))
     if blocking or marks:
         verdict = "INCOMPATIBLE"
@@ -85,7 +93,7 @@ def compare(source, destination, evc: str | None = None, masks=()) -> Comparison
         verdict = "IDENTICAL"
     else:
         verdict = "SUPERSET"
-    return Comparison(verdict, blocking, marks, physical(destination) - seen)
+    return Comparison(verdict, blocking, tuple(marks), physical(destination) - seen)
 
 
 @dataclass

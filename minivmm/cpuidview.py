@@ -63,9 +63,6 @@ class GuestCpuidView:
         ebx, ecx, edx = (int.from_bytes(HYPERVISOR_SIGNATURE[i:i + 4], "little") for i in (0, 4, 8))
         self._hypervisor_leaf = (HYPERVISOR_LEAF, ebx, ecx, edx)
 
-    def effective_subleaf(self, leaf: int, subleaf: int) -> int:
-        return subleaf if leaf in self.indexed_leaves else 0
-
     @classmethod
     def frozen(cls, table: CpuidTable, mask: Mask = Mask()) -> GuestCpuidView:
         """A view saved earlier (a snapshot's): its table is already the guest's."""

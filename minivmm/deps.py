@@ -48,20 +48,6 @@ def hidden_closure(hidden) -> frozenset[str]:
     return frozenset(result)
 
 
-def shown_closure(shown) -> frozenset[str]:
-    """The largest subset of ``shown`` in which every feature's requirements are shown."""
-    result = set(shown)
-    changed = True
-    needs = requirements()
-    while changed:
-        changed = False
-        for feature in list(result):
-            if not needs.get(feature, frozenset()) <= result:
-                result.discard(feature)
-                changed = True
-    return frozenset(result)
-
-
 def unmet(shown) -> dict[str, frozenset[str]]:
     """feature -> its requirements that are missing from ``shown``."""
     needs = requirements()

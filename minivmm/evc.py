@@ -96,10 +96,6 @@ def evc_mode(key: str) -> EvcMode:
     return mode
 
 
-def supported_modes(profile) -> list[EvcMode]:
-    return [m for m in evc_modes().values() if m.supported_by(profile)]
-
-
 def highest_common_mode(profiles) -> EvcMode | None:
     """The richest mode every host supports (None if none, e.g. mixed vendors)."""
     common = [m for m in evc_modes().values() if all(m.supported_by(p) for p in profiles)]

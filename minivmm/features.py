@@ -126,9 +126,6 @@ class Catalogue:
     def at(self, leaf: int, subleaf: int, register: str, bit: int) -> Feature | None:
         return self._by_position.get((leaf, subleaf, register, bit))
 
-    def in_register(self, leaf: int, subleaf: int, register: str) -> list[Feature]:
-        return [f for f in self.features if (f.leaf, f.subleaf, f.register) == (leaf, subleaf, register)]
-
     def decode(self, table) -> frozenset[str]:
         """Names of the feature bits set in a CPUID table."""
         found = set()

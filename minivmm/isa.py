@@ -14,7 +14,7 @@ from enum import Enum
 from importlib import resources
 
 import iced_x86
-from iced_x86 import Code, Mnemonic
+from iced_x86 import Mnemonic
 
 from .features import catalogue
 
@@ -108,11 +108,3 @@ def cr4_allows(instr, cr4: int) -> bool:
 
 def disassemble(instr) -> str:
     return _FORMATTER.format(instr)
-
-
-def decode(code: bytes, address: int):
-    """(disassembly, features the instruction needs) of the first instruction in code."""
-    instr = iced_x86.Decoder(64, code, ip=address).decode()
-    if instr.code == Code.INVALID:
-        return "(bad)", []
-    return disassemble(instr), sorted(needed_features(instr))

@@ -1,7 +1,7 @@
 """Live migration: when to move, whether the destination can take the VM, and pre-copy.
 
 A migration is requested as ``PROFILE@WHEN`` (``checkpoint:N``, ``insn:N``, ``ms:N``).
-Before moving, the compatibility check VirtualCenter makes: every feature of the VM's
+Before moving, the compatibility check VirtualCenter makes (``cluster.compatibility``): every feature of the VM's
 frozen CPUID view must be in the destination's physical ISA, and the mask's T/F/R/H/k
 marks must hold; a refused migration leaves the VM running on its source.
 
@@ -70,14 +70,6 @@ class PreCopy:
 
     def guest_insns(self, ms: float, throttled: bool) -> int:
         return int(ms / 1e3 * self.guest_insns_per_s * (self.throttle if throttled else 1.0))
-
-
-def compatibility(view, source, destination) -> tuple[list[str], list[str]]:
-    """(features the VM sees that the destination lacks, migration marks it fails)."""
-    from .cluster import physical, presented
-    missing = sorted(presented(view) - physical(destination))
-    marks = view.mask.migration_violations(source.cpuid, destination.cpuid)
-    return missing, marks
 
 
 def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages) -> dict:

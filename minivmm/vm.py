@@ -34,7 +34,8 @@ from .features import catalogue
 from .intercept import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .intercept.emulate import bit_scan
 from .loader import LOAD_ADDRESS, GuestImage, load_guest
-from .migration import PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, compatibility, precopy
+from .cluster import compatibility
+from .migration import PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .profiles import HostProfile, load_profile
 from .report import RunResult, Stop
 from .snapshot import Snapshot, read_registers, write_registers

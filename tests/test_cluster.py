@@ -12,7 +12,7 @@ from minivmm.cluster import Cluster, baseline, compare, physical, presented
 from minivmm.cpuidview import GuestCpuidView
 from minivmm.errors import MinivmmError
 from minivmm.evc import evc_mode, evc_modes, highest_common_mode
-from minivmm.profiles import builtin_profiles, load_profile
+from minivmm.profiles import load_profile
 from minivmm.testing import strategies as mst
 from minivmm.vm import VM
 
