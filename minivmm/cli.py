@@ -331,7 +331,8 @@ def mask():
     """
 
 
-MASK_ARGUMENTS = {"ignore_unknown_options": True}  # "-sse4_1,-popcnt" is a mask, not an option
+# "-sse4_1,-popcnt" is a mask, not options; and "-h" inside "-shstk" must not mean --help.
+MASK_ARGUMENTS = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
 
 
 @mask.command("convert", context_settings=MASK_ARGUMENTS)

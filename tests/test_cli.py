@@ -72,6 +72,7 @@ def elf_header_only():
     (["resume", "no/such.snap", "--host", "penryn"], {}, "cannot read snapshot"),
     (["run", "hello", "--no-such-flag"], {}, "No such option"),
     (["cpuid", "nosuchcpu"], {}, "unknown host profile"),
+    (["mask", "convert", "-nosuch", "--to", "xen"], {}, "unknown CPU feature 'nosuch'"),
     (["run"], {}, "Missing argument 'GUEST'"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, files, fragment):
