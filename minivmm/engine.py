@@ -101,3 +101,45 @@ def forget_exception(uc) -> bool:
         return False
     _patch(uc, _OLD_EXCEPTION_OFFSET)
     return True
+
+
+# ---- XCR0 from inside an exit ------------------------------------------------------------
+# XCR0 is reachable only through XGETBV, which cannot run from inside a hook. An exit that
+# must know which state components the guest enabled (an AVX instruction raises #UD while
+# XCR0[2:1] != 11b) reads it from the saved context, at an offset found by experiment.
+
+_XCR0_OFFSET: int | None | bool = False
+
+
+def _calibrate_xcr0() -> int | None:
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_RAX
+
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    # xor ecx, ecx; xor edx, edx; xsetbv; mov eax, 0x55 (so RAX does not hold the value)
+    code = bytes.fromhex("31c9" "31d2" "0f01d1" "b855000000")
+    uc.mem_write(0, code)
+    uc.reg_write(UC_X86_REG_CR4, uc.reg_read(UC_X86_REG_CR4) | 1 << 18 | 1 << 9)
+    snapshots = []
+    for value in (0x3, 0x7, 0x1):
+        uc.reg_write(UC_X86_REG_RAX, value)
+        try:
+            uc.emu_start(0, len(code))
+        except Exception:
+            return None
+        snapshots.append(bytes(uc.context_save()))
+    candidates = [i for i in range(0, len(snapshots[0]) - 7, 8)
+                  if tuple(int.from_bytes(s[i:i + 8], "little") for s in snapshots) == (0x3, 0x7, 0x1)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def read_xcr0(uc) -> int | None:
+    """The guest's XCR0, or None if this engine build could not be calibrated."""
+    global _XCR0_OFFSET
+    if _XCR0_OFFSET is False:
+        _XCR0_OFFSET = _calibrate_xcr0()
+    if _XCR0_OFFSET is None:
+        return None
+    raw = bytes(uc.context_save())
+    return int.from_bytes(raw[_XCR0_OFFSET:_XCR0_OFFSET + 8], "little")

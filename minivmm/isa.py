@@ -76,8 +76,22 @@ def _needs(code: int, mnemonic: int, iced_features: tuple[int, ...]) -> frozense
     return frozenset(names)
 
 
+# Instructions encoded in the reserved-NOP space (0F 1A/1B, 0F 1E): a CPU without their
+# feature executes them as NOPs, which is why compilers may emit them unconditionally
+# (Intel SDM Vol. 1, 17.3.1 for MPX; CET specification: ENDBR32/64 and RDSSP "are NOPs
+# on processors that do not support CET").
+_NOP_SPACE = {
+    "ibt": {Mnemonic.ENDBR32, Mnemonic.ENDBR64},
+    "shstk": {Mnemonic.RDSSPD, Mnemonic.RDSSPQ},
+    "mpx": {Mnemonic.BNDCL, Mnemonic.BNDCU, Mnemonic.BNDCN, Mnemonic.BNDMK, Mnemonic.BNDMOV,
+            Mnemonic.BNDLDX, Mnemonic.BNDSTX},
+}
+
+
 def verdict(needs: frozenset[str], mnemonic: int, physical: frozenset[str]) -> Verdict:
     missing = needs - physical
+    if missing and all(mnemonic in _NOP_SPACE.get(feature, ()) for feature in missing):
+        return Verdict.RUN  # the engine's models decode these as NOPs too
     if not missing:
         return Verdict.RUN if needs <= engine_capable() else Verdict.UNSUPPORTED
     # Intel SDM Vol. 2A, LZCNT: "on processors that do not support LZCNT, the instruction
@@ -104,6 +118,33 @@ _CR4_NEEDS = {
 def cr4_allows(instr, cr4: int) -> bool:
     """False when a CR4 enable bit the instruction needs is clear (an architectural #UD)."""
     return all(cr4 & _CR4_NEEDS.get(_FEATURE_NAMES.get(f, ""), cr4) for f in instr.cpuid_features())
+
+
+# State components an instruction's registers live in: VEX/EVEX instructions raise #UD
+# unless XCR0 enables them (Intel SDM Vol. 1, 13.3: "XCR0[2:1] must be 11b" for AVX;
+# XCR0[7:5] and [2:1] for AVX-512), whatever CPUID says.
+XCR0_YMM, XCR0_AVX512 = 0x6, 0xE6
+
+
+_XSAVE_ITSELF = {"XSAVE", "XSAVEOPT", "XSAVEC", "XSAVES"}
+_AVX_STATE = {name for name, bit in _CR4_NEEDS.items() if bit == CR4_OSXSAVE} - _XSAVE_ITSELF
+
+
+def xcr0_needed(instr) -> int:
+    names = {_FEATURE_NAMES.get(f, "") for f in instr.cpuid_features()}
+    if any(n.startswith("AVX512") for n in names):
+        return XCR0_AVX512
+    return XCR0_YMM if names & _AVX_STATE else 0
+
+
+def os_disabled(instr, cr4: int, xcr0: int | None) -> str | None:
+    """Why the guest's control registers make this instruction #UD, or None."""
+    if not cr4_allows(instr, cr4):
+        return "a CR4 enable bit it needs is clear"
+    needed = xcr0_needed(instr)
+    if needed and xcr0 is not None and xcr0 & needed != needed:
+        return f"XCR0 is {xcr0:#x}: the OS has not enabled the state it uses ({needed:#x})"
+    return None
 
 
 def disassemble(instr) -> str:

@@ -31,7 +31,21 @@ INSTRUCTIONS = [
     ("vfmaddps xmm0, xmm1, xmm2, xmm3", "fma4"), ("blcfill eax, ebx", "tbm"),
 ]
 # Its own IDT: #UD (vector 6) powers off with status 6; running on powers off with 0.
+# Like an OS, it first enables every state component the CPU reports (XCR0 from
+# CPUID.(0DH,0):EAX), so that AVX instructions are not #UD for want of YMM state.
 HARNESS = """
+    mov eax, 1
+    cpuid
+    bt ecx, 27
+    jnc no_xsave
+    mov eax, 0xd
+    xor ecx, ecx
+    cpuid
+    and eax, 0xe7
+    xor edx, edx
+    xor ecx, ecx
+    xsetbv
+no_xsave:
     lea rax, [rip + on_ud]
     mov ecx, 6
     call install_gate
@@ -100,6 +114,21 @@ def test_vaddps_never_gives_the_engines_wrong_answer():
         result = VM(image("vaddps xmm0, xmm1, xmm2"), host).run(timeout=5)
         assert outcome(result) in ("#UD", "unsupported"), host
         assert outcome(result) == ("unsupported" if load_profile(host).has("avx") else "#UD")
+
+
+def test_avx_without_ymm_state_in_xcr0_is_ud_even_where_the_cpu_has_avx():
+    """SDM Vol. 1, 13.3: VEX instructions raise #UD unless XCR0[2:1] = 11b. The boot
+    state enables x87|SSE only, so the naive check (CPUID's AVX bit alone) crashes into
+    #UD on Sandy Bridge; the complete check (OSXSAVE, XGETBV) takes the SSE2 path. The
+    harness above, which enables YMM state first, is the control: there VADDPS is not #UD."""
+    result = VM("avx_proper", "sandybridge").run(timeout=10)
+    assert "naive check (avx bit only): avx" in result.console
+    assert "naive path's vaddps: #UD" in result.console
+    avx = result.detections["avx"]
+    assert (avx.cpuid, avx.probe, avx.uses) == (True, False, "sse2")
+    assert [e["name"] for e in result.exceptions] == ["#UD"] and result.exceptions[0]["delivered"]
+    on_penryn = VM("avx_proper", "penryn").run(timeout=10)
+    assert on_penryn.detections["avx"].probe is None and not on_penryn.exceptions
 
 
 def test_negative_control_bare_engine_miscomputes_vaddps():

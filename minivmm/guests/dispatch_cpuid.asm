@@ -9,6 +9,8 @@ start:
     bt ecx, 19                              ; CPUID.1:ECX.SSE4_1
     setc al
     movzx r15d, al
+    mov r14b, al
+    mov r13b, 0x2d                          ; '-': not probed
     jmp run_checksum
 
 .include "lib/dispatch.inc"

@@ -83,6 +83,12 @@ class FaultExits:
         self.deliver(uc, 6, rip, instr=instr, missing=sorted(missing))
 
     def unsupported(self, uc, rip: int, instr, needs) -> None:
+        """An instruction the host has and the engine cannot run: unless the guest has
+        not enabled what it needs, which makes it the architecture's #UD."""
+        reason = self._os_disabled(uc, instr)
+        if reason:
+            self.deliver(uc, 6, rip, instr=instr, detail=reason)
+            return
         text = isa.disassemble(instr)
         beyond = sorted(needs - isa.engine_capable()) or sorted(needs)
         message = (f"{text} at {rip:#x} needs {', '.join(beyond)}: {self.host.name} has it, but the "
@@ -101,7 +107,7 @@ class FaultExits:
         missing = []
         if instr is not None:
             needs = isa.needed_features(instr)
-            if needs and needs <= self.host.physical and isa.cr4_allows(instr, uc.reg_read(x86.UC_X86_REG_CR4)):
+            if needs and needs <= self.host.physical and not self._os_disabled(uc, instr):
                 if instr.mnemonic in EMULATED:
                     EMULATED[instr.mnemonic](uc, rip, instr.len)
                 else:
@@ -110,6 +116,10 @@ class FaultExits:
             missing = sorted(needs - self.host.physical)
         self.deliver(uc, 6, rip, instr=instr, missing=missing)
         return True
+
+    @staticmethod
+    def _os_disabled(uc, instr) -> str | None:
+        return isa.os_disabled(instr, uc.reg_read(x86.UC_X86_REG_CR4), engine.read_xcr0(uc))
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
