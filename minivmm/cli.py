@@ -465,5 +465,107 @@ def snapshot_inspect(snapshot_file, as_json):
         click.echo(f"{key}: {value}")
 
 
+def _split_hosts(text: str) -> list[str]:
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise MinivmmError("--hosts needs at least one profile, e.g. --hosts core2,penryn")
+    return profiles_mod.builtin_names() if hosts == ["all"] else hosts
+
+
+@cli.command()
+@click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
+@click.option("--hosts", required=True, metavar="A,B,...", help="Host profiles to run on (or 'all').")
+@click.option("--evc", metavar="MODE", help="Run every VM under this EVC mode.")
+@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every VM (repeatable).")
+@click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
+@click.option("--force", is_flag=True, help="Force those migrations past the compatibility check.")
+@click.option("--html", "html_file", metavar="FILE", help="Also write the matrix as a self-contained HTML page.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              metavar="SECONDS", help="Time budget of each run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeout, as_json):
+    """Run each GUEST on each host and compare, per feature, what the host has
+    (physical), what CPUID tells the guest, what its probe found and which path it
+    used; with --migrate-to, what happened to that choice after a live migration.
+
+    Guests report through SPEC detection lines (FEATURE: cpuid=.. probe=.. uses=..).
+    Highlighted: features masked but executable (yellow), advertised but #UD and
+    crashes after migration (red), refused migrations (orange).
+
+    \b
+    Examples:
+      minivmm compare detect_both --hosts core2,penryn,nehalem --evc intel-merom
+      minivmm compare dispatch_cpuid dispatch_ud --hosts penryn --evc intel-merom --migrate-to core2
+      minivmm compare detect_both --hosts all --html matrix.html
+    """
+    from .compare import compare as run_comparison
+    comparison = run_comparison(guests, _split_hosts(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
+                                timeout=timeout, force=force)
+    if html_file:
+        from .html import comparison_page
+        with open(html_file, "w", encoding="utf-8") as f:
+            f.write(comparison_page(comparison))
+    if as_json:
+        emit_json(comparison.to_dict())
+        return
+    _print_comparison(comparison)
+    if html_file:
+        click.echo(f"minivmm: wrote {html_file}", err=True)
+
+
+def _print_comparison(comparison) -> None:
+    """One table per guest: a row per feature, a cell per host reading
+    "physical cpuid probe uses" (then "-> outcome" after a migration)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE
+    mark = {True: "✓", False: "✗", None: "·"}
+    alarm = {MASKED_BUT_EXECUTABLE: "black on yellow", ADVERTISED_BUT_UD: "white on red"}
+    console = Console()
+    for guest in comparison.guests:
+        title = guest + (f" under {comparison.evc}" if comparison.evc else "")
+        table = Table(title=title, title_justify="left")
+        table.add_column("feature")
+        for host in comparison.hosts:
+            table.add_column(host)
+        for feature in comparison.features(guest):
+            row = [feature]
+            for host in comparison.hosts:
+                cell = comparison.cell(guest, feature, host)
+                text = f"{mark[cell.physical]} {mark[cell.cpuid]} {mark[cell.probe]} {cell.uses or '-'}"
+                if cell.disagreement:
+                    text = f"[{alarm[cell.disagreement]}]{text}[/]"
+                if cell.after:
+                    style = "white on red" if "crash" in cell.after else "black on dark_orange" \
+                        if cell.after.startswith("refused") else ""
+                    text += "\n→ " + (f"[{style}]{cell.after}[/]" if style else cell.after)
+                row.append(text)
+            table.add_row(*row)
+        if not comparison.features(guest):
+            table.caption = "this guest printed no detection lines (FEATURE: cpuid=.. probe=.. uses=..)"
+        console.print(table)
+    console.print("cell: physical, cpuid, probe (✓ yes, ✗ no, · not probed), path the guest took"
+                  + (f"; → after migrating to {comparison.migrate_to} at checkpoint 1" if comparison.migrate_to else ""))
+    console.print("[black on yellow]masked but executable[/]  [white on red]advertised but #UD, "
+                  "or crashed after migrating[/]  [black on dark_orange]migration refused[/]")
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("-o", "--output", required=True, metavar="FILE", help="The guest image (a static ELF64) to write.")
+def cc(sources, output):
+    """Build a C guest: compile SOURCE files with the freestanding guest runtime
+    (crt0, console, #UD hook, probing; see guests/c/minivmm.h) into a static ELF
+    that 'minivmm run' loads. Needs gcc ($CC to use another compiler).
+
+    \b
+    Example:
+      minivmm cc my_detect.c -o my_detect.elf && minivmm run my_detect.elf --host penryn
+    """
+    from .toolchain import build_c
+    click.echo(str(build_c(sources, output)))
+
+
 def main():
     cli()

@@ -63,6 +63,7 @@ def build_c(sources, output: str | os.PathLike | None = None, cflags=()) -> Path
                *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+        first = next((line for line in done.stderr.splitlines() if ": error:" in line or "ld returned" in line),
+                     done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
         raise MinivmmError(f"building {paths[0]} failed: {first}")
     return output

@@ -29,3 +29,45 @@ def parse_raw_lines(text: str) -> dict[tuple[int, int], tuple[int, int, int, int
         values = dict(kv.split("=") for kv in regs.split())
         table[(leaf, sub)] = tuple(int(values[r], 16) for r in RAW_LINE_FIELDS)
     return table
+
+
+def png_colours(path) -> dict[tuple[int, int, int], int]:
+    """Pixel counts per RGB colour of an 8-bit RGB/RGBA PNG (no imaging library needed)."""
+    import struct
+    import zlib
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, chunks, header = 8, [], None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            chunks.append(body)
+        pos += 12 + length
+    width, height, depth, colour_type = header[:4]
+    assert depth == 8 and colour_type in (2, 6), f"unsupported PNG format {header}"
+    bpp = 3 if colour_type == 2 else 4
+    raw, stride = zlib.decompress(b"".join(chunks)), width * bpp
+    previous, counts = bytearray(stride), {}
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up, corner = previous[i], previous[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        for x in range(0, stride, bpp):
+            rgb = (line[x], line[x + 1], line[x + 2])
+            counts[rgb] = counts.get(rgb, 0) + 1
+        previous = line
+    return counts

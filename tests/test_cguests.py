@@ -1,0 +1,68 @@
+"""C guests: the freestanding runtime in guests/c, built with the system gcc at test time."""
+
+import shutil
+
+import pytest
+
+from helpers import minivmm_cli
+from minivmm.toolchain import build_c, runtime_dir
+from minivmm.vm import VM
+
+pytestmark = pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: C guests cannot be built")
+
+
+def built(name):
+    return str(build_c([runtime_dir() / f"{name}.c"]))
+
+
+def test_libgcc_builtin_cpu_supports_follows_the_cpuid_view():
+    """GCC's own detection asks CPUID, so it sees the EVC baseline, not the host."""
+    guest = built("builtin_cpu")
+    masked = VM(guest, "nehalem", evc="intel-penryn").run(timeout=20).detections
+    assert (masked["sse4_1"].uses, masked["sse4_2"].uses, masked["popcnt"].uses) == ("sse4_1", "generic", "generic")
+    plain = VM(guest, "nehalem").run(timeout=20).detections
+    assert (plain["sse4_2"].uses, plain["popcnt"].uses) == ("sse4_2", "popcnt")
+    # libgcc checks XCR0 too: AVX is off while the OS has not enabled YMM state.
+    assert VM(guest, "sandybridge").run(timeout=20).detections["avx"].cpuid is False
+
+
+def test_the_probing_c_guest_finds_what_the_mask_hides():
+    result = VM(built("probe"), "nehalem", evc="intel-penryn").run(timeout=20)
+    assert result.stop.reason == "exited" and result.stop.status == 0
+    popcnt = result.detections["popcnt"]
+    assert (popcnt.cpuid, popcnt.probe, popcnt.uses) == (False, True, "popcnt")
+    on_penryn = VM(built("probe"), "penryn").run(timeout=20).detections["popcnt"]
+    assert (on_penryn.probe, on_penryn.uses) == (False, "generic")
+
+
+def test_ud_hook_sees_the_frame_and_can_skip_the_instruction(tmp_path):
+    source = tmp_path / "skip.c"
+    source.write_text(r'''
+#include "minivmm.h"
+static int faults;
+static void skip(struct minivmm_frame *frame) { faults++; frame->rip += 4; }  /* popcnt eax, ebx */
+int main(void)
+{
+    minivmm_on_ud(skip);
+    for (int i = 0; i < 3; i++)
+        __asm__ volatile(".byte 0xf3, 0x0f, 0xb8, 0xc3" ::: "eax");
+    minivmm_on_ud(0);
+    return faults;
+}
+''')
+    guest = str(build_c([source]))
+    assert VM(guest, "penryn").run(timeout=20).stop.status == 3       # no popcnt: three #UD
+    assert VM(guest, "nehalem").run(timeout=20).stop.status == 0      # popcnt runs
+
+
+def test_cc_command_and_its_errors(tmp_path, monkeypatch):
+    out = tmp_path / "probe.elf"
+    done = minivmm_cli("cc", str(runtime_dir() / "probe.c"), "-o", str(out))
+    assert done.returncode == 0 and out.read_bytes()[:4] == b"\x7fELF"
+    broken = tmp_path / "broken.c"
+    broken.write_text("int main(void) { return nosuch; }\n")
+    done = minivmm_cli("cc", str(broken), "-o", str(tmp_path / "b.elf"))
+    assert done.returncode == 2 and "nosuch" in done.stderr and len(done.stderr.splitlines()) == 1
+    monkeypatch.setenv("CC", "no-such-compiler")
+    done = minivmm_cli("cc", str(broken), "-o", str(tmp_path / "b.elf"))
+    assert done.returncode == 2 and "no-such-compiler" in done.stderr

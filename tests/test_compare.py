@@ -1,0 +1,89 @@
+"""minivmm compare: the side-by-side of CPUID-guided and #UD-guided detection."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import minivmm_cli, png_colours
+from minivmm.compare import MASKED_BUT_EXECUTABLE, compare
+from minivmm.html import comparison_page
+
+HOSTS = ["core2", "penryn", "nehalem"]
+YELLOW, RED = (0xFF, 0xD8, 0x4D), (0xD7, 0x26, 0x3D)   # html.py: masked, crash
+
+
+@pytest.fixture(scope="module")
+def merom():
+    return compare(["guests/detect_both.asm"], HOSTS, evc="intel-merom")
+
+
+def test_sse4_1_on_penryn_is_physical_hidden_and_found_by_the_probe(merom):
+    cell = merom.cell("guests/detect_both.asm", "sse4_1", "penryn")
+    assert (cell.physical, cell.cpuid, cell.probe, cell.uses) == (True, False, True, "generic")
+    assert cell.disagreement == MASKED_BUT_EXECUTABLE
+    core2 = merom.cell("guests/detect_both.asm", "sse4_1", "core2")
+    assert (core2.physical, core2.cpuid, core2.probe, core2.disagreement) == (False, False, False, None)
+
+
+def test_negative_control_without_evc_nothing_is_masked():
+    plain = compare(["guests/detect_both.asm"], ["penryn"])
+    cell = plain.cell("guests/detect_both.asm", "sse4_1", "penryn")
+    assert (cell.physical, cell.cpuid, cell.probe, cell.disagreement) == (True, True, True, None)
+
+
+def test_cli_table_and_json():
+    args = ("compare", "guests/detect_both.asm", "--hosts", ",".join(HOSTS), "--evc", "intel-merom")
+    shown = minivmm_cli(*args)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if "sse4_1" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells == ["sse4_1", "✗ ✗ ✗ generic", "✓ ✗ ✓ generic", "✓ ✗ ✓ generic"]
+    report = json.loads(minivmm_cli(*args, "--json").stdout)
+    penryn = next(c for c in report["cells"] if (c["feature"], c["host"]) == ("sse4_1", "penryn"))
+    assert (penryn["physical"], penryn["cpuid"], penryn["probe"]) == (True, False, True)
+    assert penryn["disagreement"] == "masked but executable"
+
+
+def test_migration_outcomes_per_guest():
+    result = compare(["dispatch_cpuid", "dispatch_ud"], ["penryn"], evc="intel-merom", migrate_to="core2")
+    assert result.cell("dispatch_cpuid", "sse4_1", "penryn").after == "ok"
+    assert result.cell("dispatch_ud", "sse4_1", "penryn").after == "#UD crash"
+    runs = {r["guest"]: r for r in result.to_dict()["runs"]}
+    assert runs["dispatch_ud"]["migration"]["stop"]["missing_features"] == ["sse4_1"]
+    refused = compare(["dispatch_cpuid"], ["nehalem"], migrate_to="core2")
+    assert refused.cell("dispatch_cpuid", "sse4_1", "nehalem").after == "refused"
+
+
+def test_bad_input_is_one_line():
+    done = minivmm_cli("compare", "hello", "--hosts", "core2,nosuch")
+    assert done.returncode == 2 and "nosuch" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def screenshot(html: str, tmp_path):
+    page, png = tmp_path / "page.html", tmp_path / "page.png"
+    page.write_text(html)
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1000,700",
+                    f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=60, check=True)
+    return png_colours(png)
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Chromium is not installed (CI installs it: apt install chromium)")
+def test_html_page_renders_in_headless_chromium(tmp_path):
+    """The matrix shows highlighted cells: yellow where CPUID hides an executable
+    feature, red where the probing guest crashed after migrating. On a page of the same
+    guest without EVC and without a migration only the legend has those colours: they
+    come from the data, not the template."""
+    result = compare(["dispatch_ud"], ["penryn"], evc="intel-merom", migrate_to="core2")
+    colours = screenshot(comparison_page(result), tmp_path)
+    plain = screenshot(comparison_page(compare(["dispatch_ud"], ["penryn"])), tmp_path)
+    assert colours.get(YELLOW, 0) > plain.get(YELLOW, 0) + 1000
+    assert colours.get(RED, 0) > plain.get(RED, 0) + 1000
+    for page in (colours, plain):
+        assert page.get((255, 255, 255), 0) < sum(page.values()) * 0.98, "the page rendered blank"
