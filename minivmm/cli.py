@@ -567,5 +567,51 @@ def cc(sources, output):
     click.echo(str(build_c(sources, output)))
 
 
+@cli.command()
+@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|all]")
+@click.option("--pace", is_flag=True, help="Wait for a key press between steps (for a classroom).")
+@click.option("--json", "as_json", is_flag=True, help="Print the steps and their results as JSON.")
+def demo(name, pace, as_json):
+    """Narrated demos built from real runs: each step shows the command that
+    reproduces it and what the run did.
+
+    \b
+      evc       a mask hides SSE4.1; a CPUID-guided guest survives migration
+      ud-probe  probing finds the hidden SSE4.1; the prober crashes after migration
+      override  without EVC the move is refused; forcing it crashes the guest
+      cold      cold migration re-detects: always safe
+      lzcnt     LZCNT without asking CPUID: silently BSR on older CPUs
+      avx       the complete AVX check (CPUID, OSXSAVE, XGETBV) vs the naive one
+      all       all of them, in that order (the default)
+
+    \b
+    Examples:
+      minivmm demo evc
+      minivmm demo all --pace
+    """
+    from . import demo as demo_mod
+    if as_json:
+        emit_json([step.to_dict() for step in demo_mod.steps(name)])
+        return
+    from rich.console import Console
+    from rich.padding import Padding
+    console = Console(highlight=False)
+    current = None
+    for i, step in enumerate(demo_mod.steps(name)):
+        if pace and i:
+            click.pause("  (press any key for the next step)")
+        if step.demo != current:
+            current = step.demo
+            console.rule(f"[bold]{current}")
+        console.print(f"[bold]{step.title}[/]")
+        console.print(f"  [cyan]$ {step.command}[/]", soft_wrap=True)
+        lines = step.console.splitlines()
+        for line in lines[:6]:
+            console.print(f"  [dim]| {line}[/]", markup=True, soft_wrap=True)
+        if len(lines) > 6:
+            console.print(f"  [dim]| ... ({len(lines) - 6} more lines)[/]")
+        console.print(Padding(step.narration, (0, 0, 1, 2)))
+
+
 def main():
     cli()

@@ -1,0 +1,206 @@
+"""The teaching demos: the EVC story told by real runs.
+
+Each step runs real guests on real CPU profiles and narrates what the run did, with
+the ``minivmm`` command that reproduces it. Nothing is canned: the narration is
+built from the results, so a demo that stopped showing its point would say so.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .cluster import compatibility
+from .cpuidview import GuestCpuidView
+from .errors import MinivmmError
+from .features import catalogue
+from .migration import MigrationRequest
+from .profiles import load_profile
+from .report import RunResult
+from .vm import VM
+
+CHECKSUM = re.compile(r"checksum: (0x[0-9a-f]+)")
+PATH = re.compile(r"^path: (\S+)", re.M)
+
+
+@dataclass
+class Step:
+    demo: str
+    title: str
+    command: str
+    narration: str
+    facts: dict = field(default_factory=dict)
+    console: str = ""
+
+    def to_dict(self) -> dict:
+        return {"demo": self.demo, "title": self.title, "command": self.command, "narration": self.narration,
+                "facts": self.facts, "console": self.console}
+
+
+def _run(guest: str, host: str, evc: str | None = None, migrate: str | None = None, force: bool = False,
+         cold: bool = False, audit: bool = False) -> tuple[RunResult, str]:
+    """Run through the library and return the CLI command that does the same."""
+    command = ["minivmm", "run", guest, "--host", host]
+    if evc:
+        command += ["--evc", evc]
+    if migrate:
+        command += ["--migrate", migrate]
+    for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit)):
+        if on:
+            command.append(flag)
+    migrations = [MigrationRequest.parse(migrate, cold)] if migrate else []
+    result = VM(guest, host, evc=evc).run(migrations=migrations, force=force, audit=audit, timeout=60)
+    return result, shlex.join(command)
+
+
+def _facts(result: RunResult) -> dict:
+    checksum, path = CHECKSUM.search(result.console), PATH.search(result.console)
+    facts = {"stop": result.stop.reason, "status": result.stop.status, "host": result.host, "hosts": result.hosts,
+             "checksum": checksum[1] if checksum else None, "path": path[1] if path else None,
+             "missing_features": result.stop.missing_features, "vector": result.stop.vector,
+             "detections": {n: {"cpuid": d.cpuid, "probe": d.probe, "uses": d.uses}
+                            for n, d in result.detections.items()}}
+    if result.migrations:
+        m = result.migrations[0]
+        facts["migration"] = {k: m.get(k) for k in ("from", "to", "ok", "forced", "missing", "mode", "downtime_ms")}
+    return facts
+
+
+def _ending(result: RunResult) -> str:
+    if result.stop.reason == "exited":
+        return f"finished on {result.host} (status {result.stop.status})"
+    return f"{result.stop.reason} on {result.host}: {result.stop.message}"
+
+
+def _migration_line(result: RunResult) -> str:
+    m = result.migrations[0]
+    if not m["ok"]:
+        return f"The migration {m['from']} -> {m['to']} was refused: {m['to']} lacks {', '.join(m['missing'])}."
+    how = "cold (power off, boot again)" if m.get("cold") else f"live ({m['mode']}, downtime {m['downtime_ms']} ms)"
+    forced = ", forced past the compatibility check" if m["forced"] else ""
+    return f"It migrated {m['from']} -> {m['to']} {how}{forced}."
+
+
+# ---- the demos -------------------------------------------------------------------------
+
+def evc() -> Iterator[Step]:
+    """A mask hides SSE4.1; a guest that asks CPUID survives the move to a Core 2."""
+    sse4_1 = catalogue()["sse4_1"]
+    penryn = load_profile("penryn")
+    masked = GuestCpuidView.for_host(penryn, "intel-merom")
+    yield Step("evc", "EVC hides SSE4.1 from CPUID", "minivmm cpuid penryn --evc intel-merom --format raw",
+               f"Penryn (a Xeon X5460) has SSE4.1: its CPUID.1:ECX[19] is {int(penryn.has('sse4_1'))}. In an "
+               f"intel-merom cluster the guest's CPUID reports {int(masked.has(sse4_1))}, so every host looks "
+               f"like a Core 2 (Merom). The instruction itself is untouched.",
+               {"physical": penryn.has("sse4_1"), "cpuid": masked.has(sse4_1)})
+    plain, command = _run("dispatch_cpuid", "penryn", "intel-merom")
+    facts = _facts(plain)
+    yield Step("evc", "A CPUID-guided guest takes the baseline path", command,
+               f"dispatch_cpuid asks CPUID, sees no SSE4.1 and takes the {facts['path']} path: checksum "
+               f"{facts['checksum']}, {_ending(plain)}.", facts, plain.console)
+    moved, command = _run("dispatch_cpuid", "penryn", "intel-merom", "core2@checkpoint:1")
+    facts = _facts(moved)
+    same = facts["checksum"] == _facts(plain)["checksum"] and moved.stop.reason == "exited"
+    yield Step("evc", "...and survives a live migration to a Core 2", command,
+               f"{_migration_line(moved)} The guest {_ending(moved)} with checksum {facts['checksum']}: "
+               + ("the same as without the migration." if same else "NOT the same as without the migration."),
+               {**facts, "same_as_unmigrated": same}, moved.console)
+
+
+def ud_probe() -> Iterator[Step]:
+    """Probing finds the hidden SSE4.1; the probing guest crashes after the move."""
+    detect, command = _run("detect_both", "penryn", "intel-merom")
+    d = detect.detections["sse4_1"]
+    yield Step("ud-probe", "Probing finds what CPUID hides", command,
+               f"detect_both asks CPUID and also executes PTEST under a #UD handler: sse4_1 cpuid={int(d.cpuid)} "
+               f"probe={int(bool(d.probe))}. The mask changed the answer, not the CPU.", _facts(detect), detect.console)
+    plain, command = _run("dispatch_ud", "penryn", "intel-merom")
+    facts = _facts(plain)
+    yield Step("ud-probe", "A probing guest uses the hidden feature", command,
+               f"dispatch_ud trusts its probe and takes the {facts['path']} path on the Penryn: "
+               f"{_ending(plain)}, checksum {facts['checksum']}.", facts, plain.console)
+    moved, command = _run("dispatch_ud", "penryn", "intel-merom", "core2@checkpoint:1")
+    facts = _facts(moved)
+    yield Step("ud-probe", "...and crashes after the same migration", command,
+               f"{_migration_line(moved)} "
+               + ("VirtualCenter's check passed: the guest's CPUID view is the Merom baseline. "
+                  if moved.migrations[0]["ok"] and not moved.migrations[0]["forced"] else "")
+               + f"But the guest {_ending(moved)}.", facts, moved.console)
+
+
+def override() -> Iterator[Step]:
+    """Without EVC the move is refused; forcing it crashes the guest."""
+    nehalem, core2 = load_profile("nehalem"), load_profile("core2")
+    view = GuestCpuidView.for_host(nehalem)
+    missing, _ = compatibility(view, nehalem, core2)
+    yield Step("override", "Without EVC the hosts are incompatible", "minivmm check nehalem core2",
+               f"A VM powered on on a Nehalem without EVC sees all its features; a Core 2 lacks "
+               f"{', '.join(missing)}. vMotion refuses such a move.", {"missing": missing})
+    refused, command = _run("dispatch_cpuid", "nehalem", migrate="core2@checkpoint:1")
+    facts = _facts(refused)
+    yield Step("override", "The migration is refused; the VM keeps running", command,
+               f"{_migration_line(refused)} The guest {_ending(refused)} on its {facts['path']} path, "
+               f"checksum {facts['checksum']}.", facts, refused.console)
+    forced, command = _run("dispatch_cpuid", "nehalem", migrate="core2@checkpoint:1", force=True)
+    yield Step("override", "Forcing the move (the override) crashes it", command,
+               f"{_migration_line(forced)} The guest had chosen SSE4.1 honestly, from CPUID, on the Nehalem; "
+               f"after the forced move it {_ending(forced)}.", _facts(forced), forced.console)
+
+
+def cold() -> Iterator[Step]:
+    """A cold migration boots the guest again: it re-detects and is safe."""
+    moved, command = _run("dispatch_ud", "penryn", "intel-merom", "core2@checkpoint:1", cold=True)
+    lines = [line for line in moved.console.splitlines() if line.startswith(("sse4_1:", "path:"))]
+    yield Step("cold", "Cold migration re-detects", command,
+               f"{_migration_line(moved)} The console shows both boots ({'; '.join(lines)}): on the Core 2 "
+               f"the probing guest probed again, chose again and {_ending(moved)}. Cold migration is always "
+               f"safe, even for guests that break the rules.", _facts(moved), moved.console)
+
+
+def lzcnt() -> Iterator[Step]:
+    """LZCNT without asking CPUID: no fault, a wrong answer."""
+    for host in ("haswell", "nehalem"):
+        result, command = _run("lzcnt_pitfall", host, audit=host == "nehalem")
+        audited = [", ".join(a["features"]) for a in result.audit]
+        yield Step("lzcnt", f"lzcnt(1) on {host}", command,
+                   f"On {host} (abm {'present' if load_profile(host).has('abm') else 'absent'}) lzcnt(1) returned "
+                   f"{result.stop.status}." + (" The same bytes ran as BSR: no #UD, a silently wrong answer. "
+                                               f"The audit flags the instruction (needs {', '.join(audited)})."
+                                               if audited else ""),
+                   {**_facts(result), "value": result.stop.status, "audit": result.audit}, result.console)
+
+
+def avx() -> Iterator[Step]:
+    """The complete AVX check: CPUID's AVX bit is not enough."""
+    for evc_mode in (None, "intel-westmere"):
+        result, command = _run("avx_proper", "sandybridge", evc_mode)
+        naive = re.search(r"naive check.*: (\w+)", result.console)
+        complete = re.search(r"complete check.*: (\w+)", result.console)
+        ran = re.search(r"vaddps: (\S+)", result.console)
+        text = (f"On a Sandy Bridge{' under ' + evc_mode if evc_mode else ''} the naive check says "
+                f"{naive[1] if naive else '?'}, the complete one {complete[1] if complete else '?'}.")
+        if ran:
+            text += (f" The naive path's VADDPS raised {ran[1]}: the OS (here, the boot state) enabled only "
+                     f"x87 and SSE state in XCR0, and AVX needs XCR0[2:1] = 11b.")
+        else:
+            text += " With AVX hidden by the mask, both checks agree."
+        yield Step("avx", "AVX needs CPUID, OSXSAVE and XCR0" + (f" (under {evc_mode})" if evc_mode else ""),
+                   command, text, {**_facts(result), "naive": naive[1] if naive else None,
+                                   "complete": complete[1] if complete else None,
+                                   "naive_vaddps": ran[1] if ran else None}, result.console)
+
+
+DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "lzcnt": lzcnt, "avx": avx}
+
+
+def steps(name: str = "all") -> Iterator[Step]:
+    """The steps of one demo, or of all of them in teaching order."""
+    if name == "all":
+        for demo in DEMOS.values():
+            yield from demo()
+        return
+    if name not in DEMOS:
+        raise MinivmmError(f"unknown demo '{name}' (choose from {', '.join(DEMOS)}, all)")
+    yield from DEMOS[name]()

@@ -1,0 +1,77 @@
+"""minivmm demo: every demo runs, and its steps show what the story says they show."""
+
+import json
+import shlex
+
+import pytest
+
+from helpers import minivmm_cli
+from minivmm import demo
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return {name: list(demo.steps(name)) for name in demo.DEMOS}
+
+
+def test_evc_cpuid_guided_guest_survives_with_the_same_checksum(steps):
+    hidden, plain, moved = steps["evc"]
+    assert hidden.facts == {"physical": True, "cpuid": False}
+    assert plain.facts["path"] == "sse2" and moved.facts["path"] == "sse2"
+    assert moved.facts["migration"]["ok"] and moved.facts["host"] == "core2" and moved.facts["stop"] == "exited"
+    assert moved.facts["checksum"] == plain.facts["checksum"] and moved.facts["same_as_unmigrated"]
+
+
+def test_ud_probe_crashes_on_the_destination_naming_sse4_1(steps):
+    found, plain, moved = steps["ud-probe"]
+    assert found.facts["detections"]["sse4_1"] == {"cpuid": False, "probe": True, "uses": "generic"}
+    assert plain.facts["path"] == "sse4_1" and plain.facts["stop"] == "exited"
+    assert moved.facts["migration"]["ok"] and not moved.facts["migration"]["forced"]
+    assert (moved.facts["stop"], moved.facts["vector"], moved.facts["host"]) == ("crashed", 6, "core2")
+    assert moved.facts["missing_features"] == ["sse4_1"]
+
+
+def test_override_refused_then_forced_crash(steps):
+    check, refused, forced = steps["override"]
+    assert {"sse4_1", "sse4_2", "popcnt"} <= set(check.facts["missing"])
+    assert not refused.facts["migration"]["ok"] and refused.facts["host"] == "nehalem"
+    assert refused.facts["stop"] == "exited" and refused.facts["checksum"] == "0x853a8100"
+    assert forced.facts["migration"]["forced"] and forced.facts["stop"] == "crashed"
+    assert forced.facts["missing_features"] == ["sse4_1"]
+
+
+def test_cold_migration_redetects(steps):
+    (moved,) = steps["cold"]
+    assert moved.facts["migration"]["mode"] == "cold" and moved.facts["stop"] == "exited"
+    assert moved.facts["path"] == "sse2" and moved.facts["checksum"] == "0x853a8100"
+
+
+def test_lzcnt_is_silently_wrong_without_abm(steps):
+    haswell, nehalem = steps["lzcnt"]
+    assert haswell.facts["value"] == 31 and nehalem.facts["value"] == 0
+    assert nehalem.facts["audit"] and nehalem.facts["audit"][0]["features"] == ["abm"]
+
+
+def test_avx_complete_check(steps):
+    plain, masked = steps["avx"]
+    assert (plain.facts["naive"], plain.facts["complete"], plain.facts["naive_vaddps"]) == ("avx", "sse2", "#UD")
+    assert (masked.facts["naive"], masked.facts["complete"], masked.facts["naive_vaddps"]) == ("sse2", "sse2", None)
+
+
+def test_each_steps_command_reproduces_it(steps):
+    """The printed command is the run: executed by the CLI it gives the same console."""
+    for step in (steps["ud-probe"][2], steps["override"][1], steps["avx"][0]):
+        args = shlex.split(step.command)[1:]
+        done = minivmm_cli(*args, "--json")
+        assert json.loads(done.stdout)["console"] == step.console, step.command
+
+
+def test_cli_json_and_text():
+    done = minivmm_cli("demo", "ud-probe", "--json")
+    assert done.returncode == 0
+    report = json.loads(done.stdout)
+    assert [s["demo"] for s in report] == ["ud-probe"] * 3 and report[2]["facts"]["stop"] == "crashed"
+    text = minivmm_cli("demo", "lzcnt")
+    assert "$ minivmm run lzcnt_pitfall --host nehalem --audit" in text.stdout
+    bad = minivmm_cli("demo", "nosuch")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
