@@ -613,5 +613,88 @@ def demo(name, pace, as_json):
         console.print(Padding(step.narration, (0, 0, 1, 2)))
 
 
+@cli.command()
+@click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
+@click.option("--hosts", default="all", show_default=True, metavar="all|A,B", help="Host profiles.")
+@click.option("--evc", default="none", show_default=True, metavar="none|all|MODE[,MODE]",
+              help="EVC modes; 'all' runs every mode on every host that supports it (others are skipped).")
+@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every cell (repeatable).")
+@click.option("--migrate", default="none", show_default=True, metavar="none|all-pairs|A>B[,C>D]",
+              help="Migrations: each host to each other, or the listed pairs.")
+@click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",
+              help="Where to migrate: checkpoint:N, insn:N, or random (an instruction count drawn from --seed).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --at random.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N", help="Worker processes (default: one per core).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              metavar="SECONDS", help="Time budget of each cell.")
+@click.option("--junit", "junit_file", metavar="FILE", help="Write JUnit XML (one test case per cell).")
+@click.option("--report", "report_file", metavar="FILE", help="Write the JSON report to FILE.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
+def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, junit_file, report_file, as_json):
+    """Run GUESTs over host profiles x EVC modes x migrations, in parallel.
+
+    A cell passes when its guest powers off with status 0 and never reports a path
+    (uses=FEATURE) its CPUID view hides; it is skipped when the host cannot run the
+    EVC mode, the engine cannot execute the guest, or the guest ends before the
+    migration point. Exit status 1 if a cell failed. Every cell records what it
+    depends on and the 'minivmm run' command that replays it.
+
+    \b
+    Examples:
+      minivmm matrix detect_cpuid detect_ud --hosts all --junit matrix.xml
+      minivmm matrix dispatch_ud --hosts core2,penryn,nehalem --evc intel-merom --migrate all-pairs
+      minivmm matrix my_guest.elf --evc all --at random --seed 7 --report out.json
+    """
+    from . import matrix as matrix_mod
+    cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed)
+    if as_json:
+        outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
+    else:
+        from rich.progress import Progress
+        with Progress(transient=True, console=_stderr_console()) as bar:
+            task = bar.add_task(f"{len(cell_list)} cells", total=len(cell_list))
+            outcomes = matrix_mod.run_cells(cell_list, jobs, timeout, progress=lambda _: bar.advance(task))
+    data = matrix_mod.report(outcomes, guests=list(guests), hosts=hosts, evc=evc, masks=list(cpuid_mask),
+                             migrate=migrate, at=at, seed=seed)
+    if junit_file:
+        with open(junit_file, "w", encoding="utf-8") as f:
+            f.write(matrix_mod.junit_xml(outcomes))
+    if report_file:
+        with open(report_file, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    if as_json:
+        emit_json(data)
+    else:
+        _print_matrix(outcomes, data["summary"])
+    sys.exit(1 if data["summary"]["failed"] else 0)
+
+
+def _stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _print_matrix(outcomes, summary) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(title="minivmm matrix", title_justify="left")
+    for column in ("guest", "cells", "passed", "failed", "skipped"):
+        table.add_column(column, justify="left" if column == "guest" else "right")
+    for guest in dict.fromkeys(o.cell.guest for o in outcomes):
+        mine = [o for o in outcomes if o.cell.guest == guest]
+        counts = [sum(o.status == s for o in mine) for s in ("passed", "failed", "skipped")]
+        table.add_row(guest, str(len(mine)), str(counts[0]), f"[red]{counts[1]}[/]" if counts[1] else "0",
+                      str(counts[2]))
+    console = Console(highlight=False)
+    console.print(table)
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            console.print(f"[red]FAILED[/] {escape(f'{outcome.cell.guest}[{outcome.cell.id}]: {outcome.message}')}",
+                          soft_wrap=True)
+            console.print(f"  replay: {escape(outcome.cell.command())}", soft_wrap=True)
+    console.print(f"{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped")
+
+
 def main():
     cli()

@@ -53,6 +53,7 @@ class RunResult:
     engine_model: str = ""
     memory: int = 0
     memory_sha256: str = ""
+    view_features: frozenset[str] = frozenset()   # what the guest's CPUID view shows, at the end
 
     @property
     def cpuid_exits(self) -> list[dict]:
@@ -86,4 +87,5 @@ class RunResult:
             "migrations": self.migrations, "audit": self.audit, "checkpoints": self.checkpoints,
             "unknown_port_writes": {f"0x{p:x}": n for p, n in sorted(self.unknown_port_writes.items())},
             "engine_model": self.engine_model, "memory": self.memory, "memory_sha256": self.memory_sha256,
+            "view_features": sorted(self.view_features),
         }

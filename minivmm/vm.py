@@ -601,7 +601,8 @@ class _Run:
             cpuid_log=self.cpuid_log, exceptions=self.exceptions, migrations=self.migrations,
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
-            memory=vm.memory, memory_sha256=hashlib.sha256(self.engine.ram).hexdigest())
+            memory=vm.memory, memory_sha256=hashlib.sha256(self.engine.ram).hexdigest(),
+            view_features=catalogue().decode(self.engine.view.table))
 
 
 def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options) -> RunResult:

@@ -1,5 +1,11 @@
-"""Tools for testing feature-detection code and mask semantics with minivmm.
+"""Testing guest detection code with minivmm: assertion helpers (:mod:`.checks`),
+hypothesis strategies (:mod:`.strategies`), and the pytest plugin's fixtures and
+marker (:mod:`minivmm.pytest_plugin`, loaded automatically once minivmm is installed)."""
 
-``minivmm.testing.strategies`` holds hypothesis strategies (profiles, feature sets,
-masks in every format, EVC modes, clusters) for property-based tests of your own.
-"""
+from .checks import (assert_finishes, assert_follows_cpuid, assert_no_hidden_instructions, assert_same_run,
+                     assert_survives_migration, audit_problems, detection_problems, migration_problems,
+                     stop_problems)
+
+__all__ = ["assert_finishes", "assert_follows_cpuid", "assert_no_hidden_instructions", "assert_same_run",
+           "assert_survives_migration", "audit_problems", "detection_problems", "migration_problems",
+           "stop_problems"]

@@ -1,5 +1,6 @@
 """Hypothesis strategies for minivmm's domain: real host profiles, feature sets, CPUID
-masks (in any format), EVC modes and clusters. Compose them in your own tests::
+masks (in any format), EVC modes, clusters, migration schedules and matrix cells.
+Compose them in your own tests::
 
     from hypothesis import given
     from minivmm.testing import strategies as mst
@@ -122,3 +123,47 @@ def clusters(min_hosts: int = 1, max_hosts: int = 4, include_dumps: bool = False
     """Lists of hosts of one vendor, as a vSphere cluster requires."""
     return st.sampled_from(("intel", "amd")).flatmap(
         lambda vendor: st.lists(profiles(include_dumps, vendor), min_size=min_hosts, max_size=max_hosts))
+
+
+def triggers(max_checkpoint: int = 1, max_insns: int = 2_000_000):
+    """Migration points: ``checkpoint:N`` or ``insn:N`` (exact and reproducible; never ``ms:``)."""
+    return st.one_of(st.integers(1, max_checkpoint).map(lambda n: f"checkpoint:{n}"),
+                     st.integers(1, max_insns).map(lambda n: f"insn:{n}"))
+
+
+def migration_schedules(hosts, max_moves: int = 2, when=None):
+    """Lists of ``PROFILE@WHEN`` for ``VM.run(migrations=...)``, destinations drawn from
+    ``hosts`` (names), points in increasing order so that each one can come."""
+    when = when if when is not None else st.integers(1, 2_000_000)
+
+    @st.composite
+    def build(draw):
+        moves = draw(st.lists(st.tuples(st.sampled_from(list(hosts)), when), max_size=max_moves))
+        points = sorted({n for _, n in moves})
+        return [f"{host}@insn:{point}" for (host, _), point in zip(moves, points)]
+
+    return build()
+
+
+def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool = True):
+    """Matrix cells (:class:`minivmm.matrix.Cell`): a host, maybe an EVC mode the host
+    supports, maybe a live migration to another host of the same vendor."""
+    from ..evc import evc_mode
+    from ..matrix import Cell
+
+    @st.composite
+    def build(draw):
+        host = draw(st.sampled_from(list(hosts)) if hosts else profile_names())
+        profile = load_profile(host)
+        mode = None
+        if evc:
+            supported = [k for k in evc_modes() if evc_mode(k).supported_by(profile)]
+            mode = draw(st.none() | st.sampled_from(supported)) if supported else None
+        migration = None
+        if migrate:
+            others = [h for h in (hosts or builtin_names()) if h != host and load_profile(h).vendor == profile.vendor]
+            if others and draw(st.booleans()):
+                migration = f"{draw(st.sampled_from(others))}@{draw(triggers())}"
+        return Cell(guest, host, mode, (), migration, draw(st.integers(0, 2**32 - 1)))
+
+    return build()
