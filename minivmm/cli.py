@@ -651,9 +651,11 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
     else:
         from rich.progress import Progress
-        with Progress(transient=True, console=_stderr_console()) as bar:
+        # No refresh thread: the worker processes are forked while the bar is shown.
+        with Progress(transient=True, console=_stderr_console(), auto_refresh=False) as bar:
             task = bar.add_task(f"{len(cell_list)} cells", total=len(cell_list))
-            outcomes = matrix_mod.run_cells(cell_list, jobs, timeout, progress=lambda _: bar.advance(task))
+            outcomes = matrix_mod.run_cells(cell_list, jobs, timeout,
+                                            progress=lambda _: (bar.advance(task), bar.refresh()))
     data = matrix_mod.report(outcomes, guests=list(guests), hosts=hosts, evc=evc, masks=list(cpuid_mask),
                              migrate=migrate, at=at, seed=seed)
     if junit_file:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from xml.etree import ElementTree as ET
 
 from .errors import MinivmmError
@@ -187,8 +187,10 @@ def run_cells(cell_list: list[Cell], jobs: int | None = None, timeout: float = 6
                 progress(outcomes[-1])
         return outcomes
     results: dict[int, Outcome] = {}
-    # forkserver: workers start clean, whatever threads the parent runs (progress bars).
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("forkserver")) as pool:
+    # Forked workers start with the engine, the VMM and the profiles already loaded. The
+    # caller must run no other thread meanwhile (the CLI's progress bar refreshes itself).
+    context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(run_cell, cell, timeout): i for i, cell in enumerate(cell_list)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()

@@ -118,6 +118,8 @@ class _Watchdog:
 
     def close(self):
         self._done.set()
+        if self._signals:
+            os.write(self._signals[1], b"\0")  # wake the select now, not at its next timeout
         self._thread.join()
         if self._signals:
             signal.signal(signal.SIGINT, self._previous_handler)
