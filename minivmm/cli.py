@@ -72,9 +72,12 @@ def cli():
 
     \b
     Start here:
+      minivmm demo                             the whole EVC story, told by real runs
       minivmm profiles                         the host CPUs you can emulate
       minivmm run detect_cpuid --host penryn   run a shipped guest
       minivmm cpuid nehalem --format raw       what a guest's CPUID would return
+      minivmm compare detect_both --hosts core2,penryn,nehalem --evc intel-merom
+      minivmm matrix my_guest.elf --hosts all --junit out.xml
     """
 
 

@@ -99,7 +99,9 @@ class _Watchdog:
 
     def _loop(self):
         while not self._done.is_set():
-            wait = 0.05 if self._deadline is None else max(min(self._deadline - time.monotonic(), 0.05), 0)
+            wait = 0.05
+            if self._deadline is not None and not self.reason:
+                wait = max(min(self._deadline - time.monotonic(), 0.05), 0)
             readable = []
             if self._signals:
                 readable, _, _ = select.select([self._signals[0]], [], [], wait)
@@ -109,12 +111,13 @@ class _Watchdog:
                 return
             if readable:
                 os.read(self._signals[0], 64)
-                self.reason = "interrupted"
+                self.reason = self.reason or "interrupted"
             elif self._deadline is not None and time.monotonic() >= self._deadline:
-                self.reason = "deadline"
+                self.reason = self.reason or "deadline"
             if self.reason:
+                # Again every 50 ms until the run loop closes the watchdog: a stop that
+                # lands between two engine starts (pre-copy rounds, exits) stops nothing.
                 self._run.uc.emu_stop()
-                return
 
     def close(self):
         self._done.set()
@@ -438,7 +441,8 @@ class _Run:
                         continue
                     self._end(Stop("limit", rip=self.engine.rip(), message=f"instruction budget of {max_insns} exhausted"))
                     break
-                self._start(count)
+                if not watchdog.reason:
+                    self._start(count)
                 if self.stop or self.errors:
                     break
                 if watchdog.reason == "interrupted":

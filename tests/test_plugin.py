@@ -54,6 +54,16 @@ def test_the_probing_variant_fails_where_it_should_and_says_why(tmp_path):
 
 
 @needs_gcc
+def test_cells_spread_over_xdist_workers_with_the_same_verdicts(tmp_path):
+    """No runner of ours: the cells are ordinary items, so pytest-xdist distributes them."""
+    pytest.importorskip("xdist")
+    done, cases = run_example(tmp_path, "--simdlib-detect=probe", "-k", "evc_baseline", "-n", "2", "-v")
+    assert done.returncode == 1 and "[gw0]" in done.stdout and "[gw1]" in done.stdout
+    failed = sorted(name for name, case in cases.items() if case.find("failure") is not None)
+    assert failed == [f"test_paths_follow_the_evc_baseline[{h}-intel-merom]" for h in ("nehalem", "penryn")]
+
+
+@needs_gcc
 def test_the_probing_variant_under_minivmm_matrix(tmp_path):
     src = EXAMPLE / "src"
     guests = {d: str(build_c([src / "guest.c", src / "simd.c", src / f"detect_{d}.c"], tmp_path / f"{d}.elf",

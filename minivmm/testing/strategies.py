@@ -145,9 +145,10 @@ def migration_schedules(hosts, max_moves: int = 2, when=None):
     return build()
 
 
-def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool = True):
+def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool = True, masks=None):
     """Matrix cells (:class:`minivmm.matrix.Cell`): a host, maybe an EVC mode the host
-    supports, maybe a live migration to another host of the same vendor."""
+    supports, maybe a live migration to another host of the same vendor, and a mask
+    drawn from ``masks`` (a strategy of :class:`Mask`, e.g. ``hiding_masks()``) if given."""
     from ..evc import evc_mode
     from ..matrix import Cell
 
@@ -164,6 +165,8 @@ def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool 
             others = [h for h in (hosts or builtin_names()) if h != host and load_profile(h).vendor == profile.vendor]
             if others and draw(st.booleans()):
                 migration = f"{draw(st.sampled_from(others))}@{draw(triggers())}"
-        return Cell(guest, host, mode, (), migration, draw(st.integers(0, 2**32 - 1)))
+        mask = draw(masks) if masks is not None else None
+        return Cell(guest, host, mode, (mask.to("vmware"),) if mask else (), migration,
+                    draw(st.integers(0, 2**32 - 1)))
 
     return build()
