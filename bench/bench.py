@@ -197,7 +197,7 @@ def migration_rows(tmp: str, repeats: int) -> None:
     # A pre-copy round lets the guest run while the round's pages are sent: the first round
     # of a 64 MiB migration at 10 GbE is 54 ms, 54 M instructions at the nominal 1 G/s.
     # Both sides run counted, as pre-copy runs the guest.
-    first_round = round(64 * 2**20 / PreCopy().bandwidth * PreCopy().guest_insns_per_s)
+    first_round = PreCopy().guest_insns(PreCopy().send_ms(64 * 2**20 // 4096), throttled=False)
     for insns, label, count in ((first_round, "a pre-copy round (the first of a 64 MiB migration)", 3),
                                 (5_000_000, "a short round (5 M instructions, the worst case)", repeats)):
         untracked, tracked = [], []
