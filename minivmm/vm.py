@@ -9,6 +9,7 @@ halts, crashes or exhausts a budget, and never lets a guest take the VMM down.
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import mmap
 import os
@@ -530,12 +531,19 @@ class _Run:
         if result.get("stopped"):
             record["reason"] = "the guest stopped on the source before the switchover"
             return
-        switch = time.perf_counter()
         remaining = result["remaining"]
-        copy_pages(None if remaining is None else sorted(remaining))
-        target.restore(source.capture())
-        self.engine = target
-        switch_ms = (time.perf_counter() - switch) * 1e3
+        # The guest is stopped from here to its resumption: no collector pause in between.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            switch = time.perf_counter()
+            copy_pages(None if remaining is None else sorted(remaining))
+            target.restore(source.capture())
+            self.engine = target
+            switch_ms = (time.perf_counter() - switch) * 1e3
+        finally:
+            if collecting:
+                gc.enable()
         final = vm.memory // PAGE if remaining is None else len(remaining)
         sent = sum(result["pages_per_round"]) + final
         remaining = range(final)
