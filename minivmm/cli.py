@@ -482,7 +482,8 @@ def _split_hosts(text: str) -> list[str]:
 @click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every VM (repeatable).")
 @click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
 @click.option("--force", is_flag=True, help="Force those migrations past the compatibility check.")
-@click.option("--html", "html_file", metavar="FILE", help="Also write the matrix as a self-contained HTML page.")
+@click.option("--html", "html_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+              help="Also write the matrix as a self-contained HTML page.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
@@ -506,14 +507,14 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
                                 timeout=timeout, force=force)
     if html_file:
         from .html import comparison_page
-        with open(html_file, "w", encoding="utf-8") as f:
-            f.write(comparison_page(comparison))
+        html_file.write(comparison_page(comparison))
+        html_file.close()
     if as_json:
         emit_json(comparison.to_dict())
         return
     _print_comparison(comparison)
     if html_file:
-        click.echo(f"minivmm: wrote {html_file}", err=True)
+        click.echo(f"minivmm: wrote {html_file.name}", err=True)
 
 
 def _print_comparison(comparison) -> None:
@@ -630,8 +631,10 @@ def demo(name, pace, as_json):
 @click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N", help="Worker processes (default: one per core).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each cell.")
-@click.option("--junit", "junit_file", metavar="FILE", help="Write JUnit XML (one test case per cell).")
-@click.option("--report", "report_file", metavar="FILE", help="Write the JSON report to FILE.")
+@click.option("--junit", "junit_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+              help="Write JUnit XML (one test case per cell).")
+@click.option("--report", "report_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+              help="Write the JSON report to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
 def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, junit_file, report_file, as_json):
     """Run GUESTs over host profiles x EVC modes x migrations, in parallel.
@@ -662,11 +665,11 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
     data = matrix_mod.report(outcomes, guests=list(guests), hosts=hosts, evc=evc, masks=list(cpuid_mask),
                              migrate=migrate, at=at, seed=seed)
     if junit_file:
-        with open(junit_file, "w", encoding="utf-8") as f:
-            f.write(matrix_mod.junit_xml(outcomes))
+        junit_file.write(matrix_mod.junit_xml(outcomes))
+        junit_file.close()
     if report_file:
-        with open(report_file, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+        json.dump(data, report_file, indent=2)
+        report_file.close()
     if as_json:
         emit_json(data)
     else:

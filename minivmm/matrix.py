@@ -100,6 +100,9 @@ def _migrations(migrate, hosts: list[str]) -> list[tuple[str, str] | None]:
         if not sep or not source.strip() or not destination.strip():
             raise MinivmmError(f"--migrate: '{item}' is not SOURCE>DESTINATION (or all-pairs)")
         pairs.append((source.strip(), destination.strip()))
+    for pair in pairs:
+        for host in pair:
+            load_profile(host)
     return pairs
 
 
@@ -115,6 +118,9 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
     "all"; ``migrate``: None, "all-pairs" (each host to each other) or "A>B,..." (a cell
     starts on A only); ``at``: the migration point, or "random" (an instruction count
     drawn from ``seed``, recorded in the cell)."""
+    if at != "random" and Trigger.parse(at, "--at").kind == "ms":
+        raise MinivmmError(f"--at {at}: a wall-time point would make cells irreproducible; "
+                           f"use checkpoint:N, insn:N or random")
     host_list = _hosts(hosts)
     modes = _evc_modes(evc)
     pairs = _migrations(migrate, host_list)

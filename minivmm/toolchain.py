@@ -63,7 +63,10 @@ def build_c(sources, output: str | os.PathLike | None = None, cflags=()) -> Path
                *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        first = next((line for line in done.stderr.splitlines() if ": error:" in line or "ld returned" in line),
-                     done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        # The compiler's first error, or the linker's reason (collect2's summary says nothing).
+        reasons = [line for line in lines if ": error:" in line and not line.startswith("collect2")] + \
+            [line for line in lines if "undefined reference" in line or "cannot" in line] + lines[-1:]
+        first = reasons[0]
         raise MinivmmError(f"building {paths[0]} failed: {first}")
     return output

@@ -56,9 +56,11 @@ def test_migration_outcomes_per_guest():
     assert refused.cell("dispatch_cpuid", "sse4_1", "nehalem").after == "refused"
 
 
-def test_bad_input_is_one_line():
-    done = minivmm_cli("compare", "hello", "--hosts", "core2,nosuch")
-    assert done.returncode == 2 and "nosuch" in done.stderr and len(done.stderr.splitlines()) == 1
+@pytest.mark.parametrize("args", [("--hosts", "core2,nosuch"), ("--hosts", "core2", "--html", "/nonexistent/d/x.html"),
+                                  ("--hosts", "core2", "--evc", "intel-nehalem"), ("--hosts", "penryn", "--migrate-to", "x")])
+def test_bad_input_is_one_line(args):
+    done = minivmm_cli("compare", "hello", *args)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

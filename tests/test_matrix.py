@@ -116,3 +116,15 @@ def test_a_cpuid_guided_guest_never_executes_what_its_view_hides(cell):
 def test_negative_control_a_probing_guest_executes_hidden_instructions():
     result = Cell("detect_ud", "nehalem", "intel-penryn").run(audit=True)
     assert any("popcnt" in p for p in audit_problems(result))
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--migrate", "core2>nosuch"), "nosuch"), (("--at", "bogus"), "--at"), (("--at", "ms:5"), "irreproducible"),
+    (("--evc", "bogus"), "bogus"), (("--hosts", "core2,nosuch"), "nosuch"),
+    (("--junit", "/nonexistent/dir/m.xml"), "--junit"), (("--report", "/nonexistent/dir/m.json"), "--report"),
+])
+def test_bad_input_is_refused_before_any_cell_runs(args, says):
+    done = minivmm_cli("matrix", "hello", "--hosts", "core2", *args) if "--hosts" not in args else \
+        minivmm_cli("matrix", "hello", *args)
+    assert done.returncode == 2 and says in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "cells" not in done.stdout
