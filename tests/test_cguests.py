@@ -63,6 +63,10 @@ def test_cc_command_and_its_errors(tmp_path, monkeypatch):
     broken.write_text("int main(void) { return nosuch; }\n")
     done = minivmm_cli("cc", str(broken), "-o", str(tmp_path / "b.elf"))
     assert done.returncode == 2 and "nosuch" in done.stderr and len(done.stderr.splitlines()) == 1
+    undefined = tmp_path / "undefined.c"
+    undefined.write_text("void nowhere(void);\nint main(void) { nowhere(); return 0; }\n")
+    done = minivmm_cli("cc", str(undefined), "-o", str(tmp_path / "u.elf"))
+    assert done.returncode == 2 and "undefined reference to `nowhere'" in done.stderr
     monkeypatch.setenv("CC", "no-such-compiler")
     done = minivmm_cli("cc", str(broken), "-o", str(tmp_path / "b.elf"))
     assert done.returncode == 2 and "no-such-compiler" in done.stderr

@@ -75,3 +75,41 @@ def test_cli_json_and_text():
     assert "$ minivmm run lzcnt_pitfall --host nehalem --audit" in text.stdout
     bad = minivmm_cli("demo", "nosuch")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+def test_pace_waits_for_a_key_between_steps():
+    """On a terminal, --pace holds each next step until a key is pressed."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "minivmm", "demo", "lzcnt", "--pace"],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(text: bytes, seconds: float = 30) -> bool:
+        nonlocal seen
+        deadline = time.monotonic() + seconds
+        while text not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        return text in seen
+
+    try:
+        assert read_until(b"press any key")
+        time.sleep(0.5)
+        assert read_until(b"press any key", 0.2) and b"lzcnt(1) on nehalem" not in seen  # still waiting
+        os.write(master, b"x")
+        assert read_until(b"lzcnt(1) on nehalem")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
