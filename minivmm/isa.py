@@ -76,15 +76,13 @@ def _needs(code: int, mnemonic: int, iced_features: tuple[int, ...]) -> frozense
     return frozenset(names)
 
 
-# Instructions encoded in the reserved-NOP space (0F 1A/1B, 0F 1E): a CPU without their
-# feature executes them as NOPs, which is why compilers may emit them unconditionally
-# (Intel SDM Vol. 1, 17.3.1 for MPX; CET specification: ENDBR32/64 and RDSSP "are NOPs
-# on processors that do not support CET").
+# CET instructions encoded in the reserved-NOP space (0F 1E): a CPU without CET executes
+# them as NOPs, which is why compilers emit ENDBR64 unconditionally (Intel SDM Vol. 2A,
+# ENDBR64 and RDSSP: "treated as NOP" when CET is not enabled). MPX's 0F 1A/1B forms
+# need no entry: iced-x86 decodes them as the NOPs they are unless told to decode MPX.
 _NOP_SPACE = {
     "ibt": {Mnemonic.ENDBR32, Mnemonic.ENDBR64},
     "shstk": {Mnemonic.RDSSPD, Mnemonic.RDSSPQ},
-    "mpx": {Mnemonic.BNDCL, Mnemonic.BNDCU, Mnemonic.BNDCN, Mnemonic.BNDMK, Mnemonic.BNDMOV,
-            Mnemonic.BNDLDX, Mnemonic.BNDSTX},
 }
 
 

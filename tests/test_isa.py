@@ -131,6 +131,22 @@ def test_avx_without_ymm_state_in_xcr0_is_ud_even_where_the_cpu_has_avx():
     assert on_penryn.detections["avx"].probe is None and not on_penryn.exceptions
 
 
+def test_xcr0_is_found_in_the_engine_context():
+    from minivmm import engine
+    assert engine._calibrate_xcr0() is not None
+
+
+@pytest.mark.parametrize("host", ["core2", "penryn", "opteron-g1"])
+def test_reserved_nop_space_runs_as_nop_without_its_feature(host):
+    """GCC's CET code starts functions with ENDBR64: a NOP on CPUs without CET; RDSSP
+    likewise. iced-x86 says they need the feature and the host lacks it: they still run."""
+    for code, feature in ((b"\xf3\x0f\x1e\xfa", "ibt"), (b"\xf3\x48\x0f\x1e\xc8", "shstk")):  # endbr64; rdsspq rax
+        assert isa.needed_features(Decoder(64, code).decode()) == {feature}
+        assert not load_profile(host).has(feature)
+        instruction = ".byte " + ", ".join(f"0x{b:02x}" for b in code)
+        assert outcome(VM(image(instruction), host).run(timeout=5)) == "runs", (host, feature)
+
+
 def test_negative_control_bare_engine_miscomputes_vaddps():
     """Without the gate, the engine ignores VEX.vvvv: xmm0 = xmm0 + xmm2, not xmm1 + xmm2."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
