@@ -10,6 +10,7 @@ from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, Cell, Comparison,
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; background: #fff; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
+h3 { font-size: 15px; margin: 16px 0 6px; color: #5a6475; }
 .sub { color: #5a6475; margin-bottom: 16px; }
 table { border-collapse: collapse; margin-bottom: 8px; }
 th, td { border: 1px solid #c9d0db; padding: 4px 8px; text-align: center; }
@@ -103,7 +104,7 @@ def comparison_page(comparison: Comparison) -> str:
             parts.append(f"<tr><td class='feature'>{escape(feature)}</td>{row}</tr>")
         parts.append("</table>")
         if migrating:
-            parts.append("<h2>Migration timeline</h2>")
+            parts.append(f"<h3>{escape(guest)}: migration timeline to {escape(comparison.migrate_to)}</h3>")
             for host in comparison.hosts:
                 parts.append(f"<div class='timeline'>{_timeline(comparison, guest, host)}</div>")
     parts.append("</body></html>")
