@@ -171,26 +171,12 @@ def test_endless_loop_hits_the_time_budget(run_asm):
     assert result.stop.reason == "limit" and result.exit_code == 124
 
 
-DIRTYING_FOREVER = """
-    out 0xf5, al
-again:
-    mov rdi, 0x200000
-    mov rcx, 2048
-touch:
-    add qword ptr [rdi], 1
-    add rdi, 4096
-    dec rcx
-    jnz touch
-    jmp again
-"""
-
-
 @pytest.mark.parametrize("timeout", ["0.000001", "0.3"])
-def test_a_deadline_between_engine_starts_still_ends_the_run(asm_guest, timeout):
+def test_a_deadline_between_engine_starts_still_ends_the_run(timeout):
     """Pre-copy starts the engine many times: a stop that lands between two starts used
     to be lost, and the guest ran on forever after the move."""
     from helpers import minivmm_cli
-    done = minivmm_cli("run", asm_guest(DIRTYING_FOREVER), "--memory", "64M", "--migrate", "westmere@checkpoint:1",
+    done = minivmm_cli("run", "dirty_loop", "--memory", "64M", "--migrate", "westmere@checkpoint:1",
                        "--timeout", timeout, timeout=60)
     assert done.returncode == 124, done.stderr
 
