@@ -133,3 +133,14 @@ def test_segment_in_vmm_area_or_beyond_ram_is_refused(tmp_path):
         path.write_bytes(elf64([(vaddr, b"\xf4", 1)], vaddr))
         with pytest.raises(MinivmmError, match=message):
             VM(str(path), "nehalem")
+
+
+def test_every_shipped_guest_says_what_it_demonstrates():
+    from minivmm.loader import shipped_guests_dir
+    guests = shipped_guests_dir()
+    sources = [guests.joinpath(n) for n in shipped_guests()] + \
+        [p for p in guests.joinpath("c").iterdir() if p.name.endswith(".c") and p.name != "runtime.c"]
+    for source in sources:
+        lines = source.read_text().splitlines()
+        header = [line for line in lines[:12] if line.startswith((";", "/*", " *"))]
+        assert len(header) >= 2, f"{source.name}: needs a header paragraph saying what it demonstrates"
