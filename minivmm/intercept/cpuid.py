@@ -25,7 +25,7 @@ class CpuidExitHandler:
         self.host = host_name
         self.log: list[tuple] = [] if log is None else log
         self._on_error = on_error
-        self._cache: dict[tuple[int, int], engine.RegisterBlock] = {}
+        self._cache: dict[tuple[int, int, int], tuple] = {}
         # CR4 rides along in the same call: leaves 1 and 7 mirror two of its bits.
         self._inputs = engine.RegisterBlock((UC_X86_REG_EAX, UC_X86_REG_ECX, UC_X86_REG_CR4))
         self._keep = None
@@ -33,27 +33,35 @@ class CpuidExitHandler:
     def install(self, uc) -> None:
         handle = uc._uch
         inputs = self._inputs
-        values = inputs.values
+        values, in_ids, in_pointers = inputs.values, inputs.ids, inputs.pointers
         read, write = engine.reg_read_batch, engine.reg_write_batch
-        cache, log, view, host = self._cache, self.log, self.view, self.host
-        indexed, live, live_bits = view.indexed_leaves, view.LIVE_LEAVES, view.LIVE_CR4_BITS
+        cache, append, view, host = self._cache, self.log.append, self.view, self.host
+        indexed, live_bits = view.indexed_leaves, view.LIVE_CR4_BITS
+        live_leaves = {leaf for leaf, _ in view.LIVE_LEAVES}
 
+        # Per exit: one batch read, one dict lookup, one batch write, one log entry.
         def on_cpuid(_h, _ud):
             try:
-                read(handle, inputs.ids, inputs.pointers, 3)
-                leaf = values[0] & 0xFFFFFFFF
+                read(handle, in_ids, in_pointers, 3)
+                leaf = values[0] & 0xFFFFFFFF   # indexing: unpacking a ctypes array costs 6x more
                 # Leaves that ignore ECX are logged and cached as subleaf 0.
-                key = (leaf, values[1] & 0xFFFFFFFF if leaf in indexed else 0)
-                state = values[2] & live_bits if key in live else 0
-                block = cache.get((key, state))
-                if block is None:
-                    block = engine.RegisterBlock(OUTPUT_REGS, view.answer(*key, state))
-                    if len(cache) < CACHE_LIMIT:
-                        cache[(key, state)] = block
-                write(handle, block.ids, block.pointers, 4)
-                log.append((key, block.initial, host))
+                subleaf = values[1] & 0xFFFFFFFF if leaf in indexed else 0
+                state = values[2] & live_bits if leaf in live_leaves and not subleaf else 0
+                entry = cache.get((leaf, subleaf, state))
+                if entry is None:
+                    entry = self._answer(leaf, subleaf, state)
+                write(handle, entry[0], entry[1], 4)
+                append((entry[2], entry[3], host))
             except BaseException as e:  # never let an exception vanish inside ctypes
                 self._on_error(e)
             return 1  # skip the engine's own CPUID
 
         self._keep = engine.add_insn_hook(uc, UC_X86_INS_CPUID, on_cpuid)
+
+    def _answer(self, leaf: int, subleaf: int, state: int) -> tuple:
+        """(register ids, value pointers, log key, answer), cached while there is room."""
+        block = engine.RegisterBlock(OUTPUT_REGS, self.view.answer(leaf, subleaf, state))
+        entry = (block.ids, block.pointers, (leaf, subleaf), block.initial, block)
+        if len(self._cache) < CACHE_LIMIT:
+            self._cache[(leaf, subleaf, state)] = entry
+        return entry
