@@ -22,6 +22,8 @@ from xml.etree import ElementTree as ET
 
 from .errors import MinivmmError
 from .evc import evc_mode, evc_modes
+from .loader import load_guest
+from .masks import Mask
 from .migration import MigrationRequest, Trigger
 from .profiles import builtin_names, load_profile
 from .testing.checks import detection_problems, stop_problems
@@ -121,6 +123,11 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
     if at != "random" and Trigger.parse(at, "--at").kind == "ms":
         raise MinivmmError(f"--at {at}: a wall-time point would make cells irreproducible; "
                            f"use checkpoint:N, insn:N or random")
+    for guest in guests:
+        if guest is not None:
+            load_guest(guest)       # a missing file or an assembler error fails here, once
+    for mask in masks:
+        Mask.parse(mask)
     host_list = _hosts(hosts)
     modes = _evc_modes(evc)
     pairs = _migrations(migrate, host_list)

@@ -122,6 +122,7 @@ def test_negative_control_a_probing_guest_executes_hidden_instructions():
     (("--migrate", "core2>nosuch"), "nosuch"), (("--at", "bogus"), "--at"), (("--at", "ms:5"), "irreproducible"),
     (("--evc", "bogus"), "bogus"), (("--hosts", "core2,nosuch"), "nosuch"),
     (("--junit", "/nonexistent/dir/m.xml"), "--junit"), (("--report", "/nonexistent/dir/m.json"), "--report"),
+    (("--cpuid-mask", "-nosuchfeature"), "nosuchfeature"), (("nosuchguest",), "nosuchguest"),
 ])
 def test_bad_input_is_refused_before_any_cell_runs(args, says):
     done = minivmm_cli("matrix", "hello", "--hosts", "core2", *args) if "--hosts" not in args else \
