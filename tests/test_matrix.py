@@ -19,22 +19,22 @@ MEROM = "core2,penryn,nehalem"
 
 
 def test_cross_product_and_its_names():
-    plain = cells(["a", "b"], hosts="all")
-    assert len(plain) == 2 * len(builtin_names()) and plain[0] == Cell("a", "core2")
-    pairs = cells(["a"], hosts=MEROM, evc="intel-merom", migrate="all-pairs")
+    plain = cells(["hello", "detect_cpuid"], hosts="all")
+    assert len(plain) == 2 * len(builtin_names()) and plain[0] == Cell("hello", "core2")
+    pairs = cells(["hello"], hosts=MEROM, evc="intel-merom", migrate="all-pairs")
     assert [c.id for c in pairs][:2] == ["core2-intel-merom-to-penryn@checkpoint:1",
                                          "core2-intel-merom-to-nehalem@checkpoint:1"]
     assert len(pairs) == 6
-    listed = cells(["a"], hosts=MEROM, migrate="nehalem>penryn")
+    listed = cells(["hello"], hosts=MEROM, migrate="nehalem>penryn")
     assert [(c.host, c.migrate) for c in listed] == [("nehalem", "penryn@checkpoint:1")]
     with pytest.raises(Exception, match="SOURCE>DESTINATION"):
-        cells(["a"], hosts=MEROM, migrate="nehalem")
+        cells(["hello"], hosts=MEROM, migrate="nehalem")
 
 
 def test_random_points_come_from_the_seed():
-    one = cells(["g"], hosts=MEROM, migrate="all-pairs", at="random", seed=1)
-    assert one == cells(["g"], hosts=MEROM, migrate="all-pairs", at="random", seed=1)
-    assert one != cells(["g"], hosts=MEROM, migrate="all-pairs", at="random", seed=2)
+    one = cells(["hello"], hosts=MEROM, migrate="all-pairs", at="random", seed=1)
+    assert one == cells(["hello"], hosts=MEROM, migrate="all-pairs", at="random", seed=1)
+    assert one != cells(["hello"], hosts=MEROM, migrate="all-pairs", at="random", seed=2)
     assert all(c.migrate.split("@")[1].startswith("insn:") for c in one)
 
 
