@@ -468,13 +468,6 @@ def snapshot_inspect(snapshot_file, as_json):
         click.echo(f"{key}: {value}")
 
 
-def _split_hosts(text: str) -> list[str]:
-    hosts = [h.strip() for h in text.split(",") if h.strip()]
-    if not hosts:
-        raise MinivmmError("--hosts needs at least one profile, e.g. --hosts core2,penryn")
-    return profiles_mod.builtin_names() if hosts == ["all"] else hosts
-
-
 @cli.command()
 @click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
 @click.option("--hosts", required=True, metavar="A,B,...", help="Host profiles to run on (or 'all').")
@@ -503,7 +496,7 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
       minivmm compare detect_both --hosts all --html matrix.html
     """
     from .compare import compare as run_comparison
-    comparison = run_comparison(guests, _split_hosts(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
+    comparison = run_comparison(guests, profiles_mod.host_names(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
                                 timeout=timeout, force=force)
     if html_file:
         from .html import comparison_page
@@ -523,8 +516,9 @@ def _print_comparison(comparison) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE
+    from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, outcome_kind
     mark = {True: "✓", False: "✗", None: "·"}
+    outcome_styles = {"crash": "white on red", "refused": "black on dark_orange"}
     alarm = {MASKED_BUT_EXECUTABLE: "black on yellow", ADVERTISED_BUT_UD: "white on red"}
     console = Console()
     for guest in comparison.guests:
@@ -541,8 +535,7 @@ def _print_comparison(comparison) -> None:
                 if cell.disagreement:
                     text = f"[{alarm[cell.disagreement]}]{text}[/]"
                 if cell.after:
-                    style = "white on red" if "crash" in cell.after else "black on dark_orange" \
-                        if cell.after.startswith("refused") else ""
+                    style = outcome_styles.get(outcome_kind(cell.after), "")
                     text += "\n→ " + (f"[{style}]{cell.after}[/]" if style else cell.after)
                 row.append(text)
             table.add_row(*row)

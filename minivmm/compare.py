@@ -95,6 +95,17 @@ def migration_outcome(plain: RunResult, migrated: RunResult | None) -> str:
     return "ok"
 
 
+def outcome_kind(outcome: str | None) -> str | None:
+    """crash, refused or ok: how a migration outcome should be shown (None: neither)."""
+    if not outcome:
+        return None
+    if "crash" in outcome:
+        return "crash"
+    if outcome.startswith("refused"):
+        return "refused"
+    return "ok" if outcome == "ok" else None
+
+
 def _feature_outcome(feature: str, outcome: str, migrated: RunResult) -> str:
     """The migration's outcome as seen from one feature's row."""
     if outcome == "refused":

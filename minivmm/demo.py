@@ -8,7 +8,6 @@ built from the results, so a demo that stopped showing its point would say so.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ from .features import catalogue
 from .migration import MigrationRequest
 from .profiles import load_profile
 from .report import RunResult
-from .vm import VM
+from .vm import VM, run_command
 
 CHECKSUM = re.compile(r"checksum: (0x[0-9a-f]+)")
 PATH = re.compile(r"^path: (\S+)", re.M)
@@ -42,17 +41,9 @@ class Step:
 def _run(guest: str, host: str, evc: str | None = None, migrate: str | None = None, force: bool = False,
          cold: bool = False, audit: bool = False) -> tuple[RunResult, str]:
     """Run through the library and return the CLI command that does the same."""
-    command = ["minivmm", "run", guest, "--host", host]
-    if evc:
-        command += ["--evc", evc]
-    if migrate:
-        command += ["--migrate", migrate]
-    for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit)):
-        if on:
-            command.append(flag)
     migrations = [MigrationRequest.parse(migrate, cold)] if migrate else []
     result = VM(guest, host, evc=evc).run(migrations=migrations, force=force, audit=audit, timeout=60)
-    return result, shlex.join(command)
+    return result, run_command(guest, host, evc, (), [migrate] if migrate else [], force, cold, audit)
 
 
 def _facts(result: RunResult) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, Cell, Comparison, migration_outcome
+from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, Cell, Comparison, migration_outcome, outcome_kind
 
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; background: #fff; }
@@ -49,9 +49,7 @@ def _cells(cell: Cell, migrating: bool) -> list[str]:
            f'<td class="{probe_class}">{probe}</td>', f"<td>{escape(cell.uses or '-')}</td>"]
     if migrating:
         after = cell.after or "-"
-        kind = "crash" if "crash" in after else "refused" if after.startswith("refused") else \
-            "ok" if after == "ok" else ""
-        out.append(f'<td class="{kind}">{escape(after)}</td>')
+        out.append(f'<td class="{outcome_kind(cell.after) or ""}">{escape(after)}</td>')
     return out
 
 
@@ -67,7 +65,7 @@ def _timeline(comparison: Comparison, guest: str, host: str) -> str:
             steps.append(("move", f"migrate to {record['to']}" + (" (forced)" if record["forced"] else ""), detail))
         else:
             steps.append(("refused", f"refused: {record['to']}", "lacks " + ", ".join(record.get("missing", []))))
-    kind = "crash" if "crash" in outcome else "refused" if outcome == "refused" else "ok" if outcome == "ok" else "source"
+    kind = outcome_kind(outcome) or "source"
     end = migrated.stop.message if migrated is not None else plain.stop.message
     steps.append((kind, outcome, end))
     return "".join(f'<div class="step {k}"><b>{escape(title)}</b>{escape(text)}</div>' for k, title, text in steps)

@@ -135,12 +135,14 @@ def xcr0_needed(instr) -> int:
     return XCR0_YMM if names & _AVX_STATE else 0
 
 
-def os_disabled(instr, cr4: int, xcr0: int | None) -> str | None:
-    """Why the guest's control registers make this instruction #UD, or None."""
+def os_disabled(instr, cr4: int, read_xcr0) -> str | None:
+    """Why the guest's control registers make this instruction #UD, or None.
+    ``read_xcr0()`` is called only for instructions whose state XCR0 enables."""
     if not cr4_allows(instr, cr4):
         return "a CR4 enable bit it needs is clear"
     needed = xcr0_needed(instr)
-    if needed and xcr0 is not None and xcr0 & needed != needed:
+    xcr0 = read_xcr0() if needed else None
+    if xcr0 is not None and xcr0 & needed != needed:
         return f"XCR0 is {xcr0:#x}: the OS has not enabled the state it uses ({needed:#x})"
     return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shlex
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,8 +23,8 @@ from .errors import MinivmmError
 from .evc import evc_mode, evc_modes
 from .loader import load_guest
 from .masks import Mask
-from .migration import MigrationRequest, Trigger
-from .profiles import builtin_names, load_profile
+from .migration import Trigger
+from .profiles import host_names, load_profile
 from .testing.checks import detection_problems, stop_problems
 
 RANDOM_INSNS = (1, 2_000_000)   # where --at random may migrate
@@ -50,34 +49,26 @@ class Cell:
     def __str__(self) -> str:
         return self.id
 
+    @property
+    def migrations(self) -> list[str]:
+        return [self.migrate] if self.migrate else []
+
+    def skip_reason(self) -> str | None:
+        """Why this cell cannot run at all (its host cannot present its EVC mode)."""
+        if self.evc and not evc_mode(self.evc).supported_by(load_profile(self.host)):
+            return f"{self.host} does not support EVC mode {self.evc}"
+        return None
+
     def run(self, guest: str | None = None, timeout: float = 60, **options):
         """Run ``guest`` (default: the cell's) as the cell says."""
         from .vm import VM
-        migrations = [MigrationRequest.parse(self.migrate)] if self.migrate else []
         return VM(guest or self.guest, self.host, evc=self.evc, masks=self.masks).run(
-            migrations=migrations, timeout=timeout, **options)
+            migrations=self.migrations, timeout=timeout, **options)
 
     def command(self, guest: str | None = None) -> str:
         """The ``minivmm run`` command that replays this cell."""
-        args = ["minivmm", "run", guest or self.guest or "GUEST", "--host", self.host]
-        if self.evc:
-            args += ["--evc", self.evc]
-        for mask in self.masks:
-            args.append(f"--cpuid-mask={mask}")
-        if self.migrate:
-            args += ["--migrate", self.migrate]
-        return shlex.join(args)
-
-
-def _hosts(hosts) -> list[str]:
-    if isinstance(hosts, str):
-        hosts = [h.strip() for h in hosts.split(",") if h.strip()]
-    hosts = list(hosts)
-    if hosts == ["all"]:
-        return builtin_names()
-    for host in hosts:
-        load_profile(host)  # unknown names fail here, once
-    return hosts
+        from .vm import run_command
+        return run_command(guest or self.guest or "GUEST", self.host, self.evc, self.masks, self.migrations)
 
 
 def _evc_modes(evc) -> list[str | None]:
@@ -128,7 +119,7 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
             load_guest(guest)       # a missing file or an assembler error fails here, once
     for mask in masks:
         Mask.parse(mask)
-    host_list = _hosts(hosts)
+    host_list = host_names(hosts)
     modes = _evc_modes(evc)
     pairs = _migrations(migrate, host_list)
     out = []
@@ -167,8 +158,8 @@ def run_cell(cell: Cell, timeout: float = 60) -> Outcome:
     cannot execute what the guest needs; failed on a crash, a non-zero status, or a
     path the CPUID view hides."""
     started = time.perf_counter()
-    if cell.evc and not evc_mode(cell.evc).supported_by(load_profile(cell.host)):
-        return Outcome(cell, "skipped", f"{cell.host} does not support EVC mode {cell.evc}")
+    if cell.skip_reason():
+        return Outcome(cell, "skipped", cell.skip_reason())
     try:
         result = cell.run(timeout=timeout)
     except MinivmmError as e:

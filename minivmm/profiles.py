@@ -212,5 +212,20 @@ def load_profile(spec: str) -> HostProfile:
     raise MinivmmError(f"unknown host profile '{spec}' (built-in names, dump:NAME, file:PATH or native{hint})")
 
 
+def host_names(hosts) -> list[str]:
+    """A host list as users write it (``"core2,penryn"``, a list, or ``"all"`` for the
+    built-ins), each name checked once, here."""
+    if isinstance(hosts, str):
+        hosts = [h.strip() for h in hosts.split(",") if h.strip()]
+    hosts = list(hosts)
+    if not hosts:
+        raise MinivmmError("no host profiles given (e.g. core2,penryn or all)")
+    if hosts == ["all"]:
+        return builtin_names()
+    for host in hosts:
+        load_profile(host)
+    return hosts
+
+
 def builtin_profiles() -> list[HostProfile]:
     return [load_profile(name) for name in builtin_names()]

@@ -75,22 +75,18 @@ def minivmm_cell(request):
     cell = getattr(request, "param", None)
     if cell is None:
         raise pytest.UsageError(f"{request.node.nodeid}: minivmm_cell needs @pytest.mark.minivmm(hosts=..., ...)")
-    from .evc import evc_mode
-    from .profiles import load_profile
-    if cell.evc and not evc_mode(cell.evc).supported_by(load_profile(cell.host)):
-        pytest.skip(f"{cell.host} does not support EVC mode {cell.evc}")
+    if cell.skip_reason():
+        pytest.skip(cell.skip_reason())
     return BoundCell(cell, _timeout(request.config))
 
 
 @pytest.fixture
 def minivmm_run(request):
-    from .migration import MigrationRequest
     from .vm import VM
 
-    def run(guest, host="nehalem", evc=None, masks=(), migrations=(), memory="16M", **options):
+    def run(guest, host="nehalem", evc=None, masks=(), memory="16M", **options):
         options.setdefault("timeout", _timeout(request.config))
-        requests = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
-        return VM(str(guest), host, memory=memory, evc=evc, masks=masks).run(migrations=requests, **options)
+        return VM(str(guest), host, memory=memory, evc=evc, masks=masks).run(**options)
 
     return run
 

@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import select
+import shlex
 import signal
 import struct
 import threading
@@ -28,6 +29,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_ME
 
 from . import isa
 from .audit import Audit
+from .engine import read_xcr0 as xcr0_from_context
 from .cpuidview import CR4_OSXSAVE, GuestCpuidView
 from .errors import MinivmmError
 from .evc import evc_mode
@@ -66,7 +68,7 @@ def parse_size(text: str | int) -> int:
 
 
 class _Watchdog:
-    """Stops the engine once: at the run's deadline, or when the user presses Ctrl-C.
+    """Stops the engine at the run's deadline, or when the user presses Ctrl-C.
 
     An asynchronous ``emu_stop`` is not instruction-precise in unicorn 2.1: a loop that
     is stopped from another thread and resumed computes a different result (the stop can
@@ -312,6 +314,9 @@ class _Engine:
     def read_xcr0(self) -> int | None:
         if not self.uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
             return None
+        value = xcr0_from_context(self.uc)  # no stub (and no flush of translated code) where calibrated
+        if value is not None:
+            return value
         out = self._stub(bytes.fromhex("0f01d0"), {x86.UC_X86_REG_RCX: 0})  # xgetbv
         return out[x86.UC_X86_REG_RAX] & 0xFFFFFFFF | (out[x86.UC_X86_REG_RDX] & 0xFFFFFFFF) << 32
 
@@ -626,4 +631,18 @@ def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options)
     return VM(guest, host, **options).run(**run_options)
 
 
-__all__ = ["VM", "run", "parse_size", "LOAD_ADDRESS"]
+def run_command(guest: str, host: str, evc: str | None = None, masks=(), migrations=(), force: bool = False,
+                cold: bool = False, audit: bool = False) -> str:
+    """The ``minivmm run`` command line that does what ``VM(...).run(...)`` with these
+    arguments does: printed by demos and matrix cells so that anyone can replay them."""
+    args = ["minivmm", "run", guest, "--host", host]
+    if evc:
+        args += ["--evc", evc]
+    args += [f"--cpuid-mask={mask}" for mask in masks]
+    for migration in migrations:
+        args += ["--migrate", str(migration)]
+    args += [flag for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit)) if on]
+    return shlex.join(args)
+
+
+__all__ = ["VM", "run", "run_command", "parse_size", "LOAD_ADDRESS"]

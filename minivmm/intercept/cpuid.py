@@ -36,8 +36,7 @@ class CpuidExitHandler:
         values, in_ids, in_pointers = inputs.values, inputs.ids, inputs.pointers
         read, write = engine.reg_read_batch, engine.reg_write_batch
         cache, append, view, host = self._cache, self.log.append, self.view, self.host
-        indexed, live_bits = view.indexed_leaves, view.LIVE_CR4_BITS
-        live_leaves = {leaf for leaf, _ in view.LIVE_LEAVES}
+        indexed, live, live_bits = view.indexed_leaves, view.LIVE_LEAVES, view.LIVE_CR4_BITS
 
         # Per exit: one batch read, one dict lookup, one batch write, one log entry.
         def on_cpuid(_h, _ud):
@@ -46,7 +45,7 @@ class CpuidExitHandler:
                 leaf = values[0] & 0xFFFFFFFF   # indexing: unpacking a ctypes array costs 6x more
                 # Leaves that ignore ECX are logged and cached as subleaf 0.
                 subleaf = values[1] & 0xFFFFFFFF if leaf in indexed else 0
-                state = values[2] & live_bits if leaf in live_leaves and not subleaf else 0
+                state = values[2] & live_bits if (leaf, subleaf) in live else 0
                 entry = cache.get((leaf, subleaf, state))
                 if entry is None:
                     entry = self._answer(leaf, subleaf, state)
@@ -59,7 +58,8 @@ class CpuidExitHandler:
         self._keep = engine.add_insn_hook(uc, UC_X86_INS_CPUID, on_cpuid)
 
     def _answer(self, leaf: int, subleaf: int, state: int) -> tuple:
-        """(register ids, value pointers, log key, answer), cached while there is room."""
+        """(register ids, value pointers, log key, answer, the block that owns the buffers),
+        cached while there is room."""
         block = engine.RegisterBlock(OUTPUT_REGS, self.view.answer(leaf, subleaf, state))
         entry = (block.ids, block.pointers, (leaf, subleaf), block.initial, block)
         if len(self._cache) < CACHE_LIMIT:

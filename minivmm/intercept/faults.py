@@ -119,7 +119,8 @@ class FaultExits:
 
     @staticmethod
     def _os_disabled(uc, instr) -> str | None:
-        return isa.os_disabled(instr, uc.reg_read(x86.UC_X86_REG_CR4), engine.read_xcr0(uc))
+        # XCR0 costs a context copy: read only for instructions whose state it enables.
+        return isa.os_disabled(instr, uc.reg_read(x86.UC_X86_REG_CR4), lambda: engine.read_xcr0(uc))
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
