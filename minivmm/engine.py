@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_INSN
+from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 _lib = ctypes.CDLL(uclib._name)
@@ -38,6 +38,28 @@ def add_insn_hook(uc, insn: int, callback) -> tuple:
     handle = uc_hook_h()
     err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN, cfunc, None,
                            ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+    if err:
+        raise RuntimeError(f"uc_hook_add failed with error {err}")
+    return cfunc, handle
+
+
+class TlbEntry(ctypes.Structure):
+    """unicorn's uc_tlb_entry: what a TLB fill answers."""
+    _fields_ = (("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32))
+
+
+TLB_FILL_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
+                                     ctypes.POINTER(TlbEntry), ctypes.c_void_p)
+
+
+def add_tlb_fill_hook(uc, callback) -> tuple:
+    """Register ``callback(handle, vaddr, access, entry_pointer, user_data) -> bool`` as
+    the virtual TLB's fill, without the binding's per-call wrapper frames. The caller
+    keeps the returned objects alive and catches its own exceptions."""
+    cfunc = TLB_FILL_CALLBACK(callback)
+    handle = uc_hook_h()
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL, cfunc, None,
+                           ctypes.c_uint64(1), ctypes.c_uint64(0))
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle

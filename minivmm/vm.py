@@ -252,7 +252,8 @@ class _Engine:
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
         self.ram = mmap.mmap(-1, vm.memory)
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
-        self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None), run._on_exit)
+        self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None), run._on_exit,
+                                      run._fail)
         self.exits.install(uc)
         self.cpuid = CpuidExitHandler(view, host.name, run._fail, run.cpuid_log)
         self.cpuid.install(uc)

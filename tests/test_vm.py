@@ -203,6 +203,18 @@ def test_an_exception_in_the_vmm_is_raised_not_swallowed(asm_guest, monkeypatch)
         vm.run(timeout=2)
 
 
+def test_an_exception_in_a_tlb_fill_is_raised_not_swallowed(asm_guest, monkeypatch):
+    """The fill is a raw C callback: what it raises must still reach the caller."""
+    from minivmm.intercept import traps
+
+    def broken(*_):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(traps.InstructionExits, "_decode_page", broken)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        VM(asm_guest("hlt"), "nehalem").run(timeout=2)
+
+
 @pytest.mark.parametrize("text, size", [("16M", 16 << 20), ("1G", 1 << 30), ("65536", 65536), ("64MiB", 64 << 20)])
 def test_parse_size(text, size):
     assert parse_size(text) == size

@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import iced_x86
-from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
                      UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
+
+from .. import engine
 
 PAGE = 0x1000
 MAX_INSN = 15
@@ -31,14 +33,17 @@ Classifier = Callable[[object], tuple[str | None, frozenset[str]]]
 
 
 class InstructionExits:
-    def __init__(self, ram, classify: Classifier, on_exit):
+    def __init__(self, ram, classify: Classifier, on_exit, on_error):
         """``ram`` is guest memory as a host buffer: reading it through the engine from
         inside a TLB fill would re-enter the TLB. ``on_exit(uc, address, size, action,
-        audited, instr)`` runs when a planted exit fires."""
+        audited, instr)`` runs when a planted exit fires; ``on_error(exception)`` gets
+        what a fill raised (it must stop the engine)."""
         self.ram = ram
         self.memory = len(ram)
         self._classify = classify
         self._on_exit = on_exit
+        self._on_error = on_error
+        self._keep = None
         self.pages: dict[int, dict[int, tuple]] = {}   # page -> {address: (action, audited, instr)}
         self._hooks: dict[int, int] = {}               # address -> hook handle
         self._uc = None
@@ -49,7 +54,18 @@ class InstructionExits:
     def install(self, uc) -> None:
         self._uc = uc
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        uc.hook_add(UC_HOOK_TLB_FILL, self._fill)
+        fill, on_error = self._fill, self._on_error
+
+        # A fill runs for every page the guest touches after a flush: the raw C hook
+        # saves the binding's three Python frames per call.
+        def on_fill(_h, vaddr, access, entry, _ud):
+            try:
+                return fill(vaddr, access, entry[0])
+            except BaseException as e:  # never let an exception vanish inside ctypes
+                on_error(e)
+                return False
+
+        self._keep = engine.add_tlb_fill_hook(uc, on_fill)
 
     # -- the TLB: identity mapping, decoding on first execution --------------------------
 
@@ -72,7 +88,7 @@ class InstructionExits:
     # Exits change only in fills, between blocks; a write hook changing them mid-block
     # would make the engine re-run the block's earlier instructions.
 
-    def _fill(self, uc, vaddr, access, entry, _ud):
+    def _fill(self, vaddr, access, entry) -> bool:
         page = vaddr & ~(PAGE - 1)
         entry.paddr = page
         if page >= self.memory:
