@@ -23,8 +23,8 @@ from pathlib import Path
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn.x86_const import UC_CPU_X86_NEHALEM, UC_X86_INS_CPUID, UC_X86_REG_RSP
 
-from minivmm.loader import LOAD_ADDRESS, assemble
-from minivmm.vm import VM
+from minivmm.guests.loader import LOAD_ADDRESS, assemble
+from minivmm.vmm.vm import VM
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,9 +149,9 @@ def interleaved(repeats: int, *runs):
 
 
 def migration_rows(tmp: str, repeats: int) -> None:
-    from minivmm import snapshot
-    from minivmm.migration import PreCopy
-    from minivmm.vm import _Run
+    from minivmm.vmm import snapshot
+    from minivmm.vmm.migration import PreCopy
+    from minivmm.vmm.vm import _Run
     fill, dirtying = os.path.join(tmp, "fill.asm"), "dirty_loop"   # the shipped guest: 16 MiB, forever
     fill_off = os.path.join(tmp, "fill_off.asm")
     Path(fill).write_text(FILL_THEN_IDLE)
@@ -203,8 +203,8 @@ def migration_rows(tmp: str, repeats: int) -> None:
 def matrix_rows(repeats: int) -> None:
     """Cells per second of the matrix with one worker process and with two: the cells
     alone (run_cells), and the whole `minivmm matrix` command with its start-up."""
-    from minivmm.matrix import cells, run_cells
-    from minivmm.profiles import builtin_names
+    from minivmm.cpu.profiles import builtin_names
+    from minivmm.testing.matrix import cells, run_cells
     guests = ("dispatch_cpuid", "detect_both", "avx_proper")
     cell_list = cells(guests, hosts="all")
     n = len(cell_list)

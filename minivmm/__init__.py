@@ -8,9 +8,10 @@ The names most tests need, importable from the package itself::
 
 from importlib import import_module
 
-_EXPORTS = {"VM": "vm", "run": "vm", "RunResult": "report", "Cell": "matrix", "cells": "matrix",
-            "run_cells": "matrix", "compare": "compare", "load_profile": "profiles", "Mask": "masks",
-            "MinivmmError": "errors", "build_c": "toolchain"}
+_EXPORTS = {"VM": "vmm.vm", "run": "vmm.vm", "RunResult": "vmm.report", "Cell": "testing.matrix",
+            "cells": "testing.matrix", "run_cells": "testing.matrix", "compare": "teaching.compare",
+            "load_profile": "cpu.profiles", "Mask": "masking.mask", "MinivmmError": "errors",
+            "build_c": "guests.toolchain"}
 __all__ = sorted(_EXPORTS)
 
 

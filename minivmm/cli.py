@@ -7,17 +7,17 @@ import sys
 
 import click
 
-from . import cluster as cluster_mod
-from . import evc as evc_mod
-from . import flexmigration as flex_mod
-from . import lint as lint_mod
-from . import profiles as profiles_mod
-from .cpuidview import GuestCpuidView
+from .cpu import profiles as profiles_mod
 from .errors import MinivmmError
-from .masks import Mask, format_firecracker_template
-from . import snapshot as snapshot_mod
-from .migration import POLICIES, MigrationRequest, PreCopy
-from .vm import VM, parse_size
+from .masking import compat as compat_mod
+from .masking import evc as evc_mod
+from .masking import flexmigration as flex_mod
+from .masking import lint as lint_mod
+from .masking.formats import format_firecracker_template, format_mask, parse_mask
+from .masking.view import GuestCpuidView
+from .vmm import snapshot as snapshot_mod
+from .vmm.migration import POLICIES, MigrationRequest, PreCopy
+from .vmm.vm import VM, parse_size
 
 
 class OneLineErrors(click.Group):
@@ -226,7 +226,7 @@ def baseline(profiles, as_json):
       minivmm baseline penryn nehalem westmere
       minivmm baseline dump:EPYC-7601-32-Core dump:EPYC-7502-32-Core --json
     """
-    result = cluster_mod.baseline(_profiles(profiles))
+    result = compat_mod.baseline(_profiles(profiles))
     if as_json:
         emit_json(result.to_dict())
         return
@@ -234,7 +234,7 @@ def baseline(profiles, as_json):
     click.echo(f"highest common EVC mode: {result.evc.key if result.evc else 'none'}")
     click.echo(f"common features ({len(result.features)}): {' '.join(sorted(result.features))}")
     for host, mask in result.masks.items():
-        click.echo(f"levelling mask for {host}: {mask.to('features') or '(none needed)'}")
+        click.echo(f"levelling mask for {host}: {format_mask(mask, 'features') or '(none needed)'}")
 
 
 @cli.command()
@@ -256,7 +256,7 @@ def check(source, destination, evc, cpuid_mask, as_json):
       minivmm check nehalem penryn --evc intel-penryn  # IDENTICAL
     """
     src, dst = _profiles((source, destination))
-    result = cluster_mod.compare(src, dst, evc, cpuid_mask)
+    result = compat_mod.compare(src, dst, evc, cpuid_mask)
     if as_json:
         emit_json({"source": src.name, "destination": dst.name, "evc": evc, **result.to_dict()})
     else:
@@ -350,8 +350,8 @@ def mask_convert(spec, fmt):
       minivmm mask convert -sse4_1,-popcnt --to vmware
       minivmm mask convert 'cpuid.1.ecx=----:----:---0:----:----:----:----:----' --to xen
     """
-    parsed = Mask.parse(spec)
-    click.echo(format_firecracker_template(parsed) if fmt == "firecracker-json" else parsed.to(fmt))
+    parsed = parse_mask(spec)
+    click.echo(format_firecracker_template(parsed) if fmt == "firecracker-json" else format_mask(parsed, fmt))
 
 
 @mask.command("lint", context_settings=MASK_ARGUMENTS)
@@ -369,7 +369,7 @@ def mask_lint(spec, host, as_json):
     Example:
       minivmm mask lint -avx,+avx2 --host haswell
     """
-    problems = lint_mod.lint(Mask.parse(spec), profiles_mod.load_profile(host) if host else None)
+    problems = lint_mod.lint(parse_mask(spec), profiles_mod.load_profile(host) if host else None)
     if as_json:
         emit_json({"mask": spec, "problems": problems})
     else:
@@ -392,7 +392,7 @@ def mask_msr(spec, host, as_json):
       minivmm mask msr -sse4_1 --host penryn
       minivmm mask msr evc:amd-greyhound-no3dnow --host opteron-g3
     """
-    view = flex_mod.msr_view(Mask.parse(spec), profiles_mod.load_profile(host))
+    view = flex_mod.msr_view(parse_mask(spec), profiles_mod.load_profile(host))
     if as_json:
         emit_json(view.to_dict())
         return
@@ -495,11 +495,11 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
       minivmm compare dispatch_cpuid dispatch_ud --hosts penryn --evc intel-merom --migrate-to core2
       minivmm compare detect_both --hosts all --html matrix.html
     """
-    from .compare import compare as run_comparison
+    from .teaching.compare import compare as run_comparison
     comparison = run_comparison(guests, profiles_mod.host_names(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
                                 timeout=timeout, force=force)
     if html_file:
-        from .html import comparison_page
+        from .teaching.html import comparison_page
         html_file.write(comparison_page(comparison))
         html_file.close()
     if as_json:
@@ -516,7 +516,7 @@ def _print_comparison(comparison) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, outcome_kind
+    from .teaching.compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, outcome_kind
     mark = {True: "✓", False: "✗", None: "·"}
     outcome_styles = {"crash": "white on red", "refused": "black on dark_orange"}
     alarm = {MASKED_BUT_EXECUTABLE: "black on yellow", ADVERTISED_BUT_UD: "white on red"}
@@ -560,7 +560,7 @@ def cc(sources, output):
     Example:
       minivmm cc my_detect.c -o my_detect.elf && minivmm run my_detect.elf --host penryn
     """
-    from .toolchain import build_c
+    from .guests.toolchain import build_c
     click.echo(str(build_c(sources, output)))
 
 
@@ -586,7 +586,7 @@ def demo(name, pace, as_json):
       minivmm demo evc
       minivmm demo all --pace
     """
-    from . import demo as demo_mod
+    from .teaching import demo as demo_mod
     if as_json:
         emit_json([step.to_dict() for step in demo_mod.steps(name)])
         return
@@ -644,12 +644,13 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
       minivmm matrix dispatch_ud --hosts core2,penryn,nehalem --evc intel-merom --migrate all-pairs
       minivmm matrix my_guest.elf --evc all --at random --seed 7 --report out.json
     """
-    from . import matrix as matrix_mod
+    from .testing import matrix as matrix_mod
     cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed)
     if as_json:
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
     else:
         from rich.progress import Progress
+
         # No refresh thread: the worker processes are forked while the bar is shown.
         with Progress(transient=True, console=_stderr_console(), auto_refresh=False) as bar:
             task = bar.add_task(f"{len(cell_list)} cells", total=len(cell_list))

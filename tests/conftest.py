@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import HealthCheck, settings
 
-from minivmm.vm import VM
+from minivmm.vmm.vm import VM
 
 # A fast default for development; --hypothesis-profile=ci explores more.
 settings.register_profile("default", max_examples=60, deadline=None,

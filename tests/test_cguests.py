@@ -3,10 +3,10 @@
 import shutil
 
 import pytest
-
 from helpers import minivmm_cli
-from minivmm.toolchain import build_c, runtime_dir
-from minivmm.vm import VM
+
+from minivmm.guests.toolchain import build_c, runtime_dir
+from minivmm.vmm.vm import VM
 
 pytestmark = pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: C guests cannot be built")
 

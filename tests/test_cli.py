@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import dump_registers, minivmm_cli, parse_raw_lines
 
 REPO = Path(__file__).resolve().parent.parent

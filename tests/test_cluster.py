@@ -4,18 +4,18 @@ import itertools
 import json
 
 import pytest
+from helpers import minivmm_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import minivmm_cli
-from minivmm.cluster import Cluster, baseline, compare, physical, presented
-from minivmm.cpuidview import GuestCpuidView
+from minivmm.cpu.profiles import load_profile
 from minivmm.errors import MinivmmError
-from minivmm.evc import evc_mode, evc_modes, highest_common_mode
-from minivmm.profiles import load_profile
+from minivmm.masking.compat import baseline, compare, physical, presented
+from minivmm.masking.evc import evc_mode, evc_modes, highest_common_mode
+from minivmm.masking.view import GuestCpuidView
 from minivmm.testing import strategies as mst
-from minivmm.vm import VM
-
+from minivmm.vmm.cluster import Cluster
+from minivmm.vmm.vm import VM
 
 # ---- properties over the real profiles ------------------------------------------------
 
@@ -113,7 +113,7 @@ def test_nehalem_under_penryn_evc_hides_but_still_executes_sse4_2_and_popcnt(run
 
 
 def catalogue_decode(result):
-    from minivmm.features import catalogue
+    from minivmm.cpu.features import catalogue
     leaf1 = next(e for e in result.cpuid_exits if e["leaf"] == 1)
     regs = (leaf1["eax"], leaf1["ebx"], leaf1["ecx"], leaf1["edx"])
     return {f.name for f in catalogue() if (f.leaf, f.subleaf) == (1, 0) and f.is_set(regs)}
@@ -216,11 +216,11 @@ def test_mask_commands():
 
 
 def test_lint_finds_vendor_and_max_leaf_problems():
-    from minivmm.lint import lint
-    from minivmm.masks import Mask
+    from minivmm.masking.formats import parse_mask
+    from minivmm.masking.lint import lint
     haswell = load_profile("haswell")
-    assert any("AMD feature" in p for p in lint(Mask.parse("+sse4a"), haswell))
-    assert any("SVM" in p for p in lint(Mask.parse("0x8000000a:eax=0b1"), haswell))
-    clamp = Mask.parse("0x0:eax=0b" + "0" * 28 + "0001")  # max basic leaf 1
+    assert any("AMD feature" in p for p in lint(parse_mask("+sse4a"), haswell))
+    assert any("SVM" in p for p in lint(parse_mask("0x8000000a:eax=0b1"), haswell))
+    clamp = parse_mask("0x0:eax=0b" + "0" * 28 + "0001")  # max basic leaf 1
     assert any("maximum leaf 0x1 hides leaves that still advertise" in p for p in lint(clamp, haswell))
-    assert lint(Mask.parse("evc:intel-penryn"), haswell) == []
+    assert lint(parse_mask("evc:intel-penryn"), haswell) == []

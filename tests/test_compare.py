@@ -5,10 +5,10 @@ import shutil
 import subprocess
 
 import pytest
-
 from helpers import minivmm_cli, png_colours
-from minivmm.compare import MASKED_BUT_EXECUTABLE, compare
-from minivmm.html import comparison_page
+
+from minivmm.teaching.compare import MASKED_BUT_EXECUTABLE, compare
+from minivmm.teaching.html import comparison_page
 
 HOSTS = ["core2", "penryn", "nehalem"]
 YELLOW, RED = (0xFF, 0xD8, 0x4D), (0xD7, 0x26, 0x3D)   # html.py: masked, crash

@@ -4,9 +4,9 @@ import json
 import shlex
 
 import pytest
-
 from helpers import minivmm_cli
-from minivmm import demo
+
+from minivmm.teaching import demo
 
 
 @pytest.fixture(scope="module")

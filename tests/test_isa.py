@@ -7,13 +7,12 @@ import struct
 import pytest
 from iced_x86 import Decoder
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
-from unicorn.x86_const import (UC_CPU_X86_HASWELL, UC_X86_REG_CR4, UC_X86_REG_XMM0, UC_X86_REG_XMM1,
-                               UC_X86_REG_XMM2)
+from unicorn.x86_const import UC_CPU_X86_HASWELL, UC_X86_REG_CR4, UC_X86_REG_XMM0, UC_X86_REG_XMM1, UC_X86_REG_XMM2
 
-from minivmm import isa
-from minivmm.loader import GuestImage, assemble
-from minivmm.profiles import builtin_names, load_profile
-from minivmm.vm import VM
+from minivmm.cpu import isa
+from minivmm.cpu.profiles import builtin_names, engine_models, load_profile
+from minivmm.guests.loader import GuestImage, assemble
+from minivmm.vmm.vm import VM
 
 # Instruction, the feature the vendors' manuals say it needs. iced-x86 must agree.
 INSTRUCTIONS = [
@@ -105,7 +104,7 @@ def test_the_table_has_at_least_25_features_and_both_outcomes():
 def test_dump_profiles_on_a_wider_engine_model_still_fault():
     """A Xeon 5110 runs on an engine model with POPCNT; the host does not have it."""
     xeon = load_profile("dump:Xeon-5110")
-    assert "popcnt" in __import__("minivmm.profiles", fromlist=["x"]).engine_models()[xeon.engine_model]
+    assert "popcnt" in engine_models()[xeon.engine_model]
     assert outcome(VM(image("popcnt rax, rbx"), xeon).run(timeout=5)) == "#UD"
 
 
@@ -132,7 +131,7 @@ def test_avx_without_ymm_state_in_xcr0_is_ud_even_where_the_cpu_has_avx():
 
 
 def test_xcr0_is_found_in_the_engine_context():
-    from minivmm import engine
+    from minivmm.vmm import engine
     assert engine._calibrate_xcr0() is not None
 
 

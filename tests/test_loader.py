@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from minivmm.errors import MinivmmError
-from minivmm.loader import LOAD_ADDRESS, assemble, find_guest, load_elf, load_guest, shipped_guests
+from minivmm.guests.loader import LOAD_ADDRESS, assemble, find_guest, load_elf, load_guest, shipped_guests
 
 
 def test_semicolon_comments_are_stripped_outside_strings(run_asm):
@@ -59,7 +59,7 @@ def test_shipped_guests_resolve_by_name_with_or_without_extension():
 def test_flat_binary_loads_at_the_load_address(tmp_path):
     path = tmp_path / "guest.bin"
     path.write_bytes(assemble("mov al, 42\nout 0xf4, al\n"))
-    from minivmm.vm import VM
+    from minivmm.vmm.vm import VM
     result = VM(str(path), "penryn").run(timeout=5)
     assert result.stop.reason == "exited" and result.stop.status == 42
 
@@ -83,7 +83,7 @@ def test_elf_is_loaded_by_program_headers(tmp_path):
     image = elf64([(0x200000, code, len(code)), (0x300000, data, 0x1000)], entry=0x200000)
     path = tmp_path / "guest"
     path.write_bytes(image)
-    from minivmm.vm import VM
+    from minivmm.vmm.vm import VM
     result = VM(str(path), "nehalem").run(timeout=5)
     assert result.stop.reason == "exited" and result.stop.status == 7
 
@@ -101,7 +101,7 @@ def test_gcc_built_static_elf_runs(tmp_path):
     exe = tmp_path / "g.elf"
     subprocess.run(["gcc", "-ffreestanding", "-nostdlib", "-static", "-no-pie", "-mno-red-zone", "-O1",
                     "-Wl,-Ttext-segment=0x400000", "-o", str(exe), str(src)], check=True)
-    from minivmm.vm import VM
+    from minivmm.vmm.vm import VM
     result = VM(str(exe), "core2").run(timeout=5)
     assert result.console == "C guest\n" and result.stop.status == 3
 
@@ -127,7 +127,7 @@ def test_wrong_kind_of_elf_is_refused(kwargs, message):
 
 
 def test_segment_in_vmm_area_or_beyond_ram_is_refused(tmp_path):
-    from minivmm.vm import VM
+    from minivmm.vmm.vm import VM
     for vaddr, message in ((0x1000, "reserved area"), (0x2000000, "beyond guest RAM")):
         path = tmp_path / f"g{vaddr:x}"
         path.write_bytes(elf64([(vaddr, b"\xf4", 1)], vaddr))
@@ -136,7 +136,7 @@ def test_segment_in_vmm_area_or_beyond_ram_is_refused(tmp_path):
 
 
 def test_every_shipped_guest_says_what_it_demonstrates():
-    from minivmm.loader import shipped_guests_dir
+    from minivmm.guests.loader import shipped_guests_dir
     guests = shipped_guests_dir()
     sources = [guests.joinpath(n) for n in shipped_guests()] + \
         [p for p in guests.joinpath("c").iterdir() if p.name.endswith(".c") and p.name != "runtime.c"]

@@ -7,13 +7,13 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+from helpers import minivmm_cli
 from hypothesis import given, settings
 
-from helpers import minivmm_cli
-from minivmm.matrix import Cell, cells, run_cell, run_cells
-from minivmm.profiles import builtin_names
+from minivmm.cpu.profiles import builtin_names
 from minivmm.testing import strategies as mst
 from minivmm.testing.checks import audit_problems
+from minivmm.testing.matrix import Cell, cells, run_cell, run_cells
 
 MEROM = "core2,penryn,nehalem"
 

@@ -5,17 +5,17 @@ import json
 import os
 
 import pytest
+from helpers import minivmm_cli
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import minivmm.snapshot as snapshot_mod
-from helpers import minivmm_cli
+import minivmm.vmm.snapshot as snapshot_mod
 from minivmm.errors import MinivmmError
-from minivmm.evc import highest_common_mode
-from minivmm.migration import PreCopy
-from minivmm.snapshot import Snapshot
+from minivmm.masking.evc import highest_common_mode
 from minivmm.testing import strategies as mst
-from minivmm.vm import VM
+from minivmm.vmm.migration import PreCopy
+from minivmm.vmm.snapshot import Snapshot
+from minivmm.vmm.vm import VM
 
 # CPUID-guided, and using GPRs, memory, x87 and SSE state across any migration point.
 STATEFUL = """
@@ -159,7 +159,7 @@ def test_forcing_the_move_crashes_on_penryn(asm_guest):
 
 
 def test_cold_migration_redetects_and_is_always_safe():
-    from minivmm.migration import MigrationRequest
+    from minivmm.vmm.migration import MigrationRequest
     cold = VM("dispatch_ud", "penryn").run(migrations=[MigrationRequest.parse("core2@checkpoint:1", cold=True)],
                                           timeout=60)
     assert cold.migrations[0]["ok"] and cold.migrations[0]["mode"] == "cold"
@@ -171,7 +171,7 @@ def test_cold_migration_redetects_and_is_always_safe():
 @pytest.mark.parametrize("policy, cold, ok", [("disabled", False, False), ("disabled", True, False),
                                               ("offline", False, False), ("offline", True, True)])
 def test_migration_policy(policy, cold, ok):
-    from minivmm.migration import MigrationRequest
+    from minivmm.vmm.migration import MigrationRequest
     result = VM("dispatch_cpuid", "penryn", evc="intel-merom", policy=policy).run(
         migrations=[MigrationRequest.parse("core2@checkpoint:1", cold=cold)], timeout=60)
     assert result.migrations[0]["ok"] is ok

@@ -9,16 +9,16 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-
 from helpers import minivmm_cli
-from minivmm.toolchain import build_c
+
+from minivmm.guests.toolchain import build_c
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "simdlib"
 needs_gcc = pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: the example cannot be built")
 
 
 def test_the_plugin_is_registered_as_a_pytest11_entry_point():
-    assert "minivmm.pytest_plugin" in {e.value for e in entry_points(group="pytest11")}
+    assert "minivmm.testing.plugin" in {e.value for e in entry_points(group="pytest11")}
 
 
 def run_example(tmp_path, *args):

@@ -1,11 +1,10 @@
 """Built-in and dump profiles present exactly the real CPU data they came from."""
 
 import pytest
-
-from minivmm.profiles import builtin_names, dump_names, load_profile
-from minivmm.vm import VM
-
 from helpers import dump_registers, parse_raw_lines
+
+from minivmm.cpu.profiles import builtin_names, dump_names, load_profile
+from minivmm.vmm.vm import VM
 
 HYPERVISOR = 1 << 31
 OSXSAVE, XSAVE = 1 << 27, 1 << 26

@@ -2,8 +2,8 @@
 
 import pytest
 
-from minivmm.profiles import load_profile
-from minivmm.vm import VM, parse_size
+from minivmm.cpu.profiles import load_profile
+from minivmm.vmm.vm import VM, parse_size
 
 CPUID_THEN_EXIT = """
     mov eax, {leaf}
@@ -205,7 +205,7 @@ def test_an_exception_in_the_vmm_is_raised_not_swallowed(asm_guest, monkeypatch)
 
 def test_an_exception_in_a_tlb_fill_is_raised_not_swallowed(asm_guest, monkeypatch):
     """The fill is a raw C callback: what it raises must still reach the caller."""
-    from minivmm.intercept import traps
+    from minivmm.vmm.exits import traps
 
     def broken(*_):
         raise RuntimeError("decoder exploded")

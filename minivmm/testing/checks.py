@@ -13,8 +13,8 @@ what differed, e.g. "guest used sse4_1 path on core2 where CPUID hides sse4_1"::
 
 from __future__ import annotations
 
-from ..features import catalogue
-from ..report import RunResult
+from ..cpu.features import catalogue
+from ..vmm.report import RunResult
 
 
 def detection_problems(result: RunResult) -> list[str]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from ..deps import hidden_closure
-from ..evc import evc_modes, levelled_features
-from ..features import catalogue
-from ..masks import Mask, RegisterMask, feature_mask
-from ..profiles import builtin_names, dump_names, load_profile
+from ..cpu.deps import hidden_closure
+from ..cpu.features import catalogue
+from ..cpu.profiles import builtin_names, dump_names, load_profile
+from ..masking.evc import evc_modes, levelled_features
+from ..masking.formats import format_mask
+from ..masking.mask import Mask, RegisterMask, feature_mask
 
 # The registers where features live (leaf, subleaf, register), as masks touch them.
 FEATURE_REGISTERS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
@@ -112,7 +113,7 @@ def _only_unforced_marks(mask: Mask) -> Mask:
 
 def mask_strings(fmt: str):
     """Mask strings in one format, as a user would write them."""
-    return masks_for_format(fmt).filter(bool).map(lambda m: m.to(fmt))
+    return masks_for_format(fmt).filter(bool).map(lambda m: format_mask(m, fmt))
 
 
 def evc_mode_keys(vendor: str | None = None):
@@ -149,8 +150,8 @@ def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool 
     """Matrix cells (:class:`minivmm.matrix.Cell`): a host, maybe an EVC mode the host
     supports, maybe a live migration to another host of the same vendor, and a mask
     drawn from ``masks`` (a strategy of :class:`Mask`, e.g. ``hiding_masks()``) if given."""
-    from ..evc import evc_mode
-    from ..matrix import Cell
+    from ..masking.evc import evc_mode
+    from .matrix import Cell
 
     @st.composite
     def build(draw):
@@ -166,7 +167,7 @@ def cells(guest: str | None = None, hosts=None, evc: bool = True, migrate: bool 
             if others and draw(st.booleans()):
                 migration = f"{draw(st.sampled_from(others))}@{draw(triggers())}"
         mask = draw(masks) if masks is not None else None
-        return Cell(guest, host, mode, (mask.to("vmware"),) if mask else (), migration,
+        return Cell(guest, host, mode, (format_mask(mask, "vmware"),) if mask else (), migration,
                     draw(st.integers(0, 2**32 - 1)))
 
     return build()

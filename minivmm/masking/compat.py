@@ -1,4 +1,4 @@
-"""Clusters of hosts: baselines, migration compatibility, and EVC mode management.
+"""Compatibility of hosts: baselines and the migration check.
 
 The questions VirtualCenter and libvirt answer: what can every host of this cluster
 present (``baseline``, as ``virsh cpu-baseline``)? Can a VM move from A to B
@@ -9,13 +9,14 @@ compares; platform and power bits are a host's own business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .cpuidview import GuestCpuidView
-from .errors import MinivmmError
+from ..cpu.features import catalogue
+from ..errors import MinivmmError
 from .evc import EvcMode, evc_mode, highest_common_mode, levelled_features, require_supported
-from .features import catalogue
-from .masks import Mask, feature_mask
+from .formats import format_mask
+from .mask import Mask, feature_mask
+from .view import GuestCpuidView
 
 
 def presented(view: GuestCpuidView) -> frozenset[str]:
@@ -37,7 +38,7 @@ class Baseline:
     def to_dict(self) -> dict:
         return {"hosts": list(self.hosts), "features": sorted(self.features),
                 "evc": self.evc.key if self.evc else None,
-                "masks": {h: m.to("features") for h, m in self.masks.items()}}
+                "masks": {h: format_mask(m, "features") for h, m in self.masks.items()}}
 
 
 def baseline(profiles) -> Baseline:
@@ -94,44 +95,3 @@ def compare(source, destination, evc: str | None = None, masks=()) -> Comparison
     else:
         verdict = "SUPERSET"
     return Comparison(verdict, blocking, tuple(marks), physical(destination) - seen)
-
-
-@dataclass
-class Cluster:
-    """Hosts that share an EVC mode, and the VMs powered on in it.
-
-    A VM's view is frozen at power-on: raising the mode reaches it only when it is
-    powered on again (VMware: "the EVC mode of a virtual machine")."""
-    mode: EvcMode | None = None
-    hosts: list = field(default_factory=list)
-    vm_modes: dict[str, str | None] = field(default_factory=dict)
-
-    def add_host(self, profile) -> None:
-        if self.mode:
-            require_supported(self.mode, profile)
-        elif self.hosts and profile.vendor != self.hosts[0].vendor:
-            raise MinivmmError(f"{profile.name} is {profile.vendor.upper()}, the cluster is "
-                               f"{self.hosts[0].vendor.upper()}: mixed vendors cannot share a cluster")
-        self.hosts.append(profile)
-
-    def set_mode(self, key: str | None) -> None:
-        """Any mode every host supports; lowering is how a weaker host gets in."""
-        mode = evc_mode(key) if key else None
-        if mode:
-            for host in self.hosts:
-                require_supported(mode, host)
-        self.mode = mode
-
-    def power_on(self, name: str, guest, host=None, **options):
-        """A VM of this cluster (on its first host unless told), under the current mode."""
-        from .vm import VM
-        if not self.hosts:
-            raise MinivmmError("the cluster has no hosts")
-        host = host or self.hosts[0]
-        if host not in self.hosts:
-            raise MinivmmError(f"{host.name} is not a host of this cluster")
-        self.vm_modes[name] = self.mode.key if self.mode else None
-        return VM(guest, host, evc=self.vm_modes[name], **options)
-
-    def vm_mode(self, name: str) -> str | None:
-        return self.vm_modes[name]

@@ -7,7 +7,7 @@ migration to a host that does not: the code that ran it did not ask CPUID first.
 
 from __future__ import annotations
 
-from . import isa
+from ..cpu import isa
 
 
 class Audit:

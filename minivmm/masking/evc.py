@@ -14,9 +14,9 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 
-from .errors import MinivmmError
-from .features import catalogue
-from .masks import Mask, feature_mask
+from ..cpu.features import catalogue
+from ..errors import MinivmmError
+from .mask import Mask, feature_mask
 
 
 @dataclass(frozen=True)

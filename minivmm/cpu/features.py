@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .errors import MinivmmError
+from ..errors import MinivmmError
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 

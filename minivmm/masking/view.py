@@ -7,10 +7,11 @@ passed through the VM's mask, then normalised as a hypervisor presents a virtual
 
 from __future__ import annotations
 
-from .cpuid import EXTENDED, CpuidTable, Regs
-from .errors import MinivmmError
+from ..cpu.table import EXTENDED, CpuidTable, Regs
+from ..errors import MinivmmError
 from .evc import evc_mode, require_supported
-from .masks import Mask
+from .formats import parse_mask
+from .mask import Mask
 
 HYPERVISOR_BIT = 1 << 31   # CPUID.1:ECX[31], reserved for hypervisors to set
 OSXSAVE_BIT = 1 << 27      # CPUID.1:ECX[27] mirrors CR4.OSXSAVE (bit 18)
@@ -24,7 +25,7 @@ HYPERVISOR_SIGNATURE = b"minivmm\0\0\0\0\0"
 def build_mask(host, evc: str | None = None, masks=()) -> Mask:
     """The VM's mask: the EVC mode's, then each user mask in order. Refused, as VMware
     refuses to power on, if the host cannot run the mode or fails a T/F mark."""
-    parts = [m if isinstance(m, Mask) else Mask.parse(m) for m in masks]
+    parts = [m if isinstance(m, Mask) else parse_mask(m) for m in masks]
     if evc:
         mode = evc_mode(evc)
         require_supported(mode, host)

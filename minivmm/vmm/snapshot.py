@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import unicorn.x86_const as x86
 import zstandard
 
-from .cpuid import CpuidTable
-from .errors import MinivmmError
+from ..cpu.table import CpuidTable
+from ..errors import MinivmmError
 
 MAGIC = b"MINIVMM\x00"
 VERSION = 1

@@ -82,7 +82,7 @@ def minivmm_cell(request):
 
 @pytest.fixture
 def minivmm_run(request):
-    from .vm import VM
+    from ..vmm.vm import VM
 
     def run(guest, host="nehalem", evc=None, masks=(), memory="16M", **options):
         options.setdefault("timeout", _timeout(request.config))
@@ -93,8 +93,8 @@ def minivmm_run(request):
 
 @pytest.fixture(scope="session")
 def minivmm_cc():
-    from .toolchain import build_c, compiler
-    from .errors import MinivmmError
+    from ..errors import MinivmmError
+    from ..guests.toolchain import build_c, compiler
 
     def cc(*sources, cflags=()):
         try:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import MinivmmError
-from .features import catalogue
-from .profiles import load_profile
-from .report import RunResult
-from .vm import VM
+from ..cpu.features import catalogue
+from ..cpu.profiles import load_profile
+from ..errors import MinivmmError
+from ..vmm.report import RunResult
+from ..vmm.vm import VM
 
 MASKED_BUT_EXECUTABLE = "masked but executable"
 ADVERTISED_BUT_UD = "advertised but #UD"

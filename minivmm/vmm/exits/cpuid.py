@@ -1,15 +1,14 @@
 """CPUID exits: every CPUID the guest executes lands here.
 
-The answer comes from the VM's :class:`~minivmm.cpuidview.GuestCpuidView`; this
+The answer comes from the VM's :class:`~minivmm.masking.view.GuestCpuidView`; this
 handler only moves registers and records the exit. It runs once per guest CPUID,
 so it uses the raw C calls and caches each answer in a ready-to-write buffer.
 """
 
 from __future__ import annotations
 
-from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_REG_CR4, UC_X86_REG_EAX,
-                               UC_X86_REG_ECX, UC_X86_REG_RAX, UC_X86_REG_RBX,
-                               UC_X86_REG_RCX, UC_X86_REG_RDX)
+from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_REG_CR4, UC_X86_REG_EAX, UC_X86_REG_ECX, UC_X86_REG_RAX,
+                               UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
 
 from .. import engine
 

@@ -4,7 +4,7 @@ A :class:`Cell` is everything a run depends on (guest, host, EVC mode, masks,
 migration schedule, seed), so any cell replays alone with the command it prints.
 ``cells`` builds the cross product; ``run_cells`` runs it on N processes; a cell passes
 when the guest powers off with status 0 and never takes a path its CPUID view hides.
-The same cells parametrise pytest tests (see :mod:`minivmm.pytest_plugin`), so under
+The same cells parametrise pytest tests (see :mod:`minivmm.testing.plugin`), so under
 pytest-xdist they spread over machines with no runner of ours.
 """
 
@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from xml.etree import ElementTree as ET
 
-from .errors import MinivmmError
-from .evc import evc_mode, evc_modes
-from .loader import load_guest
-from .masks import Mask
-from .migration import Trigger
-from .profiles import host_names, load_profile
-from .testing.checks import detection_problems, stop_problems
+from ..cpu.profiles import host_names, load_profile
+from ..errors import MinivmmError
+from ..guests.loader import load_guest
+from ..masking.evc import evc_mode, evc_modes
+from ..masking.formats import parse_mask
+from ..vmm.migration import Trigger
+from .checks import detection_problems, stop_problems
 
 RANDOM_INSNS = (1, 2_000_000)   # where --at random may migrate
 
@@ -61,13 +61,13 @@ class Cell:
 
     def run(self, guest: str | None = None, timeout: float = 60, **options):
         """Run ``guest`` (default: the cell's) as the cell says."""
-        from .vm import VM
+        from ..vmm.vm import VM
         return VM(guest or self.guest, self.host, evc=self.evc, masks=self.masks).run(
             migrations=self.migrations, timeout=timeout, **options)
 
     def command(self, guest: str | None = None) -> str:
         """The ``minivmm run`` command that replays this cell."""
-        from .vm import run_command
+        from ..vmm.vm import run_command
         return run_command(guest or self.guest or "GUEST", self.host, self.evc, self.masks, self.migrations)
 
 
@@ -118,7 +118,7 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
         if guest is not None:
             load_guest(guest)       # a missing file or an assembler error fails here, once
     for mask in masks:
-        Mask.parse(mask)
+        parse_mask(mask)
     host_list = host_names(hosts)
     modes = _evc_modes(evc)
     pairs = _migrations(migrate, host_list)

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import MinivmmError
+from ..errors import MinivmmError
 
 Regs = tuple[int, int, int, int]
 EXTENDED = 0x80000000

@@ -15,7 +15,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from .errors import MinivmmError
+from ..errors import MinivmmError
 
 CFLAGS = ("-ffreestanding", "-nostdlib", "-static", "-mno-red-zone", "-fno-pic", "-no-pie", "-O2",
           "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-Wl,--build-id=none",
@@ -24,7 +24,7 @@ RUNTIME = ("crt0.S", "runtime.c")
 
 
 def runtime_dir() -> Path:
-    return Path(str(resources.files("minivmm").joinpath("guests", "c")))
+    return Path(str(resources.files("minivmm").joinpath("guests", "shipped", "c")))
 
 
 def compiler() -> str:

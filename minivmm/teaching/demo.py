@@ -11,14 +11,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .cluster import compatibility
-from .cpuidview import GuestCpuidView
-from .errors import MinivmmError
-from .features import catalogue
-from .migration import MigrationRequest
-from .profiles import load_profile
-from .report import RunResult
-from .vm import VM, run_command
+from ..cpu.features import catalogue
+from ..cpu.profiles import load_profile
+from ..errors import MinivmmError
+from ..masking.compat import compatibility
+from ..masking.view import GuestCpuidView
+from ..vmm.migration import MigrationRequest
+from ..vmm.report import RunResult
+from ..vmm.vm import VM, run_command
 
 CHECKSUM = re.compile(r"checksum: (0x[0-9a-f]+)")
 PATH = re.compile(r"^path: (\S+)", re.M)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import MinivmmError
+from ..errors import MinivmmError
 
 LOAD_ADDRESS = 0x100000
 ASM_SUFFIXES = (".asm", ".s", ".S")
@@ -35,7 +35,7 @@ class GuestImage:
 # ---- finding a guest ------------------------------------------------------------------
 
 def shipped_guests_dir():
-    return resources.files("minivmm").joinpath("guests")
+    return resources.files("minivmm").joinpath("guests", "shipped")
 
 
 def shipped_guests() -> list[str]:

@@ -12,8 +12,8 @@ import mmap
 import platform
 import time
 
-from .cpuid import EXTENDED, CpuidTable
-from .errors import MinivmmError
+from ..errors import MinivmmError
+from .table import EXTENDED, CpuidTable
 
 # void cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4])  (System V x86-64)
 _CODE = bytes.fromhex(

@@ -13,9 +13,10 @@ import unicorn.x86_const as x86
 from iced_x86 import Code, Decoder
 from unicorn import UcError
 
-from .. import engine, idt, isa
-from .emulate import EMULATED
+from ...cpu import isa
+from .. import engine, idt
 from ..report import Stop
+from .emulate import EMULATED
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",

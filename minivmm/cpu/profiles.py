@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..errors import MinivmmError
 from . import native
-from .cpuid import EXTENDED, CpuidTable, Signature
-from .errors import MinivmmError
 from .features import STATE_BITS, canonical_spelling, catalogue
+from .table import EXTENDED, CpuidTable, Signature
 
 QEMU_BRANDS = {  # QEMU's model_id strings (target/i386/cpu.c) for the models without a dump
     "Opteron_G1": "AMD Opteron 240 (Gen 1 Class Opteron)",

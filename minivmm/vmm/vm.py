@@ -2,7 +2,7 @@
 
 Power-on builds the machine state of SPEC section 2 (long mode, GDT, CR0/CR4/XCR0,
 stack at the top of RAM), freezes the guest CPUID view, and wires the exit
-handlers of :mod:`minivmm.intercept`. ``run`` executes until the guest powers off,
+handlers of :mod:`minivmm.vmm.exits`. ``run`` executes until the guest powers off,
 halts, crashes or exhausts a budget, and never lets a guest take the VMM down.
 """
 
@@ -23,26 +23,27 @@ import time
 
 import unicorn.x86_const as x86
 from iced_x86 import Code, Mnemonic
-from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL,
-                     Uc, UcError)
+from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
+                     UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, Uc, UcError)
 
-from . import isa
+from ..cpu import isa
+from ..cpu.features import catalogue
+from ..cpu.profiles import HostProfile, load_profile
+from ..errors import MinivmmError
+from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
+from ..masking.compat import compatibility
+from ..masking.evc import evc_mode
+from ..masking.formats import format_mask
+from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from .audit import Audit
 from .engine import read_xcr0 as xcr0_from_context
-from .cpuidview import CR4_OSXSAVE, GuestCpuidView
-from .errors import MinivmmError
-from .evc import evc_mode
-from .features import catalogue
-from .intercept import CpuidExitHandler, FaultExits, InstructionExits, IoExits
-from .intercept.emulate import bit_scan
-from .loader import LOAD_ADDRESS, GuestImage, load_guest
-from .cluster import compatibility
+from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
+from .exits.emulate import bit_scan
 from .migration import PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
-from .profiles import HostProfile, load_profile
 from .report import RunResult, Stop
-from .snapshot import Snapshot, read_registers, write_registers
+from .snapshot import Snapshot, read_registers
 from .snapshot import save as save_snapshot
+from .snapshot import write_registers
 
 DEFAULT_MEMORY = 16 << 20
 GDT_BASE = 0x1000
@@ -599,7 +600,7 @@ class _Run:
         vm, engine = self.vm, self.engine
         state = engine.capture()
         meta = {"guest": vm.image.name, "entry": vm.image.entry, "host": engine.host.name, "evc": vm.evc,
-                "masks": [m if isinstance(m, str) else m.to("vmware") for m in vm.masks],
+                "masks": [m if isinstance(m, str) else format_mask(m, "vmware") for m in vm.masks],
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
                 "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]

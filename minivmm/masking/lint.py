@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cpuidview import GuestCpuidView
-from .deps import hidden_closure, requirements, unmet
-from .features import REGISTERS, catalogue
-from .masks import Mask, _bit_name, _bits
+from ..cpu.deps import hidden_closure, requirements, unmet
+from ..cpu.features import REGISTERS, catalogue
+from .formats import parse_mask
+from .mask import Mask, _bit_name, _bits
+from .view import GuestCpuidView
 
 # Leaves only one vendor defines (Intel SDM Vol. 2A; AMD APM Vol. 3, Appendix E).
 VENDOR_LEAVES = {
@@ -83,7 +84,7 @@ def explain(specs, host, evc: str | None = None) -> list[Change]:
     if evc:
         layers.append((evc_mode(evc).mask, f"EVC mode {evc} does not include it", None))
     for spec in specs:
-        layers.append((Mask.parse(spec), None, spec))
+        layers.append((parse_mask(spec), None, spec))
     view = GuestCpuidView.for_host(host, evc, specs)
     changes = []
     for (leaf, subleaf), guest_regs in view.table.items():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import unicorn.x86_const as x86
 from iced_x86 import Mnemonic, OpKind, Register, RegisterExt
 
-from .. import native
+from ...cpu import native
 
 ZF = 1 << 6
 IA32_TSC_AUX = 0xC0000103

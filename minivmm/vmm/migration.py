@@ -1,7 +1,7 @@
 """Live migration: when to move, whether the destination can take the VM, and pre-copy.
 
 A migration is requested as ``PROFILE@WHEN`` (``checkpoint:N``, ``insn:N``, ``ms:N``).
-Before moving, the compatibility check VirtualCenter makes (``cluster.compatibility``): every feature of the VM's
+Before moving, the compatibility check VirtualCenter makes (``masking.compat.compatibility``): every feature of the VM's
 frozen CPUID view must be in the destination's physical ISA, and the mask's T/F/R/H/k
 marks must hold; a refused migration leaves the VM running on its source.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MinivmmError
+from ..errors import MinivmmError
 
 PAGE = 4096
 POLICIES = ("live", "offline", "disabled")

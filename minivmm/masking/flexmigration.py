@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .features import REGISTERS
-from .masks import Mask, _bit_name, _bits
+from ..cpu.features import REGISTERS
+from .mask import Mask, _bit_name, _bits
 
 
 @dataclass(frozen=True)
