@@ -23,7 +23,8 @@ from pathlib import Path
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn.x86_const import UC_CPU_X86_NEHALEM, UC_X86_INS_CPUID, UC_X86_REG_RSP
 
-from minivmm.guests.loader import LOAD_ADDRESS, assemble
+from minivmm.guests import LOAD_ADDRESS
+from minivmm.guests.assembler import assemble
 from minivmm.vmm.vm import VM
 
 REPO = Path(__file__).resolve().parent.parent

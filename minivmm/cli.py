@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from .cpu import profiles as profiles_mod
 from .errors import MinivmmError
+from .files import check_output, write_atomically
 from .masking import compat as compat_mod
 from .masking import evc as evc_mod
 from .masking import flexmigration as flex_mod
@@ -16,8 +18,8 @@ from .masking import lint as lint_mod
 from .masking.formats import format_firecracker_template, format_mask, parse_mask
 from .masking.view import GuestCpuidView
 from .vmm import snapshot as snapshot_mod
-from .vmm.migration import POLICIES, MigrationRequest, PreCopy
-from .vmm.vm import VM, parse_size
+from .vmm.migration import MAX_COUNT, POLICIES, MigrationRequest, PreCopy
+from .vmm.vm import MAX_TIMEOUT, VM, check_budgets, parse_size
 
 
 class OneLineErrors(click.Group):
@@ -44,6 +46,23 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt:
             click.echo("minivmm: interrupted", err=True)
             sys.exit(130)
+
+
+class Seconds(click.ParamType):
+    """A time budget: a finite number of seconds above 0 (NaN or infinity would never fire)."""
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            check_budgets(None, float(value))
+        except (ValueError, MinivmmError):
+            self.fail(f"{value!r} is not a number of seconds above 0 and at most {MAX_TIMEOUT:g}", param, ctx)
+        return float(value)
+
+
+SECONDS = Seconds()
+INSTRUCTIONS = click.IntRange(1, MAX_COUNT)
+MAX_JOBS = 4 * (os.cpu_count() or 1)   # emulation is CPU-bound: more workers than this only queue
 
 
 def emit_json(data) -> None:
@@ -100,9 +119,9 @@ def cli():
 @click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
 @click.option("--memory", default="16M", show_default=True, metavar="SIZE", help="Guest RAM: 64M, 1G or bytes.")
-@click.option("--max-insns", type=click.IntRange(min=1), metavar="N",
+@click.option("--max-insns", type=INSTRUCTIONS, metavar="N",
               help="Stop with 'limit' after N guest instructions (exact; slower per instruction).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--timeout", type=SECONDS, metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy, snapshot_at, snapshot_file,
@@ -425,20 +444,21 @@ def mask_explain(specs, host, evc, as_json):
 
 @cli.command()
 @click.argument("snapshot_file", metavar="SNAPSHOT")
-@click.option("--host", required=True, metavar="PROFILE", help="The host to resume on.")
+@click.option("--host", metavar="PROFILE", help="The host to resume on (default: the one it was saved on).")
 @click.option("--force", is_flag=True, help="Resume even if the host lacks features of the VM's CPUID view.")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN", help="Live-migrate later (repeatable).")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
-@click.option("--max-insns", type=click.IntRange(min=1), metavar="N", help="Instruction budget.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="Time budget.")
+@click.option("--max-insns", type=INSTRUCTIONS, metavar="N", help="Instruction budget.")
+@click.option("--timeout", type=SECONDS, metavar="SECONDS", help="Time budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 def resume(snapshot_file, host, force, migrate, audit, max_insns, timeout, as_json):
     """Resume the VM saved in SNAPSHOT on HOST, as it was (its CPUID view included).
 
     \b
-    Example:
+    Examples:
       minivmm run dispatch_cpuid --host penryn --snapshot-at checkpoint:1 --snapshot-file vm.snap
       minivmm resume vm.snap --host nehalem
+      minivmm resume vm.snap                 # on the host it was saved on
     """
     vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
@@ -475,9 +495,9 @@ def snapshot_inspect(snapshot_file, as_json):
 @click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every VM (repeatable).")
 @click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
 @click.option("--force", is_flag=True, help="Force those migrations past the compatibility check.")
-@click.option("--html", "html_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+@click.option("--html", "html_file", metavar="FILE",
               help="Also write the matrix as a self-contained HTML page.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+@click.option("--timeout", type=SECONDS, default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeout, as_json):
@@ -496,18 +516,19 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
       minivmm compare detect_both --hosts all --html matrix.html
     """
     from .teaching.compare import compare as run_comparison
+    if html_file:
+        check_output(html_file, "--html file", guests)
     comparison = run_comparison(guests, profiles_mod.host_names(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
                                 timeout=timeout, force=force)
     if html_file:
         from .teaching.html import comparison_page
-        html_file.write(comparison_page(comparison))
-        html_file.close()
+        write_atomically(html_file, comparison_page(comparison), "HTML page")
     if as_json:
         emit_json(comparison.to_dict())
         return
     _print_comparison(comparison)
     if html_file:
-        click.echo(f"minivmm: wrote {html_file.name}", err=True)
+        click.echo(f"minivmm: wrote {html_file}", err=True)
 
 
 def _print_comparison(comparison) -> None:
@@ -621,12 +642,13 @@ def demo(name, pace, as_json):
 @click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",
               help="Where to migrate: checkpoint:N, insn:N, or random (an instruction count drawn from --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --at random.")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N", help="Worker processes (default: one per core).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+@click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), metavar="N",
+              help=f"Worker processes (default: one per core; at most {MAX_JOBS}, four per core).")
+@click.option("--timeout", type=SECONDS, default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each cell.")
-@click.option("--junit", "junit_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+@click.option("--junit", "junit_file", metavar="FILE",
               help="Write JUnit XML (one test case per cell).")
-@click.option("--report", "report_file", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE",
+@click.option("--report", "report_file", metavar="FILE",
               help="Write the JSON report to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
 def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, junit_file, report_file, as_json):
@@ -645,6 +667,11 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
       minivmm matrix my_guest.elf --evc all --at random --seed 7 --report out.json
     """
     from .testing import matrix as matrix_mod
+    for path, what in ((junit_file, "--junit file"), (report_file, "--report file")):
+        if path:
+            check_output(path, what, guests)
+    if junit_file and report_file and os.path.abspath(junit_file) == os.path.abspath(report_file):
+        raise MinivmmError(f"--junit and --report both name {junit_file}")
     cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed)
     if as_json:
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
@@ -659,11 +686,9 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
     data = matrix_mod.report(outcomes, guests=list(guests), hosts=hosts, evc=evc, masks=list(cpuid_mask),
                              migrate=migrate, at=at, seed=seed)
     if junit_file:
-        junit_file.write(matrix_mod.junit_xml(outcomes))
-        junit_file.close()
+        write_atomically(junit_file, matrix_mod.junit_xml(outcomes), "JUnit XML")
     if report_file:
-        json.dump(data, report_file, indent=2)
-        report_file.close()
+        write_atomically(report_file, json.dumps(data, indent=2), "JSON report")
     if as_json:
         emit_json(data)
     else:

@@ -11,7 +11,8 @@ from unicorn.x86_const import UC_CPU_X86_HASWELL, UC_X86_REG_CR4, UC_X86_REG_XMM
 
 from minivmm.cpu import isa
 from minivmm.cpu.profiles import builtin_names, engine_models, load_profile
-from minivmm.guests.loader import GuestImage, assemble
+from minivmm.guests.assembler import assemble
+from minivmm.guests.loader import GuestImage
 from minivmm.vmm.vm import VM
 
 # Instruction, the feature the vendors' manuals say it needs. iced-x86 must agree.

@@ -5,7 +5,9 @@ import struct
 import pytest
 
 from minivmm.errors import MinivmmError
-from minivmm.guests.loader import LOAD_ADDRESS, assemble, find_guest, load_elf, load_guest, shipped_guests
+from minivmm.guests import LOAD_ADDRESS
+from minivmm.guests.assembler import assemble
+from minivmm.guests.loader import find_guest, load_elf, load_guest, shipped_guests
 
 
 def test_semicolon_comments_are_stripped_outside_strings(run_asm):

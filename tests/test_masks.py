@@ -176,7 +176,7 @@ def test_parser_fuzz_never_crashes(text):
 def test_bad_template_files_are_refused(tmp_path):
     for content, message in (("{", "not valid JSON"), ('{"cpuid_modifiers": [{"leaf": "0x1"}]}', "needs leaf"),
                              ('{"cpuid_modifiers": [{"leaf": "0x1", "modifiers": [{"register": "ecx", '
-                              '"bitmap": "xx"}]}]}', "must start with 0b")):
+                              '"bitmap": "xx"}]}]}', "starting with 0b")):
         path = tmp_path / "t.json"
         path.write_text(content)
         with pytest.raises(MinivmmError, match=message):

@@ -1,42 +1,47 @@
 """Guest images (SPEC section 2): assembly source, flat binaries and static ELF64.
 
-Every loader returns a :class:`GuestImage` of ``(address, bytes)`` segments and an
+Every loader returns a :class:`GuestImage` of ``(address, bytes, size in memory)``
+segments (the rest of a segment beyond its bytes is zero, as guest RAM starts) and an
 entry point; a bad file raises :class:`MinivmmError` naming the file and the fault.
 """
 
 from __future__ import annotations
 
-import functools
-import re
+import os
 import struct
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from ..errors import MinivmmError
+from ..files import MiB, read_bytes, read_text
+from . import LOAD_ADDRESS, shipped_guests_dir
+from .assembler import MAX_SOURCE, assemble
 
-LOAD_ADDRESS = 0x100000
 ASM_SUFFIXES = (".asm", ".s", ".S")
 SHIPPED_SUFFIXES = (".asm", ".S", ".s", ".bin", ".elf")
+MAX_IMAGE = 256 * MiB             # a guest file (image or assembly source)
+MAX_ADDRESS = 1 << 32             # no segment lies beyond the largest guest RAM (4 GiB)
 
 
 @dataclass(frozen=True)
 class GuestImage:
     name: str
     kind: str  # "asm", "flat" or "elf"
-    segments: tuple[tuple[int, bytes], ...]
+    segments: tuple[tuple[int, bytes, int], ...]
     entry: int
+    path: str | None = None       # the file it came from, which no output may overwrite
+
+    def __post_init__(self):
+        # (address, bytes) is accepted too: a segment as long as its bytes.
+        object.__setattr__(self, "segments", tuple((seg[0], seg[1], seg[2] if len(seg) > 2 else len(seg[1]))
+                                                   for seg in self.segments))
 
     @property
     def end(self) -> int:
-        return max(addr + len(data) for addr, data in self.segments)
+        return max(addr + size for addr, _, size in self.segments)
 
 
 # ---- finding a guest ------------------------------------------------------------------
-
-def shipped_guests_dir():
-    return resources.files("minivmm").joinpath("guests", "shipped")
-
 
 def shipped_guests() -> list[str]:
     return sorted(p.name for p in shipped_guests_dir().iterdir()
@@ -45,11 +50,15 @@ def shipped_guests() -> list[str]:
 
 def find_guest(spec: str) -> Path:
     """A path, or the name of a shipped guest with or without its extension."""
+    if len(os.fsencode(spec)) > os.pathconf("/", "PC_PATH_MAX") or any(
+            len(part) > os.pathconf("/", "PC_NAME_MAX") for part in os.fsencode(spec).split(b"/")):
+        raise MinivmmError(f"guest name '{spec[:40]}...' is longer than the operating system allows "
+                           f"for a file name")
+    if "\0" in spec:
+        raise MinivmmError(f"guest name {spec!r} contains a NUL byte")
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
-        raise MinivmmError(f"guest '{spec}' is not a regular file")
+    if os.path.lexists(path):
+        return path  # read_bytes says what is wrong with anything but a regular file
     if "/" not in spec:
         shipped = shipped_guests_dir()
         for candidate in (spec, *(spec + s for s in SHIPPED_SUFFIXES)):
@@ -62,130 +71,16 @@ def find_guest(spec: str) -> Path:
 
 def load_guest(spec: str) -> GuestImage:
     path = find_guest(spec)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise MinivmmError(f"cannot read guest {path}: {e.strerror}") from None
     if path.suffix in ASM_SUFFIXES:
-        try:
-            source = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise MinivmmError(f"{path}: assembly source is not UTF-8 text (byte {e.start})") from None
-        return GuestImage(spec, "asm", ((LOAD_ADDRESS, assemble(source, str(path))),), LOAD_ADDRESS)
+        source = read_text(path, "assembly source", MAX_SOURCE)
+        code = assemble(source, str(path))
+        return GuestImage(spec, "asm", ((LOAD_ADDRESS, code, len(code)),), LOAD_ADDRESS, str(path))
+    data = read_bytes(path, "guest", MAX_IMAGE)
     if data[:4] == b"\x7fELF":
-        return load_elf(data, spec)
+        return load_elf(data, spec, str(path))
     if not data:
         raise MinivmmError(f"{path}: empty guest image")
-    return GuestImage(spec, "flat", ((LOAD_ADDRESS, data),), LOAD_ADDRESS)
-
-
-# ---- assembly -------------------------------------------------------------------------
-
-@functools.cache
-def _keystone():
-    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-    return Ks(KS_ARCH_X86, KS_MODE_64)
-
-
-def strip_comments(line: str) -> str:
-    """``;`` comments (outside strings) and ``#`` lines removed: keystone would read
-    ``;`` as a statement separator."""
-    if line.lstrip().startswith("#"):
-        return ""
-    out, quote, escaped = [], None, False
-    for ch in line:
-        if quote:
-            escaped = ch == "\\" and not escaped
-            if ch == quote and not escaped:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch == ";":
-            break
-        out.append(ch)
-    return "".join(out).rstrip()
-
-
-_INCLUDE = re.compile(r'^\s*\.include\s+"([^"]+)"\s*$')
-
-
-def preprocess(source: str, origin: str, depth: int = 0) -> list[tuple[str, str, int]]:
-    """Lines as ``(text, file, line number)``, comments stripped and ``.include "FILE"``
-    expanded (relative to the including file, else to the shipped guests, so any guest
-    can use ``lib/console.inc``), so errors name the right place."""
-    lines = []
-    for lineno, raw in enumerate(source.splitlines(), 1):
-        text = strip_comments(raw)
-        m = _INCLUDE.match(text)
-        if not m:
-            lines.append((text, origin, lineno))
-            continue
-        path = Path(origin).parent / m[1]
-        if not path.exists():  # then the shipped guests' library, as a system include path
-            path = Path(str(shipped_guests_dir().joinpath(m[1])))
-        if depth > 8:
-            raise MinivmmError(f"{origin}:{lineno}: .include nested too deeply")
-        try:
-            included = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MinivmmError(f"{origin}:{lineno}: cannot include {m[1]}: {getattr(e, 'strerror', e)}") from None
-        lines.extend(preprocess(included, str(path), depth + 1))
-    return lines
-
-
-def _try_assemble(lines: list[str], address: int):
-    """(bytes, None) or (None, KsError)."""
-    from keystone import KsError
-    try:
-        encoding, _ = _keystone().asm("\n".join(lines), address)
-        return bytes(encoding or b""), None
-    except KsError as e:
-        return None, e
-
-
-def _symbol_missing(error) -> bool:
-    from keystone import KS_ERR_ASM_SYMBOL_MISSING
-    return error.errno == KS_ERR_ASM_SYMBOL_MISSING
-
-
-def _locate_error(lines: list[str], address: int, error):
-    """(1-based line, its error): keystone reports no line numbers, so re-assemble."""
-    if _symbol_missing(error):
-        # The line whose removal cures the error is the one naming the missing symbol.
-        for i, line in enumerate(lines):
-            if line.strip() and not line.strip().endswith(":"):
-                trial = lines[:i] + [""] + lines[i + 1:]
-                _, e = _try_assemble(trial, address)
-                if e is None:
-                    return i + 1, error
-        return 0, error
-    # Otherwise the shortest failing prefix ends at the culprit; forward references in
-    # a prefix fail as missing symbols and do not count.
-    lo, hi, first = 1, len(lines), error
-    while lo < hi:
-        mid = (lo + hi) // 2
-        _, e = _try_assemble(lines[:mid], address)
-        if e is not None and not _symbol_missing(e):
-            hi, first = mid, e
-        else:
-            lo = mid + 1
-    return lo, first
-
-
-def assemble(source: str, origin: str = "<asm>", address: int = LOAD_ADDRESS) -> bytes:
-    located = preprocess(source, origin)
-    lines = [text for text, _, _ in located]
-    code, error = _try_assemble(lines, address)
-    if error is not None:
-        index, error = _locate_error(lines, address, error)
-        message = re.sub(r"\s*\(KS_ERR_\w+\)", "", str(error))
-        if index:
-            text, file, lineno = located[index - 1]
-            raise MinivmmError(f"{file}:{lineno}: assembler error: {message}: {text.strip()}")
-        raise MinivmmError(f"{origin}: assembler error: {message}")
-    if not code:
-        raise MinivmmError(f"{origin}: assembles to nothing")
-    return code
+    return GuestImage(spec, "flat", ((LOAD_ADDRESS, data, len(data)),), LOAD_ADDRESS, str(path))
 
 
 # ---- ELF64 ----------------------------------------------------------------------------
@@ -195,7 +90,7 @@ ET_EXEC = 2
 EM_X86_64 = 62
 
 
-def load_elf(data: bytes, name: str) -> GuestImage:
+def load_elf(data: bytes, name: str, path: str | None = None) -> GuestImage:
     """A static ELF64 x86-64 executable, loaded by its PT_LOAD program headers."""
     def fail(msg):
         raise MinivmmError(f"{name}: {msg}")
@@ -231,8 +126,9 @@ def load_elf(data: bytes, name: str) -> GuestImage:
         if p_offset + p_filesz > len(data):
             fail(f"truncated ELF: segment {i} needs bytes {p_offset}..{p_offset + p_filesz}, "
                  f"file has {len(data)}")
-        body = data[p_offset:p_offset + p_filesz] + bytes(p_memsz - p_filesz)
-        segments.append((p_vaddr, body))
+        if p_vaddr + p_memsz > MAX_ADDRESS:  # nothing is allocated for p_memsz: RAM starts zeroed
+            fail(f"segment {i} at {p_vaddr:#x} of {p_memsz:#x} bytes lies beyond the largest guest RAM")
+        segments.append((p_vaddr, data[p_offset:p_offset + p_filesz], p_memsz))
     if not segments:
         fail("ELF has no PT_LOAD segment")
-    return GuestImage(name, "elf", tuple(segments), e_entry)
+    return GuestImage(name, "elf", tuple(segments), e_entry, path)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from ..cpu.deps import hidden_closure
 from ..cpu.features import REGISTERS, catalogue
 from ..errors import MinivmmError
+from ..files import MiB, is_regular_file, read_text
 from .evc import evc_mode
 from .mask import FULL, MARKS, Key, Mask, RegisterMask, _bit_name, _bits, feature_mask
+
+MAX_TEMPLATE = 1 * MiB
 
 
 def parse_mask(spec: str) -> Mask:
@@ -21,7 +23,9 @@ def parse_mask(spec: str) -> Mask:
         raise MinivmmError("empty CPUID mask")
     if text.lower().startswith("evc:"):
         return evc_mode(text[4:]).mask
-    if text.endswith(".json") or (text[0] not in "+-" and _is_file(text)):
+    if text.startswith("{"):
+        return parse_firecracker_template_text(text)
+    if text.endswith(".json") or (text[0] not in "+-" and is_regular_file(text)):
         return parse_firecracker_template(text)
     parts = [p for p in re.split(r"[;\s]+(?=cpuid\.|0x|\d)", text) if p.strip()]
     if text.lower().startswith("cpuid."):
@@ -33,6 +37,16 @@ def parse_mask(spec: str) -> Mask:
     return Mask.compose(parse_xen(p) for p in parts)
 
 
+def self_contained(spec: str) -> str:
+    """The same mask without reference to a file: a template file becomes its JSON text,
+    so what stores it (a snapshot) works after the file is gone, from any directory."""
+    text = spec.strip()
+    if not text.startswith("{") and (text.endswith(".json") or (text[:1] not in "+-" and is_regular_file(text))):
+        parse_firecracker_template(text)  # refuse a bad one here, naming the file
+        return json.dumps(json.loads(read_text(text, "CPU template", MAX_TEMPLATE)), separators=(",", ":"))
+    return spec
+
+
 def format_mask(mask: Mask, fmt: str) -> str:
     """The mask written in one format; refuses what that format cannot say."""
     printers = {"firecracker": format_firecracker, "vmware": format_vmware, "xen": format_xen,
@@ -40,13 +54,6 @@ def format_mask(mask: Mask, fmt: str) -> str:
     if fmt not in printers:
         raise MinivmmError(f"unknown mask format '{fmt}' (firecracker, vmware, xen, features)")
     return printers[fmt](mask)
-
-
-def _is_file(text: str) -> bool:
-    try:
-        return Path(text).is_file()
-    except (OSError, ValueError):  # too long, or not a path at all
-        return False
 
 
 # ---- the tri-state bitmap strings ----------------------------------------------------
@@ -154,29 +161,43 @@ def format_firecracker(mask: Mask) -> str:
 
 def parse_firecracker_template(path: str) -> Mask:
     """A Firecracker custom CPU template JSON file (its ``cpuid_modifiers``)."""
+    return parse_firecracker_template_text(read_text(path, "CPU template", MAX_TEMPLATE), path)
+
+
+def parse_firecracker_template_text(text: str, origin: str = "CPU template") -> Mask:
+    """The same template given as JSON text (snapshots store templates this way)."""
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise MinivmmError(f"cannot read CPU template {path}: {e.strerror}") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise MinivmmError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise MinivmmError(f"{origin}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise MinivmmError(f"{origin}: JSON nested too deeply for a CPU template") from None
     if not isinstance(data, dict) or not isinstance(data.get("cpuid_modifiers", []), list):
-        raise MinivmmError(f"{path}: a Firecracker CPU template is an object with a 'cpuid_modifiers' list")
+        raise MinivmmError(f"{origin}: a Firecracker CPU template is an object with a 'cpuid_modifiers' list")
     registers = {}
     for i, entry in enumerate(data.get("cpuid_modifiers", [])):
-        where = f"{path}: cpuid_modifiers[{i}]"
+        where = f"{origin}: cpuid_modifiers[{i}]"
         try:
-            leaf, sub = int(str(entry["leaf"]), 0), int(str(entry.get("subleaf", "0x0")), 0)
+            leaf = _number(_json_number(entry["leaf"]), where, "leaf")
+            sub = _number(_json_number(entry.get("subleaf", "0x0")), where, "subleaf")
             for j, mod in enumerate(entry["modifiers"]):
-                bitmap = str(mod["bitmap"])
-                if not bitmap.startswith("0b"):
-                    raise MinivmmError(f"{where}.modifiers[{j}]: bitmap must start with 0b")
+                bitmap = mod["bitmap"]
+                if not isinstance(bitmap, str) or not bitmap.startswith("0b"):
+                    raise MinivmmError(f"{where}.modifiers[{j}]: bitmap must be a string starting with 0b")
                 key = (leaf, sub, _register(str(mod["register"]), where))
                 registers[key] = registers.get(key, RegisterMask()).then(
                     _firecracker_modifier(bitmap[2:], f"{where}.modifiers[{j}] {bitmap}", 2))
-        except (KeyError, TypeError, ValueError) as e:
-            raise MinivmmError(f"{where}: needs leaf, subleaf and modifiers of register/bitmap ({e})") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise MinivmmError(f"{where}: needs leaf, subleaf and modifiers of register/bitmap "
+                               f"(missing or wrong {e})") from None
     return Mask(registers)
+
+
+def _json_number(value) -> str:
+    """Firecracker writes leaves as strings ("0x1"); plain JSON numbers are accepted too."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"number {json.dumps(value)[:20]}")
+    return str(value)
 
 
 def format_firecracker_template(mask: Mask) -> str:

@@ -1,0 +1,3 @@
+"""The VMM: VMs, their run loop and exits, snapshots and migration."""
+
+MIN_MEMORY, MAX_MEMORY = 2 << 20, 4 << 30   # guest RAM: 2 MiB to 4 GiB (docs/abi.md)

@@ -22,6 +22,7 @@ from ..errors import MinivmmError
 
 PAGE = 4096
 POLICIES = ("live", "offline", "disabled")
+MAX_COUNT = 1 << 62               # instructions, checkpoints or ms: far beyond any run
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,14 @@ class Trigger:
 
     @classmethod
     def parse(cls, text: str, where: str) -> Trigger:
-        m = re.fullmatch(r"(checkpoint|insn|ms):(\d+)", text.strip())
+        m = re.fullmatch(r"(checkpoint|insn|ms):(\d{1,20})", text.strip())
         if not m:
             raise MinivmmError(f"{where}: WHEN must be checkpoint:N, insn:N or ms:N, not '{text}'")
-        return cls(m[1], int(m[2]))
+        count = int(m[2])
+        if count > MAX_COUNT or (m[1] == "checkpoint" and count == 0):
+            raise MinivmmError(f"{where}: {m[1]}:{count} is out of range (checkpoints count from 1; "
+                               f"at most {MAX_COUNT})")
+        return cls(m[1], count)
 
     def __str__(self):
         return f"{self.kind}:{self.count}"

@@ -11,15 +11,17 @@ File format (never pickle, never the engine's raw context struct):
               | stored length u64 | payload length u64 | CRC-32 of the stored bytes u32 | stored bytes
 
 Sections: ``meta`` and ``regs`` (JSON), ``cpuid`` (JSON), ``console`` (bytes),
-``memory`` (zstandard: twenty times zlib's speed on RAM). Every length is checked against the file and against limits before
-anything is allocated, and every CRC before anything is used: a damaged or hostile
-file is refused with a clear error and nothing runs.
+``memory`` (zstandard: twenty times zlib's speed on RAM). Every length is checked
+against the file and against limits before anything is allocated, every CRC before
+anything is used, and every metadata field by type and range: a damaged or hostile file
+is refused with a clear error and nothing runs. Memory is decompressed only when a VM
+resumes, straight into its RAM and never past the length the header declares, so
+``inspect`` reads a snapshot of any size in the space of its file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -29,14 +31,17 @@ import zstandard
 
 from ..cpu.table import CpuidTable
 from ..errors import MinivmmError
+from ..files import MiB, read_bytes, write_atomically
+from . import MAX_MEMORY, MIN_MEMORY
 
 MAGIC = b"MINIVMM\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sHH")
 SECTION = struct.Struct("<8sBQQI")
-MAX_MEMORY = 64 << 30
 MAX_SECTION = {"meta": 1 << 20, "regs": 1 << 20, "cpuid": 4 << 20, "console": 64 << 20, "memory": MAX_MEMORY}
+MAX_FILE = MAX_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
 REQUIRED = ("meta", "regs", "cpuid", "console", "memory")
+POLICIES = ("live", "offline", "disabled")
 
 # Restore order matters: control registers and MSRs first (EFER, then the modes they
 # enable), descriptor tables before selectors, selectors before bases (a selector write
@@ -53,6 +58,10 @@ SSE = ("MXCSR",) + tuple(f"XMM{i}" for i in range(16))
 GENERAL = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP") + tuple(f"R{i}" for i in range(8, 16)) + ("RFLAGS",)
 ORDER = (CONTROL, tuple(MSRS), TABLES, SELECTORS, BASES, X87, SSE, GENERAL, ("RIP",))
 REGISTERS = tuple(name for group in ORDER for name in group)
+# (elements, bits of each): descriptor tables are (selector, base, limit, flags), x87
+# registers (mantissa, exponent); everything else one number.
+SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in range(8)},
+          **{f"XMM{i}": (1, 128) for i in range(16)}}
 
 
 def read_registers(uc, skip=()) -> dict:
@@ -83,8 +92,36 @@ class Snapshot:
     regs: dict
     cpuid: dict                # the frozen guest view: {"leaves": [[leaf, sub, a, b, c, d], ...]}
     console: bytes
-    memory: bytes
+    memory: bytes | None       # None when read from a file: see ``load_memory``
     extra: dict = field(default_factory=dict)
+    stored_memory: tuple[int, bytes] | None = None   # (compression, stored bytes) as read
+
+    def load_memory(self, ram) -> None:
+        """Fill ``ram`` (a writable buffer of ``meta.memory`` bytes) with the guest's
+        memory, decompressing in place: never more than the header declared."""
+        if self.memory is not None:
+            ram[:] = self.memory
+            return
+        compression, body = self.stored_memory
+        if compression == 0:
+            ram[:] = body
+            return
+        view, done = memoryview(ram), 0
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+                while done < len(view):
+                    got = reader.readinto(view[done:done + (16 << 20)])
+                    if not got:
+                        break
+                    done += got
+                extra = reader.read(1)
+        except zstandard.ZstdError as e:
+            raise MinivmmError(f"snapshot memory does not decompress ({e})") from None
+        finally:
+            view.release()
+        if done != len(ram) or extra:
+            raise MinivmmError(f"snapshot memory holds {'more' if extra else done} bytes, "
+                               f"its header says {len(ram)}")
 
     @property
     def view_table(self) -> CpuidTable:
@@ -93,6 +130,7 @@ class Snapshot:
     # ---- the file format -------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        assert self.memory is not None, "a snapshot read from a file is not written again"
         sections = [("meta", json.dumps(self.meta, sort_keys=True).encode(), 0),
                     ("regs", json.dumps(self.regs, sort_keys=True).encode(), 0),
                     ("cpuid", json.dumps(self.cpuid, sort_keys=True).encode(), 0),
@@ -137,50 +175,61 @@ class Snapshot:
             offset += stored
             if zlib.crc32(body) != crc:  # any flipped bit, even one deflate would not notice
                 bad(f"section '{name}' fails its checksum")
-            if compression == 1:
-                try:  # bounded: a frame claiming more than the header's length is refused
-                    payload = zstandard.ZstdDecompressor().decompress(body, max_output_size=length)
-                except zstandard.ZstdError as e:
-                    bad(f"section '{name}' does not decompress ({e})")
-            elif compression == 0:
-                payload = body
-            else:
+            if name in sections:
+                bad(f"section '{name}' appears twice")
+            if compression not in (0, 1) or (compression == 1 and name != "memory"):
                 bad(f"section '{name}' has unknown compression {compression}")
-            if len(payload) != length:
-                bad(f"section '{name}' holds {len(payload)} bytes, its header says {length}")
-            sections[name] = payload
+            if compression == 0 and stored != length:
+                bad(f"section '{name}' holds {stored} bytes, its header says {length}")
+            sections[name] = (compression, body, length)
         if offset != len(data):
             bad(f"{len(data) - offset} bytes of garbage after the last section")
         missing = [n for n in REQUIRED if n not in sections]
         if missing:
             bad(f"missing section(s) {', '.join(missing)}")
         try:
-            meta, regs, cpuid = (json.loads(sections[n]) for n in ("meta", "regs", "cpuid"))
-        except (ValueError, UnicodeDecodeError) as e:
-            bad(f"a JSON section does not parse ({e})")
-        snapshot = cls(meta, regs, cpuid, sections["console"], sections["memory"])
-        snapshot._validate(bad)
+            meta, regs, cpuid = (json.loads(sections[n][1]) for n in ("meta", "regs", "cpuid"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            bad(f"a JSON section does not parse ({str(e)[:80]})")
+        compression, body, length = sections["memory"]
+        snapshot = cls(meta, regs, cpuid, sections["console"][1], None, stored_memory=(compression, body))
+        snapshot._validate(bad, length)
         return snapshot
 
-    def _validate(self, bad) -> None:
+    def _validate(self, bad, memory_length: int) -> None:
         if not isinstance(self.meta, dict) or not isinstance(self.regs, dict) or not isinstance(self.cpuid, dict):
             bad("meta, regs and cpuid must be JSON objects")
-        memory = self.meta.get("memory")
-        if not isinstance(memory, int) or memory != len(self.memory) or memory % 4096 or memory < (2 << 20):
-            bad(f"memory section of {len(self.memory)} bytes does not match meta.memory {memory!r}")
-        for key in ("guest", "host"):
-            if not isinstance(self.meta.get(key), str):
-                bad(f"meta.{key} is missing")
+        meta = self.meta
+        memory = meta.get("memory")
+        if not _is_int(memory) or memory != memory_length or memory % 4096 or not MIN_MEMORY <= memory <= MAX_MEMORY:
+            bad(f"meta.memory {memory!r} does not match the memory section of {memory_length} bytes "
+                f"(a multiple of 4 KiB from {MIN_MEMORY} to {MAX_MEMORY})")
+        fields = {"guest": str, "host": str, "entry": int, "evc": (str, type(None)), "masks": list,
+                  "policy": str, "checkpoints": int, "xcr0": (int, type(None)), "hosts": list}
+        for key, kind in fields.items():
+            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+                bad(f"meta.{key} is {json.dumps(meta.get(key))[:40]}, not a {_kind_name(kind)}")
+        if not 0 <= meta["entry"] < memory:
+            bad(f"meta.entry {meta['entry']:#x} is outside the guest's RAM")
+        if meta["policy"] not in POLICIES:
+            bad(f"meta.policy '{meta['policy'][:20]}' is not one of {', '.join(POLICIES)}")
+        if meta["checkpoints"] < 0 or (meta["xcr0"] is not None and not 0 <= meta["xcr0"] < 1 << 64):
+            bad("meta.checkpoints or meta.xcr0 is out of range")
+        for key in ("masks", "hosts"):
+            if not all(isinstance(item, str) and len(item) < 4096 for item in meta[key]) or len(meta[key]) > 256:
+                bad(f"meta.{key} must be a list of strings")
         unknown = set(self.regs) - set(REGISTERS)
         if unknown or set(REGISTERS) - set(self.regs):
             bad(f"register set differs from this format's ({sorted(unknown or set(REGISTERS) - set(self.regs))[:3]})")
         for name, value in self.regs.items():
-            values = value if isinstance(value, list) else [value]
-            if not values or not all(isinstance(v, int) and 0 <= v < 1 << 128 for v in values):
-                bad(f"register {name} has a malformed value")
+            count, bits = SHAPES.get(name, (1, 64))
+            values = value if isinstance(value, list) and count > 1 else [value]
+            if len(values) != count or not all(_is_int(v) and 0 <= v < 1 << bits for v in values):
+                bad(f"register {name} must be {'a list of ' + str(count) if count > 1 else 'one'} "
+                    f"{bits}-bit number{'s' if count > 1 else ''}")
         leaves = self.cpuid.get("leaves")
-        if not isinstance(leaves, list) or not leaves or not all(
-                isinstance(e, list) and len(e) == 6 and all(isinstance(v, int) and 0 <= v <= 0xFFFFFFFF for v in e)
+        if not isinstance(leaves, list) or not leaves or len(leaves) > 4096 or not all(
+                isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)
                 for e in leaves):
             bad("the CPUID view is malformed")
 
@@ -189,21 +238,19 @@ class Snapshot:
                 "console_bytes": len(self.console), "rip": self.regs.get("RIP")}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "string", int: "number", list: "list", type(None): "null"}
+    return " or ".join(names[k] for k in kinds)
+
+
 def save(snapshot: Snapshot, path: str) -> None:
-    try:
-        with open(path, "wb") as f:
-            f.write(snapshot.to_bytes())
-    except OSError as e:
-        raise MinivmmError(f"cannot write snapshot {path}: {e.strerror}") from None
+    write_atomically(path, snapshot.to_bytes(), "snapshot")
 
 
 def load(path: str) -> Snapshot:
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_MEMORY + (64 << 20):
-                raise MinivmmError(f"{path}: {size} bytes is larger than any snapshot minivmm writes")
-            data = f.read()
-    except OSError as e:
-        raise MinivmmError(f"cannot read snapshot {path}: {e.strerror}") from None
-    return Snapshot.from_bytes(data, path)
+    return Snapshot.from_bytes(read_bytes(path, "snapshot", MAX_FILE), path)

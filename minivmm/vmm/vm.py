@@ -30,22 +30,25 @@ from ..cpu import isa
 from ..cpu.features import catalogue
 from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError
+from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
 from ..masking.compat import compatibility
 from ..masking.evc import evc_mode
-from ..masking.formats import format_mask
+from ..masking.formats import format_mask, self_contained
 from ..masking.view import CR4_OSXSAVE, GuestCpuidView
+from . import MAX_MEMORY, MIN_MEMORY
 from .audit import Audit
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.emulate import bit_scan
-from .migration import PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
+from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .report import RunResult, Stop
 from .snapshot import Snapshot, read_registers
 from .snapshot import save as save_snapshot
 from .snapshot import write_registers
 
 DEFAULT_MEMORY = 16 << 20
+MAX_TIMEOUT = 7 * 24 * 3600.0               # seconds: a week is no budget
 GDT_BASE = 0x1000
 VMM_AREA = (0x1000, 0x2000)       # reserved for the VMM's tables (SPEC section 2)
 BOOT_STUB = 0x1800                # inside the VMM area: sets XCR0 before the guest runs
@@ -62,10 +65,18 @@ def parse_size(text: str | int) -> int:
     """``64M``, ``1G``, ``512K``, ``16MiB`` or a byte count."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
+    m = re.fullmatch(r"\s*(\d{1,20})\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
     if not m:
         raise MinivmmError(f"malformed size '{text}': use bytes or a number with K, M or G (e.g. 64M)")
     return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2].lower()]
+
+
+def check_budgets(max_insns, timeout) -> None:
+    """Budgets a run can honour: a NaN or infinite timeout would never fire."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+        raise MinivmmError(f"timeout {timeout!r}: must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}")
+    if max_insns is not None and not (isinstance(max_insns, int) and 0 < max_insns <= MAX_COUNT):
+        raise MinivmmError(f"instruction budget {max_insns!r}: must be a whole number from 1 to {MAX_COUNT}")
 
 
 class _Watchdog:
@@ -164,11 +175,13 @@ class VM:
         self._check_layout()
 
     @classmethod
-    def resume(cls, snapshot: Snapshot, host: HostProfile | str, force: bool = False, **options) -> VM:
-        """The VM saved in ``snapshot``, on ``host``: refused, like a migration, if the
-        host cannot run the view the VM was powered on with (unless forced)."""
+    def resume(cls, snapshot: Snapshot, host: HostProfile | str | None = None, force: bool = False,
+               **options) -> VM:
+        """The VM saved in ``snapshot``, on ``host`` (default: the host it was saved on):
+        refused, like a migration, if the host cannot run the view the VM was powered on
+        with (unless forced)."""
         meta = snapshot.meta
-        vm = cls(GuestImage(meta["guest"], "snapshot", (), meta["entry"]), host, meta["memory"],
+        vm = cls(GuestImage(meta["guest"], "snapshot", (), meta["entry"]), host or meta["host"], meta["memory"],
                  evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
                  snapshot=snapshot, **options)
         vm.view = GuestCpuidView.frozen(snapshot.view_table, vm.view.mask)
@@ -179,10 +192,11 @@ class VM:
         return vm
 
     def _check_layout(self):
-        if self.memory % 4096 or self.memory < 2 << 20:
-            raise MinivmmError(f"guest memory {self.memory} bytes: must be a multiple of 4 KiB and at least 2M")
-        for addr, data in self.image.segments:
-            end = addr + len(data)
+        if self.memory % 4096 or not MIN_MEMORY <= self.memory <= MAX_MEMORY:
+            raise MinivmmError(f"guest memory {self.memory} bytes: must be a multiple of 4 KiB, at least 2M "
+                               f"and at most 4G")
+        for addr, _, size in self.image.segments:
+            end = addr + size
             if end > self.memory:
                 raise MinivmmError(f"{self.image.name}: segment 0x{addr:x}-0x{end:x} lies beyond guest RAM "
                                    f"(0x{self.memory:x} bytes; raise --memory)")
@@ -204,10 +218,12 @@ class VM:
         ``PROFILE@WHEN`` strings or :class:`MigrationRequest` objects, applied in order
         (``force`` overrides a failed compatibility check); ``snapshot_at`` (a WHEN)
         writes a snapshot to ``snapshot_file`` and carries on."""
+        check_budgets(max_insns, timeout)
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
+        if bool(snapshot_at) != bool(snapshot_file):
+            raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
         if snapshot_at:
-            if not snapshot_file:
-                raise MinivmmError("a snapshot point needs a snapshot file")
+            check_output(snapshot_file, "snapshot", [self.image.path] if self.image.path else [])
             events.append((Trigger.parse(snapshot_at, "snapshot point"), snapshot_file))
         for event in events:
             if isinstance(event, MigrationRequest):
@@ -251,7 +267,11 @@ class _Engine:
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{host.engine_model}"))
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
-        self.ram = mmap.mmap(-1, vm.memory)
+        try:
+            self.ram = mmap.mmap(-1, vm.memory)
+        except OSError as e:
+            raise MinivmmError(f"cannot allocate {vm.memory >> 20} MiB of guest RAM on this machine: "
+                               f"{e.strerror}") from None
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
         self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None), run._on_exit,
                                       run._fail)
@@ -267,7 +287,7 @@ class _Engine:
     def power_on(self, vm: VM) -> None:
         """The machine state of SPEC section 2."""
         uc = self.uc
-        for addr, data in vm.image.segments:
+        for addr, data, _ in vm.image.segments:
             self.ram[addr:addr + len(data)] = data
         self.ram[GDT_BASE:GDT_BASE + len(GDT)] = GDT
         uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT_BASE, len(GDT) - 1, 0))
@@ -600,14 +620,14 @@ class _Run:
         vm, engine = self.vm, self.engine
         state = engine.capture()
         meta = {"guest": vm.image.name, "entry": vm.image.entry, "host": engine.host.name, "evc": vm.evc,
-                "masks": [m if isinstance(m, str) else format_mask(m, "vmware") for m in vm.masks],
+                "masks": [self_contained(m) if isinstance(m, str) else format_mask(m, "vmware") for m in vm.masks],
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
                 "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
         return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console), bytes(engine.ram))
 
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
-        self.engine.ram[:] = snapshot.memory
+        snapshot.load_memory(self.engine.ram)
         self.engine.restore({"regs": snapshot.regs, "xcr0": snapshot.meta.get("xcr0")})
         self.io.console += snapshot.console
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
