@@ -159,10 +159,13 @@ def _report(vm, as_json, **options):
                        f"{', '.join(entry['features'])}, hidden from the guest's CPUID "
                        f"(reached {entry['count']}x)", err=True)
         for m in result.migrations:
-            verdict = "migrated" if m["ok"] else "refused"
+            verdict = "migrated" if m["ok"] else "refused" if m["refused"] else "did not migrate"
             detail = f"{m['mode']}, {m['rounds']} rounds, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
             forced = " (forced past the compatibility check)" if m["forced"] else ""
             click.echo(f"minivmm: {verdict} {m['from']} -> {m['to']} at {m['when']}{forced}: {detail}", err=True)
+        for point in result.unreached:
+            what = f"migration to {point['to']}" if point["event"] == "migration" else f"snapshot to {point['file']}"
+            click.echo(f"minivmm: never reached: {what} at {point['when']} (the run ended first)", err=True)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
     sys.exit(result.exit_code)
 

@@ -86,7 +86,7 @@ def migration_outcome(plain: RunResult, migrated: RunResult | None) -> str:
     if record is None:
         return "not reached"
     if not record["ok"]:
-        return "refused"
+        return "refused" if record.get("refused", True) else "ended first"
     stop = migrated.stop
     if stop.reason == "crashed":
         return "#UD crash" if stop.vector == 6 else "crashed"

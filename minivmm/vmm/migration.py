@@ -77,10 +77,11 @@ class PreCopy:
         return int(ms / 1e3 * self.guest_insns_per_s * (self.throttle if throttled else 1.0))
 
 
-def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages) -> dict:
+def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages, hurry=lambda: False) -> dict:
     """Iterate until converged. ``run_guest(insns) -> dirty pages | None`` runs the guest
     on the source while tracking writes (None: the guest stopped); ``copy_pages(pages)``
-    sends them (``None`` = all). Returns the record and the pages left to stop-and-copy."""
+    sends them (``None`` = all); ``hurry()`` true switches over after this round.
+    Returns the record and the pages left to stop-and-copy."""
     if not params.enabled:
         return {"rounds": 0, "pages_per_round": [], "mode": "stop-and-copy", "remaining": None}
     rounds, to_send, throttled, mode = [], None, False, "pre-copy"
@@ -92,7 +93,7 @@ def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages) -> dict:
         if dirty is None:
             return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "stopped": True,
                     "remaining": set()}
-        if params.send_ms(len(dirty)) <= params.switchover_goal_ms:
+        if params.send_ms(len(dirty)) <= params.switchover_goal_ms or hurry():
             return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "remaining": dirty}
         if number >= 1 and len(dirty) >= pending:  # not shrinking: stun the guest (vMotion SDPS)
             throttled, mode = True, "throttled"

@@ -54,6 +54,11 @@ class RunResult:
     memory: int = 0
     memory_sha256: str = ""
     view_features: frozenset[str] = frozenset()   # what the guest's CPUID view shows, at the end
+    # Exact totals of every exit, and how many the bounded samples above left out.
+    cpuid_totals: dict[tuple[int, int], int] = field(default_factory=dict)
+    exception_totals: dict[int, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=lambda: {"cpuid_exits": 0, "exceptions": 0})
+    unreached: list[dict] = field(default_factory=list)   # migration and snapshot points never reached
 
     @property
     def cpuid_exits(self) -> list[dict]:
@@ -88,4 +93,9 @@ class RunResult:
             "unknown_port_writes": {f"0x{p:x}": n for p, n in sorted(self.unknown_port_writes.items())},
             "engine_model": self.engine_model, "memory": self.memory, "memory_sha256": self.memory_sha256,
             "view_features": sorted(self.view_features),
+            "cpuid_exit_counts": [{"leaf": leaf, "subleaf": sub, "count": n}
+                                  for (leaf, sub), n in sorted(self.cpuid_totals.items())],
+            "exception_counts": [{"vector": v, "count": n} for v, n in sorted(self.exception_totals.items())],
+            "truncated": dict(self.left_out),
+            "unreached": list(self.unreached),
         }

@@ -38,6 +38,8 @@ from ..masking.formats import format_mask, self_contained
 from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from . import MAX_MEMORY, MIN_MEMORY
 from .audit import Audit
+from .log import ExitLog
+from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.emulate import bit_scan
@@ -59,6 +61,7 @@ CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE 
 XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX state
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
 MS_CHUNK = 2_000_000              # instructions between clock checks while an ms: point is pending
+UNTIL_STOPPED = 1 << 62           # a count no run reaches: counting on, no limit
 
 
 def parse_size(text: str | int) -> int:
@@ -381,11 +384,11 @@ class _Run:
         self.pending_fault = None
         self.fired = False
         self.audit = Audit() if audit else None
-        self.cpuid_log: list[tuple] = []
-        self.exceptions: list[dict] = []
+        self.cpuid_log = ExitLog(lambda entry: entry[0])               # by (leaf, subleaf)
+        self.exceptions = ExitLog(lambda entry: entry["vector"])
         self.migrations: list[dict] = []
         self.hosts = [vm.host.name]
-        self.executed, self.exact = 0, True
+        self.executed, self.exact, self.counting, self.max_insns = 0, True, False, None
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
         if vm.snapshot:
@@ -412,8 +415,7 @@ class _Run:
         self._end(Stop("exited", status, message=f"guest powered off with status {status}"))
 
     def _checkpoint(self, n: int) -> bool:
-        head = self.events[0] if self.events else None
-        when = head.when if isinstance(head, MigrationRequest) else head[0] if head else None
+        when = self._when(self.events[0]) if self.events else None
         if when and when.kind == "checkpoint" and when.count == n:
             self.fired = True
             return True
@@ -447,22 +449,28 @@ class _Run:
     def run(self, max_insns, timeout) -> RunResult:
         started = time.monotonic()
         deadline = started + timeout if timeout else None
+        # Counting is all or nothing: once a budget or an insn: point needs it, every
+        # start is counted, so the total stays exact across migrations.
+        self.counting = bool(max_insns) or any(self._when(e).kind == "insn" for e in self.events)
+        self.max_insns = max_insns
         watchdog = _Watchdog(self)
         watchdog.set_deadline(deadline)
         try:
             while not self.stop and not self.errors:
-                head = self.events[0] if self.events else None
-                when = (head.when if isinstance(head, MigrationRequest) else head[0]) if head else None
-                count = None
+                if self.fired:  # a point reached while an earlier migration was in pre-copy
+                    self._fire()
+                    continue
+                when = self._when(self.events[0]) if self.events else None
+                count = UNTIL_STOPPED if self.counting else None
                 if when and when.kind == "insn":
                     count = when.count - self.executed
                 if when and when.kind == "ms":
                     if time.monotonic() >= started + when.count / 1e3:
                         self._fire()
                         continue
-                    count = MS_CHUNK
+                    count = min(count, MS_CHUNK) if count is not None else MS_CHUNK
                 if max_insns:
-                    count = min(count, max_insns - self.executed) if count is not None else max_insns - self.executed
+                    count = min(count, max_insns - self.executed)
                 if count is not None and count <= 0:
                     if when and when.kind == "insn" and when.count <= self.executed:
                         self._fire()
@@ -478,23 +486,23 @@ class _Run:
                 if watchdog.reason == "deadline":
                     self._end(Stop("limit", rip=self.engine.rip(), message=f"time budget of {timeout:g} s exhausted"))
                 elif self.pending_fault:
-                    self.exact = self.exact and count is None
                     access, address, rip, kind = self.pending_fault
                     self.pending_fault = None
                     self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
                 elif self.fired:
-                    self.exact = self.exact and count is None
                     self._fire()
-                elif count is not None:
-                    self.executed += count  # the engine ran exactly ``count`` instructions
-                else:
+                elif count is None:
                     self._end(Stop("crashed", rip=self.engine.rip(),
                                    message="the engine stopped the guest for no known reason"))
         finally:
             watchdog.close()
         if self.errors:
             raise self.errors[0]
-        return self._result(max_insns)
+        return self._result()
+
+    @staticmethod
+    def _when(event) -> Trigger:
+        return event.when if isinstance(event, MigrationRequest) else event[0]
 
     def _start(self, count) -> None:
         """One engine start, for exactly ``count`` instructions if given."""
@@ -504,6 +512,20 @@ class _Run:
             if not self.pending_fault and not self.stop:
                 self._end(Stop("crashed", rip=self.engine.rip(),
                                message=f"the engine stopped the guest at {self.engine.rip():#x}: {e}"))
+        if count is not None:
+            self._count_started()
+
+    def _count_started(self) -> None:
+        """Add what the last counted start executed. The engine's counter includes the
+        instruction it stopped at; that one executed when it was an OUT or HLT that
+        ended the start (power-off, checkpoint, halt), not when the budget ran out or
+        a fault stopped it."""
+        begun = engine_counter(self.uc)
+        if begun is None:
+            self.exact = False
+            return
+        ended_by_exit = self.fired or bool(self.stop and self.stop[0].reason in ("exited", "halted"))
+        self.executed += begun - (0 if ended_by_exit else 1)
 
     def _fire(self) -> None:
         self.fired = False
@@ -523,6 +545,7 @@ class _Run:
                   "forced": False, "cold": request.cold, "missing": [], "rounds": 0, "pages_sent": 0,
                   "pages_per_round": [], "downtime_ms": 0.0, "total_ms": 0.0, "mode": None}
         self.migrations.append(record)
+        record["refused"] = True  # until it moves, or the guest ends first
         refusal = self._policy_refusal(request)
         if refusal:
             record["reason"] = refusal
@@ -552,11 +575,14 @@ class _Run:
                 for page in pages:
                     target.ram[page:page + PAGE] = source.ram[page:page + PAGE]
 
-        result = precopy(self.precopy, vm.memory // PAGE, run_guest, copy_pages)
+        # A later point reached meanwhile (checkpoint, insn:) cuts pre-copy short: switch
+        # over now, then carry that point out at once.
+        result = precopy(self.precopy, vm.memory // PAGE, run_guest, copy_pages, hurry=lambda: self.fired)
         source.exits.track(None)
         record.update(rounds=result["rounds"], pages_per_round=result["pages_per_round"], mode=result["mode"])
         if result.get("stopped"):
-            record["reason"] = "the guest stopped on the source before the switchover"
+            record["reason"] = "the guest stopped on the source before the switchover: nothing to move"
+            record["refused"] = False
             return
         remaining = result["remaining"]
         # The guest is stopped from here to its resumption: no collector pause in between.
@@ -574,7 +600,7 @@ class _Run:
         final = vm.memory // PAGE if remaining is None else len(remaining)
         sent = sum(result["pages_per_round"]) + final
         remaining = range(final)
-        record.update(ok=True, pages_sent=sent, switchover_ms=round(switch_ms, 3),
+        record.update(ok=True, refused=False, pages_sent=sent, switchover_ms=round(switch_ms, 3),
                       downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
         self.hosts.append(destination.name)
@@ -588,18 +614,22 @@ class _Run:
 
     def _run_on_source(self, insns: int) -> None:
         """Let the guest run ``insns`` instructions while its pages are in flight."""
+        if self.events and self._when(self.events[0]).kind == "insn":  # the next point, exactly
+            insns = min(insns, self._when(self.events[0]).count - self.executed)
+        if self.max_insns:
+            insns = min(insns, self.max_insns - self.executed)
+            if insns <= 0:
+                self._end(Stop("limit", rip=self.engine.rip(),
+                               message=f"instruction budget of {self.max_insns} exhausted"))
+                return
         if insns <= 0:
+            self.fired = self.fired or bool(self.events and self._when(self.events[0]).kind == "insn")
             return
-        try:
-            self.engine.start(insns)
-        except UcError as e:
-            if not self.pending_fault and not self.stop:
-                self._end(Stop("crashed", rip=self.engine.rip(), message=f"the engine stopped the guest: {e}"))
+        self._start(insns)
         if self.pending_fault:
             access, address, rip, kind = self.pending_fault
             self.pending_fault = None
             self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
-        self.exact = False
 
     def _cold_migrate(self, destination, record) -> None:
         """Power off, boot again on the destination: the guest re-detects its CPU."""
@@ -611,7 +641,7 @@ class _Run:
             return
         self.engine = _Engine(self, destination, view)
         self.engine.power_on(vm)
-        record.update(ok=True, mode="cold")
+        record.update(ok=True, refused=False, mode="cold")
         self.hosts.append(destination.name)
 
     # -- snapshots -----------------------------------------------------------------------
@@ -633,13 +663,17 @@ class _Run:
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
 
-    def _result(self, max_insns) -> RunResult:
+    def _result(self) -> RunResult:
         stop, vm = self.stop[0], self.vm
-        counted = self.exact and (max_insns or any(m["when"].startswith("insn") for m in self.migrations))
+        counted = self.exact and self.counting
         return RunResult(
             guest=vm.image.name, stop=stop, console=self.io.console.decode("latin-1"), host=self.engine.host.name,
             hosts=self.hosts, evc=vm.evc, instructions=self.executed if counted else None,
-            cpuid_log=self.cpuid_log, exceptions=self.exceptions, migrations=self.migrations,
+            cpuid_log=self.cpuid_log.entries, exceptions=self.exceptions.entries, migrations=self.migrations,
+            cpuid_totals=dict(self.cpuid_log.totals()), exception_totals=dict(self.exceptions.totals()),
+            left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out},
+            unreached=[{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
+                       else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in self.events],
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
             memory=vm.memory, memory_sha256=hashlib.sha256(self.engine.ram).hexdigest(),

@@ -11,6 +11,7 @@ from unicorn.x86_const import (UC_X86_INS_CPUID, UC_X86_REG_CR4, UC_X86_REG_EAX,
                                UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
 
 from .. import engine
+from ..log import ExitLog
 
 CACHE_LIMIT = 4096  # distinct (leaf, subleaf) answers kept ready; a guest may probe billions
 OUTPUT_REGS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
@@ -19,10 +20,10 @@ OUTPUT_REGS = (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX)
 class CpuidExitHandler:
     """Answers CPUID from the guest view and logs ``((leaf, subleaf), (eax..edx), host)``."""
 
-    def __init__(self, view, host_name: str, on_error, log: list | None = None):
+    def __init__(self, view, host_name: str, on_error, log: ExitLog | None = None):
         self.view = view
         self.host = host_name
-        self.log: list[tuple] = [] if log is None else log
+        self.log = ExitLog(lambda entry: entry[0]) if log is None else log
         self._on_error = on_error
         self._cache: dict[tuple[int, int, int], tuple] = {}
         # CR4 rides along in the same call: leaves 1 and 7 mirror two of its bits.
@@ -34,10 +35,12 @@ class CpuidExitHandler:
         inputs = self._inputs
         values, in_ids, in_pointers = inputs.values, inputs.ids, inputs.pointers
         read, write = engine.reg_read_batch, engine.reg_write_batch
-        cache, append, view, host = self._cache, self.log.append, self.view, self.host
+        cache, view, host = self._cache, self.view, self.host
+        sample, append, limit, beyond = self.log.entries, self.log.entries.append, self.log.limit, self.log.beyond
         indexed, live, live_bits = view.indexed_leaves, view.LIVE_LEAVES, view.LIVE_CR4_BITS
 
-        # Per exit: one batch read, one dict lookup, one batch write, one log entry.
+        # Per exit: one batch read, one dict lookup, one batch write, one log entry
+        # (ExitLog.add, inlined: this is the hot path).
         def on_cpuid(_h, _ud):
             try:
                 read(handle, in_ids, in_pointers, 3)
@@ -49,7 +52,10 @@ class CpuidExitHandler:
                 if entry is None:
                     entry = self._answer(leaf, subleaf, state)
                 write(handle, entry[0], entry[1], 4)
-                append((entry[2], entry[3], host))
+                if len(sample) < limit:
+                    append((entry[2], entry[3], host))
+                else:
+                    beyond[entry[2]] += 1
             except BaseException as e:  # never let an exception vanish inside ctypes
                 self._on_error(e)
             return 1  # skip the engine's own CPUID

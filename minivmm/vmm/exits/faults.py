@@ -15,22 +15,22 @@ from unicorn import UcError
 
 from ...cpu import isa
 from .. import engine, idt
+from ..log import ExitLog
 from ..report import Stop
 from .emulate import EMULATED
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                 19: "#XM", 21: "#CP"}
-MAX_RECORDED = 1000          # a guest that faults forever does not fill the VMM's memory
 PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
 
 
 class FaultExits:
-    def __init__(self, host, memory: int, end, exceptions: list | None = None):
+    def __init__(self, host, memory: int, end, exceptions: ExitLog | None = None):
         self.host = host
         self.memory = memory
         self._end = end              # end(Stop): finish the run
-        self.exceptions: list[dict] = [] if exceptions is None else exceptions
+        self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -43,14 +43,12 @@ class FaultExits:
         return None if instr.code == Code.INVALID else instr
 
     def _record(self, vector, rip, instruction, features, delivered, message=""):
-        if len(self.exceptions) >= MAX_RECORDED:
-            return
         entry = {"vector": vector, "name": VECTOR_NAMES.get(vector, f"vector {vector}"), "rip": rip,
                  "instruction": instruction, "features": sorted(features), "delivered": delivered,
                  "host": self.host.name}
         if message:
             entry["message"] = message
-        self.exceptions.append(entry)
+        self.exceptions.add(entry)
 
     # -- delivery --------------------------------------------------------------------------
 
