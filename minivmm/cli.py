@@ -488,7 +488,20 @@ def snapshot_inspect(snapshot_file, as_json):
         emit_json(summary)
         return
     for key, value in summary.items():
-        click.echo(f"{key}: {value}")
+        click.echo(f"{key}: {_plain(key, value)}")
+
+
+def _plain(key: str, value) -> str:
+    """A value as a person reads it: addresses in hex, lists joined, no Python reprs."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, int) and key in ("entry", "rip", "xcr0"):
+        return f"{value:#x}"
+    if isinstance(value, int) and key == "memory":
+        return f"{value >> 20} MiB" if value % (1 << 20) == 0 else f"{value} bytes"
+    return str(value)
 
 
 @cli.command()

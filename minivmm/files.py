@@ -37,12 +37,13 @@ def read_bytes(path: str | os.PathLike, what: str, limit: int) -> bytes:
         raise MinivmmError(f"cannot read {what} {path}: {e.strerror}") from None
     except ValueError:  # a NUL in the path
         raise MinivmmError(f"cannot read {what} {path!r}: the path contains a NUL byte") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
         if not stat.S_ISREG(info.st_mode):
             raise MinivmmError(f"cannot read {what} {path}: {_describe(info.st_mode)}, not a regular file")
-        if info.st_size > limit:
-            raise MinivmmError(f"{what} {path} is {info.st_size} bytes, more than the limit of {_size(limit)}")
+        raise MinivmmError(f"{what} {path} is {info.st_size} bytes, more than the limit of {_size(limit)}")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)
         except OSError as e:

@@ -71,3 +71,48 @@ def png_colours(path) -> dict[tuple[int, int, int], int]:
             counts[rgb] = counts.get(rgb, 0) + 1
         previous = line
     return counts
+
+
+_MEASURED = """
+import resource, sys
+from minivmm.cli import main
+sys.argv = ["minivmm", *sys.argv[1:]]
+try:
+    main()
+finally:
+    sys.stderr.write(f"\\nMAXRSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+"""
+
+
+def measured_cli(*args, timeout=60, **kwargs):
+    """The command line in a fresh process, with its peak RSS (MiB) and wall time (s):
+    (CompletedProcess with the RSS line removed from stderr, rss_mib, seconds)."""
+    import time
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+    seconds = time.monotonic() - started
+    lines = done.stderr.splitlines()
+    rss = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("MAXRSS "))
+    done.stderr = "\n".join(line for line in lines if line and not line.startswith("MAXRSS ")) + "\n"
+    return done, rss / 1024, seconds
+
+
+def pack_snapshot(sections) -> bytes:
+    """A snapshot file from ``[(name, compression, stored bytes, payload length)]`` with
+    correct checksums: hostile contents that pass every integrity check."""
+    import zlib
+
+    from minivmm.vmm import snapshot
+    out = [snapshot.HEADER.pack(snapshot.MAGIC, snapshot.VERSION, len(sections))]
+    for name, compression, stored, length in sections:
+        out.append(snapshot.SECTION.pack(name.encode().ljust(8, b"\0"), compression, len(stored), length,
+                                         zlib.crc32(stored)))
+        out.append(stored)
+    return b"".join(out)
+
+
+def one_line_error(done) -> bool:
+    """Exit 2, one line on stderr, no traceback, nothing on stdout."""
+    return (done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+            and done.stdout == "")

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import MinivmmError
+from ..files import MiB, read_text
 from . import native
 from .features import STATE_BITS, canonical_spelling, catalogue
 from .table import EXTENDED, CpuidTable, Signature
@@ -177,6 +178,9 @@ def _from_table(name: str, table: CpuidTable, source: str, engine_model: str | N
     return HostProfile(name, table, physical, engine_model or closest_engine_model(physical, table.vendor), source)
 
 
+MAX_DUMP = 16 * MiB                # a CPUID dump file (libvirt XML or `cpuid -1 -r`)
+
+
 @functools.cache
 def load_profile(spec: str) -> HostProfile:
     """Resolve a profile name: built-in, ``dump:NAME``, ``file:PATH`` or ``native``."""
@@ -197,12 +201,7 @@ def load_profile(spec: str) -> HostProfile:
         return _from_table(spec, CpuidTable.from_libvirt_xml(dump_path(ref).read_text(), spec), spec)
     if spec.startswith("file:"):
         path = Path(spec[5:]).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise MinivmmError(f"cannot read CPUID dump {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise MinivmmError(f"{path}: not a text CPUID dump (libvirt XML or 'cpuid -1 -r')") from None
+        text = read_text(path, "CPUID dump", MAX_DUMP)
         return _from_table(spec, CpuidTable.from_text(text, str(path)), spec)
     if spec == "native":
         return _from_table("native", native.read_table(), "native")

@@ -42,6 +42,7 @@ MAX_SECTION = {"meta": 1 << 20, "regs": 1 << 20, "cpuid": 4 << 20, "console": 64
 MAX_FILE = MAX_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
 REQUIRED = ("meta", "regs", "cpuid", "console", "memory")
 POLICIES = ("live", "offline", "disabled")
+CHUNK = 1 << 20                   # memory is decompressed this much at a time
 
 # Restore order matters: control registers and MSRs first (EFER, then the modes they
 # enable), descriptor tables before selectors, selectors before bases (a selector write
@@ -106,19 +107,21 @@ class Snapshot:
         if compression == 0:
             ram[:] = body
             return
-        view, done = memoryview(ram), 0
+        # Through a small buffer, copying only chunks that are not all zero: guest RAM
+        # starts zeroed, and pages never written stay unallocated on the machine.
+        chunk, zero, done, extra = bytearray(CHUNK), bytes(CHUNK), 0, b""
         try:
             with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
-                while done < len(view):
-                    got = reader.readinto(view[done:done + (16 << 20)])
+                while done < len(ram):
+                    got = reader.readinto(memoryview(chunk)[:min(CHUNK, len(ram) - done)])
                     if not got:
                         break
+                    if chunk[:got] != zero[:got]:
+                        ram[done:done + got] = chunk[:got]
                     done += got
                 extra = reader.read(1)
         except zstandard.ZstdError as e:
             raise MinivmmError(f"snapshot memory does not decompress ({e})") from None
-        finally:
-            view.release()
         if done != len(ram) or extra:
             raise MinivmmError(f"snapshot memory holds {'more' if extra else done} bytes, "
                                f"its header says {len(ram)}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import mmap
 import os
 import re
@@ -36,7 +35,7 @@ from ..masking.compat import compatibility
 from ..masking.evc import evc_mode
 from ..masking.formats import format_mask, self_contained
 from ..masking.view import CR4_OSXSAVE, GuestCpuidView
-from . import MAX_MEMORY, MIN_MEMORY
+from . import MAX_MEMORY, MIN_MEMORY, ram
 from .audit import Audit
 from .log import ExitLog
 from .engine import counted_so_far as engine_counter
@@ -352,10 +351,18 @@ class _Engine:
     def capture(self) -> dict:
         return {"regs": read_registers(self.uc), "xcr0": self.read_xcr0()}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> bool:
+        """The captured state on this engine; False if XCR0 could not come along: on a
+        host without XSAVE, CR4.OSXSAVE is reserved (SDM Vol. 3A, 2.5) and XCR0 absent,
+        which only a forced move reaches."""
         write_registers(self.uc, state["regs"])
-        if state.get("xcr0") is not None:
-            self.write_xcr0(state["xcr0"])
+        if state.get("xcr0") is None:
+            return True
+        if "xsave" not in self.host.physical:
+            self.uc.reg_write(x86.UC_X86_REG_CR4, self.uc.reg_read(x86.UC_X86_REG_CR4) & ~CR4_OSXSAVE)
+            return False
+        self.write_xcr0(state["xcr0"])
+        return True
 
     def rip(self) -> int:
         return self.uc.reg_read(x86.UC_X86_REG_RIP)
@@ -591,7 +598,8 @@ class _Run:
         try:
             switch = time.perf_counter()
             copy_pages(None if remaining is None else sorted(remaining))
-            target.restore(source.capture())
+            if not target.restore(source.capture()):
+                record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
             self.engine = target
             switch_ms = (time.perf_counter() - switch) * 1e3
         finally:
@@ -676,7 +684,7 @@ class _Run:
                        else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in self.events],
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
-            memory=vm.memory, memory_sha256=hashlib.sha256(self.engine.ram).hexdigest(),
+            memory=vm.memory, memory_sha256=ram.digest(self.engine.ram),
             view_features=catalogue().decode(self.engine.view.table))
 
 
