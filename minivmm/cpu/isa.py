@@ -24,12 +24,33 @@ ICED_TO_LINUX = {
     "D3NOWEXT": "3dnowext", "CLFSH": "clflush", "SHA": "sha_ni", "PREFETCHW": "3dnowprefetch",
     "CET_SS": "shstk", "CET_IBT": "ibt", "SGX1": "sgx", "SKINIT_OR_SVM": "svm", "HLE_OR_RTM": "rtm",
     "MONITORX": "mwaitx", "INVEPT": "vmx", "INVVPID": "vmx",
+    "AVX512_IFMA": "avx512ifma", "AVX512_VBMI": "avx512vbmi", "AESKLE": "aes_keylocker",
+    "WIDE_KL": "aes_keylocker_wide", "KL": "key_locker", "MSRLIST": "rd_wr_msrlist", "SEV_SNP": "sev",
+    "RMPQUERY": "sev",
+}
+# iced-x86 features no CPU minivmm emulates can have, each for a reason: pre-x86-64
+# CPUs and their instructions (which 64-bit mode decodes differently or not at all),
+# other vendors' extensions, and encodings without a CPUID bit in the catalogue. An
+# instruction needing one raises #UD on every host, which is what those CPUs would do.
+DELIBERATELY_UNMAPPED = {
+    **dict.fromkeys(("INTEL8086_ONLY", "INTEL286_ONLY", "INTEL386_ONLY", "INTEL386_A0_ONLY", "INTEL486_A_ONLY",
+                     "FPU287", "FPU287XL_ONLY", "FPU387SL_ONLY", "MOV_TR", "UMOV"),
+                    "only on pre-x86-64 processors"),
+    **dict.fromkeys(("CYRIX_D3NOW", "CYRIX_DDI", "CYRIX_DMI", "CYRIX_EMMI", "CYRIX_FPU", "CYRIX_SHR", "CYRIX_SMINT",
+                     "CYRIX_SMINT_0F7E", "CYRIX_SMM"), "Cyrix processors, none of them x86-64"),
+    **dict.fromkeys(("CENTAUR_AIS", "PADLOCK_ACE", "PADLOCK_GMI", "PADLOCK_PHE", "PADLOCK_PMM", "PADLOCK_RNG",
+                     "PADLOCK_UNDOC"), "VIA/Zhaoxin PadLock: no VIA profile, and no such bits in the catalogue"),
+    "KNC": "Knights Corner coprocessor instructions, not an x86-64 CPU's",
+    "CL1INVMB": "Intel SCC only", "OSS": "Zhaoxin only", "UDBG": "undocumented debug opcodes",
+    "TDX": "TDX guest calls (TDCALL/SEAMCALL): not in the catalogue, no profile has them",
+    "RAO_INT": "not in the catalogue yet (Intel's RAO-INT, no profile has it)",
+    "TSE": "not in the catalogue yet (Intel TSE, no profile has it)",
 }
 # Features every x86-64 CPU has (or that name no CPUID bit): never the cause of #UD.
 BASELINE = frozenset({
     "INTEL8086", "INTEL186", "INTEL286", "INTEL386", "INTEL486", "X64", "CPUID", "FPU", "FPU387",
     "MULTIBYTENOP", "PAUSE", "MSR", "TSC", "CMOV", "CX8", "SEP", "FXSR", "SSE", "SSE2", "MMX",
-    "SYSCALL", "SMM",
+    "SYSCALL", "SMM", "RDPMC",   # RDPMC: every P6 and later CPU, no CPUID bit (SDM Vol. 2B)
 })
 _FEATURE_NAMES = {v: k for k, v in vars(iced_x86.CpuidFeature).items() if k.isupper()}
 _FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)

@@ -24,8 +24,38 @@ class DeliveryFailed(Exception):
     """The exception could not reach a handler: on hardware, #DF and then a triple fault."""
 
 
-def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = None) -> int:
-    """Push the frame and enter the handler; return the handler's address."""
+class GateFault(Exception):
+    """The gate's code segment is unusable: the CPU raises this fault instead (#GP or
+    #NP with the selector as error code, SDM Vol. 3A, 6.12.1.1 and 6.14)."""
+
+    def __init__(self, vector: int, error_code: int, reason: str):
+        super().__init__(reason)
+        self.vector, self.error_code = vector, error_code
+
+
+def check_code_segment(uc, selector: int, memory: int, external: bool) -> None:
+    """The checks on an interrupt gate's selector, in the SDM's order: null, beyond the
+    GDT (there is no LDT), not a code segment, DPL above CPL 0, not 64-bit, not present."""
+    ext = 1 if external else 0
+    error = (selector & 0xFFFC) | ext
+    if selector & 0xFFFC == 0:
+        raise GateFault(13, ext, "null code segment selector")
+    _, base, limit, _ = uc.reg_read(x86.UC_X86_REG_GDTR)
+    index = selector & 0xFFF8
+    if selector & 4 or index + 7 > limit or base + index + 8 > memory:
+        raise GateFault(13, error, f"selector {selector:#x} lies beyond the GDT")
+    descriptor = struct.unpack("<Q", uc.mem_read(base + index, 8))[0]
+    code, dpl, present = descriptor >> 43 & 3 == 3, descriptor >> 45 & 3, descriptor >> 47 & 1
+    long_mode = descriptor >> 53 & 1 and not descriptor >> 54 & 1
+    if not code or dpl != 0 or not long_mode:
+        raise GateFault(13, error, f"selector {selector:#x} is not a 64-bit ring-0 code segment")
+    if not present:
+        raise GateFault(11, error, f"code segment {selector:#x} is not present")
+
+
+def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = None, external: bool = True) -> int:
+    """Push the frame and enter the handler; return the handler's address. ``external``
+    is false for INT n, whose gate faults carry EXT = 0."""
     _, base, limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
     if limit == 0:
         raise DeliveryFailed("no IDT loaded")
@@ -45,6 +75,7 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     if handler >= memory:
         raise DeliveryFailed(f"IDT gate {vector} points at {handler:#x}, outside guest RAM")
     selector = low >> 16 & 0xFFFF
+    check_code_segment(uc, selector, memory, external)
     rsp, rflags = uc.reg_read(x86.UC_X86_REG_RSP), uc.reg_read(x86.UC_X86_REG_RFLAGS)
     frame = [uc.reg_read(x86.UC_X86_REG_SS), rsp, rflags, uc.reg_read(x86.UC_X86_REG_CS), rip]
     if error_code is not None:

@@ -42,6 +42,7 @@ from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.emulate import bit_scan
+from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .report import RunResult, Stop
 from .snapshot import Snapshot, read_registers
@@ -248,6 +249,8 @@ class VM:
                 else:
                     needs = isa.needed_features(instr)
                     action = EXIT_MNEMONICS.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
+                    if action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
+                        action = "privileged"
                     result = (action, needs - shown if audit else frozenset())
                 cache[instr.code] = result
             return result
@@ -285,6 +288,7 @@ class _Engine:
         uc.hook_add(UC_HOOK_INSN_INVALID, self.faults.on_invalid)
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
+        self.privileged = PrivilegedExits(host, view, self.faults)
 
     def power_on(self, vm: VM) -> None:
         """The machine state of SPEC section 2."""
@@ -440,6 +444,8 @@ class _Run:
                 self.engine.faults.undefined(uc, address, instr, isa.needed_features(instr) - self.engine.host.physical)
             elif action == "unsupported":
                 self.engine.faults.unsupported(uc, address, instr, isa.needed_features(instr))
+            elif action == "privileged":
+                self.engine.privileged.check(uc, address, size, instr)
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
         except BaseException as e:  # an exception inside a hook must not vanish

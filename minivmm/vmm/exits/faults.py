@@ -25,6 +25,14 @@ VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "
 PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
 
 
+def _name(vector: int) -> str:
+    return VECTOR_NAMES.get(vector, f"vector {vector}")
+
+
+def _contributory(vector: int) -> bool:
+    return vector in idt.CONTRIBUTORY or vector == 14
+
+
 class FaultExits:
     def __init__(self, host, memory: int, end, exceptions: ExitLog | None = None):
         self.host = host
@@ -43,7 +51,7 @@ class FaultExits:
         return None if instr.code == Code.INVALID else instr
 
     def _record(self, vector, rip, instruction, features, delivered, message=""):
-        entry = {"vector": vector, "name": VECTOR_NAMES.get(vector, f"vector {vector}"), "rip": rip,
+        entry = {"vector": vector, "name": _name(vector), "rip": rip,
                  "instruction": instruction, "features": sorted(features), "delivered": delivered,
                  "host": self.host.name}
         if message:
@@ -53,29 +61,44 @@ class FaultExits:
     # -- delivery --------------------------------------------------------------------------
 
     def deliver(self, uc, vector: int, rip: int, error_code: int | None = None, instr=None,
-                missing=(), detail: str = "") -> bool:
-        """Enter the guest's handler for ``vector``, or end the run as crashed."""
+                missing=(), detail: str = "", external: bool = True) -> bool:
+        """Enter the guest's handler for ``vector``, or end the run as crashed. A gate
+        whose code segment is unusable raises #GP/#NP in its place; two contributory
+        faults make #DF, and a fault delivering #DF is a triple fault (SDM Vol. 3A,
+        6.15, Table 6-5)."""
         instr = instr if instr is not None else self._instruction(uc, rip)
         text = isa.disassemble(instr) if instr is not None else "(bad)"
-        try:
-            idt.deliver(uc, vector, rip, self.memory, error_code)
-        except idt.DeliveryFailed as e:
-            name = VECTOR_NAMES.get(vector, f"vector {vector}")
-            message = f"{name} at {rip:#x} ({text})"
-            if missing:
-                message += f": needs {', '.join(missing)}, which {self.host.name} lacks"
-            if detail:
-                message += f": {detail}"
-            message += f"; cannot deliver it: {e}"
-            self._record(vector, rip, text, missing, False, message)
-            self._end(Stop("crashed", vector=vector, rip=rip, instruction=text,
-                           missing_features=list(missing), message=message))
-            uc.emu_stop()
-            return False
+        first = vector
+        while True:
+            try:
+                idt.deliver(uc, vector, rip, self.memory, error_code, external)
+                break
+            except idt.GateFault as fault:
+                self._record(vector, rip, text, missing, False, f"{_name(vector)} not delivered: {fault}")
+                if vector == 8:
+                    return self._crash(uc, first, rip, text, missing, detail, f"triple fault: {fault}")
+                double = _contributory(vector) and _contributory(fault.vector)
+                vector, error_code = (8, 0) if double else (fault.vector, fault.error_code)
+                missing, detail, external = (), str(fault), True
+            except idt.DeliveryFailed as e:
+                return self._crash(uc, vector, rip, text, missing, detail, f"cannot deliver it: {e}")
         self._record(vector, rip, text, missing, True)
         if vector in idt.CONTRIBUTORY or vector == 14:
             engine.forget_exception(uc)
         return True
+
+    def _crash(self, uc, vector, rip, text, missing, detail, why) -> bool:
+        message = f"{_name(vector)} at {rip:#x} ({text})"
+        if missing:
+            message += f": needs {', '.join(missing)}, which {self.host.name} lacks"
+        if detail:
+            message += f": {detail}"
+        message += f"; {why}"
+        self._record(vector, rip, text, missing, False, message)
+        self._end(Stop("crashed", vector=vector, rip=rip, instruction=text,
+                       missing_features=list(missing), message=message))
+        uc.emu_stop()
+        return False
 
     def undefined(self, uc, rip: int, instr, missing) -> None:
         """#UD for an instruction whose feature the host lacks."""
@@ -125,7 +148,8 @@ class FaultExits:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         software = self._software_interrupt(uc, rip, vector)
         error = 0 if vector in idt.ERROR_CODE_VECTORS and not software else None
-        self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip))
+        self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip),
+                     external=not software)
 
     @staticmethod
     def _software_interrupt(uc, rip: int, vector: int) -> bool:
@@ -136,6 +160,19 @@ class FaultExits:
             return False
         return before == bytes([0xCD, vector]) or (vector, before[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1))
 
+    def _fetching(self, uc, block: int, address: int) -> int:
+        """The instruction whose fetch reached ``address``: the engine reports the start
+        of its block, but the frame must hold the faulting instruction (SDM Vol. 3A, 6.5:
+        a fault's saved RIP points at the instruction that faulted). A block is straight
+        code, so walk it from its start."""
+        ip = block
+        while ip < address:
+            instr = Decoder(64, bytes(uc.mem_read(ip, min(15, self.memory - ip))), ip=ip).decode()
+            if instr.code == Code.INVALID or instr.next_ip > address:
+                return ip
+            ip = instr.next_ip
+        return ip
+
     def on_unmapped(self, uc, access: int, address: int, rip: int, kind: str) -> None:
         """An access beyond guest RAM: #PF, as an unmapped page would raise it; #GP(0)
         for a non-canonical address (Intel SDM Vol. 1, 3.3.7.1)."""
@@ -144,6 +181,9 @@ class FaultExits:
             self.deliver(uc, 13, rip, 0, detail=f"{kind} non-canonical address {address:#x}")
             return
         error = (PF_WRITE if access == UC_MEM_WRITE_UNMAPPED else 0) | (PF_FETCH if access == UC_MEM_FETCH_UNMAPPED else 0)
+        if access == UC_MEM_FETCH_UNMAPPED and rip < address:
+            rip = self._fetching(uc, rip, address)
+            uc.reg_write(x86.UC_X86_REG_RIP, rip)
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
