@@ -19,7 +19,7 @@ from .masking.formats import format_firecracker_template, format_mask, parse_mas
 from .masking.view import GuestCpuidView
 from .vmm import snapshot as snapshot_mod
 from .vmm.migration import MAX_COUNT, POLICIES, MigrationRequest, PreCopy
-from .vmm.vm import MAX_TIMEOUT, VM, check_budgets, parse_size
+from .vmm.vm import MAX_TIMEOUT, VM, boot_cr4, check_budgets, parse_size
 
 
 class OneLineErrors(click.Group):
@@ -206,7 +206,9 @@ def profiles(dumps, as_json):
               help="raw is the `cpuid -1 -r` line format, to diff with the real tool.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 def cpuid(profile, evc, cpuid_mask, fmt, as_json):
-    """Show the CPUID a guest sees on PROFILE (the guest CPUID view).
+    """Show the CPUID a guest sees on PROFILE at boot (the guest CPUID view):
+    the host's table through the masks, the hypervisor bit, APIC IDs 0, OSXSAVE as the
+    boot CR4 sets it, and minivmm's leaf 0x40000000.
 
     \b
     Examples:
@@ -215,7 +217,8 @@ def cpuid(profile, evc, cpuid_mask, fmt, as_json):
       minivmm cpuid dump:EPYC-7601-32-Core --format json
     """
     host = profiles_mod.load_profile(profile)
-    view = GuestCpuidView.for_host(host, evc, cpuid_mask).table
+    guest_view = GuestCpuidView.for_host(host, evc, cpuid_mask)
+    view = guest_view.seen_with(boot_cr4(guest_view))
     if as_json or fmt == "json":
         emit_json({"profile": host.name, "vendor": host.vendor, "cpu": host.description,
                    "leaves": [{"leaf": leaf, "subleaf": sub, "eax": a, "ebx": b, "ecx": c, "edx": d}

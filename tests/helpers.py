@@ -24,6 +24,8 @@ def dump_registers(name: str) -> dict[tuple[int, int], tuple[int, int, int, int]
 def parse_raw_lines(text: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:
     table = {}
     for line in text.splitlines():
+        if not line.strip() or line.strip().startswith("CPU"):
+            continue
         head, _, regs = line.partition(":")
         leaf, sub = (int(x, 16) for x in head.split())
         values = dict(kv.split("=") for kv in regs.split())

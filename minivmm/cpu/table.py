@@ -145,8 +145,9 @@ class CpuidTable(Mapping):
         return (0, 0, 0, 0)
 
     def raw_lines(self) -> list[str]:
-        """The table in ``cpuid -1 -r`` format, so it diffs against the real tool."""
-        return [f"   0x{leaf:08x} 0x{sub:02x}: eax=0x{a:08x} ebx=0x{b:08x} ecx=0x{c:08x} edx=0x{d:08x}"
+        """The table in ``cpuid -1 -r`` format, its ``CPU:`` line included, so it diffs
+        against the real tool."""
+        return ["CPU:"] + [f"   0x{leaf:08x} 0x{sub:02x}: eax=0x{a:08x} ebx=0x{b:08x} ecx=0x{c:08x} edx=0x{d:08x}"
                 for (leaf, sub), (a, b, c, d) in self._entries.items()]
 
     # ---- parsers -------------------------------------------------------------------
@@ -174,13 +175,14 @@ class CpuidTable(Mapping):
 
     @classmethod
     def from_cpuid_raw(cls, text: str, origin: str) -> CpuidTable:
-        """``cpuid -1 -r`` output; with ``cpuid -r`` (all CPUs) the first CPU is taken."""
+        """``cpuid -1 -r`` output (it opens with ``CPU:``); with ``cpuid -r`` (``CPU 0:``,
+        ``CPU 1:`` ...) the first CPU is taken."""
         entries = {}
         cpus = 0
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            if re.match(r"^\s*CPU\s+\d+:\s*$", line):
+            if re.match(r"^\s*CPU(\s+\d+)?:\s*$", line):
                 cpus += 1
                 if cpus > 1:
                     break

@@ -93,5 +93,17 @@ class GuestCpuidView:
             c |= OSPKE_BIT
         return (a, b, c, d)
 
+    def seen_with(self, cr4: int) -> CpuidTable:
+        """Every answer a guest whose CR4 is ``cr4`` gets, the hypervisor leaf included:
+        what ``minivmm cpuid`` shows (with the boot CR4) and a guest's dump would print."""
+        entries = {key: self.answer(*key, cr4) for key in self.table}
+        # Every leaf in range answers, dumped or not, as a CPU's would (subleaf 0).
+        for first in (0, EXTENDED):
+            last = min(self.table.query(first, 0)[0], first + 0xFF) if self.table.in_range(first) else first - 1
+            for leaf in range(first, last + 1):
+                entries.setdefault((leaf, 0), self.answer(leaf, 0, cr4))
+        entries[(HYPERVISOR_LEAF, 0)] = self._hypervisor_leaf
+        return CpuidTable(entries, self.table.origin)
+
     LIVE_LEAVES = frozenset({(1, 0), (7, 0)})  # answers that depend on CR4
     LIVE_CR4_BITS = CR4_OSXSAVE | CR4_PKE

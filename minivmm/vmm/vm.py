@@ -82,6 +82,12 @@ def check_budgets(max_insns, timeout) -> None:
         raise MinivmmError(f"instruction budget {max_insns!r}: must be a whole number from 1 to {MAX_COUNT}")
 
 
+def boot_cr4(view: GuestCpuidView) -> int:
+    """CR4 at power-on (SPEC section 2): OSFXSR and OSXMMEXCPT, and OSXSAVE where the
+    guest's view has XSAVE."""
+    return CR4_BOOT | (CR4_OSXSAVE if view.has(catalogue()["xsave"]) else 0)
+
+
 class _Watchdog:
     """Stops the engine at the run's deadline, or when the user presses Ctrl-C.
 
@@ -302,8 +308,8 @@ class _Engine:
         uc.reg_write(x86.UC_X86_REG_CS, CODE_SELECTOR)
         for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
             uc.reg_write(reg, DATA_SELECTOR)
-        if self.view.has(catalogue()["xsave"]):
-            uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT | CR4_OSXSAVE)
+        if boot_cr4(self.view) & CR4_OSXSAVE:
+            uc.reg_write(x86.UC_X86_REG_CR4, boot_cr4(self.view))
             if uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
                 self.write_xcr0(XCR0_BOOT)
             else:
