@@ -30,6 +30,9 @@ class OneLineErrors(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:  # "minivmm", "minivmm mask": help, not an error
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.Abort:
             click.echo("minivmm: interrupted", err=True)
             sys.exit(130)
@@ -359,11 +362,18 @@ def mask():
     """
 
 
-# "-sse4_1,-popcnt" is a mask, not options; and "-h" inside "-shstk" must not mean --help.
+class MaskCommand(click.Command):
+    """"-sse4_1,-popcnt" is a mask, not options, and "-h" inside "-shstk" must not mean
+    --help; "-h" alone is help, as on every command (no feature is named "h")."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, ["--help" if arg == "-h" else arg for arg in args])
+
+
 MASK_ARGUMENTS = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
 
 
-@mask.command("convert", context_settings=MASK_ARGUMENTS)
+@mask.command("convert", cls=MaskCommand, context_settings=MASK_ARGUMENTS)
 @click.argument("spec", metavar="MASK")
 @click.option("--to", "fmt", type=click.Choice(["firecracker", "vmware", "xen", "features", "firecracker-json"]),
               required=True, help="Target format.")
@@ -379,7 +389,7 @@ def mask_convert(spec, fmt):
     click.echo(format_firecracker_template(parsed) if fmt == "firecracker-json" else format_mask(parsed, fmt))
 
 
-@mask.command("lint", context_settings=MASK_ARGUMENTS)
+@mask.command("lint", cls=MaskCommand, context_settings=MASK_ARGUMENTS)
 @click.argument("spec", metavar="MASK")
 @click.option("--host", metavar="PROFILE", help="Also check the mask on this host.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -402,7 +412,7 @@ def mask_lint(spec, host, as_json):
     sys.exit(1 if problems else 0)
 
 
-@mask.command("msr", context_settings=MASK_ARGUMENTS)
+@mask.command("msr", cls=MaskCommand, context_settings=MASK_ARGUMENTS)
 @click.argument("spec", metavar="MASK")
 @click.option("--host", metavar="PROFILE", required=True, help="The host whose masking MSRs to use.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -428,7 +438,7 @@ def mask_msr(spec, host, as_json):
         click.echo(f"cannot mask: {line}")
 
 
-@mask.command("explain", context_settings=MASK_ARGUMENTS)
+@mask.command("explain", cls=MaskCommand, context_settings=MASK_ARGUMENTS)
 @click.argument("specs", metavar="MASK...", nargs=-1)
 @click.option("--host", metavar="PROFILE", required=True, help="The host the VM runs on.")
 @click.option("--evc", metavar="MODE", help="The VM's EVC mode (applied first).")
@@ -743,4 +753,4 @@ def _print_matrix(outcomes, summary) -> None:
 
 
 def main():
-    cli()
+    cli(prog_name="minivmm")

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,24 @@ def test_cpuid_native_diffs_against_the_real_tool_only_where_documented():
     differ = {key for key in mine.keys() & real.keys() if mine[key] != real[key]}
     assert differ <= {(1, 0), (0x8000001E, 0)} | {k for k in real if k[0] in (0xB, 0x1F) or k[0] >> 28 == 4}
     assert len(mine.keys() & real.keys()) > 20
+
+
+@pytest.mark.parametrize("args", [[], ["mask"], ["evc"], ["snapshot"]])
+def test_a_group_alone_prints_its_help(args):
+    out = minivmm_cli(*args)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: minivmm") and "Commands:" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "lint", "msr", "explain"])
+def test_dash_h_is_help_on_mask_commands_and_masks_stay_masks(command):
+    out = minivmm_cli("mask", command, "-h")
+    assert out.returncode == 0 and out.stdout.startswith(f"Usage: minivmm mask {command}")
+    assert minivmm_cli("mask", "lint", "-shstk").stdout.startswith("no problems")
+
+
+def test_strategies_without_hypothesis_say_how_to_get_it():
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "try:\n    import minivmm.testing.strategies\n"
+            "except ModuleNotFoundError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "pip install 'minivmm[hypothesis]'" in out.stdout

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from minivmm.cpu.deps import hidden_closure, requirements
 from minivmm.cpu.features import catalogue
-from minivmm.cpu.profiles import load_profile
+from minivmm.cpu.profiles import builtin_profiles, load_profile
 from minivmm.errors import MinivmmError
 from minivmm.masking.formats import format_mask, parse_mask
-from minivmm.masking.mask import RegisterMask
+from minivmm.masking.mask import Mask, RegisterMask
 from minivmm.masking.view import GuestCpuidView
 from minivmm.testing import strategies as mst
 
@@ -181,3 +181,30 @@ def test_bad_template_files_are_refused(tmp_path):
         path.write_text(content)
         with pytest.raises(MinivmmError, match=message):
             parse_mask(str(path))
+
+
+ALL_FORMATS = ("firecracker", "vmware", "xen", "features")
+
+
+@given(mask=st.one_of(*(mst.masks_for_format(f) for f in ALL_FORMATS), mst.masks(marks=True), mst.feature_masks()),
+       src=st.sampled_from(ALL_FORMATS), dst=st.sampled_from(ALL_FORMATS))
+def test_every_mask_converts_exactly_between_formats_or_refuses_saying_why(mask, src, dst):
+    """Written in SRC, converted to DST and parsed back: the same effect on every
+    built-in profile's table, or a refusal that names what the format cannot say."""
+    try:
+        text = format_mask(mask, src)
+        converted = format_mask(parse_mask(text), dst) if text else ""
+    except MinivmmError as e:
+        assert any(why in str(e) for why in ("cannot be written", "cannot write", "would also hide")), e
+        return
+    again = parse_mask(converted) if converted else Mask()
+    for host in builtin_profiles():
+        assert again.apply(host.cpuid) == mask.apply(host.cpuid), (host.name, text, converted)
+
+
+def test_clearing_xsave_alone_is_not_written_as_minus_xsave():
+    """A feature list hides dependants: -xsave would hide AVX as well."""
+    mask = parse_mask("0x1:ecx=0bxxxxx0" + "x" * 26)
+    with pytest.raises(MinivmmError, match="would also hide .*avx"):
+        format_mask(mask, "features")
+    assert format_mask(parse_mask("-sse4_1"), "features") == "-sse4_1"  # the control: nothing depends on it

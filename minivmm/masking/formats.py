@@ -284,6 +284,8 @@ def parse_feature_list(spec: str) -> Mask:
 
 
 def format_feature_list(mask: Mask) -> str:
+    """Exact or refused: a feature list hides what depends on a hidden feature, so a
+    mask that clears xsave alone cannot be written ``-xsave`` (that hides avx too)."""
     items = []
     for (leaf, sub, reg), m in mask.registers.items():
         if m.marked:
@@ -294,4 +296,11 @@ def format_feature_list(mask: Mask) -> str:
                 raise MinivmmError(f"{_bit_name(leaf, sub, reg, bit)} is not a named feature: "
                                    f"a feature list cannot write it")
             items.append(("+" if m.value >> bit & 1 else "-") + f.name)
-    return ",".join(items)
+    text = ",".join(items)
+    if text and parse_feature_list(text) != mask:
+        extra = sorted(parse_feature_list(text).features()[1] - mask.features()[1],
+                       key=lambda name: (catalogue()[name].leaf, catalogue()[name].subleaf, name))
+        named = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise MinivmmError(f"as a feature list this mask would also hide {named or 'other bits'} (hiding a "
+                           f"feature hides what depends on it): use firecracker, vmware or xen")
+    return text

@@ -13,7 +13,11 @@ Every strategy draws from the real data minivmm ships; none needs a running VM.
 
 from __future__ import annotations
 
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ModuleNotFoundError:  # an optional dependency: say how to get it
+    raise ModuleNotFoundError("minivmm.testing.strategies needs hypothesis: "
+                              "pip install 'minivmm[hypothesis]'", name="hypothesis") from None
 
 from ..cpu.deps import hidden_closure
 from ..cpu.features import catalogue
