@@ -108,7 +108,7 @@ def cli():
 @click.option("--host", default="nehalem", show_default=True, metavar="PROFILE",
               help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native.")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask to the guest CPUID view.")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC",
+@click.option("--cpuid-mask", multiple=True, metavar="MASK",
               help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
               help="Live-migrate at checkpoint:N, insn:N or ms:N (repeatable).")
@@ -121,7 +121,7 @@ def cli():
 @click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N or ms:N.")
 @click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
-@click.option("--memory", default="16M", show_default=True, metavar="SIZE", help="Guest RAM: 64M, 1G or bytes.")
+@click.option("--memory", default="16M", show_default=True, metavar="SIZE", help="Guest RAM: 64M, 1G or bytes (2M to 4G).")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N",
               help="Stop with 'limit' after N guest instructions (exact; slower per instruction).")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS",
@@ -132,9 +132,10 @@ def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, polic
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
-    of a shipped guest. The console goes to stdout as the guest writes it; one line
-    on stderr says how the run ended. The exit status is the guest's power-off
-    status, 0 for hlt, 125 crashed, 126 unsupported, 124 limit, 2 bad input.
+    of a shipped guest (the guest ABI: docs/abi.md). The console goes to stdout as
+    the guest writes it; one line on stderr says how the run ended. The exit status
+    is the guest's power-off status, 0 for hlt, 125 crashed, 126 unsupported, 124
+    limit, 2 bad input (docs/cli.md; the --json report: docs/report.schema.json).
 
     \b
     Examples:
@@ -150,7 +151,7 @@ def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, polic
 
 
 def _report(vm, as_json, **options):
-    """Run, then print the console/report the SPEC's way and exit with the run's code."""
+    """Run, then print the console/report the documented way (docs/cli.md) and exit with the run's code."""
     sink = None if as_json else _stream_console
     result = vm.run(console=sink, **options)
     if as_json:
@@ -204,7 +205,7 @@ def profiles(dumps, as_json):
 @cli.command()
 @click.argument("profile")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask.")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask (repeatable).")
+@click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "raw", "json"]), default="table", show_default=True,
               help="raw is the `cpuid -1 -r` line format, to diff with the real tool.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
@@ -269,7 +270,7 @@ def baseline(profiles, as_json):
 @click.argument("source")
 @click.argument("destination")
 @click.option("--evc", metavar="MODE", help="The VM runs under this EVC mode.")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask of the VM (repeatable).")
+@click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask of the VM (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(source, destination, evc, cpuid_mask, as_json):
     """Can a VM powered on on SOURCE live-migrate to DESTINATION?
@@ -352,7 +353,7 @@ def mask():
     """CPUID masks: convert between formats, lint, explain, and see them as MSRs.
 
     \b
-    Formats (SPEC section 5):
+    Formats (docs/masks.md):
       Firecracker  0x1:ecx=0bxxxxxxxxxxxx0xxxxxxxxxxxxxxxxxxx   (or a CPU template .json)
       VMware       cpuid.1.ecx=----:----:---0:----:----:----:----:----
       Xen          1:ecx=xxxxxxxxxxxx0xxxxxxxxxxxxxxxxxxx
@@ -521,7 +522,7 @@ def _plain(key: str, value) -> str:
 @click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
 @click.option("--hosts", required=True, metavar="A,B,...", help="Host profiles to run on (or 'all').")
 @click.option("--evc", metavar="MODE", help="Run every VM under this EVC mode.")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every VM (repeatable).")
+@click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask for every VM (repeatable).")
 @click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
 @click.option("--force", is_flag=True, help="Force those migrations past the compatibility check.")
 @click.option("--html", "html_file", metavar="FILE",
@@ -534,7 +535,7 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
     (physical), what CPUID tells the guest, what its probe found and which path it
     used; with --migrate-to, what happened to that choice after a live migration.
 
-    Guests report through SPEC detection lines (FEATURE: cpuid=.. probe=.. uses=..).
+    Guests report through detection lines (FEATURE: cpuid=.. probe=.. uses=..).
     Highlighted: features masked but executable (yellow), advertised but #UD and
     crashes after migration (red), refused migrations (orange).
 
@@ -665,7 +666,7 @@ def demo(name, pace, as_json):
 @click.option("--hosts", default="all", show_default=True, metavar="all|A,B", help="Host profiles.")
 @click.option("--evc", default="none", show_default=True, metavar="none|all|MODE[,MODE]",
               help="EVC modes; 'all' runs every mode on every host that supports it (others are skipped).")
-@click.option("--cpuid-mask", multiple=True, metavar="SPEC", help="A CPUID mask for every cell (repeatable).")
+@click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask for every cell (repeatable).")
 @click.option("--migrate", default="none", show_default=True, metavar="none|all-pairs|A>B[,C>D]",
               help="Migrations: each host to each other, or the listed pairs.")
 @click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",

@@ -1,4 +1,4 @@
-"""The command line as users and scripts see it (SPEC section 3)."""
+"""The command line as users and scripts see it (docs/cli.md)."""
 
 import json
 import shutil

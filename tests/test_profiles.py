@@ -30,7 +30,7 @@ def guest_view(host):
 
 
 def expected_leaf(real, leaf):
-    """The real registers with the SPEC's normalisation: hypervisor bit set, APIC ID 0,
+    """The real registers with the guest view's normalisation (docs/abi.md): hypervisor bit set, APIC ID 0,
     OSXSAVE mirroring CR4.OSXSAVE (set at boot exactly when the CPU has XSAVE), and
     OSPKE clear (CR4.PKE is off at boot)."""
     a, b, c, d = real[(leaf, 0)]

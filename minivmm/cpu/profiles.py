@@ -1,7 +1,7 @@
 """Host profiles: emulated physical CPUs built from real CPU data.
 
 A profile is data (a raw CPUID table and a physical feature set) plus the unicorn
-model that executes it. Names resolve as SPEC section 4 says: the built-in table
+model that executes it. Names resolve as docs/cli.md says: the built-in table
 ``data/profiles.csv``, ``dump:NAME``, ``file:PATH`` and ``native``.
 """
 

@@ -3,7 +3,7 @@ with the shipped runtime) and the guests it ships (``shipped/``)."""
 
 from importlib import resources
 
-LOAD_ADDRESS = 0x100000           # SPEC section 2: where assembly and flat images load
+LOAD_ADDRESS = 0x100000           # docs/abi.md: where assembly and flat images load
 
 
 def shipped_guests_dir():

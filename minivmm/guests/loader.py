@@ -1,4 +1,4 @@
-"""Guest images (SPEC section 2): assembly source, flat binaries and static ELF64.
+"""Guest images (docs/abi.md): assembly source, flat binaries and static ELF64.
 
 Every loader returns a :class:`GuestImage` of ``(address, bytes, size in memory)``
 segments (the rest of a segment beyond its bytes is zero, as guest RAM starts) and an

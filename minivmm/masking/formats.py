@@ -1,4 +1,4 @@
-"""How users write CPUID masks: every format of SPEC section 5, parsed into a
+"""How users write CPUID masks: every format of docs/masks.md, parsed into a
 :class:`~.mask.Mask` and printed back (``parse_mask``, ``format_mask``)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MAX_TEMPLATE = 1 * MiB
 
 
 def parse_mask(spec: str) -> Mask:
-    """Any format of SPEC section 5, recognised by its shape."""
+    """Any format of docs/masks.md, recognised by its shape."""
     text = spec.strip()
     if not text:
         raise MinivmmError("empty CPUID mask")

@@ -7,7 +7,7 @@ R/H (the real bit must match on source and destination; R also reports 0), x (th
 guest does not use the bit), and Xen's k (host value, kept across migration: H).
 
 Each bit is therefore one *transformation* (keep, 0, 1) and at most one *mark*. How
-users write masks (every format of SPEC section 5) is :mod:`.formats`.
+users write masks (every format of docs/masks.md) is :mod:`.formats`.
 """
 
 from __future__ import annotations

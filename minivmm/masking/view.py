@@ -2,7 +2,7 @@
 
 This is where every CPUID answer is computed. The view is the host profile's table,
 passed through the VM's mask, then normalised as a hypervisor presents a virtual CPU
-(SPEC section 1). It is frozen when the VM powers on and travels with it.
+(docs/abi.md). It is frozen when the VM powers on and travels with it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CPUID-guided vs #UD-guided detection, side by side.
 
 For each guest and host: what the host physically has, what the guest's CPUID view
-says, what the guest's probe found and which path it took (its SPEC detection lines),
+says, what the guest's probe found and which path it took (its detection lines, docs/abi.md),
 and, when asked, what became of that choice after a live migration at the guest's
 first checkpoint. The cells where those disagree are the point of minivmm: a feature
 masked but executable is what a probing guest finds and later loses.

@@ -1,4 +1,4 @@
-"""The result of a run, and its JSON report (SPEC section 3)."""
+"""The result of a run, and its JSON report (docs/cli.md, docs/report.schema.json)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The virtual machine: guest RAM, a vCPU on an emulated host, and the run loop.
 
-Power-on builds the machine state of SPEC section 2 (long mode, GDT, CR0/CR4/XCR0,
+Power-on builds the machine state of docs/abi.md (long mode, GDT, CR0/CR4/XCR0,
 stack at the top of RAM), freezes the guest CPUID view, and wires the exit
 handlers of :mod:`minivmm.vmm.exits`. ``run`` executes until the guest powers off,
 halts, crashes or exhausts a budget, and never lets a guest take the VMM down.
@@ -52,7 +52,7 @@ from .snapshot import write_registers
 DEFAULT_MEMORY = 16 << 20
 MAX_TIMEOUT = 7 * 24 * 3600.0               # seconds: a week is no budget
 GDT_BASE = 0x1000
-VMM_AREA = (0x1000, 0x2000)       # reserved for the VMM's tables (SPEC section 2)
+VMM_AREA = (0x1000, 0x2000)       # reserved for the VMM's tables (docs/abi.md)
 BOOT_STUB = 0x1800                # inside the VMM area: sets XCR0 before the guest runs
 GDT = struct.pack("<QQQ", 0, 0x00209A0000000000, 0x0000920000000000)  # null, 64-bit code, data
 CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
@@ -83,7 +83,7 @@ def check_budgets(max_insns, timeout) -> None:
 
 
 def boot_cr4(view: GuestCpuidView) -> int:
-    """CR4 at power-on (SPEC section 2): OSFXSR and OSXMMEXCPT, and OSXSAVE where the
+    """CR4 at power-on (docs/abi.md): OSFXSR and OSXMMEXCPT, and OSXSAVE where the
     guest's view has XSAVE."""
     return CR4_BOOT | (CR4_OSXSAVE if view.has(catalogue()["xsave"]) else 0)
 
@@ -297,7 +297,7 @@ class _Engine:
         self.privileged = PrivilegedExits(host, view, self.faults)
 
     def power_on(self, vm: VM) -> None:
-        """The machine state of SPEC section 2."""
+        """The machine state of docs/abi.md."""
         uc = self.uc
         for addr, data, _ in vm.image.segments:
             self.ram[addr:addr + len(data)] = data

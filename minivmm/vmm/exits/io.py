@@ -1,4 +1,4 @@
-"""Port I/O exits: the guest ABI's hypercalls (SPEC section 2).
+"""Port I/O exits: the guest ABI's hypercalls (docs/abi.md).
 
 0xE9 console (Bochs/QEMU debugcon), 0xF4 power off, 0xF5 checkpoint. Other ports
 read as all ones, like an empty ISA bus, and writes to them are counted.
