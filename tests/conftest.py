@@ -1,3 +1,7 @@
+import functools
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -31,3 +35,32 @@ def run_asm(asm_guest):
         return VM(asm_guest(source), host, **options).run(timeout=timeout)
 
     return run
+
+
+# ---- every report the tests produce is validated against docs/report.schema.json ----
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "report.schema.json"
+
+
+@functools.cache
+def report_validator():
+    import jsonschema
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reports_follow_the_schema():
+    """Every RunResult any test makes is checked against the schema, in JSON form."""
+    from minivmm.vmm import vm as vm_module
+    original = vm_module._Run._result
+
+    def checked(self):
+        result = original(self)
+        report_validator().validate(json.loads(json.dumps(result.to_dict())))
+        return result
+
+    vm_module._Run._result = checked
+    yield
+    vm_module._Run._result = original

@@ -9,8 +9,15 @@ RAW_LINE_FIELDS = ("eax", "ebx", "ecx", "edx")
 
 
 def minivmm_cli(*args, timeout=60):
-    """The installed console script, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "minivmm", *args], capture_output=True, text=True, timeout=timeout)
+    """The installed console script, as a user runs it; a --json report of run or
+    resume is checked against docs/report.schema.json."""
+    done = subprocess.run([sys.executable, "-m", "minivmm", *args], capture_output=True, text=True, timeout=timeout)
+    if args and args[0] in ("run", "resume") and "--json" in args and done.returncode != 2:
+        import json
+
+        from conftest import report_validator
+        report_validator().validate(json.loads(done.stdout))
+    return done
 
 
 def dump_registers(name: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:

@@ -187,3 +187,14 @@ def test_strategies_without_hypothesis_say_how_to_get_it():
             "except ModuleNotFoundError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'minivmm[hypothesis]'" in out.stdout
+
+
+def test_the_report_schema_rejects_a_report_missing_a_key():
+    """The negative control of the schema check every test's report goes through."""
+    import jsonschema
+    from conftest import report_validator
+    report = json.loads(minivmm_cli("run", "hello", "--json").stdout)
+    report_validator().validate(report)
+    del report["stop"]["reason"]
+    with pytest.raises(jsonschema.ValidationError):
+        report_validator().validate(report)
