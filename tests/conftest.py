@@ -1,3 +1,4 @@
+import collections
 import functools
 import json
 from pathlib import Path
@@ -12,7 +13,25 @@ settings.register_profile("default", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("default")
+
+# Outcomes of tests/test_fuzz.py per reader, printed at the end of the run.
+FUZZ_OUTCOMES = collections.defaultdict(collections.Counter)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FUZZ_OUTCOMES:
+        return
+    import resource
+    write = terminalreporter.write_line
+    write("fuzzing: inputs tried per reader (this process)")
+    write(f"{'reader':<14}{'tried':>8}{'accepted':>10}{'refused':>9}{'traceback':>11}{'hang':>6}")
+    for reader, counts in sorted(FUZZ_OUTCOMES.items()):
+        write(f"{reader:<14}{sum(counts.values()):>8}{counts['accepted']:>10}{counts['refused']:>9}"
+              f"{counts['traceback']:>11}{counts['hang']:>6}")
+    write(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
 @pytest.fixture

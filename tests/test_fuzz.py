@@ -1,0 +1,228 @@
+"""Fuzzing every reader: whatever the bytes, a reader returns what it read or refuses with
+a MinivmmError, in bounded time; never another exception, never a hang.
+
+Fast by default (part of the suite); a long run anyone can make:
+
+    python -m pytest tests/test_fuzz.py -p no:xdist --hypothesis-profile=fuzz
+
+prints, per reader, the inputs tried and their outcomes (accepted, refused, traceback,
+hang) and the peak RSS; README's table comes from such a run.
+"""
+
+import contextlib
+import json
+import signal
+import struct
+import zlib
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from minivmm.cpu.table import CpuidTable
+from minivmm.errors import MinivmmError
+from minivmm.guests import assembler
+from minivmm.guests.loader import load_elf, load_guest
+from minivmm.masking.formats import parse_mask
+from minivmm.masking.view import GuestCpuidView
+from minivmm.testing import strategies as mst
+from minivmm.vmm import snapshot as snapshot_mod
+from minivmm.vmm.vm import VM
+
+from conftest import FUZZ_OUTCOMES as OUTCOMES
+
+PER_INPUT_SECONDS = 20  # far above any reader's real cost: past it, the input hung
+
+
+class Hang(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def bounded(reader: str):
+    """Count the outcome of one input; a MinivmmError is a refusal, anything else fails."""
+    def on_alarm(*_):
+        raise Hang()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(PER_INPUT_SECONDS)
+    try:
+        yield
+        OUTCOMES[reader]["accepted"] += 1
+    except MinivmmError:
+        OUTCOMES[reader]["refused"] += 1
+    except Hang:
+        OUTCOMES[reader]["hang"] += 1
+        raise AssertionError(f"{reader}: an input ran for more than {PER_INPUT_SECONDS} s")
+    except Exception:
+        OUTCOMES[reader]["traceback"] += 1
+        raise
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+FUZZ = settings(suppress_health_check=list(HealthCheck), deadline=None)
+
+# ---- assembly --------------------------------------------------------------------------
+
+LINES = ["nop", "hlt", "mov eax, 1", "l: jmp l", "out 0xf4, al", ".byte 0x90", '.asciz "x;y"', "cpuid",
+         "*", ":", "; comment", "# comment", "mov rax, [rip + l]", ".fill 3, 1, 0", "vaddps ymm0, ymm1, ymm2",
+         "lea rsi, [rip + missing]", ".include \"lib/console.inc\"", ".include \"nosuch.inc\"", "\0", "x:", "x:"]
+
+
+@FUZZ
+@given(lines=st.lists(st.one_of(st.sampled_from(LINES), st.text(max_size=20)), max_size=12))
+@example(lines=["nop", "*", "hlt"])
+def test_fuzz_assembly(lines, tmp_path_factory):
+    previous, assembler.DEADLINE = assembler.DEADLINE, 1.0  # a hang costs one second, not five
+    try:
+        path = tmp_path_factory.mktemp("asm") / "g.asm"
+        path.write_bytes("\n".join(lines).encode("utf-8", "replace"))
+        with bounded("assembly"):
+            load_guest(str(path))
+    finally:
+        assembler.DEADLINE = previous
+
+
+# ---- ELF ---------------------------------------------------------------------------------
+
+def _elf(entry, segments, e_type=2, machine=62, phentsize=56, phoff=64):
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", e_type, machine, 1, entry, phoff, 0, 0, 64, phentsize, len(segments), 0,
+                          0, 0)
+    body_at = 64 + 56 * len(segments)
+    phdrs = b"".join(struct.pack("<IIQQQQQQ", kind, 5, offset if offset is not None else body_at, vaddr, vaddr, filesz,
+                                 memsz, 0x1000) for kind, offset, vaddr, filesz, memsz in segments)
+    return header + phdrs + b"\xb0\x00\xe6\xf4" * 8
+
+
+U64 = st.one_of(st.integers(0, 1 << 64 - 1), st.sampled_from([0, 0x100000, 0x1000, 1 << 31, (1 << 64) - 1, 1 << 63]))
+
+
+SANE_SEGMENT = st.tuples(st.just(1), st.none(), st.sampled_from([0x100000, 0x200000]), st.integers(0, 32),
+                         st.integers(32, 0x3000))
+HOSTILE_SEGMENT = st.tuples(st.sampled_from([1, 1, 0, 6]), st.one_of(st.none(), U64), U64, U64, U64)
+
+
+@FUZZ
+@given(entry=st.just(0x100000) | U64, segments=st.lists(SANE_SEGMENT | HOSTILE_SEGMENT, max_size=3),
+       e_type=st.sampled_from([2, 2, 3, 1]), phentsize=st.sampled_from([56, 56, 0, 64, 0xFFFF]),
+       flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), max_size=4))
+def test_fuzz_elf(entry, segments, e_type, phentsize, flips):
+    data = bytearray(_elf(entry, segments, e_type, phentsize=phentsize))
+    for at, value in flips:
+        if at < len(data):
+            data[at] = value
+    with bounded("elf"):
+        VM(load_elf(bytes(data), "fuzz.elf"), "nehalem")
+
+
+# ---- flat images, run ---------------------------------------------------------------------
+
+@FUZZ
+@given(code=st.binary(min_size=1, max_size=64), host=mst.profile_names())
+def test_fuzz_flat_images_run_and_end(code, host, tmp_path_factory):
+    """Random code on random hosts: any stop reason, the VMM intact."""
+    path = tmp_path_factory.mktemp("flat") / "g.bin"
+    path.write_bytes(code)
+    with bounded("flat image"):
+        result = VM(str(path), host).run(max_insns=2000, timeout=5)
+        assert result.stop.reason in ("exited", "halted", "crashed", "unsupported", "limit")
+
+
+# ---- snapshots: valid checksums, hostile contents ------------------------------------------
+
+@pytest.fixture(scope="module")
+def snapshot_parts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("snap") / "vm.snap"
+    VM("dispatch_cpuid", "penryn").run(snapshot_at="checkpoint:1", snapshot_file=str(path), timeout=60)
+    snap = snapshot_mod.load(str(path))
+    return snap.meta, snap.regs, snap.cpuid
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=8)
+
+
+def _pack(sections):
+    out = [snapshot_mod.HEADER.pack(snapshot_mod.MAGIC, snapshot_mod.VERSION, len(sections))]
+    for name, compression, stored, length in sections:
+        out += [snapshot_mod.SECTION.pack(name.encode().ljust(8, b"\0"), compression, len(stored), length,
+                                          zlib.crc32(stored)), stored]
+    return b"".join(out)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_snapshots(snapshot_parts, data):
+    meta, regs, cpuid = (dict(part) for part in snapshot_parts)
+    for part in (meta, regs, cpuid):
+        for _ in range(data.draw(st.sampled_from([0, 0, 1, 3]))):
+            key = data.draw(st.sampled_from(sorted(part)) | st.text(max_size=6))
+            part[key] = data.draw(JSON)
+    memory_size = data.draw(st.sampled_from([meta["memory"], meta["memory"], 4096, 1 << 30, 0]))
+    memory = data.draw(st.sampled_from([None, None, b"", b"\1" * 4096]))  # None: zeros of the declared size
+    memory = bytes(min(memory_size, 64 << 20)) if memory is None else memory
+    compression = data.draw(st.sampled_from([0, 1, 1, 2]))
+    stored = zstandard.ZstdCompressor(write_content_size=data.draw(st.booleans())).compress(memory) \
+        if compression == 1 else memory
+    sections = [("meta", 0, json.dumps(meta).encode(), None), ("regs", 0, json.dumps(regs).encode(), None),
+                ("cpuid", 0, json.dumps(cpuid).encode(), None), ("console", 0, b"", None),
+                ("memory", compression, stored, memory_size)]
+    sections = [(n, c, s, len(s) if length is None else length) for n, c, s, length in sections]
+    if data.draw(st.booleans()):
+        sections = data.draw(st.permutations(sections))[:data.draw(st.integers(3, 5))]
+    with bounded("snapshot"):
+        snap = snapshot_mod.Snapshot.from_bytes(_pack(sections), "fuzz.snap")
+        VM.resume(snap, force=True).run(max_insns=5000, timeout=5)
+
+
+# ---- host profile files -------------------------------------------------------------------
+
+RAW = st.builds(lambda leaf, sub, regs: f"   0x{leaf:08x} 0x{sub:02x}: " + " ".join(
+    f"{r}=0x{v:08x}" for r, v in zip(("eax", "ebx", "ecx", "edx"), regs)),
+    st.sampled_from([0, 1, 7, 0xD, 0x80000000, 0x80000001, 0x40000000]) | st.integers(0, 1 << 32 - 1),
+    st.integers(0, 3), st.tuples(*[st.integers(0, (1 << 32) - 1)] * 4))
+XML = st.builds(lambda leaf, regs: f'<cpuid eax_in="0x{leaf:08x}" ecx_in="0x00" eax="0x{regs[0]:08x}" '
+                                   f'ebx="0x{regs[1]:08x}" ecx="0x{regs[2]:08x}" edx="0x{regs[3]:08x}"/>',
+                st.integers(0, 0x80000008), st.tuples(*[st.integers(0, (1 << 32) - 1)] * 4))
+
+
+@FUZZ
+@given(kind=st.sampled_from(["raw", "xml"]), lines=st.lists(RAW | st.text(max_size=30), max_size=8),
+       xml=st.lists(XML | st.text(max_size=20), max_size=6), header=st.sampled_from(["CPU:", "CPU 0:", "", "CPU 9"]))
+def test_fuzz_profile_files(kind, lines, xml, header):
+    text = "\n".join([header, *lines]) if kind == "raw" else "<cpudata arch='x86'>" + "".join(xml) + "</cpudata>"
+    with bounded("profile file"):
+        table = CpuidTable.from_text(text, "fuzz.txt")
+        GuestCpuidView(table).answer(1, 0, 0)
+
+
+# ---- every mask format --------------------------------------------------------------------
+
+MASK_TEXT = st.one_of(
+    st.builds(lambda leaf, reg, bits: f"{leaf}:{reg}=0b{bits}", st.sampled_from(["0x1", "1", "-1", "0x7,0", "0xffffffffff"]),
+              st.sampled_from(["eax", "ecx", "edx", "zzz"]), st.text("01x_", max_size=40)),
+    st.builds(lambda leaf, reg, bits: f"cpuid.{leaf}.{reg}={bits}", st.sampled_from(["1", "7.0", "80000001", "g"]),
+              st.sampled_from(["ecx", "ebx", "r9"]), st.text("01-xTFRH:", max_size=42)),
+    st.builds(lambda leaf, bits: f"{leaf}:ecx={bits}", st.sampled_from(["1", "0x7,0", "x"]), st.text("01xks", max_size=34)),
+    st.builds(lambda items: ",".join(items), st.lists(st.builds(lambda s, n: s + n, st.sampled_from("+-"),
+                                                                mst.feature_names() | st.text(max_size=8)), max_size=4)),
+    st.builds(lambda mode: f"evc:{mode}", mst.evc_mode_keys() | st.text(max_size=10)),
+    st.builds(json.dumps, st.fixed_dictionaries({"cpuid_modifiers": st.lists(st.fixed_dictionaries({
+        "leaf": JSON | st.sampled_from(["0x1", "-1", "0x7"]), "subleaf": JSON | st.just("0x0"),
+        "modifiers": st.lists(st.fixed_dictionaries({"register": st.sampled_from(["ecx", "eax", 5]),
+                                                     "bitmap": st.text("01x", max_size=34).map("0b".__add__) | JSON}),
+                              max_size=2)}), max_size=2)})),
+    st.text(max_size=40),
+)
+
+
+@FUZZ
+@given(text=MASK_TEXT)
+def test_fuzz_masks(text):
+    with bounded("mask"):
+        parse_mask(text)
