@@ -72,13 +72,25 @@ def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def print_table(title: str, columns, rows, justify="left") -> None:
+def _terminal_width() -> int:
+    from rich.console import Console
+    return Console().width
+
+
+def print_table(title: str, columns, rows, justify="left", names=1) -> None:
+    """A table readable at 80 columns: the first ``names`` columns hold what people copy
+    (profile names, EVC modes), so they are never cut; other columns wrap."""
     # rich costs a tenth of a second to import: only the commands that draw pay it.
     from rich.console import Console
     from rich.table import Table
+    rows = [tuple(row) for row in rows]
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify=justify)
+    for i, column in enumerate(columns):
+        if i < names:
+            width = max([len(column)] + [len(row[i]) for row in rows])
+            table.add_column(column, justify=justify, no_wrap=True, min_width=width)
+        else:
+            table.add_column(column, justify=justify)
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -196,10 +208,12 @@ def profiles(dumps, as_json):
     if as_json:
         emit_json(rows)
         return
-    print_table("Real CPU dumps" if dumps else "Built-in host profiles",
-                ("name", "vendor", "family/model/stepping", "CPU", "engine model", "features"),
-                [(r["name"], r["vendor"], f"{r['family']:#x}/{r['model']:#x}/{r['stepping']}",
-                  r["cpu"], r["engine_model"], str(r["features"])) for r in rows])
+    columns = ("name", "vendor", "CPU", "features", "family/model/stepping", "engine model")
+    table = [(r["name"], r["vendor"], r["cpu"], str(r["features"]), f"{r['family']:#x}/{r['model']:#x}/{r['stepping']}",
+              r["engine_model"]) for r in rows]
+    wide = _terminal_width() >= 120  # on 80 columns: the essentials; the rest in --json
+    print_table("Real CPU dumps" if dumps else "Built-in host profiles", columns if wide else columns[:4],
+                table if wide else [row[:4] for row in table])
 
 
 @cli.command()
@@ -261,7 +275,9 @@ def baseline(profiles, as_json):
         return
     click.echo(f"hosts: {', '.join(result.hosts)}")
     click.echo(f"highest common EVC mode: {result.evc.key if result.evc else 'none'}")
-    click.echo(f"common features ({len(result.features)}): {' '.join(sorted(result.features))}")
+    import textwrap
+    click.echo(textwrap.fill(f"common features ({len(result.features)}): {' '.join(sorted(result.features))}",
+                             width=80, subsequent_indent="  ", break_on_hyphens=False))
     for host, mask in result.masks.items():
         click.echo(f"levelling mask for {host}: {format_mask(mask, 'features') or '(none needed)'}")
 
@@ -567,36 +583,64 @@ def _print_comparison(comparison) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .teaching.compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, outcome_kind
+    from .teaching.compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE
     mark = {True: "✓", False: "✗", None: "·"}
     outcome_styles = {"crash": "white on red", "refused": "black on dark_orange"}
     alarm = {MASKED_BUT_EXECUTABLE: "black on yellow", ADVERTISED_BUT_UD: "white on red"}
     console = Console()
     for guest in comparison.guests:
-        title = guest + (f" under {comparison.evc}" if comparison.evc else "")
-        table = Table(title=title, title_justify="left")
-        table.add_column("feature")
-        for host in comparison.hosts:
-            table.add_column(host)
-        for feature in comparison.features(guest):
-            row = [feature]
-            for host in comparison.hosts:
-                cell = comparison.cell(guest, feature, host)
-                text = f"{mark[cell.physical]} {mark[cell.cpuid]} {mark[cell.probe]} {cell.uses or '-'}"
-                if cell.disagreement:
-                    text = f"[{alarm[cell.disagreement]}]{text}[/]"
-                if cell.after:
-                    style = outcome_styles.get(outcome_kind(cell.after), "")
-                    text += "\n→ " + (f"[{style}]{cell.after}[/]" if style else cell.after)
-                row.append(text)
-            table.add_row(*row)
-        if not comparison.features(guest):
-            table.caption = "this guest printed no detection lines (FEATURE: cpuid=.. probe=.. uses=..)"
-        console.print(table)
+        features = comparison.features(guest)
+        cells = {(feature, host): _cell_text(comparison.cell(guest, feature, host), mark, alarm, outcome_styles)
+                 for feature in features for host in comparison.hosts}
+        # As many host columns as fit the terminal, then another table for the rest:
+        # host names are never cut.
+        first = max([len("feature")] + [len(f) for f in features]) + 4
+        widths = {h: max([len(h)] + [len(line) for f in features for line in _plain_lines(cells[f, h])]) + 3
+                  for h in comparison.hosts}
+        for hosts in _fitting(comparison.hosts, widths, console.width - first):
+            title = guest + (f" under {comparison.evc}" if comparison.evc else "")
+            table = Table(title=title, title_justify="left")
+            table.add_column("feature", no_wrap=True)
+            for host in hosts:
+                table.add_column(host, no_wrap=True)
+            for feature in features:
+                table.add_row(feature, *(cells[feature, host] for host in hosts))
+            if not features:
+                table.caption = "this guest printed no detection lines (FEATURE: cpuid=.. probe=.. uses=..)"
+            console.print(table)
     console.print("cell: physical, cpuid, probe (✓ yes, ✗ no, · not probed), path the guest took"
                   + (f"; → after migrating to {comparison.migrate_to} at checkpoint 1" if comparison.migrate_to else ""))
     console.print("[black on yellow]masked but executable[/]  [white on red]advertised but #UD, "
                   "or crashed after migrating[/]  [black on dark_orange]migration refused[/]")
+
+
+def _cell_text(cell, mark, alarm, outcome_styles) -> str:
+    from .teaching.compare import outcome_kind
+    text = f"{mark[cell.physical]} {mark[cell.cpuid]} {mark[cell.probe]} {cell.uses or '-'}"
+    if cell.disagreement:
+        text = f"[{alarm[cell.disagreement]}]{text}[/]"
+    if cell.after:
+        style = outcome_styles.get(outcome_kind(cell.after), "")
+        text += "\n→ " + (f"[{style}]{cell.after}[/]" if style else cell.after)
+    return text
+
+
+def _plain_lines(markup: str) -> list[str]:
+    from rich.text import Text
+    return Text.from_markup(markup).plain.splitlines()
+
+
+def _fitting(hosts, widths, room: int):
+    """Hosts in groups whose columns fit in ``room`` characters (at least one each)."""
+    group, used = [], 0
+    for host in hosts:
+        if group and used + widths[host] > room:
+            yield group
+            group, used = [], 0
+        group.append(host)
+        used += widths[host]
+    if group:
+        yield group
 
 
 @cli.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..cpu.deps import hidden_closure
 from ..cpu.features import catalogue
 from ..errors import MinivmmError
 from .evc import EvcMode, evc_mode, highest_common_mode, levelled_features, require_supported
@@ -48,7 +49,8 @@ def baseline(profiles) -> Baseline:
     if not profiles:
         raise MinivmmError("a baseline needs at least one host")
     common = frozenset.intersection(*(physical(p) for p in profiles))
-    masks = {p.name: feature_mask(hidden=physical(p) - common) for p in profiles}
+    # Closed under dependencies, as hiding works everywhere else: hiding avx hides avx2.
+    masks = {p.name: feature_mask(hidden=hidden_closure(physical(p) - common)) for p in profiles}
     return Baseline(tuple(p.name for p in profiles), common, highest_common_mode(profiles), masks)
 
 

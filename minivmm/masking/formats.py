@@ -297,6 +297,15 @@ def format_feature_list(mask: Mask) -> str:
                                    f"a feature list cannot write it")
             items.append(("+" if m.value >> bit & 1 else "-") + f.name)
     text = ",".join(items)
+    if text:  # the fewest names that mean it: "-avx" stands for avx and what needs it
+        shown = [i[1:] for i in items if i[0] == "+"]
+        hidden = {i[1:] for i in items if i[0] == "-"}
+        roots: list[str] = []
+        for name in sorted(hidden, key=lambda n: (-len(hidden_closure([n])), n)):
+            if name not in hidden_closure(roots):
+                roots.append(name)
+        shorter = ",".join([f"+{n}" for n in shown] + [i for i in items if i[0] == "-" and i[1:] in roots])
+        text = shorter if parse_feature_list(shorter) == mask else text
     if text and parse_feature_list(text) != mask:
         extra = sorted(parse_feature_list(text).features()[1] - mask.features()[1],
                        key=lambda name: (catalogue()[name].leaf, catalogue()[name].subleaf, name))
