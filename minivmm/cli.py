@@ -133,7 +133,8 @@ def cli():
 @click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N or ms:N.")
 @click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
-@click.option("--memory", default="16M", show_default=True, metavar="SIZE", help="Guest RAM: 64M, 1G or bytes (2M to 4G).")
+@click.option("--memory", metavar="SIZE",
+              help="Guest RAM: 64M, 1G or bytes (2M to 4G). Default: what the guest declares, else 16M.")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N",
               help="Stop with 'limit' after N guest instructions (exact; slower per instruction).")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS",
@@ -155,7 +156,7 @@ def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, polic
       minivmm run guests/cpuid_dump.asm --host epyc --json
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
     """
-    vm = VM(guest, host, memory=parse_size(memory), evc=evc, masks=cpuid_mask, policy=policy)
+    vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,
@@ -173,7 +174,7 @@ def _report(vm, as_json, **options):
         for entry in result.audit:
             click.echo(f"minivmm: audit: {entry['rip']:#x} {entry['instruction']} needs "
                        f"{', '.join(entry['features'])}, hidden from the guest's CPUID "
-                       f"(reached {entry['count']}x)", err=True)
+                       f"(reached {entry['count']}x{' or more' if entry.get('more') else ''})", err=True)
         for m in result.migrations:
             verdict = "migrated" if m["ok"] else "refused" if m["refused"] else "did not migrate"
             detail = f"{m['mode']}, {m['rounds']} rounds, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
@@ -536,7 +537,8 @@ def _plain(key: str, value) -> str:
 
 @cli.command()
 @click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
-@click.option("--hosts", required=True, metavar="A,B,...", help="Host profiles to run on (or 'all').")
+@click.option("--hosts", default="all", show_default=True, metavar="all|A,B",
+              help="Host profiles to run on, as for matrix.")
 @click.option("--evc", metavar="MODE", help="Run every VM under this EVC mode.")
 @click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask for every VM (repeatable).")
 @click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
@@ -711,8 +713,8 @@ def demo(name, pace, as_json):
 @click.option("--evc", default="none", show_default=True, metavar="none|all|MODE[,MODE]",
               help="EVC modes; 'all' runs every mode on every host that supports it (others are skipped).")
 @click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask for every cell (repeatable).")
-@click.option("--migrate", default="none", show_default=True, metavar="none|all-pairs|A>B[,C>D]",
-              help="Migrations: each host to each other, or the listed pairs.")
+@click.option("--migrate", default="none", show_default=True, metavar="none|all-pairs|A:B[,C:D]",
+              help="Migrations: each host to each other, or the listed pairs SOURCE:DESTINATION.")
 @click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",
               help="Where to migrate: checkpoint:N, insn:N, or random (an instruction count drawn from --seed).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --at random.")

@@ -417,3 +417,20 @@ def test_audit_reports_the_unasked_popcnt(run_asm, asm_guest):
 
 def test_audit_of_a_cpuid_guided_guest_is_clean():
     assert VM("detect_cpuid", "nehalem", evc="intel-penryn").run(timeout=10, audit=True).audit == []
+
+
+def test_audit_counts_a_hot_instruction_up_to_its_limit_then_lets_it_run():
+    """dispatch_ud's loop runs PMULLD millions of times under a mask hiding SSE4.1: the
+    audit counts 1000 executions, says there were more, and the run's result is the
+    same as without auditing (counting stops; the loop runs at engine speed)."""
+    plain = VM("dispatch_ud", "penryn", evc="intel-merom").run(timeout=60)
+    audited = VM("dispatch_ud", "penryn", evc="intel-merom").run(timeout=60, audit=True)
+    hot = {a["instruction"]: a for a in audited.audit}["pmulld xmm0, xmm1"]
+    assert hot["count"] == 1000 and hot["more"] and hot["features"] == ["sse4_1"]
+    assert audited.console == plain.console and audited.memory_sha256 == plain.memory_sha256
+
+
+def test_audit_counts_stay_exact_below_the_limit_across_counted_runs(asm_guest):
+    guest = asm_guest("mov ecx, 10\nl: popcnt eax, ebx\ndec ecx\njnz l\nhlt")
+    result = VM(guest, "nehalem", evc="intel-penryn").run(audit=True, max_insns=1_000_000, timeout=10)
+    assert [(a["count"], a["more"]) for a in result.audit] == [(10, False)] and result.instructions == 32

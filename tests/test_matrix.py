@@ -27,7 +27,7 @@ def test_cross_product_and_its_names():
     assert len(pairs) == 6
     listed = cells(["hello"], hosts=MEROM, migrate="nehalem>penryn")
     assert [(c.host, c.migrate) for c in listed] == [("nehalem", "penryn@checkpoint:1")]
-    with pytest.raises(Exception, match="SOURCE>DESTINATION"):
+    with pytest.raises(Exception, match="SOURCE:DESTINATION"):
         cells(["hello"], hosts=MEROM, migrate="nehalem")
 
 
@@ -129,3 +129,10 @@ def test_bad_input_is_refused_before_any_cell_runs(args, says):
         minivmm_cli("matrix", "hello", *args)
     assert done.returncode == 2 and says in done.stderr and len(done.stderr.splitlines()) == 1
     assert "cells" not in done.stdout
+
+
+@pytest.mark.parametrize("spelling", ["penryn:core2", "penryn>core2", "dump:Xeon-X5460:core2"])
+def test_migration_pairs_need_no_shell_quoting(spelling):
+    from minivmm.testing.matrix import _migrations
+    source = "dump:Xeon-X5460" if spelling.startswith("dump") else "penryn"
+    assert _migrations(spelling, [source, "core2"]) == [(source, "core2")]

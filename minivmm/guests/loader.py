@@ -8,6 +8,7 @@ entry point; a bad file raises :class:`MinivmmError` naming the file and the fau
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class GuestImage:
     segments: tuple[tuple[int, bytes, int], ...]
     entry: int
     path: str | None = None       # the file it came from, which no output may overwrite
+    memory: str | None = None     # the RAM the guest declares it needs ("; minivmm: memory 64M")
 
     def __post_init__(self):
         # (address, bytes) is accepted too: a segment as long as its bytes.
@@ -74,13 +76,24 @@ def load_guest(spec: str) -> GuestImage:
     if path.suffix in ASM_SUFFIXES:
         source = read_text(path, "assembly source", MAX_SOURCE)
         code = assemble(source, str(path))
-        return GuestImage(spec, "asm", ((LOAD_ADDRESS, code, len(code)),), LOAD_ADDRESS, str(path))
+        return GuestImage(spec, "asm", ((LOAD_ADDRESS, code, len(code)),), LOAD_ADDRESS, str(path),
+                          declared_memory(source))
     data = read_bytes(path, "guest", MAX_IMAGE)
     if data[:4] == b"\x7fELF":
         return load_elf(data, spec, str(path))
     if not data:
         raise MinivmmError(f"{path}: empty guest image")
     return GuestImage(spec, "flat", ((LOAD_ADDRESS, data, len(data)),), LOAD_ADDRESS, str(path))
+
+
+_MEMORY_PRAGMA = re.compile(r"^\s*;\s*minivmm:\s*memory\s+(\S+)\s*$", re.MULTILINE)
+
+
+def declared_memory(source: str) -> str | None:
+    """An assembly guest may say how much RAM it needs in a comment line of its own:
+    ``; minivmm: memory 64M``. It is the VM's default size, as if given by --memory."""
+    m = _MEMORY_PRAGMA.search(source)
+    return m[1] if m else None
 
 
 # ---- ELF64 ----------------------------------------------------------------------------

@@ -89,14 +89,25 @@ def _migrations(migrate, hosts: list[str]) -> list[tuple[str, str] | None]:
         return [(a, b) for a in hosts for b in hosts if a != b]
     pairs = []
     for item in (migrate.split(",") if isinstance(migrate, str) else migrate):
-        source, sep, destination = str(item).partition(">")
+        # "A:B" needs no quoting in a shell ("A>B" is a redirection); dump: and file:
+        # hosts keep their own colon.
+        source, sep, destination = str(item).partition(">") if ">" in str(item) else _split_pair(str(item))
         if not sep or not source.strip() or not destination.strip():
-            raise MinivmmError(f"--migrate: '{item}' is not SOURCE>DESTINATION (or all-pairs)")
+            raise MinivmmError(f"--migrate: '{item}' is not SOURCE:DESTINATION (or all-pairs)")
         pairs.append((source.strip(), destination.strip()))
     for pair in pairs:
         for host in pair:
             load_profile(host)
     return pairs
+
+
+def _split_pair(item: str) -> tuple[str, str, str]:
+    """SOURCE:DESTINATION, where either may itself be dump:NAME or file:PATH."""
+    for at in (i for i, ch in enumerate(item) if ch == ":"):
+        source, destination = item[:at], item[at + 1:]
+        if source not in ("dump", "file") and destination:
+            return source, ":", destination
+    return item, "", ""
 
 
 def _when(at: str, seed: int, key: str) -> str:
@@ -108,7 +119,7 @@ def _when(at: str, seed: int, key: str) -> str:
 def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate=None, masks=(),
           at: str = "checkpoint:1", seed: int = 0) -> list[Cell]:
     """The cross product. ``hosts``: names or "all"; ``evc``: None, a mode, a list or
-    "all"; ``migrate``: None, "all-pairs" (each host to each other) or "A>B,..." (a cell
+    "all"; ``migrate``: None, "all-pairs" (each host to each other) or "A:B,..." (a cell
     starts on A only); ``at``: the migration point, or "random" (an instruction count
     drawn from ``seed``, recorded in the cell)."""
     if at != "random" and Trigger.parse(at, "--at").kind == "ms":

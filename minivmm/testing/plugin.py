@@ -17,7 +17,7 @@ machines)::
         assert_survives_migration(result)
 
 Marker arguments are those of :func:`minivmm.matrix.cells`: ``hosts`` ("all" or a
-list), ``evc`` (a mode, a list, "all"), ``migrate`` ("all-pairs", "A>B"), ``at``,
+list), ``evc`` (a mode, a list, "all"), ``migrate`` ("all-pairs", "A:B"), ``at``,
 ``masks``, ``seed``. Assertion helpers live in :mod:`minivmm.testing`.
 """
 
@@ -84,7 +84,7 @@ def minivmm_cell(request):
 def minivmm_run(request):
     from ..vmm.vm import VM
 
-    def run(guest, host="nehalem", evc=None, masks=(), memory="16M", **options):
+    def run(guest, host="nehalem", evc=None, masks=(), memory=None, **options):
         options.setdefault("timeout", _timeout(request.config))
         return VM(str(guest), host, memory=memory, evc=evc, masks=masks).run(**options)
 

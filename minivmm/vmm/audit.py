@@ -10,16 +10,28 @@ from __future__ import annotations
 from ..cpu import isa
 
 
-class Audit:
-    def __init__(self):
-        self._seen: dict[int, dict] = {}
+# Executions counted per instruction. Past this, counting stops (its exit is removed):
+# a loop hitting a hidden feature on every iteration then runs at engine speed.
+COUNT_LIMIT = 1000
 
-    def count(self, address: int, instr, hidden: frozenset[str]) -> None:
+
+class Audit:
+    def __init__(self, limit: int = COUNT_LIMIT):
+        self._seen: dict[int, dict] = {}
+        self.limit = limit
+
+    def count(self, address: int, instr, hidden: frozenset[str]) -> bool:
+        """Count one execution; True when this instruction has been counted enough
+        (the caller stops watching it; the report says "more": true)."""
         entry = self._seen.get(address)
         if entry is None:
             entry = self._seen[address] = {"rip": address, "instruction": isa.disassemble(instr),
-                                           "features": sorted(hidden), "count": 0}
+                                           "features": sorted(hidden), "count": 0, "more": False}
         entry["count"] += 1
+        if entry["count"] >= self.limit:
+            entry["more"] = True
+            return True
+        return False
 
     def report(self) -> list[dict]:
         return [dict(e) for _, e in sorted(self._seen.items())]

@@ -165,9 +165,10 @@ class VM:
     """
 
     def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
-                 memory: int | str = DEFAULT_MEMORY, evc: str | None = None, masks=(),
+                 memory: int | str | None = None, evc: str | None = None, masks=(),
                  policy: str = "live", snapshot: Snapshot | None = None):
-        """``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
+        """``memory`` defaults to what the guest declares (``; minivmm: memory 64M``),
+        else 16 MiB. ``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
         any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
         VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
         (its CPUID view, frozen at its power-on, comes along)."""
@@ -175,7 +176,8 @@ class VM:
             raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
         self.image = load_guest(guest) if isinstance(guest, str) else guest
         self.host = load_profile(host) if isinstance(host, str) else host
-        self.memory = parse_size(memory)
+        # RAM: as asked, else what the guest declares, else 16 MiB.
+        self.memory = parse_size(memory if memory is not None else self.image.memory or DEFAULT_MEMORY)
         self.evc = evc_mode(evc).key if evc else None
         self.masks = tuple(masks)
         self.policy = policy
@@ -406,6 +408,8 @@ class _Run:
         self.migrations: list[dict] = []
         self.hosts = [vm.host.name]
         self.executed, self.exact, self.counting, self.max_insns = 0, True, False, None
+        self.quieten: set[int] = set()   # audit exits to remove at the next stop
+        self.resumable = False
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
         if vm.snapshot:
@@ -440,8 +444,10 @@ class _Run:
 
     def _on_exit(self, uc, address, size, action, audited, instr):
         try:
-            if audited and self.audit:
-                self.audit.count(address, instr, audited)
+            if audited and self.audit and self.audit.count(address, instr, audited) and not action:
+                # Counted enough: stop here (before it executes), remove the exit, resume.
+                self.quieten.add(address)
+                uc.emu_stop()
             if action == "hlt":
                 self._end(Stop("halted", rip=address, instruction="hlt", message="guest executed hlt"))
             elif action == "out":
@@ -510,6 +516,8 @@ class _Run:
                     self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
                 elif self.fired:
                     self._fire()
+                elif self.resumable:
+                    continue
                 elif count is None:
                     self._end(Stop("crashed", rip=self.engine.rip(),
                                    message="the engine stopped the guest for no known reason"))
@@ -533,6 +541,10 @@ class _Run:
                                message=f"the engine stopped the guest at {self.engine.rip():#x}: {e}"))
         if count is not None:
             self._count_started()
+        for address in self.quieten:
+            self.engine.exits.quieten(address)
+        self.resumable = bool(self.quieten) and not (self.stop or self.errors or self.pending_fault or self.fired)
+        self.quieten.clear()
 
     def _count_started(self) -> None:
         """Add what the last counted start executed. The engine's counter includes the

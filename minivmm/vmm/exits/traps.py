@@ -50,6 +50,7 @@ class InstructionExits:
         self._dirty: set[int] | None = None            # pages written since tracking began
         self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
         self._stale: set[int] = set()                  # decoded pages written since
+        self._quiet: set[int] = set()                  # addresses whose audit-only exit is removed
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -147,6 +148,8 @@ class InstructionExits:
             decoder.position, decoder.ip = offset, address
             instr = decoder.decode()
             action, audited = self._classify(instr)
+            if not action and address in self._quiet:
+                audited = frozenset()
             wanted = (action, audited, instr) if (action or audited) else None
             current = traps.get(address)
             if wanted and current and (current[0], current[1], current[2].code) == (action, audited, instr.code):
@@ -158,6 +161,14 @@ class InstructionExits:
             if wanted:
                 traps[address] = wanted
                 self._hooks[address] = self._uc.hook_add(UC_HOOK_CODE, self._fire, None, address, address)
+
+    def quieten(self, address: int) -> None:
+        """Remove an exit that only audits (call between engine starts, not from a hook)."""
+        self._quiet.add(address)
+        trap = self.pages.get(address & ~(PAGE - 1), {}).get(address)
+        if trap and not trap[0]:
+            del self.pages[address & ~(PAGE - 1)][address]
+            self._uc.hook_del(self._hooks.pop(address))
 
     def forget(self, address: int) -> None:
         """Drop a page's decode (after the VMM itself rewrote it)."""
