@@ -180,6 +180,8 @@ def _report(vm, as_json, **options):
             detail = f"{m['mode']}, {m['rounds']} rounds, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
             forced = " (forced past the compatibility check)" if m["forced"] else ""
             click.echo(f"minivmm: {verdict} {m['from']} -> {m['to']} at {m['when']}{forced}: {detail}", err=True)
+        for saved in result.snapshots:
+            click.echo(f"minivmm: saved a snapshot at {saved['when']} on {saved['host']} to {saved['file']}", err=True)
         for point in result.unreached:
             what = f"migration to {point['to']}" if point["event"] == "migration" else f"snapshot to {point['file']}"
             click.echo(f"minivmm: never reached: {what} at {point['when']} (the run ended first)", err=True)
@@ -600,8 +602,8 @@ def _print_comparison(comparison) -> None:
         widths = {h: max([len(h)] + [len(line) for f in features for line in _plain_lines(cells[f, h])]) + 3
                   for h in comparison.hosts}
         for hosts in _fitting(comparison.hosts, widths, console.width - first):
-            title = guest + (f" under {comparison.evc}" if comparison.evc else "")
-            table = Table(title=title, title_justify="left")
+            console.print(guest + (f" under {comparison.evc}" if comparison.evc else ""), soft_wrap=True)
+            table = Table()
             table.add_column("feature", no_wrap=True)
             for host in hosts:
                 table.add_column(host, no_wrap=True)
@@ -749,7 +751,7 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
     if junit_file and report_file and os.path.abspath(junit_file) == os.path.abspath(report_file):
         raise MinivmmError(f"--junit and --report both name {junit_file}")
     cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed)
-    if as_json:
+    if as_json or not _stderr_console().is_terminal:  # a progress bar only for a person watching
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
     else:
         from rich.progress import Progress

@@ -59,6 +59,7 @@ class RunResult:
     exception_totals: dict[int, int] = field(default_factory=dict)
     left_out: dict[str, int] = field(default_factory=lambda: {"cpuid_exits": 0, "exceptions": 0})
     unreached: list[dict] = field(default_factory=list)   # migration and snapshot points never reached
+    snapshots: list[dict] = field(default_factory=list)   # snapshots written: when, file, host
 
     @property
     def cpuid_exits(self) -> list[dict]:
@@ -98,4 +99,5 @@ class RunResult:
             "exception_counts": [{"vector": v, "count": n} for v, n in sorted(self.exception_totals.items())],
             "truncated": dict(self.left_out),
             "unreached": list(self.unreached),
+            "snapshots": list(self.snapshots),
         }

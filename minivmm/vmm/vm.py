@@ -406,6 +406,7 @@ class _Run:
         self.cpuid_log = ExitLog(lambda entry: entry[0])               # by (leaf, subleaf)
         self.exceptions = ExitLog(lambda entry: entry["vector"])
         self.migrations: list[dict] = []
+        self.snapshots: list[dict] = []
         self.hosts = [vm.host.name]
         self.executed, self.exact, self.counting, self.max_insns = 0, True, False, None
         self.quieten: set[int] = set()   # audit exits to remove at the next stop
@@ -566,6 +567,7 @@ class _Run:
         else:
             when, path = event
             save_snapshot(self._snapshot(), path)
+            self.snapshots.append({"when": str(when), "file": path, "host": self.engine.host.name})
 
     # -- migration -----------------------------------------------------------------------
 
@@ -704,6 +706,7 @@ class _Run:
             cpuid_log=self.cpuid_log.entries, exceptions=self.exceptions.entries, migrations=self.migrations,
             cpuid_totals=dict(self.cpuid_log.totals()), exception_totals=dict(self.exceptions.totals()),
             left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out},
+            snapshots=self.snapshots,
             unreached=[{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
                        else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in self.events],
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
