@@ -177,7 +177,8 @@ def _report(vm, as_json, **options):
                        f"(reached {entry['count']}x{' or more' if entry.get('more') else ''})", err=True)
         for m in result.migrations:
             verdict = "migrated" if m["ok"] else "refused" if m["refused"] else "did not migrate"
-            detail = f"{m['mode']}, {m['rounds']} rounds, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
+            rounds = f"{m['rounds']} round{'' if m['rounds'] == 1 else 's'}"
+            detail = f"{m['mode']}, {rounds}, downtime {m['downtime_ms']} ms" if m["ok"] else m.get("reason", "")
             forced = " (forced past the compatibility check)" if m["forced"] else ""
             click.echo(f"minivmm: {verdict} {m['from']} -> {m['to']} at {m['when']}{forced}: {detail}", err=True)
         for saved in result.snapshots:

@@ -61,7 +61,7 @@ def _timeline(comparison: Comparison, guest: str, host: str) -> str:
     if migrated is not None and migrated.migrations:
         record = migrated.migrations[0]
         if record["ok"]:
-            detail = f"{record.get('mode') or 'live'}, {record['rounds']} round(s), downtime {record['downtime_ms']} ms"
+            detail = f"{record.get('mode') or 'live'}, {record['rounds']} round{'' if record['rounds'] == 1 else 's'}, downtime {record['downtime_ms']} ms"
             steps.append(("move", f"migrate to {record['to']}" + (" (forced)" if record["forced"] else ""), detail))
         else:
             steps.append(("refused", f"refused: {record['to']}", "lacks " + ", ".join(record.get("missing", []))))
