@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """minivmm benchmarks: each row against bare unicorn, measured in the same run.
 
-    python bench/bench.py            # prints a Markdown table
-    python bench/bench.py --quick    # fewer repetitions
+    python3 bench/bench.py            # prints a Markdown table
+    python3 bench/bench.py --quick    # fewer repetitions
 
 Timings on the emulator are noisy (unicorn's speed on a tight loop is bimodal
 from run to run), so each measurement is repeated, interleaved with its
