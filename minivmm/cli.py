@@ -117,6 +117,14 @@ def cli():
 
 @cli.command()
 @click.argument("guest")
+@click.argument("args", nargs=-1, metavar="[-- ARGS...]")
+@click.option("--linux", is_flag=True, default=None,
+              help="Run GUEST as a Linux program (chosen by itself for an ELF with PT_INTERP, PT_TLS "
+                   "or the GNU/Linux OS ABI).")
+@click.option("--env", multiple=True, metavar="K=V", help="A Linux program's environment (repeatable; "
+              "default: PATH, HOME, LANG, TERM).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed of a Linux program's AT_RANDOM bytes and getrandom.")
 @click.option("--host", default="nehalem", show_default=True, metavar="PROFILE",
               help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native.")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask to the guest CPUID view.")
@@ -140,12 +148,14 @@ def cli():
 @click.option("--timeout", type=SECONDS, metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy, snapshot_at, snapshot_file,
-        audit, memory, max_insns, timeout, as_json):
+def run(guest, args, linux, env, seed, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
+        snapshot_at, snapshot_file, audit, memory, max_insns, timeout, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
-    of a shipped guest (the guest ABI: docs/abi.md). The console goes to stdout as
+    of a shipped guest (the guest ABI: docs/abi.md), or a static x86-64 Linux program
+    (glibc, musl, static-pie) with its ARGS after --; its stdout is the console, its
+    stderr goes to stderr, and a fatal signal exits 128+N (132 for SIGILL). The console goes to stdout as
     the guest writes it; one line on stderr says how the run ended. The exit status
     is the guest's power-off status, 0 for hlt, 125 crashed, 126 unsupported, 124
     limit, 2 bad input (docs/cli.md; the --json report: docs/report.schema.json).
@@ -155,8 +165,13 @@ def run(guest, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, polic
       minivmm run detect_cpuid --host penryn
       minivmm run guests/cpuid_dump.asm --host epyc --json
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
+      minivmm run ./a.out --host penryn --evc intel-merom -- --verbose
     """
-    vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy)
+    for item in env:
+        if "=" not in item:
+            raise MinivmmError(f"--env {item!r}: expected NAME=VALUE")
+    vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy,
+            linux=linux, argv=args, env=list(env) if env else None, seed=seed)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,
@@ -171,6 +186,8 @@ def _report(vm, as_json, **options):
         emit_json(result.to_dict())
     else:
         sys.stdout.flush()
+        if result.stderr:
+            sys.stderr.write(result.stderr)
         for entry in result.audit:
             click.echo(f"minivmm: audit: {entry['rip']:#x} {entry['instruction']} needs "
                        f"{', '.join(entry['features'])}, hidden from the guest's CPUID "

@@ -32,6 +32,7 @@ class GuestImage:
     entry: int
     path: str | None = None       # the file it came from, which no output may overwrite
     memory: str | None = None     # the RAM the guest declares it needs ("; minivmm: memory 64M")
+    linux: dict | None = None     # a Linux program: where its program headers are, its name
 
     def __post_init__(self):
         # (address, bytes) is accepted too: a segment as long as its bytes.
@@ -71,7 +72,8 @@ def find_guest(spec: str) -> Path:
                        f"(shipped: {', '.join(n.rsplit('.', 1)[0] for n in shipped_guests())})")
 
 
-def load_guest(spec: str) -> GuestImage:
+def load_guest(spec: str, linux: bool | None = None) -> GuestImage:
+    """``linux``: run an ELF as a Linux program (None: when the file says it is one)."""
     path = find_guest(spec)
     if path.suffix in ASM_SUFFIXES:
         source = read_text(path, "assembly source", MAX_SOURCE)
@@ -80,7 +82,9 @@ def load_guest(spec: str) -> GuestImage:
                           declared_memory(source))
     data = read_bytes(path, "guest", MAX_IMAGE)
     if data[:4] == b"\x7fELF":
-        return load_elf(data, spec, str(path))
+        return load_elf(data, spec, str(path), linux)
+    if linux:
+        raise MinivmmError(f"{path}: --linux needs an ELF executable")
     if not data:
         raise MinivmmError(f"{path}: empty guest image")
     return GuestImage(spec, "flat", ((LOAD_ADDRESS, data, len(data)),), LOAD_ADDRESS, str(path))
@@ -103,8 +107,17 @@ ET_EXEC = 2
 EM_X86_64 = 62
 
 
-def load_elf(data: bytes, name: str, path: str | None = None) -> GuestImage:
-    """A static ELF64 x86-64 executable, loaded by its PT_LOAD program headers."""
+PT_INTERP, PT_PHDR, PT_TLS = 3, 6, 7
+ET_DYN = 3
+ELFOSABI_GNU = 3
+PIE_BASE = 0x1000000              # where a static-pie (ET_DYN) Linux program is placed
+LINUX_MEMORY = "256M"             # a Linux program's default RAM (its heap, mmap area and stack)
+
+
+def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None = None) -> GuestImage:
+    """An ELF64 x86-64 executable, loaded by its PT_LOAD program headers: a static
+    guest of minivmm's ABI, or a Linux program (``linux``; None decides by the file:
+    PT_INTERP, PT_TLS or the GNU/Linux OS ABI make it one)."""
     def fail(msg):
         raise MinivmmError(f"{name}: {msg}")
 
@@ -119,8 +132,6 @@ def load_elf(data: bytes, name: str, path: str | None = None) -> GuestImage:
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
     if e_machine != EM_X86_64:
         fail(f"ELF machine {e_machine} is not x86-64 (62)")
-    if e_type != ET_EXEC:
-        fail(f"ELF type {e_type} is not a static executable (ET_EXEC); link with -static -no-pie")
     if e_phnum == 0:
         fail("ELF has no program headers")
     if e_phentsize < 56:
@@ -128,10 +139,19 @@ def load_elf(data: bytes, name: str, path: str | None = None) -> GuestImage:
     if e_phoff + e_phnum * e_phentsize > len(data):
         fail(f"truncated ELF: program headers end at byte {e_phoff + e_phnum * e_phentsize}, "
              f"file has {len(data)}")
+    headers = [struct.unpack_from("<IIQQQQQQ", data, e_phoff + i * e_phentsize) for i in range(e_phnum)]
+    kinds = {h[0] for h in headers}
+    if linux is None:
+        linux = bool(kinds & {PT_INTERP, PT_TLS}) or data[7] == ELFOSABI_GNU
+    if PT_INTERP in kinds and linux:
+        interp = next(data[h[2]:h[2] + h[5]] for h in headers if h[0] == PT_INTERP).rstrip(b"\0")
+        fail(f"a dynamically linked program (interpreter {interp.decode('latin-1')[:80]}): minivmm runs "
+             f"static Linux programs so far; link with -static (or -static-pie)")
+    if e_type not in (ET_EXEC, ET_DYN) or (e_type == ET_DYN and not linux):
+        fail(f"ELF type {e_type} is not a static executable (ET_EXEC); link with -static -no-pie")
+    base = PIE_BASE if e_type == ET_DYN else 0
     segments = []
-    for i in range(e_phnum):
-        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align = struct.unpack_from(
-            "<IIQQQQQQ", data, e_phoff + i * e_phentsize)
+    for i, (p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align) in enumerate(headers):
         if p_type != PT_LOAD:
             continue
         if p_filesz > p_memsz:
@@ -139,9 +159,16 @@ def load_elf(data: bytes, name: str, path: str | None = None) -> GuestImage:
         if p_offset + p_filesz > len(data):
             fail(f"truncated ELF: segment {i} needs bytes {p_offset}..{p_offset + p_filesz}, "
                  f"file has {len(data)}")
-        if p_vaddr + p_memsz > MAX_ADDRESS:  # nothing is allocated for p_memsz: RAM starts zeroed
+        if base + p_vaddr + p_memsz > MAX_ADDRESS:  # nothing is allocated for p_memsz: RAM starts zeroed
             fail(f"segment {i} at {p_vaddr:#x} of {p_memsz:#x} bytes lies beyond the largest guest RAM")
-        segments.append((p_vaddr, data[p_offset:p_offset + p_filesz], p_memsz))
+        segments.append((base + p_vaddr, data[p_offset:p_offset + p_filesz], p_memsz))
     if not segments:
         fail("ELF has no PT_LOAD segment")
-    return GuestImage(name, "elf", tuple(segments), e_entry, path)
+    if not linux:
+        return GuestImage(name, "elf", tuple(segments), e_entry, path)
+    phdr = next((base + h[3] for h in headers if h[0] == PT_PHDR), None)
+    if phdr is None:  # the headers as loaded: inside the segment that maps file offset e_phoff
+        phdr = next((base + h[3] + e_phoff - h[2] for h in headers
+                     if h[0] == PT_LOAD and h[2] <= e_phoff < h[2] + h[5]), 0)
+    info = {"phdr": phdr, "phnum": e_phnum, "execfn": name, "exe": os.path.abspath(path or name)}
+    return GuestImage(name, "linux", tuple(segments), base + e_entry, path, LINUX_MEMORY, info)

@@ -6,14 +6,16 @@ import re
 from dataclasses import dataclass, field
 
 EXIT_CODES = {"halted": 0, "crashed": 125, "unsupported": 126, "limit": 124}
+SIGNALS = {4: "SIGILL", 5: "SIGTRAP", 7: "SIGBUS", 8: "SIGFPE", 11: "SIGSEGV"}
 DETECTION_LINE = re.compile(r"^(?P<feature>[\w.\-]+):\s+cpuid=(?P<cpuid>[01])\s+probe=(?P<probe>[01-])"
                             r"\s+uses=(?P<uses>\S+)\s*$")
 
 
 @dataclass
 class Stop:
-    reason: str                      # exited | halted | crashed | unsupported | limit
-    status: int = 0
+    reason: str                      # exited | halted | crashed | unsupported | limit | signaled
+    status: int = 0                  # signaled: 128 + the signal's number, as a shell reports it
+    signal: str | None = None        # signaled: SIGILL, SIGSEGV ...
     vector: int | None = None
     rip: int | None = None
     instruction: str | None = None
@@ -21,7 +23,7 @@ class Stop:
     message: str = ""
 
     def to_dict(self) -> dict:
-        return {"reason": self.reason, "status": self.status, "vector": self.vector, "rip": self.rip,
+        return {"reason": self.reason, "status": self.status, "signal": self.signal, "vector": self.vector, "rip": self.rip,
                 "instruction": self.instruction, "missing_features": list(self.missing_features),
                 "message": self.message}
 
@@ -60,7 +62,8 @@ class RunResult:
     left_out: dict[str, int] = field(default_factory=lambda: {"cpuid_exits": 0, "exceptions": 0})
     unreached: list[dict] = field(default_factory=list)   # migration and snapshot points never reached
     snapshots: list[dict] = field(default_factory=list)   # snapshots written: when, file, host
-
+    syscalls: dict | None = None     # a Linux program's: total, counts by name, unknown numbers
+    stderr: str = ""                 # a Linux program's standard error
     @property
     def cpuid_exits(self) -> list[dict]:
         return [{"leaf": leaf, "subleaf": subleaf, "eax": a, "ebx": b, "ecx": c, "edx": d, "host": host}
@@ -68,7 +71,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        if self.stop.reason == "exited":
+        if self.stop.reason in ("exited", "signaled"):
             return self.stop.status
         return EXIT_CODES[self.stop.reason]
 
@@ -99,5 +102,5 @@ class RunResult:
             "exception_counts": [{"vector": v, "count": n} for v, n in sorted(self.exception_totals.items())],
             "truncated": dict(self.left_out),
             "unreached": list(self.unreached),
-            "snapshots": list(self.snapshots),
+            "snapshots": list(self.snapshots), "syscalls": self.syscalls, "stderr": self.stderr,
         }

@@ -31,6 +31,9 @@ from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError
 from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
+from ..linux.cpuinfo import cpuinfo
+from ..linux.start import start_process
+from ..linux.syscalls import Kernel
 from ..masking.compat import compatibility
 from ..masking.evc import evc_mode
 from ..masking.formats import format_mask, self_contained
@@ -166,15 +169,21 @@ class VM:
 
     def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
                  memory: int | str | None = None, evc: str | None = None, masks=(),
-                 policy: str = "live", snapshot: Snapshot | None = None):
-        """``memory`` defaults to what the guest declares (``; minivmm: memory 64M``),
+                 policy: str = "live", snapshot: Snapshot | None = None, linux: bool | None = None,
+                 argv=(), env=None, seed: int = 0):
+        """``linux`` runs an ELF as a Linux program (None: when the file says it is one),
+        with ``argv`` after its name, ``env`` (default: a small fixed environment) and
+        ``seed`` for AT_RANDOM and getrandom. ``memory`` defaults to what the guest declares (``; minivmm: memory 64M``),
         else 16 MiB. ``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
         any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
         VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
         (its CPUID view, frozen at its power-on, comes along)."""
         if policy not in POLICIES:
             raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
-        self.image = load_guest(guest) if isinstance(guest, str) else guest
+        self.image = load_guest(guest, linux) if isinstance(guest, str) else guest
+        self.argv, self.env, self.seed = [str(a) for a in argv], env, seed
+        if (argv or env is not None) and self.image.kind != "linux":
+            raise MinivmmError(f"{self.image.name}: arguments and environment are for Linux programs (--linux)")
         self.host = load_profile(host) if isinstance(host, str) else host
         # RAM: as asked, else what the guest declares, else 16 MiB.
         self.memory = parse_size(memory if memory is not None else self.image.memory or DEFAULT_MEMORY)
@@ -233,6 +242,9 @@ class VM:
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
+        if snapshot_at and self.image.kind == "linux":
+            raise MinivmmError("snapshots of Linux programs are not supported yet (their process state "
+                               "would not come along)")
         if snapshot_at:
             check_output(snapshot_file, "snapshot", [self.image.path] if self.image.path else [])
             events.append((Trigger.parse(snapshot_at, "snapshot point"), snapshot_file))
@@ -277,6 +289,7 @@ class _Engine:
         vm = run.vm
         self.host, self.view = host, view
         self._counted = False
+        self.limit: int | None = None
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{host.engine_model}"))
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
@@ -297,6 +310,9 @@ class _Engine:
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
+        if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
+            self.privileged.on_syscall = run._syscall
+            self.faults.signals = True
 
     def power_on(self, vm: VM) -> None:
         """The machine state of docs/abi.md."""
@@ -387,7 +403,14 @@ class _Engine:
         if counted != self._counted:
             self.uc.ctl_flush_tb()
             self._counted = counted
+        self.limit = count
         self.uc.emu_start(self.rip(), NEVER, count=count or 0)
+
+    def past_limit(self) -> bool:
+        """At an exit: the counted start's budget ended at this instruction, which the
+        engine will not execute now (it runs first in the next start). An exit must not
+        carry it out here, or it would happen twice."""
+        return self.limit is not None and (engine_counter(self.uc) or 0) > self.limit
 
 
 class _Run:
@@ -413,10 +436,22 @@ class _Run:
         self.resumable = False
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
+        self.kernel = None
         if vm.snapshot:
             self._restore_snapshot(vm.snapshot)
         else:
+            self._boot(vm.host, vm.view)
+
+    def _boot(self, host: HostProfile, view: GuestCpuidView) -> None:
+        """Power-on: the ABI's boot state, or a Linux program's execve (a new process)."""
+        vm = self.vm
+        if vm.image.kind != "linux":
             self.engine.power_on(vm)
+            return
+        process = start_process(self.uc, self.engine.ram, vm.image, view, vm.argv, vm.env, vm.seed,
+                                self.engine.write_xcr0)
+        process.stdout_sink = self.io.console_write
+        self.kernel = Kernel(process, {"/proc/cpuinfo": cpuinfo(host, view).encode()}, vm.seed)
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -433,6 +468,12 @@ class _Run:
         self.errors.append(error)
         self.uc.emu_stop()
 
+    def _syscall(self, uc, next_rip: int) -> None:
+        self.kernel.syscall(uc, next_rip)
+        status = self.kernel.p.exit_status
+        if status is not None:
+            self._end(Stop("exited", status, message=f"program exited with status {status}"))
+
     def _power_off(self, status: int) -> None:
         self._end(Stop("exited", status, message=f"guest powered off with status {status}"))
 
@@ -445,6 +486,8 @@ class _Run:
 
     def _on_exit(self, uc, address, size, action, audited, instr):
         try:
+            if self.engine.past_limit():
+                return
             if audited and self.audit and self.audit.count(address, instr, audited) and not action:
                 # Counted enough: stop here (before it executes), remove the exit, resume.
                 self.quieten.add(address)
@@ -627,6 +670,8 @@ class _Run:
             if not target.restore(source.capture()):
                 record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
             self.engine = target
+            if self.kernel:  # the process's memory is the new host's RAM now
+                self.kernel.p.ram = target.ram
             switch_ms = (time.perf_counter() - switch) * 1e3
         finally:
             if collecting:
@@ -674,7 +719,7 @@ class _Run:
             record["reason"] = str(e)
             return
         self.engine = _Engine(self, destination, view)
-        self.engine.power_on(vm)
+        self._boot(destination, view)
         record.update(ok=True, refused=False, mode="cold")
         self.hosts.append(destination.name)
 
@@ -697,6 +742,13 @@ class _Run:
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
 
+    def _syscall_report(self) -> dict | None:
+        if not self.kernel:
+            return None
+        p = self.kernel.p
+        return {"total": sum(p.counts.values()) + sum(p.unknown.values()), "counts": dict(sorted(p.counts.items())),
+                "unknown": [{"number": n, "count": c} for n, c in sorted(p.unknown.items())]}
+
     def _result(self) -> RunResult:
         stop, vm = self.stop[0], self.vm
         counted = self.exact and self.counting
@@ -706,7 +758,8 @@ class _Run:
             cpuid_log=self.cpuid_log.entries, exceptions=self.exceptions.entries, migrations=self.migrations,
             cpuid_totals=dict(self.cpuid_log.totals()), exception_totals=dict(self.exceptions.totals()),
             left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out},
-            snapshots=self.snapshots,
+            snapshots=self.snapshots, syscalls=self._syscall_report(),
+            stderr=self.kernel.p.stderr.decode("latin-1") if self.kernel else "",
             unreached=[{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
                        else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in self.events],
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,

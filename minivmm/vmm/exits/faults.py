@@ -16,13 +16,16 @@ from unicorn import UcError
 from ...cpu import isa
 from .. import engine, idt
 from ..log import ExitLog
-from ..report import Stop
+from ..report import SIGNALS, Stop
 from .emulate import EMULATED
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                 19: "#XM", 21: "#CP"}
 PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
+# vector -> signal Linux sends the process (arch/x86/kernel/traps.c): #DE/#MF/#XM SIGFPE,
+# #DB/#BP SIGTRAP, #UD SIGILL, #NP/#SS/#AC SIGBUS, #GP/#PF and the rest SIGSEGV.
+VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
 
 
 def _name(vector: int) -> str:
@@ -39,6 +42,7 @@ class FaultExits:
         self.memory = memory
         self._end = end              # end(Stop): finish the run
         self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
+        self.signals = False         # a Linux program: faults become the signals Linux sends
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -68,6 +72,8 @@ class FaultExits:
         6.15, Table 6-5)."""
         instr = instr if instr is not None else self._instruction(uc, rip)
         text = isa.disassemble(instr) if instr is not None else "(bad)"
+        if self.signals:
+            return self._signal(uc, vector, rip, text, missing, detail)
         first = vector
         while True:
             try:
@@ -86,6 +92,22 @@ class FaultExits:
         if vector in idt.CONTRIBUTORY or vector == 14:
             engine.forget_exception(uc)
         return True
+
+    def _signal(self, uc, vector, rip, text, missing, detail) -> bool:
+        """What Linux's trap handlers send (arch/x86/kernel/traps.c); delivery to a
+        handler the program installed is not implemented yet, so the signal is fatal."""
+        signo = VECTOR_SIGNALS.get(vector, 11)
+        name = SIGNALS[signo]
+        message = f"{name} from {_name(vector)} at {rip:#x} ({text})"
+        if missing:
+            message += f": needs {', '.join(missing)}, which {self.host.name} lacks"
+        if detail:
+            message += f": {detail}"
+        self._record(vector, rip, text, missing, False, message)
+        self._end(Stop("signaled", 128 + signo, signal=name, vector=vector, rip=rip, instruction=text,
+                       missing_features=list(missing), message=message))
+        uc.emu_stop()
+        return False
 
     def _crash(self, uc, vector, rip, text, missing, detail, why) -> bool:
         message = f"{_name(vector)} at {rip:#x} ({text})"

@@ -46,6 +46,12 @@ class IoExits:
         if self.write(port, width, value):
             uc.emu_stop()
 
+    def console_write(self, data: bytes) -> None:
+        """Console output that does not come through port 0xE9 (a Linux program's stdout)."""
+        self.console += data
+        if self._sink:
+            self._sink(data)
+
     def write(self, port: int, width: int, value: int) -> bool:
         """One port write; True when the guest must stop right after it."""
         if port == CONSOLE_PORT:

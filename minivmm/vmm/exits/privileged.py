@@ -60,6 +60,7 @@ class PrivilegedExits:
         self.cr4_valid = sum(1 << bit for bit, needs in CR4_WITH.items()
                              if needs is None or any(has(n) for n in (needs if isinstance(needs, tuple) else (needs,))))
         self.max_phys = (view.answer(0x80000008, 0, 0)[0] & 0xFF or 36) if view.table.in_range(0x80000008) else 36
+        self.on_syscall = None  # a Linux program's SYSCALLs go to its kernel: (uc, next_rip) -> None
 
     def check(self, uc, address: int, size: int, instr) -> None:
         fault = self._fault(uc, address, size, instr)
@@ -130,6 +131,9 @@ class PrivilegedExits:
         """SDM Vol. 2B, SYSCALL: #UD while EFER.SCE is clear; otherwise done here."""
         if not uc.reg_read(x86.UC_X86_REG_MSR, EFER) & 1:
             return 6, "SYSCALL with EFER.SCE clear"
+        if self.on_syscall:
+            self.on_syscall(uc, next_rip)
+            return None
         rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
         star = uc.reg_read(x86.UC_X86_REG_MSR, STAR)
         uc.reg_write(x86.UC_X86_REG_RCX, next_rip)

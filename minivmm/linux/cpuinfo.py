@@ -1,0 +1,47 @@
+"""/proc/cpuinfo as Linux prints it (arch/x86/kernel/cpu/proc.c show_cpuinfo), made from
+the VM's CPUID view: a program that reads it is never told something CPUID denies."""
+
+from __future__ import annotations
+
+from ..cpu.features import REGISTERS, catalogue
+
+VENDORS = {"intel": "GenuineIntel", "amd": "AuthenticAMD"}
+
+
+# The kernel's capability words (arch/x86/include/asm/cpufeatures.h): flags print word
+# by word, bit by bit. (leaf, subleaf, register) -> word.
+WORDS = {(1, 0, "edx"): 0, (0x80000001, 0, "edx"): 1, (1, 0, "ecx"): 4, (0x80000001, 0, "ecx"): 6,
+         (7, 0, "ebx"): 9, (0xD, 1, "eax"): 10, (7, 1, "eax"): 12, (0x80000008, 0, "ebx"): 13, (6, 0, "eax"): 14,
+         (0x8000000A, 0, "edx"): 15, (7, 0, "ecx"): 16, (0x80000007, 0, "ebx"): 17, (7, 0, "edx"): 18,
+         (0x8000001F, 0, "eax"): 19, (0x80000021, 0, "eax"): 20}
+
+
+def _flags(view) -> list[str]:
+    """Linux's names of the view's set bits, in the order the kernel prints them:
+    capability word by word, then bit; bits of other leaves after, in CPUID order."""
+    shown = [f for f in catalogue() if view.has(f)]
+    shown.sort(key=lambda f: (WORDS.get((f.leaf, f.subleaf, f.register), 100), f.leaf, f.subleaf,
+                              REGISTERS.index(f.register), f.bit))
+    return [f.name for f in shown]
+
+
+def cpuinfo(host, view) -> str:
+    eax, ebx, _, _ = view.answer(1, 0, 0)
+    base_family, base_model, stepping = eax >> 8 & 0xF, eax >> 4 & 0xF, eax & 0xF
+    family = base_family + (eax >> 20 & 0xFF if base_family == 0xF else 0)
+    model = base_model | ((eax >> 16 & 0xF) << 4 if base_family in (6, 0xF) else 0)
+    sizes = view.answer(0x80000008, 0, 0)[0] if view.table.in_range(0x80000008) else 0
+    physical, virtual = (sizes & 0xFF, sizes >> 8 & 0xFF) if sizes else (36, 48)
+    clflush = (ebx >> 8 & 0xFF) * 8
+    lines = [
+        ("processor", "0"), ("vendor_id", VENDORS.get(host.vendor, host.vendor)), ("cpu family", str(family)),
+        ("model", str(model)), ("model name", host.description), ("stepping", str(stepping)),
+        ("physical id", "0"), ("siblings", "1"), ("core id", "0"), ("cpu cores", "1"), ("apicid", "0"),
+        ("initial apicid", "0"), ("fpu", "yes"), ("fpu_exception", "yes"),
+        ("cpuid level", str(view.answer(0, 0, 0)[0])), ("wp", "yes"), ("flags", " ".join(_flags(view))),
+        ("bugs", ""), ("clflush size", str(clflush)), ("cache_alignment", str(clflush)),
+        ("address sizes", f"{physical} bits physical, {virtual} bits virtual"),
+    ]
+    # show_cpuinfo's names are followed by tabs to the second tab stop, then ": ".
+    return "".join(f"{name}\t{'' if len(name) >= 8 else chr(9)}: {value}".rstrip(" ") + "\n"
+                   for name, value in lines) + "power management:\n\n"

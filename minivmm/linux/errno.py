@@ -1,0 +1,13 @@
+"""The errno values of Linux x86-64 (include/uapi/asm-generic/errno-base.h, errno.h)."""
+
+EPERM, ENOENT, ESRCH, EINTR, EIO, ENXIO, E2BIG, ENOEXEC, EBADF, ECHILD = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+EAGAIN, ENOMEM, EACCES, EFAULT, EBUSY, EEXIST, ENODEV, ENOTDIR, EISDIR, EINVAL = 11, 12, 13, 14, 16, 17, 19, 20, 21, 22
+EMFILE, ENOTTY, EFBIG, ENOSPC, ESPIPE, EROFS, ERANGE, ENAMETOOLONG, ENOSYS = 24, 25, 27, 28, 29, 30, 34, 36, 38
+
+
+class SyscallError(Exception):
+    """A system call fails with this errno (returned to the program as -errno)."""
+
+    def __init__(self, errno: int):
+        super().__init__(errno)
+        self.errno = errno

@@ -1,0 +1,118 @@
+"""A Linux process: its address space (image, brk, mmap area, stack), its file
+descriptors, and what the kernel hands it at execve (the stack of argc, argv, envp and
+the auxiliary vector; fs/binfmt_elf.c create_elf_tables)."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..cpu.features import catalogue
+from .errno import EFAULT, SyscallError
+
+PAGE = 4096
+STACK_SIZE = 8 << 20              # RLIMIT_STACK's default
+PIE_BASE = 0x1000000              # where a static-pie (ET_DYN) image is placed
+USER_CS, USER_DS = 0x33, 0x2B     # Linux's __USER_CS and __USER_DS (arch/x86/include/asm/segment.h)
+
+# auxv keys (include/uapi/linux/auxvec.h, arch/x86/include/uapi/asm/auxvec.h)
+AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = 0, 3, 4, 5, 6, 7, 8, 9
+AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
+AT_SECURE, AT_RANDOM, AT_HWCAP2, AT_EXECFN, AT_MINSIGSTKSZ = 23, 25, 26, 31, 51
+
+DEFAULT_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/", "LANG=C", "TERM=dumb")
+
+
+def page_up(value: int) -> int:
+    return (value + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass
+class Process:
+    """The kernel's side of one program, kept by the VMM (it survives migrations)."""
+    ram: object                       # guest RAM as a host buffer (linear = physical)
+    brk_start: int
+    brk: int
+    mmap_top: int                     # mmap area grows down from here
+    stack_bottom: int
+    argv0: str
+    stdin: object = None
+    stdout_sink: object = None        # bytes -> None: the run's console
+    stderr: bytearray = field(default_factory=bytearray)
+    stderr_sink: object = None
+    counts: Counter = field(default_factory=Counter)      # system calls by name
+    unknown: Counter = field(default_factory=Counter)     # unknown ones by number
+    exit_status: int | None = None
+    tid: int = 1000
+    instructions: int = 0
+
+    # -- guest memory, with EFAULT for what lies outside RAM --------------------------------
+
+    def read(self, address: int, size: int) -> bytes:
+        if size < 0 or address < 0 or address + size > len(self.ram):
+            raise SyscallError(EFAULT)
+        return bytes(self.ram[address:address + size])
+
+    def write(self, address: int, data: bytes) -> None:
+        if address < 0 or address + len(data) > len(self.ram):
+            raise SyscallError(EFAULT)
+        self.ram[address:address + len(data)] = data
+
+    def read_string(self, address: int, limit: int = 4096) -> bytes:
+        out = bytearray()
+        while len(out) < limit:
+            chunk = self.read(address + len(out), min(256, len(self.ram) - address - len(out)) or 1)
+            end = chunk.find(b"\0")
+            if end >= 0:
+                return bytes(out + chunk[:end])
+            out += chunk
+        raise SyscallError(36)  # ENAMETOOLONG
+
+
+def hwcap(view) -> int:
+    """AT_HWCAP on x86 is CPUID.1:EDX (arch/x86/include/asm/elf.h, ELF_HWCAP)."""
+    return view.answer(1, 0, 0)[3]
+
+
+def hwcap2(view) -> int:
+    """AT_HWCAP2: bit 1 FSGSBASE, which Linux enables whenever the CPU has it."""
+    return 2 if view.has(catalogue()["fsgsbase"]) else 0
+
+
+def min_sigstack(view) -> int:
+    """AT_MINSIGSTKSZ: the signal frame with the XSAVE area of what XCR0 enables
+    (arch/x86/kernel/signal.c get_sigframe_size): CPUID.0xD.0:EBX plus the frame."""
+    xsave = view.answer(0xD, 0, 0)[1] if view.has(catalogue()["xsave"]) else 512
+    return xsave + 8 + 440 + 128  # fpstate magic, ucontext and siginfo, redzone-aligned
+
+
+def build_stack(process: Process, top: int, argv: list[str], env: list[str], auxv: list[tuple[int, int]],
+                seed: int, execfn: str) -> int:
+    """Write the initial stack below ``top`` as Linux lays it out, and return RSP:
+    argc, argv[], NULL, envp[], NULL, auxv pairs, AT_NULL; above them the strings,
+    "x86_64" and the 16 AT_RANDOM bytes (fs/binfmt_elf.c create_elf_tables)."""
+    at = top
+    def push_bytes(data: bytes) -> int:
+        nonlocal at
+        at -= len(data)
+        process.write(at, data)
+        return at
+
+    execfn_at = push_bytes(execfn.encode() + b"\0")
+    string_at = [push_bytes(s.encode() + b"\0") for s in [*argv, *env]]
+    platform_at = push_bytes(b"x86_64\0")
+    random_at = push_bytes(random.Random(seed).randbytes(16))
+    at &= ~0xF
+    vector = dict(auxv)
+    vector.update({AT_RANDOM: random_at, AT_PLATFORM: platform_at, AT_EXECFN: execfn_at})
+    words = [len(argv), *string_at[:len(argv)], 0, *string_at[len(argv):], 0]
+    for key, value in vector.items():
+        words += [key, value]
+    words += [AT_NULL, 0]
+    if len(words) % 2:
+        words.append(0)  # RSP 16-byte aligned at the entry point, as the ABI says
+    at -= 8 * len(words)
+    process.write(at, struct.pack(f"<{len(words)}Q", *words))
+    return at

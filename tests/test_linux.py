@@ -1,0 +1,166 @@
+"""Unmodified Linux programs as guests: real glibc startup, libgcc and /proc/cpuinfo
+under any host and EVC mode, system calls with Linux's semantics, faults as signals."""
+
+import json
+import shutil
+import struct
+import subprocess
+
+import pytest
+from helpers import minivmm_cli, one_line_error
+
+from minivmm.errors import MinivmmError
+from minivmm.guests import shipped_guests_dir
+from minivmm.linux.cpuinfo import cpuinfo
+from minivmm.masking.view import GuestCpuidView
+from minivmm.cpu.profiles import load_profile
+from minivmm.vmm.vm import VM
+
+needs_gcc = pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: cannot build a Linux program")
+FEATURES = ("sse4_1", "sse4_2", "popcnt", "avx2")
+
+
+def build(tmp_path_factory, source: str, name: str) -> str:
+    out = tmp_path_factory.mktemp("linux") / name
+    src = shipped_guests_dir().joinpath("linux", source)
+    done = subprocess.run(["gcc", "-static", "-O1", "-o", str(out), str(src)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"gcc -static failed (no static glibc?): {done.stderr.strip()[:200]}")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def detect(tmp_path_factory):
+    return build(tmp_path_factory, "detect.c", "detect")
+
+
+@pytest.fixture(scope="module")
+def popcnt_ud(tmp_path_factory):
+    return build(tmp_path_factory, "popcnt_ud.c", "popcnt_ud")
+
+
+def columns(console: str) -> dict[str, tuple[int, int, int]]:
+    rows = {}
+    for line in console.splitlines():
+        feature, *cells = line.split()
+        rows[feature] = tuple(int(cell.split("=")[1]) for cell in cells)
+    return rows
+
+
+@needs_gcc
+@pytest.mark.parametrize("host, evc", [("penryn", None), ("nehalem", None), ("nehalem", "intel-penryn"),
+                                       ("westmere", "intel-merom"), ("opteron-g3", None)])
+def test_glibc_libgcc_and_proc_cpuinfo_follow_the_cpuid_view(detect, host, evc):
+    """A static glibc program: libgcc's __builtin_cpu_supports, glibc's
+    CPU_FEATURE_ACTIVE and the flags of /proc/cpuinfo, each equal to the VM's view."""
+    result = VM(detect, host, evc=evc).run(timeout=60)
+    assert result.stop.reason == "exited" and result.exit_code == 0, result.stop.message
+    rows = columns(result.console)
+    for feature in FEATURES:
+        seen = int(feature in result.view_features)
+        assert rows[feature] == (seen, seen, seen), (feature, rows[feature])
+    assert result.syscalls["total"] > 10 and result.syscalls["counts"]["openat"] == 4
+
+
+@needs_gcc
+def test_the_mask_changes_what_the_program_detects_negative_control(detect):
+    """The same host without the mask shows what the mask hid: the columns really move."""
+    plain = columns(VM(detect, "nehalem").run(timeout=60).console)
+    masked = columns(VM(detect, "nehalem", evc="intel-penryn").run(timeout=60).console)
+    assert plain["popcnt"] == (1, 1, 1) and masked["popcnt"] == (0, 0, 0)
+
+
+@needs_gcc
+def test_a_program_executing_an_absent_instruction_dies_with_sigill(popcnt_ud):
+    """#UD is SIGILL (arch/x86/kernel/traps.c do_error_trap): exit status 128 + 4."""
+    result = VM(popcnt_ud, "penryn").run(timeout=60)
+    assert (result.stop.reason, result.stop.signal, result.exit_code) == ("signaled", "SIGILL", 132)
+    assert result.stop.missing_features == ["popcnt"] and "popcnt" in result.stop.instruction
+    fine = VM(popcnt_ud, "nehalem").run(timeout=60)
+    assert fine.exit_code == 0 and fine.console == "popcnt(0x101010101010101) = 8\n"
+    masked = VM(popcnt_ud, "nehalem", evc="intel-penryn").run(timeout=60)
+    assert masked.exit_code == 0  # a mask hides, it does not disable
+
+
+@needs_gcc
+def test_the_cli_passes_arguments_environment_and_exit_status(detect, popcnt_ud):
+    done = minivmm_cli("run", popcnt_ud, "--host", "nehalem", "--", "a", "b")
+    assert done.returncode == 0 and done.stdout == "popcnt(0x303030303030303) = 16\n"
+    done = minivmm_cli("run", popcnt_ud, "--host", "penryn", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 132 and report["stop"]["signal"] == "SIGILL"
+
+
+@needs_gcc
+def test_an_unknown_system_call_returns_enosys_and_is_counted(tmp_path):
+    src = tmp_path / "unknown.c"
+    src.write_text('#include <unistd.h>\n#include <sys/syscall.h>\n#include <stdio.h>\n#include <errno.h>\n'
+                   'int main(void) { long r = syscall(999, 1, 2, 3); printf("%ld %d\\n", r, errno); return 0; }\n')
+    exe = tmp_path / "unknown"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(exe), str(src)], check=True)
+    result = VM(str(exe), "nehalem").run(timeout=60)
+    assert result.console == "-1 38\n" and {"number": 999, "count": 1} in result.syscalls["unknown"]
+
+
+def _elf(e_type=2, klass=2, machine=62, osabi=0, interp=False):
+    """A minimal ELF: one PT_LOAD (and a PT_INTERP when asked)."""
+    phnum = 2 if interp else 1
+    header = b"\x7fELF" + bytes([klass, 1, 1, osabi]) + bytes(8)
+    header += struct.pack("<HHIQQQIHHHHHH", e_type, machine, 1, 0x401000, 64, 0, 0, 64, 56, phnum, 0, 0, 0)
+    body_at = 64 + 56 * phnum
+    path = b"/lib64/ld-linux-x86-64.so.2\0"
+    load = struct.pack("<IIQQQQQQ", 1, 5, 0, 0x400000, 0x400000, body_at + len(path) + 8, 0x2000, 0x1000)
+    phdrs = load + (struct.pack("<IIQQQQQQ", 3, 4, body_at, 0, 0, len(path), len(path), 1) if interp else b"")
+    return header + phdrs + path + b"\xf4" * 8
+
+
+@pytest.mark.parametrize("kind, says", [
+    (dict(interp=True), "dynamically linked program"), (dict(klass=1), "not an ELF64 file"),
+    (dict(machine=183), "not x86-64"), (dict(e_type=1), "not a static executable"),
+])
+def test_bad_linux_programs_are_one_line(tmp_path, kind, says):
+    path = tmp_path / "prog"
+    path.write_bytes(_elf(**kind))
+    done = minivmm_cli("run", str(path), "--linux")
+    assert one_line_error(done) and says in done.stderr, done.stderr
+
+
+def test_linux_is_chosen_by_the_file_and_never_for_a_minivmm_guest(tmp_path):
+    gnu = tmp_path / "gnu"
+    gnu.write_bytes(_elf(osabi=3))
+    plain = tmp_path / "plain"
+    plain.write_bytes(_elf())
+    assert VM(str(gnu), "nehalem").image.kind == "linux"
+    assert VM(str(plain), "nehalem").image.kind == "elf"
+    assert VM(str(plain), "nehalem", linux=True).image.kind == "linux"
+    with pytest.raises(MinivmmError, match="arguments and environment are for Linux programs"):
+        VM(str(plain), "nehalem", argv=["x"])
+
+
+def test_proc_cpuinfo_is_linux_s_format_from_the_view():
+    nehalem = load_profile("nehalem")
+    text = cpuinfo(nehalem, GuestCpuidView.for_host(nehalem, "intel-penryn"))
+    lines = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    assert lines["model name"] == ": Intel(R) Xeon(R) CPU W3520 @ 2.67GHz"
+    assert lines["cpu family"] == ": 6" and lines["model"] == "\t: 26" and lines["stepping"] == ": 5"
+    flags = lines["flags"].split(": ", 1)[1].split()
+    assert "sse4_1" in flags and "sse4_2" not in flags and "popcnt" not in flags and "hypervisor" in flags
+    assert flags[:3] == ["fpu", "vme", "de"] and text.endswith("power management:\n\n")
+
+
+@needs_gcc
+def test_a_linux_program_migrates_live_mid_run_and_keeps_its_view(detect):
+    """The kernel's state lives in the VMM and the view travels: moved to a Penryn at an
+    exact instruction count, the program finishes there with the output it has unmoved."""
+    from minivmm.vmm.migration import PreCopy
+    alone = VM(detect, "nehalem", evc="intel-penryn").run(max_insns=10**9, timeout=60)
+    moved = VM(detect, "nehalem", evc="intel-penryn").run(migrations=[f"penryn@insn:{alone.instructions // 2}"],
+                                                          precopy=PreCopy(enabled=False), timeout=60)
+    assert moved.hosts == ["nehalem", "penryn"] and moved.migrations[0]["ok"]
+    assert moved.console == alone.console and moved.exit_code == 0 and moved.instructions == alone.instructions
+
+
+@needs_gcc
+def test_snapshots_of_linux_programs_are_refused_until_they_carry_the_process(detect, tmp_path):
+    with pytest.raises(MinivmmError, match="snapshots of Linux programs are not supported yet"):
+        VM(detect, "nehalem").run(snapshot_at="insn:1000", snapshot_file=str(tmp_path / "s.snap"))
