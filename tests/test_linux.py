@@ -164,3 +164,38 @@ def test_a_linux_program_migrates_live_mid_run_and_keeps_its_view(detect):
 def test_snapshots_of_linux_programs_are_refused_until_they_carry_the_process(detect, tmp_path):
     with pytest.raises(MinivmmError, match="snapshots of Linux programs are not supported yet"):
         VM(detect, "nehalem").run(snapshot_at="insn:1000", snapshot_file=str(tmp_path / "s.snap"))
+
+
+@needs_gcc
+@pytest.mark.skipif(not shutil.which("qemu-x86_64"), reason="qemu-user is not installed (apt install qemu-user)")
+@pytest.mark.parametrize("host, model", [("penryn", "Penryn"), ("nehalem", "Nehalem")])
+def test_glibc_and_libgcc_agree_with_qemu_user_on_the_same_cpu(detect, host, model):
+    """qemu-user runs the same binary on its model of the CPU: libgcc's and glibc's
+    answers match minivmm's (qemu's /proc/cpuinfo is the machine's, so it is not compared:
+    that contradiction is what minivmm's synthesized file avoids)."""
+    qemu = subprocess.run(["qemu-x86_64", "-cpu", model, detect], capture_output=True, text=True, timeout=60)
+    ours = VM(detect, host).run(timeout=60)
+    theirs = columns(qemu.stdout)
+    assert qemu.returncode == 0 and {f: c[:2] for f, c in columns(ours.console).items()} == \
+        {f: c[:2] for f, c in theirs.items()}
+
+
+@pytest.mark.skipif(not shutil.which("musl-gcc"), reason="musl-gcc is not installed (apt install musl-tools)")
+@pytest.mark.parametrize("host, evc", [("nehalem", None), ("nehalem", "intel-penryn")])
+def test_a_musl_program_sees_the_view(tmp_path_factory, host, evc):
+    out = tmp_path_factory.mktemp("musl") / "detect-musl"
+    subprocess.run(["musl-gcc", "-static", "-O1", "-o", str(out), str(shipped_guests_dir().joinpath("linux", "detect.c"))],
+                   check=True)
+    result = VM(str(out), host, evc=evc, linux=True).run(timeout=60)
+    assert result.exit_code == 0, result.stop.message
+    for feature, (libgcc, glibc, proc) in columns(result.console).items():
+        seen = int(feature in result.view_features)
+        assert (libgcc, glibc, proc) == (seen, -1, seen), feature
+
+
+@pytest.mark.skipif(not shutil.which("busybox"), reason="busybox is not installed (apt install busybox-static)")
+def test_debian_s_static_busybox_runs_shell_arithmetic_as_natively():
+    script = "echo $((6 * 7)); printf '%s-%s\\n' a b"
+    native = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True).stdout
+    done = minivmm_cli("run", shutil.which("busybox"), "--linux", "--", "sh", "-c", script)
+    assert done.returncode == 0 and done.stdout == native == "42\na-b\n"

@@ -116,6 +116,51 @@ def sys_openat(k, uc, dirfd, path_at, flags, *_):
     return fd
 
 
+def sys_open(k, uc, path_at, flags, *_):
+    return sys_openat(k, uc, -100, path_at, flags)  # AT_FDCWD
+
+
+def sys_pread64(k, uc, fd, buf, count, offset, *_):
+    if fd not in k.open:
+        raise SyscallError(ESPIPE if fd in (0, 1, 2) else EBADF)
+    data = k.open[fd][1][offset:offset + count]
+    k.p.write(buf, data)
+    return len(data)
+
+
+def sys_access(k, uc, path_at, *_):
+    if k.p.read_string(path_at).decode("utf-8", "replace") in k.files:
+        return 0
+    raise SyscallError(ENOENT)
+
+
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+
+
+def sys_fcntl(k, uc, fd, command, argument, *_):
+    if fd not in (0, 1, 2) and fd not in k.open:
+        raise SyscallError(EBADF)
+    if command in (F_GETFD, F_SETFD, F_SETFL):
+        return 0
+    if command == F_GETFL:
+        return 1 if fd in (1, 2) else 0  # O_WRONLY for stdout and stderr, O_RDONLY otherwise
+    if command in (F_DUPFD, F_DUPFD_CLOEXEC):
+        new = max(argument, 3)
+        while new in k.open:
+            new += 1
+        if fd in k.open:
+            k.open[new] = list(k.open[fd])
+            return new
+    raise SyscallError(EINVAL)
+
+
+def sys_getcwd(k, uc, buf, size, *_):
+    if size < 2:
+        raise SyscallError(34)  # ERANGE
+    k.p.write(buf, b"/\0")
+    return 2
+
+
 def sys_close(k, uc, fd, *_):
     if fd in k.open:
         del k.open[fd]
@@ -263,6 +308,12 @@ def sys_ids(k, uc, *_):
     return 1000
 
 
+def sys_set_id(k, uc, wanted, *_):
+    if wanted != 1000:
+        raise SyscallError(1)  # EPERM: the process is not privileged
+    return 0
+
+
 def sys_uname(k, uc, buf, *_):
     fields = (b"Linux", b"minivmm", b"6.1.0-minivmm", b"#1 SMP", b"x86_64", b"(none)")
     k.p.write(buf, b"".join(f.ljust(65, b"\0") for f in fields))
@@ -346,11 +397,13 @@ def sys_enosys(k, uc, *_):
 
 
 TABLE = {
-    0: ("read", sys_read), 1: ("write", sys_write), 3: ("close", sys_close), 5: ("fstat", sys_fstat),
+    0: ("read", sys_read), 1: ("write", sys_write), 2: ("open", sys_open), 3: ("close", sys_close),
+    5: ("fstat", sys_fstat), 17: ("pread64", sys_pread64), 21: ("access", sys_access),
     8: ("lseek", sys_lseek), 9: ("mmap", sys_mmap), 10: ("mprotect", sys_mprotect), 11: ("munmap", sys_munmap),
     12: ("brk", sys_brk), 13: ("rt_sigaction", sys_rt_sigaction), 14: ("rt_sigprocmask", sys_zero),
     16: ("ioctl", sys_ioctl), 20: ("writev", sys_writev), 24: ("sched_yield", sys_zero),
     28: ("madvise", sys_zero), 35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
+    72: ("fcntl", sys_fcntl), 79: ("getcwd", sys_getcwd), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id),
     56: ("clone", sys_enosys), 57: ("fork", sys_enosys), 59: ("execve", sys_enosys), 60: ("exit", sys_exit),
     63: ("uname", sys_uname), 89: ("readlink", sys_readlink), 96: ("gettimeofday", sys_gettimeofday),
     97: ("getrlimit", sys_getrlimit), 102: ("getuid", sys_ids), 104: ("getgid", sys_ids),
