@@ -131,7 +131,7 @@ def cli():
 @click.option("--cpuid-mask", multiple=True, metavar="MASK",
               help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
-              help="Live-migrate at checkpoint:N, insn:N or ms:N (repeatable).")
+              help="Live-migrate at checkpoint:N, insn:N, ms:N or (Linux programs) syscall:N (repeatable).")
 @click.option("--force", is_flag=True, help="Migrate even when the compatibility check fails (VMware's override).")
 @click.option("--cold", is_flag=True, help="Migrations power the VM off and boot it on the destination.")
 @click.option("--stop-and-copy", is_flag=True,

@@ -72,7 +72,7 @@ def elf_header_only():
     (["run", "hello", "--host", "file:/no/such/dump.xml"], {}, "cannot read CPUID dump"),
     (["run", "hello", "--host", "{junk.xml}"], {"junk.xml": "<cpudata><cpuid eax_in='zz'/></cpudata>"},
      "lacks a hex"),
-    (["run", "hello", "--migrate", "penryn@later"], {}, "WHEN must be checkpoint:N, insn:N or ms:N"),
+    (["run", "hello", "--migrate", "penryn@later"], {}, "WHEN must be checkpoint:N, insn:N, ms:N or syscall:N"),
     (["run", "hello", "--migrate", "pentium9@insn:5"], {}, "unknown host profile 'pentium9'"),
     (["resume", "no/such.snap", "--host", "penryn"], {}, "cannot read snapshot"),
     (["run", "hello", "--no-such-flag"], {}, "No such option"),

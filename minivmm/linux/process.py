@@ -45,6 +45,7 @@ class Process:
     counts: Counter = field(default_factory=Counter)      # system calls by name
     unknown: Counter = field(default_factory=Counter)     # unknown ones by number
     exit_status: int | None = None
+    on_write: object = None           # (address, size) -> None: the VMM tracks what the kernel writes
     tid: int = 1000
     instructions: int = 0
 
@@ -59,6 +60,8 @@ class Process:
         if address < 0 or address + len(data) > len(self.ram):
             raise SyscallError(EFAULT)
         self.ram[address:address + len(data)] = data
+        if self.on_write:
+            self.on_write(address, len(data))
 
     def read_string(self, address: int, limit: int = 4096) -> bytes:
         out = bytearray()

@@ -235,7 +235,7 @@ def sys_brk(k, uc, address, *_):
     if address and p.brk_start <= address < p.mmap_top:
         new = page_up(address)
         if new < page_up(p.brk):
-            p.ram[new:page_up(p.brk)] = bytes(page_up(p.brk) - new)  # shrinking gives zeros back
+            p.write(new, bytes(page_up(p.brk) - new))  # shrinking gives zeros back
         p.brk = address
     return p.brk
 
@@ -254,12 +254,12 @@ def sys_mmap(k, uc, address, length, prot, flags, fd, offset):
         if start <= page_up(p.brk):
             raise SyscallError(ENOMEM)
         p.mmap_top = start
-    p.ram[start:start + size] = bytes(size)
+    if not flags & MAP_ANONYMOUS and fd not in k.open:
+        raise SyscallError(EBADF)
+    if flags & MAP_FIXED:  # fresh pages below the last mapping were never used: already zero
+        p.write(start, bytes(size))
     if not flags & MAP_ANONYMOUS:
-        if fd not in k.open:
-            raise SyscallError(EBADF)
-        data = k.open[fd][1][offset:offset + length]
-        p.ram[start:start + len(data)] = data
+        p.write(start, k.open[fd][1][offset:offset + length])
     return start
 
 

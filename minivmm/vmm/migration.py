@@ -27,17 +27,17 @@ MAX_COUNT = 1 << 62               # instructions, checkpoints or ms: far beyond 
 
 @dataclass(frozen=True)
 class Trigger:
-    kind: str    # checkpoint | insn | ms
+    kind: str    # checkpoint | insn | ms | syscall (a Linux program's Nth, once it returned)
     count: int
 
     @classmethod
     def parse(cls, text: str, where: str) -> Trigger:
-        m = re.fullmatch(r"(checkpoint|insn|ms):(\d{1,20})", text.strip())
+        m = re.fullmatch(r"(checkpoint|insn|ms|syscall):(\d{1,20})", text.strip())
         if not m:
-            raise MinivmmError(f"{where}: WHEN must be checkpoint:N, insn:N or ms:N, not '{text}'")
+            raise MinivmmError(f"{where}: WHEN must be checkpoint:N, insn:N, ms:N or syscall:N, not '{text}'")
         count = int(m[2])
-        if count > MAX_COUNT or (m[1] == "checkpoint" and count == 0):
-            raise MinivmmError(f"{where}: {m[1]}:{count} is out of range (checkpoints count from 1; "
+        if count > MAX_COUNT or (m[1] in ("checkpoint", "syscall") and count == 0):
+            raise MinivmmError(f"{where}: {m[1]}:{count} is out of range (checkpoints and system calls count from 1; "
                                f"at most {MAX_COUNT})")
         return cls(m[1], count)
 

@@ -242,6 +242,8 @@ class VM:
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
+        if any(self._is_syscall_point(e) for e in events) and self.image.kind != "linux":
+            raise MinivmmError("syscall:N points are for Linux programs (--linux)")
         if snapshot_at and self.image.kind == "linux":
             raise MinivmmError("snapshots of Linux programs are not supported yet (their process state "
                                "would not come along)")
@@ -252,6 +254,10 @@ class VM:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
         return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+
+    @staticmethod
+    def _is_syscall_point(event) -> bool:
+        return (event.when if isinstance(event, MigrationRequest) else event[0]).kind == "syscall"
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool):
         """What an exit at each instruction does on this host (cached per opcode)."""
@@ -451,6 +457,7 @@ class _Run:
         process = start_process(self.uc, self.engine.ram, vm.image, view, vm.argv, vm.env, vm.seed,
                                 self.engine.write_xcr0)
         process.stdout_sink = self.io.console_write
+        process.on_write = lambda address, size: self.engine.exits.note_write(address, size)
         self.kernel = Kernel(process, {"/proc/cpuinfo": cpuinfo(host, view).encode()}, vm.seed)
 
     # -- exits ---------------------------------------------------------------------------
@@ -473,6 +480,11 @@ class _Run:
         status = self.kernel.p.exit_status
         if status is not None:
             self._end(Stop("exited", status, message=f"program exited with status {status}"))
+            return
+        when = self._when(self.events[0]) if self.events else None
+        if when and when.kind == "syscall" and when.count == self.kernel.calls:
+            self.fired = True  # stop right after it returned; RIP is already past it
+            uc.emu_stop()
 
     def _power_off(self, status: int) -> None:
         self._end(Stop("exited", status, message=f"guest powered off with status {status}"))

@@ -162,6 +162,19 @@ class InstructionExits:
                 traps[address] = wanted
                 self._hooks[address] = self._uc.hook_add(UC_HOOK_CODE, self._fire, None, address, address)
 
+    def note_write(self, address: int, size: int) -> None:
+        """The VMM wrote guest RAM itself (a Linux system call filling a buffer): the
+        pages count as dirty for pre-copy, and code on them is decoded again before it
+        next runs (the TLB forgets them, so the next fetch asks)."""
+        first, last = address & ~(PAGE - 1), (address + max(size, 1) - 1) & ~(PAGE - 1)
+        pages = range(first, last + PAGE, PAGE)
+        if self._dirty is not None:
+            self._dirty.update(pages)
+        decoded = [page for page in pages if page in self.pages]
+        if decoded:
+            self._stale.update(decoded)
+            self.flush_tlb()
+
     def quieten(self, address: int) -> None:
         """Remove an exit that only audits (call between engine starts, not from a hook)."""
         self._quiet.add(address)
