@@ -242,3 +242,84 @@ def test_pages_the_kernel_writes_during_pre_copy_are_sent_again(tmp_path, monkey
     assert result.hosts == ["nehalem", "penryn"] and result.console == alone.console
     monkeypatch.setattr(InstructionExits, "note_write", lambda self, address, size: None)
     assert moved().console != alone.console
+
+
+@pytest.fixture(scope="module")
+def probe_popcnt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "probe_popcnt"
+    src = shipped_guests_dir().joinpath("linux", "probe_popcnt.c")
+    # -mno-popcnt: the generic path must not contain POPCNT itself
+    done = subprocess.run(["gcc", "-static", "-O1", "-mno-popcnt", "-o", str(out), str(src)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"gcc -static failed: {done.stderr.strip()[:200]}")
+    return str(out)
+
+
+@needs_gcc
+def test_a_sigill_probe_catches_the_fault_and_finds_what_the_mask_hides(probe_popcnt):
+    """sigaction + sigsetjmp/siglongjmp around POPCNT: on a Penryn the handler runs on an
+    rt_sigframe and the program takes the generic path; on a Nehalem under the Penryn
+    baseline the probe finds the masked POPCNT (cpuid=0 probe=1)."""
+    penryn = VM(probe_popcnt, "penryn").run(timeout=60)
+    assert penryn.console.startswith("popcnt: cpuid=0 probe=0 uses=generic") and penryn.exit_code == 0
+    assert [e["delivered"] for e in penryn.exceptions] == [True] and penryn.exceptions[0]["vector"] == 6
+    masked = VM(probe_popcnt, "nehalem", evc="intel-penryn").run(timeout=60)
+    assert masked.console.startswith("popcnt: cpuid=0 probe=1 uses=popcnt") and not masked.exceptions
+    assert masked.console.split("\n")[1] == penryn.console.split("\n")[1]  # both paths compute the same
+
+
+@needs_gcc
+def test_the_prober_dies_of_sigill_after_migrating_and_its_cpuid_twin_survives(probe_popcnt):
+    """The seed's story on a real program: moved mid-loop to a Penryn, the probing build
+    dies with SIGILL (exit 132) naming popcnt; the CPUID-guided run finishes there with
+    the checksum of a run that never moved."""
+    from minivmm.vmm.migration import PreCopy
+    alone = VM(probe_popcnt, "nehalem", evc="intel-penryn").run(timeout=60)
+    point = f"penryn@syscall:{alone.syscalls['sample'].index('write') + 1}"  # right after the detection line
+    prober = VM(probe_popcnt, "nehalem", evc="intel-penryn").run(migrations=[point], precopy=PreCopy(enabled=False),
+                                                                 timeout=60)
+    assert (prober.stop.signal, prober.exit_code, prober.host) == ("SIGILL", 132, "penryn")
+    assert prober.stop.missing_features == ["popcnt"] and prober.migrations[0]["ok"]
+    twin = VM(probe_popcnt, "nehalem", evc="intel-penryn", argv=["--cpuid"]).run(
+        migrations=[point], precopy=PreCopy(enabled=False), timeout=60)
+    unmoved = VM(probe_popcnt, "nehalem", evc="intel-penryn", argv=["--cpuid"]).run(timeout=60)
+    assert twin.exit_code == 0 and twin.host == "penryn" and twin.console == unmoved.console
+    assert "path: generic" in twin.console
+
+
+@needs_gcc
+def test_abort_is_sigabrt_and_a_handler_can_return_through_rt_sigreturn(tmp_path):
+    src = tmp_path / "s.c"
+    src.write_text(r"""
+        #define _GNU_SOURCE
+        #include <signal.h>
+        #include <stdio.h>
+        #include <stdlib.h>
+        #include <ucontext.h>
+        static volatile int seen;
+        static void *volatile where;
+        static void on_segv(int signo, siginfo_t *info, void *context) {
+            ucontext_t *uc = context;
+            seen = signo;
+            where = info->si_addr;
+            uc->uc_mcontext.gregs[REG_RIP] += 2;          /* skip the faulting load (8b 00) */
+        }
+        int main(int argc, char **argv) {
+            struct sigaction sa = {0};
+            sa.sa_sigaction = on_segv;
+            sa.sa_flags = SA_SIGINFO;
+            sigaction(SIGSEGV, &sa, NULL);
+            __asm__ volatile("mov (%%rax), %%eax" ::"a"(0x7f0000000000ul + 5));  /* 2 bytes: 8b 00 */
+            printf("seen %d at %p\n", seen, where);
+            fflush(stdout);
+            if (argc > 1) abort();
+            return 0;
+        }
+    """)
+    exe = tmp_path / "s"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(exe), str(src)], check=True)
+    ok = VM(str(exe), "nehalem").run(timeout=60)
+    assert ok.exit_code == 0 and ok.console == "seen 11 at 0x7f0000000005\n", ok.console
+    aborted = VM(str(exe), "nehalem", argv=["abort"]).run(timeout=60)
+    assert (aborted.stop.signal, aborted.exit_code) == ("SIGABRT", 134)

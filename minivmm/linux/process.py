@@ -22,6 +22,7 @@ AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_PAGESZ, AT_BASE, AT_FLAGS, AT_ENTRY = 0
 AT_UID, AT_EUID, AT_GID, AT_EGID, AT_PLATFORM, AT_HWCAP, AT_CLKTCK = 11, 12, 13, 14, 15, 16, 17
 AT_SECURE, AT_RANDOM, AT_HWCAP2, AT_EXECFN, AT_MINSIGSTKSZ = 23, 25, 26, 31, 51
 
+SAMPLE = 10_000                   # system calls kept in order in the report
 DEFAULT_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/", "LANG=C", "TERM=dumb")
 
 
@@ -44,6 +45,7 @@ class Process:
     stderr_sink: object = None
     counts: Counter = field(default_factory=Counter)      # system calls by name
     unknown: Counter = field(default_factory=Counter)     # unknown ones by number
+    sample: list = field(default_factory=list)            # the first SAMPLE calls, in order
     exit_status: int | None = None
     on_write: object = None           # (address, size) -> None: the VMM tracks what the kernel writes
     tid: int = 1000

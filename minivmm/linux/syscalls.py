@@ -12,8 +12,14 @@ import random
 import struct
 import time
 
+import unicorn.x86_const as x86
+
 from .errno import EBADF, EINVAL, ENOENT, ENOMEM, ENOSYS, ENOTTY, ESPIPE, SyscallError
-from .process import PAGE, page_up
+from .process import PAGE, SAMPLE, page_up
+from .signals import SIG_DFL, SIG_IGN, Action, Signals, read_action, write_action
+
+RETURNED = object()  # a handler that set every register itself (rt_sigreturn)
+FATAL_BY_DEFAULT = frozenset(range(1, 32)) - {17, 18, 20, 21, 22, 23, 28}  # not SIGCHLD, SIGCONT, SIGTSTP ...
 
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
 MAP_FIXED, MAP_ANONYMOUS = 0x10, 0x20
@@ -32,12 +38,12 @@ class Kernel:
         self.random = random.Random(seed ^ 0x5EED)
         self.realtime = realtime
         self.calls = 0
-        self.handlers: dict[int, int] = {}   # signal -> handler address, as rt_sigaction set it
+        self.signals = Signals(process)
+        self.killed: int | None = None   # a signal the program sent itself and dies of
 
     def syscall(self, uc, next_rip: int) -> None:
         """SYSCALL, as the kernel's entry does it: RAX the number, RDI RSI RDX R10 R8 R9
         the arguments, the result in RAX; RCX and R11 clobbered (next RIP, RFLAGS)."""
-        import unicorn.x86_const as x86
         number, *args = (uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
                                                   x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,
                                                   x86.UC_X86_REG_R9))
@@ -47,10 +53,15 @@ class Kernel:
             self.p.unknown[number] += 1
         else:
             self.p.counts[name] += 1
+        if len(self.p.sample) < SAMPLE:
+            self.p.sample.append(name or number)
+        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)  # a signal raised now returns past the call
         try:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
+        if result is RETURNED:
+            return
         uc.reg_write(x86.UC_X86_REG_RAX, result & (1 << 64) - 1)
         uc.reg_write(x86.UC_X86_REG_RCX, next_rip)
         uc.reg_write(x86.UC_X86_REG_R11, uc.reg_read(x86.UC_X86_REG_RFLAGS))
@@ -278,7 +289,6 @@ def sys_mprotect(k, uc, address, length, prot, *_):
 # ---- the process and its environment ------------------------------------------------------
 
 def sys_arch_prctl(k, uc, code, address, *_):
-    import unicorn.x86_const as x86
     if code == ARCH_SET_FS:
         uc.reg_write(x86.UC_X86_REG_FS_BASE, address)
         return 0
@@ -376,14 +386,73 @@ def sys_zero(k, uc, *_):
 
 
 def sys_rt_sigaction(k, uc, signo, act, old, size, *_):
-    """Handlers are recorded (signal delivery to them is not implemented yet: a fatal
-    signal's report names the handler it could not run)."""
-    if not 1 <= signo <= 64 or signo in (9, 19):
+    if not 1 <= signo <= 64 or size != 8 or (act and signo in (9, 19)):  # SIGKILL, SIGSTOP
         raise SyscallError(EINVAL)
     if old:
-        k.p.write(old, struct.pack("<QQQQ", k.handlers.get(signo, 0), 0, 0, 0))
+        write_action(k.p, old, k.signals.actions.get(signo, Action()))
     if act:
-        k.handlers[signo] = struct.unpack("<Q", k.p.read(act, 8))[0]
+        k.signals.actions[signo] = read_action(k.p, act)
+    return 0
+
+
+SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
+UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
+
+
+def sys_rt_sigprocmask(k, uc, how, new, old, size, *_):
+    if size != 8:
+        raise SyscallError(EINVAL)
+    if old:
+        k.p.write(old, struct.pack("<Q", k.signals.blocked))
+    if new:
+        mask = struct.unpack("<Q", k.p.read(new, 8))[0] & ~UNBLOCKABLE
+        if how == SIG_BLOCK:
+            k.signals.blocked |= mask
+        elif how == SIG_UNBLOCK:
+            k.signals.blocked &= ~mask
+        elif how == SIG_SETMASK:
+            k.signals.blocked = mask
+        else:
+            raise SyscallError(EINVAL)
+    return 0
+
+
+def sys_sigaltstack(k, uc, new, old, *_):
+    if old:
+        sp, flags, size = k.signals.altstack
+        k.p.write(old, struct.pack("<QiiQ", sp, flags, 0, size))
+    if new:
+        sp, flags, _, size = struct.unpack("<QiiQ", k.p.read(new, 24))
+        k.signals.altstack = (sp, flags, size)
+    return 0
+
+
+def sys_rt_sigreturn(k, uc, *_):
+    k.signals.sigreturn(uc)
+    return RETURNED
+
+
+def sys_tgkill(k, uc, tgid, tid, signo, *_):
+    return _raise(k, uc, signo)
+
+
+def sys_kill(k, uc, pid, signo, *_):
+    return _raise(k, uc, signo)
+
+
+def _raise(k, uc, signo):
+    if not 0 <= signo <= 64:
+        raise SyscallError(EINVAL)
+    if signo == 0:
+        return 0
+    action = k.signals.actions.get(signo)
+    handler = action.handler if action else SIG_DFL
+    if handler == SIG_IGN or (handler == SIG_DFL and signo not in FATAL_BY_DEFAULT):
+        return 0
+    uc.reg_write(x86.UC_X86_REG_RAX, 0)
+    if handler != SIG_DFL and k.signals.deliver(uc, signo, -6, 0, 0):  # SI_TKILL
+        return RETURNED
+    k.killed = signo
     return 0
 
 
@@ -400,7 +469,8 @@ TABLE = {
     0: ("read", sys_read), 1: ("write", sys_write), 2: ("open", sys_open), 3: ("close", sys_close),
     5: ("fstat", sys_fstat), 17: ("pread64", sys_pread64), 21: ("access", sys_access),
     8: ("lseek", sys_lseek), 9: ("mmap", sys_mmap), 10: ("mprotect", sys_mprotect), 11: ("munmap", sys_munmap),
-    12: ("brk", sys_brk), 13: ("rt_sigaction", sys_rt_sigaction), 14: ("rt_sigprocmask", sys_zero),
+    12: ("brk", sys_brk), 13: ("rt_sigaction", sys_rt_sigaction), 14: ("rt_sigprocmask", sys_rt_sigprocmask),
+    15: ("rt_sigreturn", sys_rt_sigreturn), 62: ("kill", sys_kill), 200: ("tkill", sys_kill), 234: ("tgkill", sys_tgkill),
     16: ("ioctl", sys_ioctl), 20: ("writev", sys_writev), 24: ("sched_yield", sys_zero),
     28: ("madvise", sys_zero), 35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
     72: ("fcntl", sys_fcntl), 79: ("getcwd", sys_getcwd), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id),
@@ -408,7 +478,7 @@ TABLE = {
     63: ("uname", sys_uname), 89: ("readlink", sys_readlink), 96: ("gettimeofday", sys_gettimeofday),
     97: ("getrlimit", sys_getrlimit), 102: ("getuid", sys_ids), 104: ("getgid", sys_ids),
     107: ("geteuid", sys_ids), 108: ("getegid", sys_ids), 110: ("getppid", sys_getppid),
-    131: ("sigaltstack", sys_zero), 158: ("arch_prctl", sys_arch_prctl), 186: ("gettid", sys_getpid),
+    131: ("sigaltstack", sys_sigaltstack), 158: ("arch_prctl", sys_arch_prctl), 186: ("gettid", sys_getpid),
     201: ("time", sys_time), 202: ("futex", sys_zero), 204: ("sched_getaffinity", sys_sched_getaffinity),
     218: ("set_tid_address", sys_set_tid_address), 228: ("clock_gettime", sys_clock_gettime),
     231: ("exit_group", sys_exit), 257: ("openat", sys_openat), 262: ("newfstatat", sys_newfstatat),

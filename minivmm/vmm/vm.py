@@ -47,7 +47,7 @@ from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.emulate import bit_scan
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
-from .report import RunResult, Stop
+from .report import SIGNALS, RunResult, Stop
 from .snapshot import Snapshot, read_registers
 from .snapshot import save as save_snapshot
 from .snapshot import write_registers
@@ -319,6 +319,7 @@ class _Engine:
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             self.privileged.on_syscall = run._syscall
             self.faults.signals = True
+            self.faults.on_signal = run._signal
 
     def power_on(self, vm: VM) -> None:
         """The machine state of docs/abi.md."""
@@ -475,8 +476,17 @@ class _Run:
         self.errors.append(error)
         self.uc.emu_stop()
 
+    def _signal(self, uc, signo: int, code: int, address: int, vector: int) -> bool:
+        return self.kernel.signals.deliver(uc, signo, code, address, vector)
+
     def _syscall(self, uc, next_rip: int) -> None:
         self.kernel.syscall(uc, next_rip)
+        if self.kernel.killed:
+            signo = self.kernel.killed
+            name = SIGNALS.get(signo, f"signal {signo}")
+            self._end(Stop("signaled", 128 + signo, signal=name, rip=next_rip,
+                           message=f"{name} raised by the program itself"))
+            return
         status = self.kernel.p.exit_status
         if status is not None:
             self._end(Stop("exited", status, message=f"program exited with status {status}"))
@@ -759,7 +769,8 @@ class _Run:
             return None
         p = self.kernel.p
         return {"total": sum(p.counts.values()) + sum(p.unknown.values()), "counts": dict(sorted(p.counts.items())),
-                "unknown": [{"number": n, "count": c} for n, c in sorted(p.unknown.items())]}
+                "unknown": [{"number": n, "count": c} for n, c in sorted(p.unknown.items())],
+                "sample": list(p.sample)}
 
     def _result(self) -> RunResult:
         stop, vm = self.stop[0], self.vm

@@ -26,6 +26,9 @@ PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
 # vector -> signal Linux sends the process (arch/x86/kernel/traps.c): #DE/#MF/#XM SIGFPE,
 # #DB/#BP SIGTRAP, #UD SIGILL, #NP/#SS/#AC SIGBUS, #GP/#PF and the rest SIGSEGV.
 VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
+# vector -> (si_code, si_addr; None: the faulting RIP, or CR2 for #PF): ILL_ILLOPN,
+# FPE_INTDIV, SEGV_MAPERR; others SI_KERNEL without an address.
+SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None)}
 
 
 def _name(vector: int) -> str:
@@ -43,6 +46,7 @@ class FaultExits:
         self._end = end              # end(Stop): finish the run
         self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
         self.signals = False         # a Linux program: faults become the signals Linux sends
+        self.on_signal = None        # (uc, signo, si_code, si_addr, vector) -> bool: its handler ran
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -94,10 +98,16 @@ class FaultExits:
         return True
 
     def _signal(self, uc, vector, rip, text, missing, detail) -> bool:
-        """What Linux's trap handlers send (arch/x86/kernel/traps.c); delivery to a
-        handler the program installed is not implemented yet, so the signal is fatal."""
+        """What Linux's trap handlers send (arch/x86/kernel/traps.c): to the program's
+        handler on an rt_sigframe, or fatal (no handler, ignored or blocked: force_sig)."""
         signo = VECTOR_SIGNALS.get(vector, 11)
         name = SIGNALS[signo]
+        code, address = SIGNAL_CODES.get(vector, (0x80, 0))  # SI_KERNEL, as for #GP
+        if address is None:
+            address = uc.reg_read(x86.UC_X86_REG_CR2) if vector == 14 else rip
+        if self.on_signal and self.on_signal(uc, signo, code, address, vector):
+            self._record(vector, rip, text, missing, True, f"{name} delivered to the program's handler")
+            return True
         message = f"{name} from {_name(vector)} at {rip:#x} ({text})"
         if missing:
             message += f": needs {', '.join(missing)}, which {self.host.name} lacks"

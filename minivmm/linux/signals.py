@@ -1,0 +1,140 @@
+"""Signals as Linux delivers them on x86-64 (arch/x86/kernel/signal.c, signal_64.c):
+the handler runs on a real rt_sigframe (return address, ucontext with the saved
+registers and an FXSAVE-format fpstate, siginfo), and rt_sigreturn restores from it,
+so a handler can read and change the saved RIP, or leave by siglongjmp."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import unicorn.x86_const as x86
+
+from .errno import EFAULT, SyscallError
+
+SIG_DFL, SIG_IGN = 0, 1
+SA_SIGINFO, SA_ONSTACK, SA_RESTORER, SA_NODEFER, SA_RESETHAND = 0x4, 0x08000000, 0x04000000, 0x40000000, 0x80000000
+SS_ONSTACK, SS_DISABLE = 1, 2
+UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x2, 0x4
+FRAME_SIZE = 8 + 304 + 128      # pretcode, struct ucontext, struct siginfo
+FPSTATE_SIZE = 512              # FXSAVE format
+# sigcontext's general registers, in order (arch/x86/include/uapi/asm/sigcontext.h)
+SIGCONTEXT = ("R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "RDI", "RSI", "RBP", "RBX", "RDX", "RAX",
+              "RCX", "RSP", "RIP", "EFLAGS")
+REG = {name: getattr(x86, f"UC_X86_REG_{'RFLAGS' if name == 'EFLAGS' else name}") for name in SIGCONTEXT}
+# vector -> (signal, si_code) as the trap handlers set them (arch/x86/kernel/traps.c)
+ILL_ILLOPN, FPE_INTDIV, SEGV_MAPERR, TRAP_BRKPT, SI_KERNEL = 2, 1, 1, 1, 0x80
+
+
+@dataclass
+class Action:
+    handler: int = SIG_DFL
+    flags: int = 0
+    restorer: int = 0
+    mask: int = 0
+
+
+def read_action(process, address: int) -> Action:
+    """struct kernel_sigaction: handler, flags, restorer, mask (8 bytes each)."""
+    return Action(*struct.unpack("<QQQQ", process.read(address, 32)))
+
+
+def write_action(process, address: int, action: Action) -> None:
+    process.write(address, struct.pack("<QQQQ", action.handler, action.flags, action.restorer, action.mask))
+
+
+def _fxsave(uc) -> bytes:
+    """The FPU/SSE state in FXSAVE's layout (SDM Vol. 1, 10.5.1)."""
+    fcw, fsw, ftw = (uc.reg_read(getattr(x86, f"UC_X86_REG_{r}")) for r in ("FPCW", "FPSW", "FPTAG"))
+    abridged = sum(1 << i for i in range(8) if (ftw >> (2 * i)) & 3 != 3)
+    out = struct.pack("<HHBBHQQII", fcw, fsw, abridged, 0, 0, 0, 0, uc.reg_read(x86.UC_X86_REG_MXCSR), 0xFFFF)
+    for i in range(8):
+        mantissa, exponent = uc.reg_read(getattr(x86, f"UC_X86_REG_FP{i}"))
+        out += struct.pack("<QH6x", mantissa, exponent)
+    for i in range(16):
+        out += uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{i}")).to_bytes(16, "little")
+    return out + bytes(FPSTATE_SIZE - len(out))
+
+
+def _fxrstor(uc, data: bytes) -> None:
+    fcw, fsw = struct.unpack_from("<HH", data, 0)
+    uc.reg_write(x86.UC_X86_REG_FPCW, fcw)
+    uc.reg_write(x86.UC_X86_REG_FPSW, fsw)
+    uc.reg_write(x86.UC_X86_REG_MXCSR, struct.unpack_from("<I", data, 24)[0] & 0xFFFF)
+    for i in range(8):
+        mantissa, exponent = struct.unpack_from("<QH", data, 32 + 16 * i)
+        uc.reg_write(getattr(x86, f"UC_X86_REG_FP{i}"), (mantissa, exponent))
+    for i in range(16):
+        uc.reg_write(getattr(x86, f"UC_X86_REG_XMM{i}"), int.from_bytes(data[160 + 16 * i:176 + 16 * i], "little"))
+
+
+class Signals:
+    """The process's dispositions, blocked mask and alternate stack."""
+
+    def __init__(self, process):
+        self.p = process
+        self.actions: dict[int, Action] = {}
+        self.blocked = 0
+        self.altstack = (0, SS_DISABLE, 0)  # ss_sp, ss_flags, ss_size
+
+    def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0) -> bool:
+        """Run the program's handler for a synchronous signal; False when Linux would
+        kill the process instead (no handler, SIG_IGN or the signal blocked: force_sig)."""
+        action = self.actions.get(signo, Action())
+        if action.handler in (SIG_DFL, SIG_IGN) or self.blocked >> (signo - 1) & 1:
+            return False
+        rsp = uc.reg_read(x86.UC_X86_REG_RSP)
+        sp, flags, size = self.altstack
+        on_alt = sp and not flags & SS_DISABLE and sp < rsp <= sp + size
+        if action.flags & SA_ONSTACK and sp and not flags & SS_DISABLE and not on_alt:
+            top = sp + size
+        else:
+            top = rsp - 128  # below the red zone
+        fpstate = (top - FPSTATE_SIZE) & ~63
+        frame = ((fpstate - FRAME_SIZE) & ~15) - 8  # at entry (RSP + 8) is 16-byte aligned
+        try:
+            self._write_frame(uc, frame, fpstate, signo, code, address, trapno, error, action)
+        except SyscallError:
+            return False  # no room for the frame: Linux kills the process (SIGSEGV)
+        self.blocked |= action.mask
+        if not action.flags & SA_NODEFER:
+            self.blocked |= 1 << (signo - 1)
+        if action.flags & SA_RESETHAND:
+            self.actions[signo] = Action()
+        uc.reg_write(x86.UC_X86_REG_RDI, signo)
+        uc.reg_write(x86.UC_X86_REG_RSI, frame + 8 + 304)
+        uc.reg_write(x86.UC_X86_REG_RDX, frame + 8)
+        uc.reg_write(x86.UC_X86_REG_RAX, 0)
+        uc.reg_write(x86.UC_X86_REG_RSP, frame)
+        uc.reg_write(x86.UC_X86_REG_RFLAGS, uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~((1 << 8) | (1 << 10)))  # TF, DF
+        uc.reg_write(x86.UC_X86_REG_RIP, action.handler)
+        return True
+
+    def _write_frame(self, uc, frame, fpstate, signo, code, address, trapno, error, action) -> None:
+        p = self.p
+        p.write(fpstate, _fxsave(uc))
+        regs = [uc.reg_read(REG[name]) for name in SIGCONTEXT]
+        segs = struct.pack("<HHHH", uc.reg_read(x86.UC_X86_REG_CS), 0, 0, uc.reg_read(x86.UC_X86_REG_SS))
+        sigcontext = struct.pack("<18Q", *regs) + segs + struct.pack("<QQQQQ", error, trapno, self.blocked,
+                                                                      address, fpstate) + bytes(64)
+        sp, flags, size = self.altstack
+        stack = struct.pack("<QiiQ", sp, flags, 0, size)
+        ucontext = struct.pack("<QQ", UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, 0) + stack + sigcontext \
+            + struct.pack("<Q", self.blocked)
+        siginfo = struct.pack("<iiiiQ", signo, 0, code, 0, address).ljust(128, b"\0")
+        if not action.flags & SA_RESTORER:
+            raise SyscallError(EFAULT)  # x86-64 Linux requires a restorer (glibc always sets one)
+        p.write(frame, struct.pack("<Q", action.restorer) + ucontext + siginfo)
+
+    def sigreturn(self, uc) -> None:
+        """rt_sigreturn: the registers, mask and FPU state from the frame at RSP - 8."""
+        frame = uc.reg_read(x86.UC_X86_REG_RSP) - 8
+        data = self.p.read(frame, FRAME_SIZE)
+        context = data[8 + 40:8 + 40 + 256]
+        regs = struct.unpack_from("<18Q", context, 0)
+        fpstate = struct.unpack_from("<Q", context, 184)[0]
+        self.blocked = struct.unpack_from("<Q", data, 8 + 296)[0]
+        for name, value in zip(SIGCONTEXT, regs):
+            uc.reg_write(REG[name], value)
+        if fpstate:
+            _fxrstor(uc, self.p.read(fpstate, FPSTATE_SIZE))
