@@ -323,3 +323,19 @@ def test_abort_is_sigabrt_and_a_handler_can_return_through_rt_sigreturn(tmp_path
     assert ok.exit_code == 0 and ok.console == "seen 11 at 0x7f0000000005\n", ok.console
     aborted = VM(str(exe), "nehalem", argv=["abort"]).run(timeout=60)
     assert (aborted.stop.signal, aborted.exit_code) == ("SIGABRT", 134)
+
+
+@pytest.mark.skipif(not shutil.which("rustc"), reason="rustc is not installed")
+@pytest.mark.parametrize("host, evc", [("nehalem", None), ("nehalem", "intel-penryn")])
+def test_a_rust_static_pie_sees_the_view(tmp_path_factory, host, evc):
+    """Rust's +crt-static builds are static-pie (ET_DYN, no interpreter): loaded at a
+    base of their own, they relocate themselves; std's start-up polls fds 0-2."""
+    out = tmp_path_factory.mktemp("rust") / "detect"
+    src = shipped_guests_dir().joinpath("linux", "detect.rs")
+    done = subprocess.run(["rustc", "-O", "-C", "target-feature=+crt-static", "-o", str(out), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        pytest.skip(f"rustc cannot build a static-pie here: {done.stderr.strip()[:200]}")
+    result = VM(str(out), host, evc=evc).run(timeout=60)
+    assert result.exit_code == 0, result.stop.message
+    assert result.console == "".join(f"{f} rust={int(f in result.view_features)}\n" for f in FEATURES)
