@@ -41,12 +41,10 @@ class Kernel:
         self.signals = Signals(process)
         self.killed: int | None = None   # a signal the program sent itself and dies of
 
-    def syscall(self, uc, next_rip: int) -> None:
-        """SYSCALL, as the kernel's entry does it: RAX the number, RDI RSI RDX R10 R8 R9
-        the arguments, the result in RAX; RCX and R11 clobbered (next RIP, RFLAGS)."""
-        number, *args = (uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
-                                                  x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,
-                                                  x86.UC_X86_REG_R9))
+    def dispatch(self, uc, number: int, args: tuple[int, ...]):
+        """One system call, its registers already read by the VMM (RAX the number, RDI
+        RSI RDX R10 R8 R9 the arguments, RIP past the SYSCALL): the value for RAX, or
+        RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
         self.calls += 1
         name, handler = TABLE.get(number, (None, sys_enosys))
         if name is None:
@@ -55,17 +53,11 @@ class Kernel:
             self.p.counts[name] += 1
         if len(self.p.sample) < SAMPLE:
             self.p.sample.append(name or number)
-        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)  # a signal raised now returns past the call
         try:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
-        if result is RETURNED:
-            return
-        uc.reg_write(x86.UC_X86_REG_RAX, result & (1 << 64) - 1)
-        uc.reg_write(x86.UC_X86_REG_RCX, next_rip)
-        uc.reg_write(x86.UC_X86_REG_R11, uc.reg_read(x86.UC_X86_REG_RFLAGS))
-        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)
+        return result if result is RETURNED else result & (1 << 64) - 1
 
     def now_ns(self) -> int:
         if self.realtime:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ class RunResult:
     unknown_port_writes: dict[int, int] = field(default_factory=dict)
     engine_model: str = ""
     memory: int = 0
-    memory_sha256: str = ""
+    ram: object = field(default=None, repr=False, compare=False)   # guest RAM at the end, for the digest
     view_features: frozenset[str] = frozenset()   # what the guest's CPUID view shows, at the end
     # Exact totals of every exit, and how many the bounded samples above left out.
     cpuid_totals: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -66,6 +67,14 @@ class RunResult:
     snapshots: list[dict] = field(default_factory=list)   # snapshots written: when, file, host
     syscalls: dict | None = None     # a Linux program's: total, counts by name, unknown numbers
     stderr: str = ""                 # a Linux program's standard error
+    @functools.cached_property
+    def memory_sha256(self) -> str:
+        """SHA-256 of guest RAM at the end of the run: computed when asked (it reads
+        all of RAM, hundreds of MiB for a Linux program), from the untouched pages'
+        zeros without touching them."""
+        from . import ram
+        return ram.digest(self.ram) if self.ram is not None else ""
+
     @property
     def cpuid_exits(self) -> list[dict]:
         return [{"leaf": leaf, "subleaf": subleaf, "eax": a, "ebx": b, "ecx": c, "edx": d, "host": host}
