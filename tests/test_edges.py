@@ -28,7 +28,7 @@ def test_a_line_that_hangs_keystone_is_an_error_naming_it(asm_guest, monkeypatch
     started = time.monotonic()
     with pytest.raises(MinivmmError, match=rf":2: assembler error: .*did not finish.*: \{line}$"):
         VM(path)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < assembler.DEADLINE + 5  # the deadline, plus a fork on a busy machine
 
 
 def test_a_hanging_line_pulled_in_by_include_is_named_in_its_file(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_a_hanging_line_pulled_in_by_include_is_named_in_its_file(tmp_path, monk
 
 def test_cli_assembler_hang_is_one_line_within_seconds(asm_guest):
     done, rss, seconds = measured_cli("run", asm_guest("*\n"))
-    assert one_line_error(done) and seconds < 10 and ":1: assembler error" in done.stderr
+    assert one_line_error(done) and seconds < assembler.DEADLINE + 10 and ":1: assembler error" in done.stderr
 
 
 def test_a_nul_byte_in_source_names_its_line(asm_guest):
@@ -120,7 +120,7 @@ def _including(tmp_path, target) -> str:
 def test_every_reader_refuses_what_is_not_a_regular_file(tmp_path, reader, kind):
     done, rss, seconds = measured_cli(*READERS[reader](_hostile(kind, tmp_path), tmp_path), timeout=30)
     assert one_line_error(done), done.stderr
-    assert seconds < 5 and rss < 200, (seconds, rss)  # start-up included; the refusal itself is instant
+    assert seconds < 10 and rss < 200, (seconds, rss)  # start-up included (0.3 s idle); the refusal is instant
 
 
 def test_an_oversized_guest_is_refused_before_reading(tmp_path):
