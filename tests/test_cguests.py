@@ -5,6 +5,7 @@ import shutil
 import pytest
 from helpers import minivmm_cli
 
+from minivmm.errors import MinivmmError
 from minivmm.guests.toolchain import build_c, runtime_dir
 from minivmm.vmm.vm import VM
 
@@ -70,3 +71,19 @@ def test_cc_command_and_its_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler")
     done = minivmm_cli("cc", str(broken), "-o", str(tmp_path / "b.elf"))
     assert done.returncode == 2 and "no-such-compiler" in done.stderr
+
+
+def test_a_failing_build_keeps_the_previous_image_and_never_overwrites_a_source(tmp_path):
+    good, bad, image = tmp_path / "good.c", tmp_path / "bad.c", tmp_path / "guest.elf"
+    good.write_text('#include "minivmm.h"\nint main(void) { return 0; }\n')
+    bad.write_text("int main(void) { return syntax error; }\n")
+    build_c([good], image)
+    before = image.read_bytes()
+    with pytest.raises(MinivmmError, match="building .*bad.c failed"):
+        build_c([bad], image)
+    assert image.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.c", "good.c",
+                                                                                            "guest.elf"]
+    with pytest.raises(MinivmmError, match="also an input"):
+        build_c([good], good)
+    done = minivmm_cli("cc", str(tmp_path), "-o", str(tmp_path / "x.elf"))
+    assert done.returncode == 2 and "a directory" in done.stderr  # a directory is no source

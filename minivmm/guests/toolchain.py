@@ -16,11 +16,15 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import MinivmmError
+from ..files import MiB, check_output, read_bytes
 
 CFLAGS = ("-ffreestanding", "-nostdlib", "-static", "-mno-red-zone", "-fno-pic", "-no-pie", "-O2",
           "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-Wl,--build-id=none",
           "-Wl,-z,noexecstack", "-Wl,--no-warn-rwx-segments")
 RUNTIME = ("crt0.S", "runtime.c")
+
+
+MAX_SOURCE = 16 * MiB
 
 
 def runtime_dir() -> Path:
@@ -42,26 +46,28 @@ def build_c(sources, output: str | os.PathLike | None = None, cflags=()) -> Path
     Without ``output`` the image goes to a cache keyed by the sources' contents, so a
     test suite that builds the same guest for every host compiles it once."""
     paths = [Path(s) for s in sources]
-    for path in paths:
-        if not path.is_file():
-            raise MinivmmError(f"C guest source '{path}' not found")
+    contents = [read_bytes(path, "C guest source", MAX_SOURCE) for path in paths]  # regular files, bounded
     runtime = runtime_dir()
     if output is None:
         digest = hashlib.sha256()
-        for path in [*paths, *(runtime / r for r in RUNTIME), runtime / "minivmm.h", runtime / "link.ld"]:
-            digest.update(path.read_bytes())
+        for data in contents + [(runtime / r).read_bytes() for r in (*RUNTIME, "minivmm.h", "link.ld")]:
+            digest.update(data)
         digest.update(repr(tuple(cflags)).encode())
         cache = Path(os.environ.get("MINIVMM_CACHE", Path(tempfile.gettempdir()) / "minivmm-cache"))
         cache.mkdir(parents=True, exist_ok=True)
         cached = cache / f"{paths[0].stem}-{digest.hexdigest()[:16]}.elf"
-        if not cached.is_file():
-            partial = cached.with_suffix(f".{os.getpid()}.tmp")  # parallel builds never see half a file
-            os.replace(build_c(paths, partial, cflags), cached)
-        return cached
-    output = Path(output)
-    command = [compiler(), *CFLAGS, *cflags, f"-I{runtime}", "-T", str(runtime / "link.ld"), "-o", str(output),
+        return cached if cached.is_file() else build_c(paths, cached, cflags)  # built beside, renamed: atomic
+    output = check_output(output, "guest image", paths)
+    # The linker writes the image in place: build beside the target, rename when complete.
+    partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    command = [compiler(), *CFLAGS, *cflags, f"-I{runtime}", "-T", str(runtime / "link.ld"), "-o", str(partial),
                *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if not done.returncode:
+            os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     if done.returncode:
         lines = done.stderr.strip().splitlines() or ["no output"]
         # The compiler's first error, or the linker's reason (collect2's summary says nothing).
