@@ -42,14 +42,12 @@ class Process:
     stdin: object = None
     stdout_sink: object = None        # bytes -> None: the run's console
     stderr: bytearray = field(default_factory=bytearray)
-    stderr_sink: object = None
     counts: Counter = field(default_factory=Counter)      # system calls by name
     unknown: Counter = field(default_factory=Counter)     # unknown ones by number
     sample: list = field(default_factory=list)            # the first SAMPLE calls, in order
     exit_status: int | None = None
     on_write: object = None           # (address, size) -> None: the VMM tracks what the kernel writes
     tid: int = 1000
-    instructions: int = 0
 
     # -- guest memory, with EFAULT for what lies outside RAM --------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import struct
-import time
 
 import unicorn.x86_const as x86
 
@@ -31,12 +30,11 @@ VIRTUAL_NS_PER_SYSCALL = 1000     # and advances 1 us per system call: runs are 
 class Kernel:
     """The kernel's state shared by the handlers: the process, files, clock, FS/GS."""
 
-    def __init__(self, process, files: dict[str, bytes], seed: int, realtime: bool = False):
+    def __init__(self, process, files: dict[str, bytes], seed: int):
         self.p = process
         self.files = files              # path -> contents (synthesized: /proc/cpuinfo ...)
         self.open: dict[int, list] = {}  # fd -> [path, contents, offset]
         self.random = random.Random(seed ^ 0x5EED)
-        self.realtime = realtime
         self.calls = 0
         self.signals = Signals(process)
         self.killed: int | None = None   # a signal the program sent itself and dies of
@@ -60,8 +58,6 @@ class Kernel:
         return result if result is RETURNED else result & (1 << 64) - 1
 
     def now_ns(self) -> int:
-        if self.realtime:
-            return time.time_ns()
         return EPOCH * 10**9 + self.calls * VIRTUAL_NS_PER_SYSCALL
 
 
@@ -74,10 +70,8 @@ def sys_read(k, uc, fd, buf, count, *_):
         path, contents, offset = k.open[fd]
         data = contents[offset:offset + count]
         k.open[fd][2] += len(data)
-    elif fd in (1, 2):
-        raise SyscallError(EBADF)
     else:
-        raise SyscallError(EBADF)
+        raise SyscallError(EBADF)  # stdout and stderr are not open for reading either
     k.p.write(buf, data)
     return len(data)
 
@@ -87,8 +81,6 @@ def _emit(k, fd, data: bytes) -> int:
         k.p.stdout_sink(data)
     elif fd == 2:
         k.p.stderr += data
-        if k.p.stderr_sink:
-            k.p.stderr_sink(data)
     else:
         raise SyscallError(EBADF)
     return len(data)

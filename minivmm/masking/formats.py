@@ -42,8 +42,9 @@ def self_contained(spec: str) -> str:
     so what stores it (a snapshot) works after the file is gone, from any directory."""
     text = spec.strip()
     if not text.startswith("{") and (text.endswith(".json") or (text[:1] not in "+-" and is_regular_file(text))):
-        parse_firecracker_template(text)  # refuse a bad one here, naming the file
-        return json.dumps(json.loads(read_text(text, "CPU template", MAX_TEMPLATE)), separators=(",", ":"))
+        content = read_text(text, "CPU template", MAX_TEMPLATE)
+        parse_firecracker_template_text(content, text)  # refuse a bad one here, naming the file
+        return json.dumps(json.loads(content), separators=(",", ":"))
     return spec
 
 

@@ -86,6 +86,11 @@ def check_budgets(max_insns, timeout) -> None:
         raise MinivmmError(f"instruction budget {max_insns!r}: must be a whole number from 1 to {MAX_COUNT}")
 
 
+def trigger_of(event) -> Trigger:
+    """When a pending event (a migration request, or a snapshot's (trigger, file)) fires."""
+    return event.when if isinstance(event, MigrationRequest) else event[0]
+
+
 def boot_cr4(view: GuestCpuidView) -> int:
     """CR4 at power-on (docs/abi.md): OSFXSR and OSXMMEXCPT, and OSXSAVE where the
     guest's view has XSAVE."""
@@ -243,7 +248,7 @@ class VM:
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
-        if any(self._is_syscall_point(e) for e in events) and self.image.kind != "linux":
+        if any(trigger_of(e).kind == "syscall" for e in events) and self.image.kind != "linux":
             raise MinivmmError("syscall:N points are for Linux programs (--linux)")
         if snapshot_at and self.image.kind == "linux":
             raise MinivmmError("snapshots of Linux programs are not supported yet (their process state "
@@ -255,10 +260,6 @@ class VM:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
         return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
-
-    @staticmethod
-    def _is_syscall_point(event) -> bool:
-        return (event.when if isinstance(event, MigrationRequest) else event[0]).kind == "syscall"
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool):
         """What an exit at each instruction does on this host (cached per opcode)."""
@@ -509,7 +510,7 @@ class _Run:
         if status is not None:
             self._end(Stop("exited", status, message=f"program exited with status {status}"))
             return
-        when = self._when(self.events[0]) if self.events else None
+        when = self._next_point()
         if when and when.kind == "syscall" and when.count == self.kernel.calls:
             self.fired = True  # stop right after it returned; RIP is already past it
             uc.emu_stop()
@@ -518,7 +519,7 @@ class _Run:
         self._end(Stop("exited", status, message=f"guest powered off with status {status}"))
 
     def _checkpoint(self, n: int) -> bool:
-        when = self._when(self.events[0]) if self.events else None
+        when = self._next_point()
         if when and when.kind == "checkpoint" and when.count == n:
             self.fired = True
             return True
@@ -560,7 +561,7 @@ class _Run:
         deadline = started + timeout if timeout else None
         # Counting is all or nothing: once a budget or an insn: point needs it, every
         # start is counted, so the total stays exact across migrations.
-        self.counting = bool(max_insns) or any(self._when(e).kind == "insn" for e in self.events)
+        self.counting = bool(max_insns) or any(trigger_of(e).kind == "insn" for e in self.events)
         self.max_insns = max_insns
         watchdog = _Watchdog(self)
         watchdog.set_deadline(deadline)
@@ -569,7 +570,7 @@ class _Run:
                 if self.fired:  # a point reached while an earlier migration was in pre-copy
                     self._fire()
                     continue
-                when = self._when(self.events[0]) if self.events else None
+                when = self._next_point()
                 count = UNTIL_STOPPED if self.counting else None
                 if when and when.kind == "insn":
                     count = when.count - self.executed
@@ -595,9 +596,7 @@ class _Run:
                 if watchdog.reason == "deadline":
                     self._end(Stop("limit", rip=self.engine.rip(), message=f"time budget of {timeout:g} s exhausted"))
                 elif self.pending_fault:
-                    access, address, rip, kind = self.pending_fault
-                    self.pending_fault = None
-                    self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
+                    self._deliver_pending_fault()
                 elif self.fired:
                     self._fire()
                 elif self.resumable:
@@ -611,9 +610,14 @@ class _Run:
             raise self.errors[0]
         return self._result()
 
-    @staticmethod
-    def _when(event) -> Trigger:
-        return event.when if isinstance(event, MigrationRequest) else event[0]
+    def _next_point(self) -> Trigger | None:
+        return trigger_of(self.events[0]) if self.events else None
+
+    def _deliver_pending_fault(self) -> None:
+        """An access the engine stopped on (beyond RAM): the guest's #PF or #GP, now."""
+        access, address, rip, kind = self.pending_fault
+        self.pending_fault = None
+        self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
 
     def _start(self, count) -> None:
         """One engine start, for exactly ``count`` instructions if given."""
@@ -733,8 +737,9 @@ class _Run:
 
     def _run_on_source(self, insns: int) -> None:
         """Let the guest run ``insns`` instructions while its pages are in flight."""
-        if self.events and self._when(self.events[0]).kind == "insn":  # the next point, exactly
-            insns = min(insns, self._when(self.events[0]).count - self.executed)
+        point = self._next_point()
+        if point and point.kind == "insn":  # the next point, exactly
+            insns = min(insns, point.count - self.executed)
         if self.max_insns:
             insns = min(insns, self.max_insns - self.executed)
             if insns <= 0:
@@ -742,13 +747,11 @@ class _Run:
                                message=f"instruction budget of {self.max_insns} exhausted"))
                 return
         if insns <= 0:
-            self.fired = self.fired or bool(self.events and self._when(self.events[0]).kind == "insn")
+            self.fired = self.fired or bool(point and point.kind == "insn")
             return
         self._start(insns)
         if self.pending_fault:
-            access, address, rip, kind = self.pending_fault
-            self.pending_fault = None
-            self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
+            self._deliver_pending_fault()
 
     def _cold_migrate(self, destination, record) -> None:
         """Power off, boot again on the destination: the guest re-detects its CPU."""
