@@ -389,3 +389,50 @@ def test_a_forced_move_to_a_host_without_xsave_shows_the_guests_fault_not_the_vm
     result = VM("dispatch_cpuid", "sandybridge").run(migrations=["core2@checkpoint:1"], force=True, timeout=60)
     assert all(e["rip"] >= 0x100000 for e in result.exceptions), result.exceptions
     assert "core2 has no XSAVE" in result.migrations[0]["lost"][0]
+
+
+def test_console_and_unknown_system_calls_are_bounded_in_the_report():
+    """Output is streamed whole, but the report keeps 16 MiB of it and counts the rest;
+    a program calling random system-call numbers counts the first 1000 one by one."""
+    from minivmm.linux.process import Process
+    from minivmm.linux.syscalls import Kernel
+    from minivmm.vmm.exits.io import CONSOLE_KEPT, IoExits
+    streamed = []
+    io = IoExits(lambda data: streamed.append(len(data)), None, None)
+    for _ in range(17):
+        io.console_write(bytes(1 << 20))
+    assert len(io.console) == CONSOLE_KEPT and io.console_left_out == 1 << 20 and sum(streamed) == 17 << 20
+    kernel = Kernel(Process(bytearray(1 << 20), 0, 0, 0, 0, "/p"), {}, 0)
+    for number in range(1000, 3000):
+        assert kernel.dispatch(None, number, (0,) * 6) == (1 << 64) - 38  # -ENOSYS
+    assert len(kernel.p.unknown) == 1000 and kernel.p.unknown_others == 1000 and len(kernel.p.sample) == 2000
+
+
+def test_every_reader_refuses_a_non_regular_file_in_under_a_second(tmp_path):
+    """The refusal itself, in process (start-up excluded): no reader blocks on a FIFO or
+    reads /dev/zero."""
+    from minivmm.cpu.profiles import load_profile
+    from minivmm.guests.loader import load_guest
+    from minivmm.masking.formats import parse_firecracker_template
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    readers = (load_guest, lambda p: load_profile(f"file:{p}"), parse_firecracker_template, snapshot_mod.load,
+               lambda p: VM(_including(tmp_path, p)))
+    for target in (str(fifo), str(tmp_path), "/dev/zero"):
+        for reader in readers:
+            started = time.monotonic()
+            with pytest.raises(MinivmmError):
+                reader(target)
+            assert time.monotonic() - started < 1, (reader, target)
+
+
+def test_shipped_guests_run_with_their_defaults():
+    """dirty_loop declares the 64 MiB its working set needs: no --memory required."""
+    result = VM("dirty_loop", "nehalem").run(timeout=1)
+    assert result.memory == 64 << 20 and result.stop.reason == "limit" and not result.exceptions
+
+
+def test_compare_defaults_to_every_host_as_matrix_does():
+    from minivmm.cpu.profiles import builtin_names
+    report = json.loads(minivmm_cli("compare", "hello", "--json", timeout=120).stdout)
+    assert report["hosts"] == builtin_names()

@@ -39,11 +39,12 @@ class Process:
     mmap_top: int                     # mmap area grows down from here
     stack_bottom: int
     argv0: str
-    stdin: object = None
     stdout_sink: object = None        # bytes -> None: the run's console
     stderr: bytearray = field(default_factory=bytearray)
+    stderr_left_out: int = 0
     counts: Counter = field(default_factory=Counter)      # system calls by name
-    unknown: Counter = field(default_factory=Counter)     # unknown ones by number
+    unknown: Counter = field(default_factory=Counter)     # unknown ones by number (the first 1000 numbers)
+    unknown_others: int = 0                               # calls of further unknown numbers
     sample: list = field(default_factory=list)            # the first SAMPLE calls, in order
     exit_status: int | None = None
     on_write: object = None           # (address, size) -> None: the VMM tracks what the kernel writes

@@ -7,7 +7,6 @@ returns ENOSYS and is counted by number, never ending the run.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 
@@ -17,6 +16,8 @@ from .errno import EBADF, EINVAL, ENOENT, ENOMEM, ENOSYS, ENOTTY, ESPIPE, Syscal
 from .process import PAGE, SAMPLE, page_up
 from .signals import SIG_DFL, SIG_IGN, Action, Signals, read_action, write_action
 
+STDERR_KEPT = 16 << 20       # stderr bytes the report keeps (the rest is counted)
+UNKNOWN_KEPT = 1000          # distinct unknown system-call numbers counted one by one
 RETURNED = object()  # a handler that set every register itself (rt_sigreturn)
 FATAL_BY_DEFAULT = frozenset(range(1, 32)) - {17, 18, 20, 21, 22, 23, 28}  # not SIGCHLD, SIGCONT, SIGTSTP ...
 
@@ -45,8 +46,10 @@ class Kernel:
         RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
         self.calls += 1
         name, handler = TABLE.get(number, (None, sys_enosys))
-        if name is None:
+        if name is None and (number in self.p.unknown or len(self.p.unknown) < UNKNOWN_KEPT):
             self.p.unknown[number] += 1
+        elif name is None:
+            self.p.unknown_others += 1  # a program calling random numbers cannot grow the report
         else:
             self.p.counts[name] += 1
         if len(self.p.sample) < SAMPLE:
@@ -65,7 +68,7 @@ class Kernel:
 
 def sys_read(k, uc, fd, buf, count, *_):
     if fd == 0:
-        data = os.read(k.p.stdin.fileno(), min(count, 1 << 20)) if k.p.stdin is not None else b""
+        data = b""  # standard input is empty (end of file)
     elif fd in k.open:
         path, contents, offset = k.open[fd]
         data = contents[offset:offset + count]
@@ -80,7 +83,9 @@ def _emit(k, fd, data: bytes) -> int:
     if fd == 1:
         k.p.stdout_sink(data)
     elif fd == 2:
-        k.p.stderr += data
+        kept = max(STDERR_KEPT - len(k.p.stderr), 0)
+        k.p.stderr += data[:kept]
+        k.p.stderr_left_out += len(data) - len(data[:kept])
     else:
         raise SyscallError(EBADF)
     return len(data)

@@ -781,7 +781,7 @@ class _Run:
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
         snapshot.load_memory(self.engine.ram)
         self.engine.restore({"regs": snapshot.regs, "xcr0": snapshot.meta.get("xcr0")})
-        self.io.console += snapshot.console
+        self.io.console += snapshot.console  # printed before the snapshot: not again
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
 
@@ -789,7 +789,8 @@ class _Run:
         if not self.kernel:
             return None
         p = self.kernel.p
-        return {"total": sum(p.counts.values()) + sum(p.unknown.values()), "counts": dict(sorted(p.counts.items())),
+        return {"total": sum(p.counts.values()) + sum(p.unknown.values()) + p.unknown_others,
+                "counts": dict(sorted(p.counts.items())), "unknown_others": p.unknown_others,
                 "unknown": [{"number": n, "count": c} for n, c in sorted(p.unknown.items())],
                 "sample": list(p.sample)}
 
@@ -801,7 +802,9 @@ class _Run:
             hosts=self.hosts, evc=vm.evc, instructions=self.executed if counted else None,
             cpuid_log=self.cpuid_log.entries, exceptions=self.exceptions.entries, migrations=self.migrations,
             cpuid_totals=dict(self.cpuid_log.totals()), exception_totals=dict(self.exceptions.totals()),
-            left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out},
+            left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out,
+                      "console": self.io.console_left_out,
+                      "stderr": self.kernel.p.stderr_left_out if self.kernel else 0},
             snapshots=self.snapshots, syscalls=self._syscall_report(),
             stderr=self.kernel.p.stderr.decode("latin-1") if self.kernel else "",
             unreached=[{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)

@@ -20,6 +20,7 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 CONSOLE_PORT = 0xE9
 POWER_OFF_PORT = 0xF4
 CHECKPOINT_PORT = 0xF5
+CONSOLE_KEPT = 16 << 20           # console bytes the report keeps
 VALUE_REGS = {1: x86.UC_X86_REG_AL, 2: x86.UC_X86_REG_AX, 4: x86.UC_X86_REG_EAX}
 
 
@@ -27,6 +28,7 @@ class IoExits:
     def __init__(self, console_sink, on_power_off, on_checkpoint):
         """``on_power_off(status)``; ``on_checkpoint(n) -> bool``: True stops the guest there."""
         self.console = bytearray()
+        self.console_left_out = 0
         self.checkpoints = 0
         self.unknown_writes: Counter[int] = Counter()
         self._sink = console_sink
@@ -47,18 +49,18 @@ class IoExits:
             uc.emu_stop()
 
     def console_write(self, data: bytes) -> None:
-        """Console output that does not come through port 0xE9 (a Linux program's stdout)."""
-        self.console += data
+        """Console output: the sink gets all of it as it comes; the report keeps the
+        first CONSOLE_KEPT bytes and counts the rest (a guest may print forever)."""
+        room = CONSOLE_KEPT - len(self.console)
+        self.console += data[:max(room, 0)]
+        self.console_left_out += max(len(data) - max(room, 0), 0)
         if self._sink:
             self._sink(data)
 
     def write(self, port: int, width: int, value: int) -> bool:
         """One port write; True when the guest must stop right after it."""
         if port == CONSOLE_PORT:
-            byte = bytes([value & 0xFF])
-            self.console += byte
-            if self._sink:
-                self._sink(byte)
+            self.console_write(bytes([value & 0xFF]))
         elif port == POWER_OFF_PORT:
             self._on_power_off(value & 0xFF)
             return True
