@@ -124,7 +124,13 @@ def cli():
 @click.option("--env", multiple=True, metavar="K=V", help="A Linux program's environment (repeatable; "
               "default: PATH, HOME, LANG, TERM).")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
-              help="Seed of a Linux program's AT_RANDOM bytes and getrandom.")
+              help="Seed of a Linux program's AT_RANDOM bytes, getrandom and /dev/urandom.")
+@click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
+              help="Show a file or directory of this machine to a Linux program, read-only, at GUEST "
+                   "(default: the same path; repeatable). --mount / shows the whole machine, which "
+                   "dynamically linked programs need for their libraries.")
+@click.option("--realtime", is_flag=True,
+              help="A Linux program reads the machine's clock (default: virtual time, reproducible).")
 @click.option("--host", default="nehalem", show_default=True, metavar="PROFILE",
               help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native.")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask to the guest CPUID view.")
@@ -138,7 +144,7 @@ def cli():
               help="Switch hosts exactly at WHEN (no iterative pre-copy while the guest runs).")
 @click.option("--migration", "policy", type=click.Choice(POLICIES), default="live", show_default=True,
               help="The VM's migration policy: offline allows only --cold, disabled refuses all.")
-@click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N or ms:N.")
+@click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N, ms:N or (Linux programs) syscall:N.")
 @click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
 @click.option("--memory", metavar="SIZE",
@@ -148,14 +154,15 @@ def cli():
 @click.option("--timeout", type=SECONDS, metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, args, linux, env, seed, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
+def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
         snapshot_at, snapshot_file, audit, memory, max_insns, timeout, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
-    of a shipped guest (the guest ABI: docs/abi.md), or a static x86-64 Linux program
-    (glibc, musl, static-pie) with its ARGS after --; its stdout is the console, its
-    stderr goes to stderr, and a fatal signal exits 128+N (132 for SIGILL). The console goes to stdout as
+    of a shipped guest (the guest ABI: docs/abi.md), or an x86-64 Linux program
+    (static, static-pie, or dynamic with --mount /) with its ARGS after --
+    (docs/linux.md); its stdin is this command's, its stdout the console, its stderr
+    goes to stderr, and a fatal signal exits 128+N (132 for SIGILL). The console goes to stdout as
     the guest writes it; one line on stderr says how the run ended. The exit status
     is the guest's power-off status, 0 for hlt, 125 crashed, 126 unsupported, 124
     limit, 2 bad input (docs/cli.md; the --json report: docs/report.schema.json).
@@ -166,16 +173,26 @@ def run(guest, args, linux, env, seed, host, evc, cpuid_mask, migrate, force, co
       minivmm run guests/cpuid_dump.asm --host epyc --json
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
       minivmm run ./a.out --host penryn --evc intel-merom -- --verbose
+      minivmm run /usr/bin/sha256sum --mount / --host penryn -- /etc/hostname
     """
     for item in env:
         if "=" not in item:
             raise MinivmmError(f"--env {item!r}: expected NAME=VALUE")
     vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy,
-            linux=linux, argv=args, env=list(env) if env else None, seed=seed)
+            linux=linux, argv=args, env=list(env) if env else None, seed=seed, mounts=mount, realtime=realtime,
+            stdin=_stdin_fd(), terminal=sys.stdout.isatty() and not as_json)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,
             precopy=PreCopy(enabled=not stop_and_copy))
+
+
+def _stdin_fd() -> int | None:
+    """This command's standard input, passed through to a Linux program (if it has one)."""
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def _report(vm, as_json, **options):

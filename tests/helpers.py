@@ -8,10 +8,11 @@ from importlib import resources
 RAW_LINE_FIELDS = ("eax", "ebx", "ecx", "edx")
 
 
-def minivmm_cli(*args, timeout=60):
-    """The installed console script, as a user runs it; a --json report of run or
-    resume is checked against docs/report.schema.json."""
-    done = subprocess.run([sys.executable, "-m", "minivmm", *args], capture_output=True, text=True, timeout=timeout)
+def minivmm_cli(*args, timeout=60, input=None):
+    """The installed console script, as a user runs it (standard input ``input``, else
+    empty); a --json report of run or resume is checked against docs/report.schema.json."""
+    done = subprocess.run([sys.executable, "-m", "minivmm", *args], capture_output=True, text=True, timeout=timeout,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
     if args and args[0] in ("run", "resume") and "--json" in args and done.returncode != 2:
         import json
 

@@ -394,15 +394,17 @@ def test_a_forced_move_to_a_host_without_xsave_shows_the_guests_fault_not_the_vm
 def test_console_and_unknown_system_calls_are_bounded_in_the_report():
     """Output is streamed whole, but the report keeps 16 MiB of it and counts the rest;
     a program calling random system-call numbers counts the first 1000 one by one."""
+    from minivmm.linux.kernel import Kernel
+    from minivmm.linux.memory import AddressSpace
     from minivmm.linux.process import Process
-    from minivmm.linux.syscalls import Kernel
+    from minivmm.linux.vfs import FileSystem
     from minivmm.vmm.exits.io import CONSOLE_KEPT, IoExits
     streamed = []
     io = IoExits(lambda data: streamed.append(len(data)), None, None)
     for _ in range(17):
         io.console_write(bytes(1 << 20))
     assert len(io.console) == CONSOLE_KEPT and io.console_left_out == 1 << 20 and sum(streamed) == 17 << 20
-    kernel = Kernel(Process(bytearray(1 << 20), 0, 0, 0, 0, "/p"), {}, 0)
+    kernel = Kernel(Process(AddressSpace(bytearray(1 << 20)), 0, 0, 0, 0, "/p"), FileSystem([], {}), 0)
     for number in range(1000, 3000):
         assert kernel.dispatch(None, number, (0,) * 6) == (1 << 64) - 38  # -ENOSYS
     assert len(kernel.p.unknown) == 1000 and kernel.p.unknown_others == 1000 and len(kernel.p.sample) == 2000

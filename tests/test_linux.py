@@ -102,20 +102,22 @@ def test_an_unknown_system_call_returns_enosys_and_is_counted(tmp_path):
     assert result.console == "-1 38\n" and {"number": 999, "count": 1} in result.syscalls["unknown"]
 
 
-def _elf(e_type=2, klass=2, machine=62, osabi=0, interp=False):
-    """A minimal ELF: one PT_LOAD (and a PT_INTERP when asked)."""
+def _elf(e_type=2, klass=2, machine=62, osabi=0, interp=False, path=b"/lib64/ld-linux-x86-64.so.2\0"):
+    """A minimal ELF: one PT_LOAD (and a PT_INTERP naming ``path`` when asked)."""
     phnum = 2 if interp else 1
     header = b"\x7fELF" + bytes([klass, 1, 1, osabi]) + bytes(8)
     header += struct.pack("<HHIQQQIHHHHHH", e_type, machine, 1, 0x401000, 64, 0, 0, 64, 56, phnum, 0, 0, 0)
     body_at = 64 + 56 * phnum
-    path = b"/lib64/ld-linux-x86-64.so.2\0"
     load = struct.pack("<IIQQQQQQ", 1, 5, 0, 0x400000, 0x400000, body_at + len(path) + 8, 0x2000, 0x1000)
     phdrs = load + (struct.pack("<IIQQQQQQ", 3, 4, body_at, 0, 0, len(path), len(path), 1) if interp else b"")
     return header + phdrs + path + b"\xf4" * 8
 
 
 @pytest.mark.parametrize("kind, says", [
-    (dict(interp=True), "dynamically linked program"), (dict(klass=1), "not an ELF64 file"),
+    (dict(interp=True), "its interpreter /lib64/ld-linux-x86-64.so.2 is not in the program's file system"),
+    (dict(interp=True, path=b"/lib64/ld-linux-x86-64.so.2"), "corrupt interpreter path"),
+    (dict(interp=True, path=b"\0"), "corrupt interpreter path"),
+    (dict(klass=1), "not an ELF64 file"),
     (dict(machine=183), "not x86-64"), (dict(e_type=1), "not a static executable"),
 ])
 def test_bad_linux_programs_are_one_line(tmp_path, kind, says):
@@ -133,7 +135,7 @@ def test_linux_is_chosen_by_the_file_and_never_for_a_minivmm_guest(tmp_path):
     assert VM(str(gnu), "nehalem").image.kind == "linux"
     assert VM(str(plain), "nehalem").image.kind == "elf"
     assert VM(str(plain), "nehalem", linux=True).image.kind == "linux"
-    with pytest.raises(MinivmmError, match="arguments and environment are for Linux programs"):
+    with pytest.raises(MinivmmError, match="arguments, environment and mounts are for Linux programs"):
         VM(str(plain), "nehalem", argv=["x"])
 
 
@@ -164,10 +166,66 @@ def test_a_linux_program_migrates_live_mid_run_and_keeps_its_view(detect, precop
     assert moved.console == alone.console and moved.exit_code == 0 and moved.instructions == alone.instructions
 
 
+@pytest.fixture(scope="module")
+def rounds(tmp_path_factory):
+    return build(tmp_path_factory, "rounds.c", "rounds")
+
+
 @needs_gcc
-def test_snapshots_of_linux_programs_are_refused_until_they_carry_the_process(detect, tmp_path):
-    with pytest.raises(MinivmmError, match="snapshots of Linux programs are not supported yet"):
-        VM(detect, "nehalem").run(snapshot_at="insn:1000", snapshot_file=str(tmp_path / "s.snap"))
+@pytest.mark.parametrize("resume_on", [None, "westmere"])
+def test_a_snapshot_mid_loop_resumes_in_another_process_to_the_same_end(rounds, tmp_path, resume_on):
+    """Saved between two rounds (an open file at an offset, a signal handler, the heap,
+    the brk and mmap areas, the random generator, the clock), resumed by another
+    process: the whole console and the exit status are those of a run never stopped."""
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"line {i:03d} of the mounted file\n" for i in range(40)))
+    args = ("--mount", f"{tmp_path}:/in", "--", "/in/data.txt")
+    alone = json.loads(minivmm_cli("run", rounds, "--json", *args).stdout)
+    point = [i + 1 for i, name in enumerate(alone["syscalls"]["sample"]) if name == "write"][3]
+    snap = tmp_path / "mid.snap"
+    saved = minivmm_cli("run", rounds, "--json", "--snapshot-at", f"syscall:{point}", "--snapshot-file", str(snap),
+                        *args)
+    assert json.loads(saved.stdout)["snapshots"][0]["when"] == f"syscall:{point}"
+    resumed = minivmm_cli("resume", str(snap), "--json", *(("--host", resume_on) if resume_on else ()))
+    report = json.loads(resumed.stdout)
+    assert resumed.returncode == alone["stop"]["status"] == report["stop"]["status"], resumed.stderr
+    assert report["console"] == alone["console"] and report["console"].count("round") == 8
+    assert report["syscalls"]["counts"] == alone["syscalls"]["counts"]  # rt_sigreturn: the handler ran
+    assert report["hosts"] == ["nehalem", resume_on or "nehalem"]
+
+
+@needs_gcc
+def test_a_resume_refuses_a_file_that_changed_or_a_mount_that_is_gone(rounds, tmp_path):
+    data = tmp_path / "in" / "data.txt"
+    data.parent.mkdir()
+    data.write_text("x" * 200)
+    snap = tmp_path / "mid.snap"
+    VM(rounds, "nehalem", mounts=[f"{data.parent}:/in"], argv=["/in/data.txt"]).run(
+        snapshot_at="syscall:22", snapshot_file=str(snap), timeout=60)
+    data.write_text("y" * 201)
+    done = minivmm_cli("resume", str(snap))
+    assert one_line_error(done) and "/in/data.txt (fd 3) changed since the snapshot was taken" in done.stderr
+    shutil.rmtree(data.parent)
+    done = minivmm_cli("resume", str(snap))
+    assert one_line_error(done) and "does not exist on this machine" in done.stderr
+
+
+@needs_gcc
+def test_a_snapshot_s_process_section_is_validated_before_anything_runs(rounds, tmp_path):
+    """A hostile process section (valid checksums, lying contents) is one line."""
+    from minivmm.vmm import snapshot as snapshot_mod
+    snap = tmp_path / "s.snap"
+    VM(rounds, "nehalem").run(snapshot_at="syscall:22", snapshot_file=str(snap), timeout=60)
+    good = snapshot_mod.load(str(snap))
+    memory = bytearray(good.meta["memory"])
+    good.load_memory(memory)
+    for field, value in (("maps", [[0, 1 << 40, 7, "", 0, False]]), ("files", {"3": {"same_as": 9}}),
+                         ("random", [1, 2]), ("brk", -1), ("signals", {"actions": {"99": [0, 0, 0, 0]}})):
+        hostile = dict(good.process, **{field: value})
+        bad = snapshot_mod.Snapshot(good.meta, good.regs, good.cpuid, good.console, bytes(memory), process=hostile)
+        (tmp_path / "bad.snap").write_bytes(bad.to_bytes())
+        done = minivmm_cli("resume", str(tmp_path / "bad.snap"))
+        assert one_line_error(done) and "process:" in done.stderr, (field, done.stderr)
 
 
 @needs_gcc

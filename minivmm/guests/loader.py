@@ -108,16 +108,21 @@ EM_X86_64 = 62
 
 
 PT_INTERP, PT_PHDR, PT_TLS = 3, 6, 7
+PF_X, PF_W, PF_R = 1, 2, 4
+PATH_MAX = 4096
 ET_DYN = 3
 ELFOSABI_GNU = 3
 PIE_BASE = 0x1000000              # where a static-pie (ET_DYN) Linux program is placed
 LINUX_MEMORY = "256M"             # a Linux program's default RAM (its heap, mmap area and stack)
 
 
-def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None = None) -> GuestImage:
+def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None = None,
+             base: int | None = None) -> GuestImage:
     """An ELF64 x86-64 executable, loaded by its PT_LOAD program headers: a static
     guest of minivmm's ABI, or a Linux program (``linux``; None decides by the file:
-    PT_INTERP, PT_TLS or the GNU/Linux OS ABI make it one)."""
+    PT_INTERP, PT_TLS or the GNU/Linux OS ABI make it one). ``base``: where an ET_DYN
+    image goes (default PIE_BASE). A Linux program's ``linux`` info has its program
+    headers' address, its interpreter and each segment's PROT_* bits."""
     def fail(msg):
         raise MinivmmError(f"{name}: {msg}")
 
@@ -143,15 +148,13 @@ def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None
     kinds = {h[0] for h in headers}
     if linux is None:
         linux = bool(kinds & {PT_INTERP, PT_TLS}) or data[7] == ELFOSABI_GNU
-    if PT_INTERP in kinds and linux:
-        interp = next(data[h[2]:h[2] + h[5]] for h in headers if h[0] == PT_INTERP).rstrip(b"\0")
-        fail(f"a dynamically linked program (interpreter {interp.decode('latin-1')[:80]}): minivmm runs "
-             f"static Linux programs so far; link with -static (or -static-pie)")
+    interp = _interpreter(headers, data, fail) if PT_INTERP in kinds and linux else None
     if e_type not in (ET_EXEC, ET_DYN) or (e_type == ET_DYN and not linux):
         fail(f"ELF type {e_type} is not a static executable (ET_EXEC); link with -static -no-pie")
-    base = PIE_BASE if e_type == ET_DYN else 0
-    segments = []
-    for i, (p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align) in enumerate(headers):
+    if base is None:
+        base = PIE_BASE if e_type == ET_DYN else 0
+    segments, prots, offsets = [], [], []
+    for i, (p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align) in enumerate(headers):
         if p_type != PT_LOAD:
             continue
         if p_filesz > p_memsz:
@@ -162,6 +165,8 @@ def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None
         if base + p_vaddr + p_memsz > MAX_ADDRESS:  # nothing is allocated for p_memsz: RAM starts zeroed
             fail(f"segment {i} at {p_vaddr:#x} of {p_memsz:#x} bytes lies beyond the largest guest RAM")
         segments.append((base + p_vaddr, data[p_offset:p_offset + p_filesz], p_memsz))
+        prots.append((1 if p_flags & PF_R else 0) | (2 if p_flags & PF_W else 0) | (4 if p_flags & PF_X else 0))  # PROT_*
+        offsets.append(p_offset)
     if not segments:
         fail("ELF has no PT_LOAD segment")
     if not linux:
@@ -170,5 +175,19 @@ def load_elf(data: bytes, name: str, path: str | None = None, linux: bool | None
     if phdr is None:  # the headers as loaded: inside the segment that maps file offset e_phoff
         phdr = next((base + h[3] + e_phoff - h[2] for h in headers
                      if h[0] == PT_LOAD and h[2] <= e_phoff < h[2] + h[5]), 0)
-    info = {"phdr": phdr, "phnum": e_phnum, "execfn": name, "exe": os.path.abspath(path or name)}
+    info = {"phdr": phdr, "phnum": e_phnum, "execfn": name, "exe": os.path.abspath(path or name),
+            "interp": interp, "prot": prots, "offset": offsets, "dynamic": e_type == ET_DYN}
     return GuestImage(name, "linux", tuple(segments), base + e_entry, path, LINUX_MEMORY, info)
+
+
+def _interpreter(headers, data: bytes, fail) -> str:
+    """PT_INTERP's path, checked as the kernel checks it (fs/binfmt_elf.c
+    load_elf_binary: 2 to PATH_MAX bytes, inside the file, NUL-terminated)."""
+    _, _, offset, _, _, size, _, _ = next(h for h in headers if h[0] == PT_INTERP)
+    if not 2 <= size <= PATH_MAX or offset + size > len(data):
+        fail(f"corrupt interpreter path: PT_INTERP holds {size} bytes at offset {offset} "
+             f"(a path of 2 to {PATH_MAX} bytes inside the file)")
+    raw = data[offset:offset + size]
+    if raw[-1:] != b"\0":
+        fail(f"corrupt interpreter path {raw[:80]!r}: not NUL-terminated")
+    return raw.split(b"\0")[0].decode("utf-8", "surrogateescape")

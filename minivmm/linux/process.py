@@ -10,11 +10,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..cpu.features import catalogue
-from .errno import EFAULT, SyscallError
+from .errno import ENAMETOOLONG, SyscallError
+from .memory import PAGE, PROT_READ, PROT_WRITE, AddressSpace
 
-PAGE = 4096
 STACK_SIZE = 8 << 20              # RLIMIT_STACK's default
-PIE_BASE = 0x1000000              # where a static-pie (ET_DYN) image is placed
 USER_CS, USER_DS = 0x33, 0x2B     # Linux's __USER_CS and __USER_DS (arch/x86/include/asm/segment.h)
 
 # auxv keys (include/uapi/linux/auxvec.h, arch/x86/include/uapi/asm/auxvec.h)
@@ -26,19 +25,15 @@ SAMPLE = 10_000                   # system calls kept in order in the report
 DEFAULT_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/", "LANG=C", "TERM=dumb")
 
 
-def page_up(value: int) -> int:
-    return (value + PAGE - 1) & ~(PAGE - 1)
-
-
 @dataclass
 class Process:
     """The kernel's side of one program, kept by the VMM (it survives migrations)."""
-    ram: object                       # guest RAM as a host buffer (linear = physical)
+    memory: AddressSpace              # its mappings over guest RAM (linear = physical)
     brk_start: int
     brk: int
-    mmap_top: int                     # mmap area grows down from here
+    mmap_top: int                     # mmap hands out pages top-down below here
     stack_bottom: int
-    argv0: str
+    exe: str                          # the program's path (/proc/self/exe)
     stdout_sink: object = None        # bytes -> None: the run's console
     stderr: bytearray = field(default_factory=bytearray)
     stderr_left_out: int = 0
@@ -47,32 +42,39 @@ class Process:
     unknown_others: int = 0                               # calls of further unknown numbers
     sample: list = field(default_factory=list)            # the first SAMPLE calls, in order
     exit_status: int | None = None
-    on_write: object = None           # (address, size) -> None: the VMM tracks what the kernel writes
     tid: int = 1000
+    auxv: bytes = b""                 # as on the initial stack: /proc/self/auxv
+    argv: list = field(default_factory=list)                # /proc/self/cmdline
 
-    # -- guest memory, with EFAULT for what lies outside RAM --------------------------------
+    @property
+    def ram(self):
+        return self.memory.ram
+
+    # -- guest memory as the kernel touches it: EFAULT where the program could not --------
 
     def read(self, address: int, size: int) -> bytes:
-        if size < 0 or address < 0 or address + size > len(self.ram):
-            raise SyscallError(EFAULT)
+        self.memory.check(address, size, PROT_READ)
         return bytes(self.ram[address:address + size])
 
     def write(self, address: int, data: bytes) -> None:
-        if address < 0 or address + len(data) > len(self.ram):
-            raise SyscallError(EFAULT)
+        self.memory.check(address, len(data), PROT_WRITE)
+        self.fill(address, data)
+
+    def fill(self, address: int, data) -> None:
+        """Write whatever the protections (the loader, a file mapping's contents)."""
         self.ram[address:address + len(data)] = data
-        if self.on_write:
-            self.on_write(address, len(data))
+        self.memory.written(address, len(data))
 
     def read_string(self, address: int, limit: int = 4096) -> bytes:
         out = bytearray()
         while len(out) < limit:
-            chunk = self.read(address + len(out), min(256, len(self.ram) - address - len(out)) or 1)
+            at = address + len(out)
+            chunk = self.read(at, min(256, PAGE - at % PAGE))
             end = chunk.find(b"\0")
             if end >= 0:
                 return bytes(out + chunk[:end])
             out += chunk
-        raise SyscallError(36)  # ENAMETOOLONG
+        raise SyscallError(ENAMETOOLONG)
 
 
 def hwcap(view) -> int:
@@ -115,6 +117,7 @@ def build_stack(process: Process, top: int, argv: list[str], env: list[str], aux
     for key, value in vector.items():
         words += [key, value]
     words += [AT_NULL, 0]
+    process.auxv = struct.pack(f"<{len(vector) * 2 + 2}Q", *words[len(words) - len(vector) * 2 - 2:])
     if len(words) % 2:
         words.append(0)  # RSP 16-byte aligned at the entry point, as the ABI says
     at -= 8 * len(words)

@@ -11,7 +11,8 @@ File format (never pickle, never the engine's raw context struct):
               | stored length u64 | payload length u64 | CRC-32 of the stored bytes u32 | stored bytes
 
 Sections: ``meta`` and ``regs`` (JSON), ``cpuid`` (JSON), ``console`` (bytes),
-``memory`` (zstandard: twenty times zlib's speed on RAM). Every length is checked
+``memory`` (zstandard: twenty times zlib's speed on RAM), and for a Linux program
+``process`` (JSON: its kernel state, :mod:`minivmm.linux.state`). Every length is checked
 against the file and against limits before anything is allocated, every CRC before
 anything is used, and every metadata field by type and range: a damaged or hostile file
 is refused with a clear error and nothing runs. Memory is decompressed only when a VM
@@ -32,13 +33,15 @@ import zstandard
 from ..cpu.table import CpuidTable
 from ..errors import MinivmmError
 from ..files import MiB, read_bytes, write_atomically
+from ..linux.state import validate as validate_process
 from . import MAX_MEMORY, MIN_MEMORY
 
 MAGIC = b"MINIVMM\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sHH")
 SECTION = struct.Struct("<8sBQQI")
-MAX_SECTION = {"meta": 1 << 20, "regs": 1 << 20, "cpuid": 4 << 20, "console": 64 << 20, "memory": MAX_MEMORY}
+MAX_SECTION = {"meta": 1 << 20, "regs": 1 << 20, "cpuid": 4 << 20, "console": 64 << 20, "memory": MAX_MEMORY,
+               "process": 96 << 20}
 MAX_FILE = MAX_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
 REQUIRED = ("meta", "regs", "cpuid", "console", "memory")
 POLICIES = ("live", "offline", "disabled")
@@ -96,6 +99,7 @@ class Snapshot:
     memory: bytes | None       # None when read from a file: see ``load_memory``
     extra: dict = field(default_factory=dict)
     stored_memory: tuple[int, bytes] | None = None   # (compression, stored bytes) as read
+    process: dict | None = None    # a Linux program's kernel state
 
     def load_memory(self, ram) -> None:
         """Fill ``ram`` (a writable buffer of ``meta.memory`` bytes) with the guest's
@@ -139,6 +143,8 @@ class Snapshot:
                     ("cpuid", json.dumps(self.cpuid, sort_keys=True).encode(), 0),
                     ("console", bytes(self.console), 0),
                     ("memory", bytes(self.memory), 1)]
+        if self.process is not None:
+            sections.append(("process", json.dumps(self.process, sort_keys=True).encode(), 0))
         out = [HEADER.pack(MAGIC, VERSION, len(sections))]
         for name, payload, compress in sections:
             stored = zstandard.ZstdCompressor(level=1, threads=-1).compress(payload) if compress else payload
@@ -192,11 +198,18 @@ class Snapshot:
             bad(f"missing section(s) {', '.join(missing)}")
         try:
             meta, regs, cpuid = (json.loads(sections[n][1]) for n in ("meta", "regs", "cpuid"))
+            process = json.loads(sections["process"][1]) if "process" in sections else None
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             bad(f"a JSON section does not parse ({str(e)[:80]})")
         compression, body, length = sections["memory"]
-        snapshot = cls(meta, regs, cpuid, sections["console"][1], None, stored_memory=(compression, body))
+        snapshot = cls(meta, regs, cpuid, sections["console"][1], None, stored_memory=(compression, body),
+                       process=process)
         snapshot._validate(bad, length)
+        if process is not None:
+            try:
+                validate_process(process, length)
+            except ValueError as e:
+                bad(f"process: {e}")
         return snapshot
 
     def _validate(self, bad, memory_length: int) -> None:

@@ -31,9 +31,11 @@ from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError
 from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
-from ..linux.cpuinfo import cpuinfo
-from ..linux.start import start_process
-from ..linux.syscalls import RETURNED, Kernel
+from ..linux.calls import RETURNED
+from ..linux.start import Options as LinuxOptions
+from ..linux.start import execve
+from ..linux.state import capture as capture_process
+from ..linux.state import restore as restore_process
 from ..masking.compat import compatibility
 from ..masking.evc import evc_mode
 from ..masking.formats import format_mask, self_contained
@@ -45,6 +47,7 @@ from .log import ExitLog
 from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
+from .exits.traps import TRAP
 from .exits.emulate import bit_scan
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
@@ -176,10 +179,15 @@ class VM:
     def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
                  memory: int | str | None = None, evc: str | None = None, masks=(),
                  policy: str = "live", snapshot: Snapshot | None = None, linux: bool | None = None,
-                 argv=(), env=None, seed: int = 0):
+                 argv=(), env=None, seed: int = 0, mounts=(), stdin=None, realtime: bool = False,
+                 terminal: bool = False):
         """``linux`` runs an ELF as a Linux program (None: when the file says it is one),
-        with ``argv`` after its name, ``env`` (default: a small fixed environment) and
-        ``seed`` for AT_RANDOM and getrandom. ``memory`` defaults to what the guest declares (``; minivmm: memory 64M``),
+        with ``argv`` after its name, ``env`` (default: a small fixed environment),
+        ``seed`` for AT_RANDOM, getrandom and /dev/urandom, ``mounts`` (``HOST[:GUEST]``,
+        read-only; nothing of the machine is visible otherwise), ``stdin`` (bytes, a file
+        descriptor to pass through, or None: empty), ``realtime`` (the machine's clock,
+        not the reproducible virtual one) and ``terminal`` (TCGETS on 0-2 answers as a
+        terminal). ``memory`` defaults to what the guest declares (``; minivmm: memory 64M``),
         else 16 MiB. ``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
         any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
         VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
@@ -187,9 +195,9 @@ class VM:
         if policy not in POLICIES:
             raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
         self.image = load_guest(guest, linux) if isinstance(guest, str) else guest
-        self.argv, self.env, self.seed = [str(a) for a in argv], env, seed
-        if (argv or env is not None) and self.image.kind != "linux":
-            raise MinivmmError(f"{self.image.name}: arguments and environment are for Linux programs (--linux)")
+        if (argv or env is not None or mounts) and self.image.kind != "linux":
+            raise MinivmmError(f"{self.image.name}: arguments, environment and mounts are for Linux programs (--linux)")
+        self.linux = LinuxOptions.make(argv, env, seed, mounts, stdin, realtime, terminal)
         self.host = load_profile(host) if isinstance(host, str) else host
         # RAM: as asked, else what the guest declares, else 16 MiB.
         self.memory = parse_size(memory if memory is not None else self.image.memory or DEFAULT_MEMORY)
@@ -207,7 +215,8 @@ class VM:
         refused, like a migration, if the host cannot run the view the VM was powered on
         with (unless forced)."""
         meta = snapshot.meta
-        vm = cls(GuestImage(meta["guest"], "snapshot", (), meta["entry"]), host or meta["host"], meta["memory"],
+        kind = "linux" if snapshot.process is not None else "snapshot"
+        vm = cls(GuestImage(meta["guest"], kind, (), meta["entry"]), host or meta["host"], meta["memory"],
                  evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
                  snapshot=snapshot, **options)
         vm.view = GuestCpuidView.frozen(snapshot.view_table, vm.view.mask)
@@ -248,14 +257,11 @@ class VM:
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
-        if any(trigger_of(e).kind == "syscall" for e in events) and self.image.kind != "linux":
-            raise MinivmmError("syscall:N points are for Linux programs (--linux)")
-        if snapshot_at and self.image.kind == "linux":
-            raise MinivmmError("snapshots of Linux programs are not supported yet (their process state "
-                               "would not come along)")
         if snapshot_at:
             check_output(snapshot_file, "snapshot", [self.image.path] if self.image.path else [])
             events.append((Trigger.parse(snapshot_at, "snapshot point"), snapshot_file))
+        if any(trigger_of(e).kind == "syscall" for e in events) and self.image.kind != "linux":
+            raise MinivmmError("syscall:N points are for Linux programs (--linux)")
         for event in events:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
@@ -353,6 +359,9 @@ class _Engine:
         clobbered = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RIP,
                      x86.UC_X86_REG_RFLAGS)
         context = {reg: uc.reg_read(reg) for reg in clobbered}
+        # The VMM's area is no page of a Linux program's: the stub runs past its protections.
+        guard, self.exits.protection = self.exits.protection, None
+        self.exits.flush_tlb()
         saved = bytes(self.ram[BOOT_STUB:BOOT_STUB + len(code)])
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = code
         self.exits.forget(BOOT_STUB)
@@ -366,6 +375,8 @@ class _Engine:
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = saved
         self.exits.forget(BOOT_STUB)
         uc.ctl_flush_tb()  # no block translated with the count may outlive it
+        self.exits.protection = guard
+        self.exits.flush_tlb()
         for reg, value in context.items():
             uc.reg_write(reg, value)
         if out is None:
@@ -392,13 +403,15 @@ class _Engine:
         """The captured state on this engine; False if XCR0 could not come along: on a
         host without XSAVE, CR4.OSXSAVE is reserved (SDM Vol. 3A, 2.5) and XCR0 absent,
         which only a forced move reaches."""
+        xcr0 = state.get("xcr0")
+        if xcr0 is not None and "xsave" in self.host.physical:
+            # XSETBV needs CR4.OSXSAVE and CPL 0: before the guest's own CS (a Linux program's is ring 3).
+            self.uc.reg_write(x86.UC_X86_REG_CR4, state["regs"]["CR4"])
+            self.write_xcr0(xcr0)
         write_registers(self.uc, state["regs"])
-        if state.get("xcr0") is None:
-            return True
-        if "xsave" not in self.host.physical:
+        if xcr0 is not None and "xsave" not in self.host.physical:
             self.uc.reg_write(x86.UC_X86_REG_CR4, self.uc.reg_read(x86.UC_X86_REG_CR4) & ~CR4_OSXSAVE)
             return False
-        self.write_xcr0(state["xcr0"])
         return True
 
     def rip(self) -> int:
@@ -457,17 +470,25 @@ class _Run:
         if vm.image.kind != "linux":
             self.engine.power_on(vm)
             return
-        process = start_process(self.uc, self.engine.ram, vm.image, view, vm.argv, vm.env, vm.seed,
-                                self.engine.write_xcr0)
+        self.kernel = execve(self.uc, self.engine.ram, vm.image, host, view, vm.linux, self.engine.write_xcr0,
+                             self.io.console_write)
+        self._attach(self.kernel)
+
+    def _attach(self, kernel) -> None:
+        """Wire a Linux program's kernel to the current engine: its system calls, what it
+        writes to memory (dirty for pre-copy, code decoded again), its page protections."""
         self._syscall_registers = (
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
                                          x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,
                                          x86.UC_X86_REG_R9, x86.UC_X86_REG_RFLAGS)),
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
                                          x86.UC_X86_REG_RIP), (0, 0, 0, 0)))
-        process.stdout_sink = self.io.console_write
-        process.on_write = lambda address, size: self.engine.exits.note_write(address, size)
-        self.kernel = Kernel(process, {"/proc/cpuinfo": cpuinfo(host, view).encode()}, vm.seed)
+        memory = kernel.p.memory
+        memory.ram = self.engine.ram
+        memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
+        memory.on_change = lambda start, end: self.engine.exits.flush_tlb()
+        self.engine.exits.protection = memory.pages
+        self.engine.exits.flush_tlb()
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -484,8 +505,8 @@ class _Run:
         self.errors.append(error)
         self.uc.emu_stop()
 
-    def _signal(self, uc, signo: int, code: int, address: int, vector: int) -> bool:
-        return self.kernel.signals.deliver(uc, signo, code, address, vector)
+    def _signal(self, uc, signo: int, code: int, address: int, vector: int, error: int) -> bool:
+        return self.kernel.signals.deliver(uc, signo, code, address, vector, error)
 
     def _syscall(self, uc, next_rip: int) -> None:
         """SYSCALL, as the kernel's entry sees it: the number and arguments in, the
@@ -551,7 +572,13 @@ class _Run:
     def _unmapped(self, uc, access, address, size, value, _ud):
         kind = {UC_MEM_FETCH_UNMAPPED: "fetch from", UC_MEM_READ_UNMAPPED: "read of",
                 UC_MEM_WRITE_UNMAPPED: "write to"}.get(access, "access to")
-        self.pending_fault = (access, address, uc.reg_read(x86.UC_X86_REG_RIP), kind)
+        if TRAP <= address < TRAP + self.vm.memory:  # a page a Linux program's protections refuse (InstructionExits maps it there)
+            address -= TRAP
+            allowed = self.kernel.p.memory.pages[address // PAGE]
+            self.pending_fault = lambda: self.engine.faults.on_denied(self.uc, access, address, allowed)
+            return False
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        self.pending_fault = lambda: self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
         return False  # the engine stops; the run loop delivers #PF
 
     # -- the loop ------------------------------------------------------------------------
@@ -565,6 +592,8 @@ class _Run:
         self.max_insns = max_insns
         watchdog = _Watchdog(self)
         watchdog.set_deadline(deadline)
+        if self.kernel:
+            self.kernel.should_stop = lambda: watchdog.reason is not None
         try:
             while not self.stop and not self.errors:
                 if self.fired:  # a point reached while an earlier migration was in pre-copy
@@ -614,10 +643,12 @@ class _Run:
         return trigger_of(self.events[0]) if self.events else None
 
     def _deliver_pending_fault(self) -> None:
-        """An access the engine stopped on (beyond RAM): the guest's #PF or #GP, now."""
-        access, address, rip, kind = self.pending_fault
-        self.pending_fault = None
-        self.engine.faults.on_unmapped(self.uc, access, address, rip, kind)
+        """An access the engine stopped on (beyond RAM, or refused by a Linux program's
+        page protections): the guest's #PF or #GP, now."""
+        deliver, self.pending_fault = self.pending_fault, None
+        deliver()
+        if self.kernel:  # a refused page's TLB entry leads nowhere: the next access asks again
+            self.engine.exits.flush_tlb()
 
     def _start(self, count) -> None:
         """One engine start, for exactly ``count`` instructions if given."""
@@ -715,7 +746,7 @@ class _Run:
                 record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
             self.engine = target
             if self.kernel:  # the process's memory is the new host's RAM now
-                self.kernel.p.ram = target.ram
+                self._attach(self.kernel)
             switch_ms = (time.perf_counter() - switch) * 1e3
         finally:
             if collecting:
@@ -776,7 +807,8 @@ class _Run:
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
                 "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
-        return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console), bytes(engine.ram))
+        return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console), bytes(engine.ram),
+                        process=capture_process(self.kernel) if self.kernel else None)
 
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
         snapshot.load_memory(self.engine.ram)
@@ -784,6 +816,11 @@ class _Run:
         self.io.console += snapshot.console  # printed before the snapshot: not again
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
+        if snapshot.process is not None:
+            options = self.vm.linux
+            self.kernel = restore_process(snapshot.process, self.engine.ram, self.engine.host, self.engine.view,
+                                          self.io.console_write, options.stdin, options.terminal)
+            self._attach(self.kernel)
 
     def _syscall_report(self) -> dict | None:
         if not self.kernel:

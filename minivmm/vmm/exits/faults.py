@@ -22,7 +22,9 @@ from .emulate import EMULATED
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                 19: "#XM", 21: "#CP"}
-PF_WRITE, PF_FETCH = 1 << 1, 1 << 4
+PF_PRESENT, PF_WRITE, PF_USER, PF_FETCH = 1, 1 << 1, 1 << 2, 1 << 4
+SEGV_MAPERR, SEGV_ACCERR = 1, 2
+MAPPED = 8                   # a Linux program's protection byte: some mapping is there
 # vector -> signal Linux sends the process (arch/x86/kernel/traps.c): #DE/#MF/#XM SIGFPE,
 # #DB/#BP SIGTRAP, #UD SIGILL, #NP/#SS/#AC SIGBUS, #GP/#PF and the rest SIGSEGV.
 VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
@@ -46,7 +48,7 @@ class FaultExits:
         self._end = end              # end(Stop): finish the run
         self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
         self.signals = False         # a Linux program: faults become the signals Linux sends
-        self.on_signal = None        # (uc, signo, si_code, si_addr, vector) -> bool: its handler ran
+        self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -69,7 +71,7 @@ class FaultExits:
     # -- delivery --------------------------------------------------------------------------
 
     def deliver(self, uc, vector: int, rip: int, error_code: int | None = None, instr=None,
-                missing=(), detail: str = "", external: bool = True) -> bool:
+                missing=(), detail: str = "", external: bool = True, si_code: int | None = None) -> bool:
         """Enter the guest's handler for ``vector``, or end the run as crashed. A gate
         whose code segment is unusable raises #GP/#NP in its place; two contributory
         faults make #DF, and a fault delivering #DF is a triple fault (SDM Vol. 3A,
@@ -77,7 +79,7 @@ class FaultExits:
         instr = instr if instr is not None else self._instruction(uc, rip)
         text = isa.disassemble(instr) if instr is not None else "(bad)"
         if self.signals:
-            return self._signal(uc, vector, rip, text, missing, detail)
+            return self._signal(uc, vector, rip, text, missing, detail, error_code, si_code)
         first = vector
         while True:
             try:
@@ -97,15 +99,16 @@ class FaultExits:
             engine.forget_exception(uc)
         return True
 
-    def _signal(self, uc, vector, rip, text, missing, detail) -> bool:
+    def _signal(self, uc, vector, rip, text, missing, detail, error_code, si_code) -> bool:
         """What Linux's trap handlers send (arch/x86/kernel/traps.c): to the program's
         handler on an rt_sigframe, or fatal (no handler, ignored or blocked: force_sig)."""
         signo = VECTOR_SIGNALS.get(vector, 11)
         name = SIGNALS[signo]
         code, address = SIGNAL_CODES.get(vector, (0x80, 0))  # SI_KERNEL, as for #GP
+        code = code if si_code is None else si_code
         if address is None:
             address = uc.reg_read(x86.UC_X86_REG_CR2) if vector == 14 else rip
-        if self.on_signal and self.on_signal(uc, signo, code, address, vector):
+        if self.on_signal and self.on_signal(uc, signo, code, address, vector, error_code or 0):
             self._record(vector, rip, text, missing, True, f"{name} delivered to the program's handler")
             return True
         message = f"{name} from {_name(vector)} at {rip:#x} ({text})"
@@ -219,3 +222,26 @@ class FaultExits:
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
+
+    def on_denied(self, uc, access: int, address: int, allowed: int) -> None:
+        """An access a Linux program's page protections refuse (the engine stopped at
+        the instruction): #PF with the error code a CPU would push (present, write,
+        user, fetch; SDM Vol. 3A, 4.7) and CR2 the address, and the SIGSEGV code Linux
+        picks (arch/x86/mm/fault.c): SEGV_ACCERR where a mapping exists (a write to a
+        read-only page, PROT_NONE), SEGV_MAPERR where none does."""
+        from unicorn import UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED
+        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        fetch, write = access == UC_MEM_FETCH_UNMAPPED, access == UC_MEM_WRITE_UNMAPPED
+        if fetch and rip < address:
+            rip = self._fetching(uc, rip, address)
+            uc.reg_write(x86.UC_X86_REG_RIP, rip)
+        error = (PF_PRESENT if allowed & 7 else 0) | (PF_WRITE if write else 0) | PF_USER | (PF_FETCH if fetch else 0)
+        uc.reg_write(x86.UC_X86_REG_CR2, address)
+        what = "fetch from" if fetch else "write to" if write else "read of"
+        state = f"a page mapped {_prot_text(allowed)}" if allowed & MAPPED else "an unmapped page"
+        self.deliver(uc, 14, rip, error, detail=f"{what} {address:#x}, {state}",
+                     si_code=SEGV_ACCERR if allowed & MAPPED else SEGV_MAPERR)
+
+
+def _prot_text(allowed: int) -> str:
+    return "".join(c if allowed & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4)))

@@ -20,13 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import iced_x86
-from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_MEM_FETCH, UC_MEM_WRITE, UC_PROT_ALL,
-                     UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE,
+                     UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
 from .. import engine
 
 PAGE = 0x1000
 MAX_INSN = 15
+TRAP = 1 << 50                  # where refused pages map: no memory, above every user address, below 2^52
+_NEEDS = {UC_MEM_FETCH: UC_PROT_EXEC, UC_MEM_WRITE: UC_PROT_WRITE, UC_MEM_READ: UC_PROT_READ}
 
 # classify(instr) -> (action or None, audited features): what an exit at this instruction does.
 Classifier = Callable[[object], tuple[str | None, frozenset[str]]]
@@ -51,6 +53,12 @@ class InstructionExits:
         self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
         self._stale: set[int] = set()                  # decoded pages written since
         self._quiet: set[int] = set()                  # addresses whose audit-only exit is removed
+        # A Linux program's page protections (PROT_* bits, one byte per page): a page
+        # they forbid the access to maps to TRAP + its address, where nothing is, so the
+        # access itself ends the start on the unmapped-memory hook, at the instruction,
+        # with the exact address. (Refusing the fill instead would unwind the engine from
+        # its own lookups too: it translates code addresses when it deletes hooks.)
+        self.protection: bytearray | None = None
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -92,16 +100,28 @@ class InstructionExits:
     def _fill(self, vaddr, access, entry) -> bool:
         page = vaddr & ~(PAGE - 1)
         entry.paddr = page
+        if self.protection is not None and page < self.memory:
+            allowed = self.protection[page >> 12]
+            if not allowed & _NEEDS.get(access, UC_PROT_READ):
+                entry.paddr, entry.perms = TRAP + page, UC_PROT_ALL
+                return True
+            self._map(page, access, entry)
+            entry.perms &= allowed & UC_PROT_ALL  # PROT_READ/WRITE/EXEC have UC_PROT_*'s values
+            return True
+        self._map(page, access, entry)
+        return True
+
+    def _map(self, page, access, entry) -> None:
         if page >= self.memory:
             entry.perms = UC_PROT_ALL  # nothing is mapped there: the access itself faults
-            return True
+            return
         if access == UC_MEM_FETCH:
             if page in self._stale:
                 self._refresh(page)
             else:
                 self._decode_page(page)
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
-            return True
+            return
         decoded = page in self.pages
         if access == UC_MEM_WRITE:
             if decoded:
@@ -115,7 +135,6 @@ class InstructionExits:
             entry.perms = UC_PROT_READ
         else:
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
-        return True
 
     def _decode_page(self, page: int) -> None:
         if page in self.pages:
@@ -174,6 +193,9 @@ class InstructionExits:
         if decoded:
             self._stale.update(decoded)
             self.flush_tlb()
+            # Code translated from those bytes is stale too: the engine sees only the
+            # writes it makes itself.
+            self._uc.ctl_remove_cache(first, last + PAGE)
 
     def quieten(self, address: int) -> None:
         """Remove an exit that only audits (call between engine starts, not from a hook)."""

@@ -1,0 +1,165 @@
+"""The process and its environment (kernel/sys.c, kernel/time/, arch/x86/kernel/
+process_64.c): identity, limits, time, randomness, FS/GS bases, exit. One thread, no
+children: clone, fork, vfork and execve return ENOSYS."""
+
+from __future__ import annotations
+
+import struct
+
+import unicorn.x86_const as x86
+
+from ..errno import EINVAL, EPERM, SyscallError
+from .base import sys_enosys, sys_zero
+
+ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
+UID = 1000
+CLOCK_MONOTONIC_KINDS = (1, 4, 6, 7)   # MONOTONIC, MONOTONIC_RAW, MONOTONIC_COARSE, BOOTTIME
+INFINITY = (1 << 64) - 1               # RLIM_INFINITY
+
+
+def sys_arch_prctl(k, uc, code, address, *_):
+    if code in (ARCH_SET_FS, ARCH_SET_GS):
+        if address >> 47 not in (0, 0x1FFFF):
+            raise SyscallError(EPERM)  # not canonical
+        uc.reg_write(x86.UC_X86_REG_FS_BASE if code == ARCH_SET_FS else x86.UC_X86_REG_GS_BASE, address)
+        return 0
+    if code in (ARCH_GET_FS, ARCH_GET_GS):
+        value = uc.reg_read(x86.UC_X86_REG_FS_BASE if code == ARCH_GET_FS else x86.UC_X86_REG_GS_BASE)
+        k.p.write(address, struct.pack("<Q", value))
+        return 0
+    raise SyscallError(EINVAL)
+
+
+def sys_getpid(k, uc, *_):
+    return k.p.tid
+
+
+def sys_getppid(k, uc, *_):
+    return k.p.tid - 1
+
+
+def sys_ids(k, uc, *_):
+    return UID
+
+
+def sys_set_id(k, uc, wanted, *_):
+    if wanted != UID:
+        raise SyscallError(EPERM)  # the process is not privileged
+    return 0
+
+
+def sys_getresid(k, uc, real, effective, saved, *_):
+    for address in (real, effective, saved):
+        k.p.write(address, struct.pack("<I", UID))
+    return 0
+
+
+def sys_uname(k, uc, buf, *_):
+    fields = (b"Linux", b"minivmm", b"6.1.0-minivmm", b"#1 SMP", b"x86_64", b"(none)")
+    k.p.write(buf, b"".join(f.ljust(65, b"\0") for f in fields))
+    return 0
+
+
+LIMITS = {3: (8 << 20, INFINITY), 7: (1024, 4096)}  # RLIMIT_STACK, RLIMIT_NOFILE; the rest unlimited
+
+
+def sys_prlimit64(k, uc, pid, resource, new, old, *_):
+    if resource >= 16:
+        raise SyscallError(EINVAL)
+    if old:
+        k.p.write(old, struct.pack("<QQ", *LIMITS.get(resource, (INFINITY, INFINITY))))
+    return 0
+
+
+def sys_getrlimit(k, uc, resource, old, *_):
+    return sys_prlimit64(k, uc, 0, resource, 0, old)
+
+
+def sys_getrandom(k, uc, buf, count, flags, *_):
+    count = min(count, 1 << 25)  # random: reads of more than 32 MiB return less
+    k.p.write(buf, k.random.randbytes(count))
+    return count
+
+
+def _timespec(ns: int) -> bytes:
+    return struct.pack("<qq", ns // 10**9, ns % 10**9)
+
+
+def sys_clock_gettime(k, uc, clock, buf, *_):
+    k.p.write(buf, _timespec(k.clock.now_ns(monotonic=clock in CLOCK_MONOTONIC_KINDS)))
+    return 0
+
+
+def sys_clock_getres(k, uc, clock, buf, *_):
+    if buf:
+        k.p.write(buf, _timespec(1))
+    return 0
+
+
+def sys_gettimeofday(k, uc, buf, *_):
+    ns = k.clock.now_ns()
+    if buf:
+        k.p.write(buf, struct.pack("<qq", ns // 10**9, ns % 10**9 // 1000))
+    return 0
+
+
+def sys_time(k, uc, buf, *_):
+    seconds = k.clock.now_ns() // 10**9
+    if buf:
+        k.p.write(buf, struct.pack("<q", seconds))
+    return seconds
+
+
+def _sleep(k, request) -> int:
+    seconds, nanos = struct.unpack("<qq", k.p.read(request, 16))
+    if seconds < 0 or not 0 <= nanos < 10**9:
+        raise SyscallError(EINVAL)
+    k.clock.sleep(seconds * 10**9 + nanos)
+    return 0
+
+
+def sys_nanosleep(k, uc, request, *_):
+    return _sleep(k, request)
+
+
+def sys_clock_nanosleep(k, uc, clock, flags, request, *_):
+    if flags & 1:  # TIMER_ABSTIME: until then
+        seconds, nanos = struct.unpack("<qq", k.p.read(request, 16))
+        k.clock.sleep(max(seconds * 10**9 + nanos - k.clock.now_ns(clock in CLOCK_MONOTONIC_KINDS), 0))
+        return 0
+    return _sleep(k, request)
+
+
+def sys_sched_getaffinity(k, uc, pid, size, mask, *_):
+    if size < 8 or size % 8:
+        raise SyscallError(EINVAL)
+    k.p.write(mask, struct.pack("<Q", 1))  # one CPU
+    return 8
+
+
+def sys_set_tid_address(k, uc, *_):
+    return k.p.tid
+
+
+def sys_exit(k, uc, status, *_):
+    k.p.exit_status = status & 0xFF
+    return 0
+
+
+TABLE = {
+    24: ("sched_yield", sys_zero), 35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
+    56: ("clone", sys_enosys), 57: ("fork", sys_enosys), 58: ("vfork", sys_enosys), 59: ("execve", sys_enosys),
+    60: ("exit", sys_exit), 63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
+    97: ("getrlimit", sys_getrlimit), 160: ("setrlimit", sys_zero), 102: ("getuid", sys_ids),
+    104: ("getgid", sys_ids), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id), 107: ("geteuid", sys_ids),
+    108: ("getegid", sys_ids), 109: ("setpgid", sys_zero), 110: ("getppid", sys_getppid),
+    111: ("getpgrp", sys_getpid), 112: ("setsid", sys_getpid), 118: ("getresuid", sys_getresid),
+    120: ("getresgid", sys_getresid), 121: ("getpgid", sys_getpid), 124: ("getsid", sys_getpid),
+    158: ("arch_prctl", sys_arch_prctl), 186: ("gettid", sys_getpid), 201: ("time", sys_time),
+    202: ("futex", sys_zero), 204: ("sched_getaffinity", sys_sched_getaffinity),
+    218: ("set_tid_address", sys_set_tid_address), 228: ("clock_gettime", sys_clock_gettime),
+    229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),
+    231: ("exit_group", sys_exit), 273: ("set_robust_list", sys_zero), 302: ("prlimit64", sys_prlimit64),
+    318: ("getrandom", sys_getrandom), 322: ("execveat", sys_enosys), 334: ("rseq", sys_enosys),
+    435: ("clone3", sys_enosys),
+}

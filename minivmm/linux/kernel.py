@@ -1,0 +1,114 @@
+"""The kernel's state and the system-call dispatch: number -> (name, handler) from the
+tables of :mod:`minivmm.linux.calls` (Linux x86-64 numbering,
+arch/x86/entry/syscalls/syscall_64.tbl). A handler takes the kernel, the engine and the
+six argument registers and returns the result, or raises SyscallError(errno); the result
+goes back in RAX as Linux returns it (-errno on failure). What is not in the table
+returns ENOSYS and is counted by number, never ending the run."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import time
+
+from .calls import RETURNED, TABLE
+from .calls.base import sys_enosys
+from .errno import EINTR, SyscallError
+from .files import Descriptors, Stream
+from .process import SAMPLE
+from .signals import Signals
+from .vfs import FileSystem, device
+
+STDERR_KEPT = 16 << 20            # stderr bytes the report keeps (the rest is counted)
+UNKNOWN_KEPT = 1000               # distinct unknown system-call numbers counted one by one
+EPOCH = 1_700_000_000             # the virtual clock starts here (seconds since 1970)
+VIRTUAL_NS_PER_SYSCALL = 1000     # and advances 1 us per system call: runs are reproducible
+
+
+class Clock:
+    """Virtual time (a fixed epoch, 1 us per system call, plus what the program slept),
+    or the machine's (``realtime``)."""
+
+    def __init__(self, realtime: bool = False):
+        self.realtime = realtime
+        self.slept_ns = 0
+        self.calls = 0
+
+    def now_ns(self, monotonic: bool = False) -> int:
+        if self.realtime:
+            return time.monotonic_ns() if monotonic else time.time_ns()
+        passed = self.calls * VIRTUAL_NS_PER_SYSCALL + self.slept_ns
+        return passed + (0 if monotonic else EPOCH * 10**9)
+
+    def sleep(self, ns: int) -> None:
+        if self.realtime:
+            time.sleep(min(ns, 10**9) / 1e9)  # at most a second per call: the run stays stoppable
+        else:
+            self.slept_ns += ns
+
+
+class Kernel:
+    """The kernel's state shared by the handlers: the process, its files, the clock."""
+
+    def __init__(self, process, fs: FileSystem, seed: int, stdin=None, realtime: bool = False,
+                 terminal: bool = False):
+        """``stdin``: the bytes of standard input, a file descriptor of the machine's to
+        pass through, or None (empty); ``terminal``: the run's output is a terminal
+        (TCGETS answers for fds 0-2)."""
+        self.p = process
+        self.fs = fs
+        self.fds = Descriptors()
+        self.cwd = "/"
+        self.umask = 0o022
+        self.random = random.Random(seed ^ 0x5EED)
+        self.clock = Clock(realtime)
+        self.signals = Signals(process)
+        self.killed: int | None = None   # a signal the program sent itself and dies of
+        self.terminal = terminal
+        self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up
+        self._input = stdin if isinstance(stdin, int) else bytearray(stdin or b"")
+        tty = device("tty")
+        self.fds.add(Stream("/dev/stdin", tty, 0, source=self._read_input))
+        self.fds.add(Stream("/dev/stdout", tty, 1, sink=process.stdout_sink))
+        self.fds.add(Stream("/dev/stderr", tty, 1, sink=self._stderr))
+
+    @property
+    def calls(self) -> int:
+        return self.clock.calls
+
+    def _read_input(self, count: int) -> bytes:
+        if not isinstance(self._input, int):
+            data = bytes(self._input[:count])
+            del self._input[:count]
+            return data
+        while not select.select([self._input], [], [], 0.1)[0]:  # stays stoppable while it waits
+            if self.should_stop():
+                raise SyscallError(EINTR)
+        return os.read(self._input, min(count, 1 << 20))
+
+    def _stderr(self, data: bytes) -> None:
+        kept = max(STDERR_KEPT - len(self.p.stderr), 0)
+        self.p.stderr += data[:kept]
+        self.p.stderr_left_out += len(data) - len(data[:kept])
+
+    def dispatch(self, uc, number: int, args: tuple[int, ...]):
+        """One system call, its registers already read by the VMM (RAX the number, RDI
+        RSI RDX R10 R8 R9 the arguments, RIP past the SYSCALL): the value for RAX, or
+        RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
+        self.clock.calls += 1
+        name, handler = TABLE.get(number, (None, sys_enosys))
+        p = self.p
+        if name is None and (number in p.unknown or len(p.unknown) < UNKNOWN_KEPT):
+            p.unknown[number] += 1
+        elif name is None:
+            p.unknown_others += 1  # a program calling random numbers cannot grow the report
+        else:
+            p.counts[name] += 1
+        if len(p.sample) < SAMPLE:
+            p.sample.append(name or number)
+        try:
+            result = handler(self, uc, *args)
+        except SyscallError as e:
+            result = -e.errno
+        return result if result is RETURNED else result & (1 << 64) - 1

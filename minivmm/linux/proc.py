@@ -1,0 +1,23 @@
+"""minivmm's own /proc, /dev and /sys for a Linux program, made from the VM and the
+process, never from the machine: /proc/cpuinfo from the CPUID view, one CPU, seeded
+randomness."""
+
+from __future__ import annotations
+
+from .vfs import MemoryNode, device, directory, file, link
+
+ONE_CPU = b"0\n"                  # the cpulist format of /sys/devices/system/cpu/online
+
+
+def own_trees(process, cpuinfo: str) -> dict[str, MemoryNode]:
+    """Files whose contents are made when they are opened (as procfs does) read the
+    process at that moment: /proc/self/maps lists the mappings of now."""
+    cmdline = b"".join(arg.encode("utf-8", "surrogateescape") + b"\0" for arg in process.argv)
+    me = directory({"exe": link(process.exe), "auxv": file(lambda: process.auxv), "cmdline": file(cmdline),
+                    "maps": file(lambda: process.memory.text().encode())})
+    cpu = directory({name: file(ONE_CPU) for name in ("online", "possible", "present")})
+    return {
+        "/proc": directory({"cpuinfo": file(cpuinfo.encode()), "self": me, str(process.tid): me}),
+        "/dev": directory({name: device(name) for name in ("null", "zero", "random", "urandom", "tty")}),
+        "/sys": directory({"devices": directory({"system": directory({"cpu": cpu})})}),
+    }
