@@ -699,7 +699,7 @@ def cc(sources, output):
 
 
 @cli.command()
-@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|all]")
+@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|linux|all]")
 @click.option("--pace", is_flag=True, help="Wait for a key press between steps (for a classroom).")
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and their results as JSON.")
 def demo(name, pace, as_json):
@@ -713,6 +713,8 @@ def demo(name, pace, as_json):
       cold      cold migration re-detects: always safe
       lzcnt     LZCNT without asking CPUID: silently BSR on older CPUs
       avx       the complete AVX check (CPUID, OSXSAVE, XGETBV) vs the naive one
+      linux     real gcc -static programs: glibc and libgcc follow the view; a
+                SIGILL-probing program dies after migration (needs gcc)
       all       all of them, in that order (the default)
 
     \b
@@ -754,6 +756,10 @@ def demo(name, pace, as_json):
               help="Migrations: each host to each other, or the listed pairs SOURCE:DESTINATION.")
 @click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",
               help="Where to migrate: checkpoint:N, insn:N, or random (an instruction count drawn from --seed).")
+@click.option("--arg", "args", multiple=True, metavar="ARG",
+              help="An argument of every Linux program (repeatable, in order).")
+@click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
+              help="What every Linux program sees of this machine, read-only (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --at random.")
 @click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), metavar="N",
               help=f"Worker processes (default: one per core; at most {MAX_JOBS}, four per core).")
@@ -764,7 +770,7 @@ def demo(name, pace, as_json):
 @click.option("--report", "report_file", metavar="FILE",
               help="Write the JSON report to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
-def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, junit_file, report_file, as_json):
+def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, jobs, timeout, junit_file, report_file, as_json):
     """Run GUESTs over host profiles x EVC modes x migrations, in parallel.
 
     A cell passes when its guest powers off with status 0 and never reports a path
@@ -785,7 +791,8 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, seed, jobs, timeout, jun
             check_output(path, what, guests)
     if junit_file and report_file and os.path.abspath(junit_file) == os.path.abspath(report_file):
         raise MinivmmError(f"--junit and --report both name {junit_file}")
-    cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed)
+    cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed,
+                                 args=args, mounts=mount)
     if as_json or not _stderr_console().is_terminal:  # a progress bar only for a person watching
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
     else:

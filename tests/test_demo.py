@@ -1,6 +1,7 @@
 """minivmm demo: every demo runs, and its steps show what the story says they show."""
 
 import json
+import re
 import shlex
 
 import pytest
@@ -58,9 +59,23 @@ def test_avx_complete_check(steps):
     assert (masked.facts["naive"], masked.facts["complete"], masked.facts["naive_vaddps"]) == ("sse2", "sse2", None)
 
 
+def test_linux_real_programs_follow_the_view_and_the_prober_dies_after_migrating(steps):
+    if steps["linux"][0].facts.get("skipped"):
+        pytest.skip(steps["linux"][0].facts["skipped"])
+    plain, masked, probe, dies, twin = steps["linux"]
+    assert plain.facts["columns"]["popcnt"] == "libgcc=1 glibc=1 cpuinfo=1"
+    assert masked.facts["columns"]["popcnt"] == "libgcc=0 glibc=0 cpuinfo=0"
+    assert probe.console.startswith("popcnt: cpuid=0 probe=1 uses=popcnt")
+    assert (dies.facts["stop"], dies.facts["host"], dies.facts["missing_features"]) == ("signaled", "penryn", ["popcnt"])
+    assert dies.facts["migration"]["ok"] and dies.facts["status"] == 132
+    assert twin.facts["stop"] == "exited" and twin.facts["host"] == "penryn"
+    assert twin.facts["checksum"] == re.search(r"checksum: (\d+)", probe.console)[1]
+
+
 def test_each_steps_command_reproduces_it(steps):
     """The printed command is the run: executed by the CLI it gives the same console."""
-    for step in (steps["ud-probe"][2], steps["override"][1], steps["avx"][0]):
+    linux = [] if steps["linux"][0].facts.get("skipped") else [steps["linux"][3]]
+    for step in (steps["ud-probe"][2], steps["override"][1], steps["avx"][0], *linux):
         args = shlex.split(step.command)[1:]
         done = minivmm_cli(*args, "--json")
         assert json.loads(done.stdout)["console"] == step.console, step.command

@@ -283,8 +283,9 @@ def test_pages_the_kernel_writes_during_pre_copy_are_sent_again(tmp_path, monkey
     """getrandom fills a buffer from the VMM's side, where the engine's write tracking
     cannot see it: such writes are reported to pre-copy as dirty pages, or the program
     would read stale bytes on the destination (the negative control shows it does).
-    The move starts at libc's first system call; the first round (about 430k
-    instructions) covers the getrandom, the switchover falls in the long loop after it."""
+    The move starts at libc's first system call; the first round (the pages written so
+    far over a slow link: several 100k instructions) covers the getrandom, the
+    switchover falls in the long loop after it."""
     from minivmm.vmm.exits.traps import InstructionExits
     from minivmm.vmm.migration import PreCopy
     src = tmp_path / "k.c"
@@ -294,8 +295,9 @@ def test_pages_the_kernel_writes_during_pre_copy_are_sent_again(tmp_path, monkey
     alone = VM(str(exe), "nehalem", evc="intel-penryn").run(timeout=60)
 
     def moved():
-        return VM(str(exe), "nehalem", evc="intel-penryn").run(migrations=["penryn@syscall:1"],
-                                                               precopy=PreCopy(guest_insns_per_s=2e6), timeout=60)
+        return VM(str(exe), "nehalem", evc="intel-penryn").run(
+            migrations=["penryn@syscall:1"], timeout=60,
+            precopy=PreCopy(guest_insns_per_s=2e6, bandwidth_bytes_per_s=1.25e6))  # a slow link: a long first round
     result = moved()
     assert result.hosts == ["nehalem", "penryn"] and result.console == alone.console
     monkeypatch.setattr(InstructionExits, "note_write", lambda self, address, size: None)
@@ -397,3 +399,24 @@ def test_a_rust_static_pie_sees_the_view(tmp_path_factory, host, evc):
     result = VM(str(out), host, evc=evc).run(timeout=60)
     assert result.exit_code == 0, result.stop.message
     assert result.console == "".join(f"{f} rust={int(f in result.view_features)}\n" for f in FEATURES)
+
+
+@needs_gcc
+def test_the_signal_frame_s_fpstate_is_fxsave_or_xsave_as_the_cpu_saves_it(tmp_path_factory):
+    """Without XSAVE the fpstate is FXSAVE's (no magic); with XSAVE it is the standard
+    XSAVE layout of XCR0's components, sw_reserved naming them and their size (576
+    bytes of x87/SSE state and header, plus CPUID.0xD.2's 256 for YMM), FP_XSTATE_MAGIC2
+    after it, 64-byte aligned; a handler's change to XMM0 comes back with rt_sigreturn.
+    The machine's own kernel builds the same structure natively (for its XCR0)."""
+    exe = build(tmp_path_factory, "sigframe.c", "sigframe")
+
+    def fields(text):
+        return dict(item.split("=") for item in text.split())
+    mine = fields(subprocess.run([exe], capture_output=True, text=True, timeout=60).stdout)
+    assert mine["magic1"] == "46505853" and mine["magic2"] == "46505845" and mine["xmm0"] == "12345678"
+    assert int(mine["extended"]) == int(mine["xstate_size"]) + 4
+    plain = fields(VM(exe, "nehalem").run(timeout=60).console)
+    assert plain["magic1"] == "0" and plain["xmm0"] == "12345678" and plain["aligned"] == "1"
+    xsave = fields(VM(exe, "sandybridge").run(timeout=60).console)
+    assert xsave == {"magic1": "46505853", "extended": "836", "xfeatures": "7", "xstate_size": "832",
+                     "magic2": "46505845", "aligned": "1", "xmm0": "12345678"}

@@ -183,7 +183,10 @@ def test_precopy_converges_and_reports_rounds():
         migrations=["core2@checkpoint:1"], timeout=60, precopy=PreCopy(guest_insns_per_s=1e8))
     m = result.migrations[0]
     assert m["ok"] and m["mode"] == "pre-copy" and m["rounds"] >= 1
-    assert m["pages_per_round"][0] == 64 * 256 and m["downtime_ms"] < 50
+    assert m["downtime_ms"] < 50
+    # Pages never written are zeros on both sides and are not sent (zero-page detection):
+    # the first round sends what the guest touched, not its 64 MiB.
+    assert 0 < m["pages_per_round"][0] < 64 * 256 // 100
 
 
 # ---- snapshot files ----------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A C guest is compiled as the guest ABI wants it (``-ffreestanding -nostdlib -static
 -mno-red-zone``, linked at the load address, libgcc for ``__builtin_cpu_supports``)
-into a static ELF64 that the loader runs like any other.
+into a static ELF64 that the loader runs like any other. A Linux program is built as
+anyone builds one: ``gcc -static``, with glibc.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def compiler() -> str:
     return found
 
 
-def build_c(sources, output: str | os.PathLike | None = None, cflags=()) -> Path:
-    """Compile and link C (or assembly) sources with the guest runtime into a static ELF.
+def build_c(sources, output: str | os.PathLike | None = None, cflags=(), linux: bool = False) -> Path:
+    """Compile and link C (or assembly) sources with the guest runtime into a static ELF,
+    or (``linux``) into a static Linux program.
 
     Without ``output`` the image goes to a cache keyed by the sources' contents, so a
     test suite that builds the same guest for every host compiles it once."""
@@ -52,16 +54,19 @@ def build_c(sources, output: str | os.PathLike | None = None, cflags=()) -> Path
         digest = hashlib.sha256()
         for data in contents + [(runtime / r).read_bytes() for r in (*RUNTIME, "minivmm.h", "link.ld")]:
             digest.update(data)
-        digest.update(repr(tuple(cflags)).encode())
+        digest.update(repr((tuple(cflags), linux)).encode())
         cache = Path(os.environ.get("MINIVMM_CACHE", Path(tempfile.gettempdir()) / "minivmm-cache"))
         cache.mkdir(parents=True, exist_ok=True)
         cached = cache / f"{paths[0].stem}-{digest.hexdigest()[:16]}.elf"
-        return cached if cached.is_file() else build_c(paths, cached, cflags)  # built beside, renamed: atomic
+        return cached if cached.is_file() else build_c(paths, cached, cflags, linux)  # built beside, renamed
     output = check_output(output, "guest image", paths)
     # The linker writes the image in place: build beside the target, rename when complete.
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    command = [compiler(), *CFLAGS, *cflags, f"-I{runtime}", "-T", str(runtime / "link.ld"), "-o", str(partial),
-               *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]
+    if linux:
+        command = [compiler(), "-static", "-O1", *cflags, "-o", str(partial), *map(str, paths)]
+    else:
+        command = [compiler(), *CFLAGS, *cflags, f"-I{runtime}", "-T", str(runtime / "link.ld"), "-o", str(partial),
+                   *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if not done.returncode:

@@ -52,10 +52,10 @@ class Kernel:
     """The kernel's state shared by the handlers: the process, its files, the clock."""
 
     def __init__(self, process, fs: FileSystem, seed: int, stdin=None, realtime: bool = False,
-                 terminal: bool = False):
+                 terminal: bool = False, xsave: dict | None = None):
         """``stdin``: the bytes of standard input, a file descriptor of the machine's to
         pass through, or None (empty); ``terminal``: the run's output is a terminal
-        (TCGETS answers for fds 0-2)."""
+        (TCGETS answers for fds 0-2); ``xsave``: the CPU's XSAVE layout (signal frames)."""
         self.p = process
         self.fs = fs
         self.fds = Descriptors()
@@ -63,7 +63,7 @@ class Kernel:
         self.umask = 0o022
         self.random = random.Random(seed ^ 0x5EED)
         self.clock = Clock(realtime)
-        self.signals = Signals(process)
+        self.signals = Signals(process, xsave)
         self.killed: int | None = None   # a signal the program sent itself and dies of
         self.terminal = terminal
         self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up

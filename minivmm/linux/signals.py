@@ -1,7 +1,13 @@
 """Signals as Linux delivers them on x86-64 (arch/x86/kernel/signal.c, signal_64.c):
 the handler runs on a real rt_sigframe (return address, ucontext with the saved
-registers and an FXSAVE-format fpstate, siginfo), and rt_sigreturn restores from it,
-so a handler can read and change the saved RIP, or leave by siglongjmp."""
+registers and the fpstate, siginfo), and rt_sigreturn restores from it, so a handler
+can read and change the saved RIP, or leave by siglongjmp.
+
+The fpstate is what the CPU's save instruction writes (arch/x86/kernel/fpu/signal.c):
+FXSAVE's 512 bytes without XSAVE; with XSAVE, the standard (non-compacted) XSAVE
+layout of what XCR0 enables (x87, SSE, the upper halves of YMM at CPUID.0xD.2's
+offset), sw_reserved saying so (FP_XSTATE_MAGIC1, the sizes, the features) and
+FP_XSTATE_MAGIC2 after it."""
 
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ SS_ONSTACK, SS_DISABLE = 1, 2
 UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x2, 0x4
 FRAME_SIZE = 8 + 304 + 128      # pretcode, struct ucontext, struct siginfo
 FPSTATE_SIZE = 512              # FXSAVE format
+XSAVE_HEADER = 64               # XSTATE_BV, XCOMP_BV, reserved (SDM Vol. 1, 13.4.2)
+FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+XFEATURE_YMM = 1 << 2
 # sigcontext's general registers, in order (arch/x86/include/uapi/asm/sigcontext.h)
 SIGCONTEXT = ("R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "RDI", "RSI", "RBP", "RBX", "RDX", "RAX",
               "RCX", "RSP", "RIP", "EFLAGS")
@@ -56,6 +65,35 @@ def _fxsave(uc) -> bytes:
     return out + bytes(FPSTATE_SIZE - len(out))
 
 
+def xsave_layout(view) -> dict[int, tuple[int, int]]:
+    """State component -> (offset, size) in the standard XSAVE layout: CPUID.0xD.i
+    (EAX size, EBX offset) for each component the view's leaf 0xD lists; empty
+    without XSAVE."""
+    if not view.table.in_range(0xD) or not view.answer(1, 0, 0)[2] >> 26 & 1:
+        return {}
+    supported = view.answer(0xD, 0, 0)[0]
+    return {i: (view.answer(0xD, i, 0)[1], view.answer(0xD, i, 0)[0]) for i in range(2, 32) if supported >> i & 1}
+
+
+def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int]]) -> bytes:
+    """The standard-format XSAVE image of x87, SSE and YMM (what the engine holds)."""
+    components = [i for i in layout if xcr0 >> i & 1]
+    size = max([FPSTATE_SIZE + XSAVE_HEADER] + [layout[i][0] + layout[i][1] for i in components])
+    area = bytearray(size + 4)
+    area[:FPSTATE_SIZE] = _fxsave(uc)
+    present = xcr0 & 0x3
+    if 2 in components:
+        offset = layout[2][0]
+        for i in range(16):
+            area[offset + 16 * i:offset + 16 * i + 16] = (uc.reg_read(getattr(x86, f"UC_X86_REG_YMM{i}")) >> 128) \
+                .to_bytes(16, "little")
+        present |= XFEATURE_YMM
+    struct.pack_into("<Q", area, FPSTATE_SIZE, present)                               # XSTATE_BV
+    struct.pack_into("<IIQI", area, 464, FP_XSTATE_MAGIC1, size + 4, xcr0, size)      # sw_reserved
+    struct.pack_into("<I", area, size, FP_XSTATE_MAGIC2)
+    return bytes(area)
+
+
 def _fxrstor(uc, data: bytes) -> None:
     fcw, fsw = struct.unpack_from("<HH", data, 0)
     uc.reg_write(x86.UC_X86_REG_FPCW, fcw)
@@ -71,11 +109,14 @@ def _fxrstor(uc, data: bytes) -> None:
 class Signals:
     """The process's dispositions, blocked mask and alternate stack."""
 
-    def __init__(self, process):
+    def __init__(self, process, layout: dict[int, tuple[int, int]] | None = None):
+        """``layout``: the XSAVE layout (:func:`xsave_layout`); empty or None: FXSAVE."""
         self.p = process
         self.actions: dict[int, Action] = {}
         self.blocked = 0
         self.altstack = (0, SS_DISABLE, 0)  # ss_sp, ss_flags, ss_size
+        self.layout = layout or {}
+        self.read_xcr0 = lambda: None     # the VMM's: XCR0 now, or None while CR4.OSXSAVE is clear
 
     def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0) -> bool:
         """Run the program's handler for a synchronous signal; False when Linux would
@@ -90,10 +131,12 @@ class Signals:
             top = sp + size
         else:
             top = rsp - 128  # below the red zone
-        fpstate = (top - FPSTATE_SIZE) & ~63
+        xcr0 = self.read_xcr0() if self.layout else None
+        image = _xsave(uc, xcr0, self.layout) if xcr0 is not None else _fxsave(uc)
+        fpstate = (top - len(image)) & ~63
         frame = ((fpstate - FRAME_SIZE) & ~15) - 8  # at entry (RSP + 8) is 16-byte aligned
         try:
-            self._write_frame(uc, frame, fpstate, signo, code, address, trapno, error, action)
+            self._write_frame(uc, frame, fpstate, image, signo, code, address, trapno, error, action)
         except SyscallError:
             return False  # no room for the frame: Linux kills the process (SIGSEGV)
         self.blocked |= action.mask
@@ -110,9 +153,9 @@ class Signals:
         uc.reg_write(x86.UC_X86_REG_RIP, action.handler)
         return True
 
-    def _write_frame(self, uc, frame, fpstate, signo, code, address, trapno, error, action) -> None:
+    def _write_frame(self, uc, frame, fpstate, image, signo, code, address, trapno, error, action) -> None:
         p = self.p
-        p.write(fpstate, _fxsave(uc))
+        p.write(fpstate, image)
         regs = [uc.reg_read(REG[name]) for name in SIGCONTEXT]
         segs = struct.pack("<HHHH", uc.reg_read(x86.UC_X86_REG_CS), 0, 0, uc.reg_read(x86.UC_X86_REG_SS))
         sigcontext = struct.pack("<18Q", *regs) + segs + struct.pack("<QQQQQ", error, trapno, self.blocked,
@@ -137,4 +180,19 @@ class Signals:
         for name, value in zip(SIGCONTEXT, regs):
             uc.reg_write(REG[name], value)
         if fpstate:
-            _fxrstor(uc, self.p.read(fpstate, FPSTATE_SIZE))
+            legacy = self.p.read(fpstate, FPSTATE_SIZE)
+            _fxrstor(uc, legacy)
+            magic, extended, features, size = struct.unpack_from("<IIQI", legacy, 464)
+            if magic == FP_XSTATE_MAGIC1 and 2 in self.layout and features & XFEATURE_YMM and \
+                    FPSTATE_SIZE + XSAVE_HEADER <= size <= 1 << 16:
+                self._restore_ymm(uc, self.p.read(fpstate, size))
+
+    def _restore_ymm(self, uc, area: bytes) -> None:
+        """YMM's upper halves from the frame, or zeros where XSTATE_BV says init."""
+        offset = self.layout[2][0]
+        present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0] & XFEATURE_YMM
+        for i in range(16):
+            register = getattr(x86, f"UC_X86_REG_YMM{i}")
+            upper = int.from_bytes(area[offset + 16 * i:offset + 16 * i + 16], "little") if present else 0
+            low = uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{i}"))
+            uc.reg_write(register, upper << 128 | low)

@@ -23,6 +23,7 @@ from .process import (AT_BASE, AT_CLKTCK, AT_EGID, AT_ENTRY, AT_EUID, AT_FLAGS, 
                       AT_MINSIGSTKSZ, AT_PAGESZ, AT_PHDR, AT_PHENT, AT_PHNUM, AT_SECURE, AT_UID, DEFAULT_ENV,
                       STACK_SIZE, USER_CS, USER_DS, Process, build_stack, hwcap, hwcap2, min_sigstack)
 from .proc import own_trees
+from .signals import xsave_layout
 from .vfs import FileSystem, HostNode, Mount, is_dir
 
 GDT_BASE = 0x1000
@@ -115,7 +116,7 @@ def execve(uc, ram, image, host, view, options: Options, write_xcr0, console) ->
     process.stdout_sink = console
     process.argv = [image.linux["execfn"], *options.argv]
     fs.own = own_trees(process, cpuinfo(host, view))
-    return Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal)
+    return Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view))
 
 
 def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Process:

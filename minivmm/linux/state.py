@@ -18,7 +18,7 @@ from .kernel import Kernel
 from .memory import AddressSpace
 from .proc import own_trees
 from .process import SAMPLE, Process
-from .signals import Action
+from .signals import Action, xsave_layout
 from .vfs import FileSystem, Mount
 
 FORMAT = 1
@@ -178,7 +178,7 @@ def restore(state: dict, ram, host, view, console, stdin=None, terminal: bool = 
         mounts.append(Mount(source, guest))
     fs = FileSystem(mounts, {})
     p.stdout_sink = console
-    kernel = Kernel(p, fs, 0, stdin, state["clock"]["realtime"], terminal)
+    kernel = Kernel(p, fs, 0, stdin, state["clock"]["realtime"], terminal, xsave_layout(view))
     fs.own = own_trees(p, cpuinfo(host, view))
     kernel.random.setstate((3, tuple(state["random"]), None))
     kernel.clock.calls, kernel.clock.slept_ns = state["clock"]["calls"], state["clock"]["slept_ns"]

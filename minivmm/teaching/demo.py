@@ -183,7 +183,53 @@ def avx() -> Iterator[Step]:
                                    "naive_vaddps": ran[1] if ran else None}, result.console)
 
 
-DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "lzcnt": lzcnt, "avx": avx}
+def _linux_program(source: str, cflags=()) -> str:
+    """A shipped Linux program's C source, built by the system compiler (cached)."""
+    from ..guests import shipped_guests_dir
+    from ..guests.toolchain import build_c
+    return str(build_c([shipped_guests_dir().joinpath("linux", source)], cflags=cflags, linux=True))
+
+
+def _columns(console: str) -> dict[str, str]:
+    """detect.c's lines: feature -> "libgcc=1 glibc=1 proc=1"."""
+    return dict(line.split(" ", 1) for line in console.splitlines() if " libgcc=" in line)
+
+
+def linux() -> Iterator[Step]:
+    """Real programs: glibc and libgcc follow the view; a SIGILL probe dies after the move."""
+    try:
+        detect, probe = _linux_program("detect.c"), _linux_program("probe_popcnt.c", ("-mno-popcnt",))
+    except MinivmmError as e:
+        yield Step("linux", "Real Linux programs (skipped)", "gcc -static", f"Skipped: {e}", {"skipped": str(e)})
+        return
+    rows = {}
+    for evc_mode in (None, "intel-penryn"):
+        result = VM(detect, "nehalem", evc=evc_mode).run(timeout=60)
+        rows[evc_mode] = _columns(result.console)
+        yield Step("linux", "glibc, libgcc and /proc/cpuinfo" + (f" under {evc_mode}" if evc_mode else ""),
+                   run_command(detect, "nehalem", evc_mode),
+                   f"A gcc -static program on a Nehalem{' under ' + evc_mode if evc_mode else ''}: libgcc's "
+                   f"__builtin_cpu_supports, glibc's CPU_FEATURE_ACTIVE and /proc/cpuinfo say popcnt: "
+                   f"{rows[evc_mode].get('popcnt', '?')}. All three read the VM's CPUID view.",
+                   {**_facts(result), "columns": rows[evc_mode]}, result.console)
+    alone = VM(probe, "nehalem", evc="intel-penryn").run(timeout=60)
+    point = f"penryn@syscall:{alone.syscalls['sample'].index('write') + 1}"  # right after the detection line
+    first = alone.console.splitlines()[0] if alone.console else ""
+    yield Step("linux", "A SIGILL probe finds the masked POPCNT", run_command(probe, "nehalem", "intel-penryn"),
+               f"probe_popcnt executes POPCNT under a SIGILL handler (sigsetjmp/siglongjmp): {first}. The "
+               f"Penryn baseline hid it from CPUID; the Nehalem still executes it.", _facts(alone), alone.console)
+    for argv, label in (((), "...and dies of SIGILL after a migration to a Penryn"),
+                        (("--cpuid",), "...while its CPUID-guided twin survives")):
+        moved = VM(probe, "nehalem", evc="intel-penryn", argv=argv).run(migrations=[point], timeout=60)
+        checksum = re.search(r"checksum: (\d+)", moved.console)
+        yield Step("linux", label, run_command(probe, "nehalem", "intel-penryn", (), [point], argv=argv),
+                   f"{_migration_line(moved)} The program {_ending(moved)}"
+                   + (f", checksum {checksum[1]}." if checksum else "."),
+                   {**_facts(moved), "checksum": checksum[1] if checksum else None}, moved.console)
+
+
+DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "lzcnt": lzcnt, "avx": avx,
+         "linux": linux}
 
 
 def steps(name: str = "all") -> Iterator[Step]:

@@ -38,6 +38,8 @@ class Cell:
     masks: tuple[str, ...] = ()
     migrate: str | None = None      # PROFILE@WHEN
     seed: int = 0
+    args: tuple[str, ...] = ()      # a Linux program's arguments
+    mounts: tuple[str, ...] = ()    # and what it sees of the machine (HOST[:GUEST])
 
     @property
     def id(self) -> str:
@@ -62,13 +64,14 @@ class Cell:
     def run(self, guest: str | None = None, timeout: float = 60, **options):
         """Run ``guest`` (default: the cell's) as the cell says."""
         from ..vmm.vm import VM
-        return VM(guest or self.guest, self.host, evc=self.evc, masks=self.masks).run(
-            migrations=self.migrations, timeout=timeout, **options)
+        return VM(guest or self.guest, self.host, evc=self.evc, masks=self.masks, argv=self.args,
+                  mounts=self.mounts).run(migrations=self.migrations, timeout=timeout, **options)
 
     def command(self, guest: str | None = None) -> str:
         """The ``minivmm run`` command that replays this cell."""
         from ..vmm.vm import run_command
-        return run_command(guest or self.guest or "GUEST", self.host, self.evc, self.masks, self.migrations)
+        return run_command(guest or self.guest or "GUEST", self.host, self.evc, self.masks, self.migrations,
+                           mounts=self.mounts, argv=self.args)
 
 
 def _evc_modes(evc) -> list[str | None]:
@@ -117,11 +120,12 @@ def _when(at: str, seed: int, key: str) -> str:
 
 
 def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate=None, masks=(),
-          at: str = "checkpoint:1", seed: int = 0) -> list[Cell]:
+          at: str = "checkpoint:1", seed: int = 0, args=(), mounts=()) -> list[Cell]:
     """The cross product. ``hosts``: names or "all"; ``evc``: None, a mode, a list or
     "all"; ``migrate``: None, "all-pairs" (each host to each other) or "A:B,..." (a cell
     starts on A only); ``at``: the migration point, or "random" (an instruction count
-    drawn from ``seed``, recorded in the cell)."""
+    drawn from ``seed``, recorded in the cell); ``args`` and ``mounts``: every Linux
+    program's arguments and mounts."""
     if at != "random" and Trigger.parse(at, "--at").kind == "ms":
         raise MinivmmError(f"--at {at}: a wall-time point would make cells irreproducible; "
                            f"use checkpoint:N, insn:N or random")
@@ -143,7 +147,7 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
                     if pair is not None:
                         key = f"{guest}/{host}/{mode}/{pair[1]}"
                         migration = f"{pair[1]}@{_when(at, seed, key)}"
-                    out.append(Cell(guest, host, mode, tuple(masks), migration, seed))
+                    out.append(Cell(guest, host, mode, tuple(masks), migration, seed, tuple(args), tuple(mounts)))
     return out
 
 

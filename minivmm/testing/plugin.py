@@ -17,8 +17,9 @@ machines)::
         assert_survives_migration(result)
 
 Marker arguments are those of :func:`minivmm.matrix.cells`: ``hosts`` ("all" or a
-list), ``evc`` (a mode, a list, "all"), ``migrate`` ("all-pairs", "A:B"), ``at``,
-``masks``, ``seed``. Assertion helpers live in :mod:`minivmm.testing`.
+list), ``evc`` (a mode, a list, "all"), ``migrate`` ("all-pairs", "A:B"), ``at``
+(``syscall:N`` too for Linux programs), ``masks``, ``seed``, and for a Linux program
+``args`` and ``mounts``. Assertion helpers live in :mod:`minivmm.testing`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "minivmm(hosts='all', evc=None, migrate=None, at='checkpoint:1', masks=(), seed=0): "
+        "markers", "minivmm(hosts='all', evc=None, migrate=None, at='checkpoint:1', masks=(), seed=0, args=(), "
+                   "mounts=()): "
                    "run the test once per minivmm matrix cell; the test takes the minivmm_cell fixture")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 _lib = ctypes.CDLL(uclib._name)
@@ -41,6 +41,25 @@ def add_insn_hook(uc, insn: int, callback) -> tuple:
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle
+
+
+CODE_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+def add_code_hook(uc, callback, begin: int, end: int) -> tuple:
+    """Register ``callback(handle, address, size, user_data)`` on [begin, end] without the
+    binding's per-call wrapper frames; returns (keep-alive objects, handle for hook_del)."""
+    cfunc = CODE_CALLBACK(callback)
+    handle = uc_hook_h()
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_CODE, cfunc, None,
+                           ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    if err:
+        raise RuntimeError(f"uc_hook_add failed with error {err}")
+    return cfunc, handle
+
+
+def del_hook(uc, handle) -> None:
+    _lib.uc_hook_del(uc._uch, handle)
 
 
 class TlbEntry(ctypes.Structure):

@@ -77,15 +77,16 @@ class PreCopy:
         return int(ms / 1e3 * self.guest_insns_per_s * (self.throttle if throttled else 1.0))
 
 
-def precopy(params: PreCopy, all_pages: int, run_guest, copy_pages, hurry=lambda: False) -> dict:
-    """Iterate until converged. ``run_guest(insns) -> dirty pages | None`` runs the guest
-    on the source while tracking writes (None: the guest stopped); ``copy_pages(pages)``
-    sends them (``None`` = all); ``hurry()`` true switches over after this round.
+def precopy(params: PreCopy, used_pages: list[int], run_guest, copy_pages, hurry=lambda: False) -> dict:
+    """Iterate until converged. The first round sends ``used_pages`` (pages never
+    written are zeros on both sides); ``run_guest(insns) -> dirty pages | None`` runs
+    the guest on the source while tracking writes (None: the guest stopped);
+    ``copy_pages(pages)`` sends them; ``hurry()`` true switches over after this round.
     Returns the record and the pages left to stop-and-copy."""
     if not params.enabled:
         return {"rounds": 0, "pages_per_round": [], "mode": "stop-and-copy", "remaining": None}
-    rounds, to_send, throttled, mode = [], None, False, "pre-copy"
-    pending = all_pages
+    rounds, to_send, throttled, mode = [], used_pages, False, "pre-copy"
+    pending = len(used_pages)
     for number in range(params.max_rounds):
         copy_pages(to_send)
         rounds.append(pending)

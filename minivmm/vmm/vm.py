@@ -51,6 +51,7 @@ from .exits.traps import TRAP
 from .exits.emulate import bit_scan
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
+from .ram import touched_pages
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import Snapshot, read_registers
 from .snapshot import save as save_snapshot
@@ -274,6 +275,9 @@ class VM:
         actions = {isa.Verdict.RUN: None, isa.Verdict.UD: "ud", isa.Verdict.UNSUPPORTED: "unsupported",
                    isa.Verdict.AS_BSR: "bsr", isa.Verdict.AS_BSF: "bsf"}
         cache: dict[int, tuple] = {}
+        # HLT and OUT are the ABI's power-off and console; in a Linux program's ring 3
+        # they are #GP (SDM Vol. 2: CPL > 0, CPL > IOPL), as the engine raises them.
+        exit_mnemonics = {} if self.image.kind == "linux" else EXIT_MNEMONICS
 
         def classify(instr):
             result = cache.get(instr.code)
@@ -282,7 +286,7 @@ class VM:
                     result = (None, frozenset())
                 else:
                     needs = isa.needed_features(instr)
-                    action = EXIT_MNEMONICS.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
+                    action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
                     if action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
                         action = "privileged"
                     result = (action, needs - shown if audit else frozenset())
@@ -423,6 +427,7 @@ class _Engine:
         with it slow every instruction), so the cache is flushed when counting starts or stops."""
         counted = count is not None
         if counted != self._counted:
+            self.exits.counting(counted)
             self.uc.ctl_flush_tb()
             self._counted = counted
         self.limit = count
@@ -483,6 +488,7 @@ class _Run:
                                          x86.UC_X86_REG_R9, x86.UC_X86_REG_RFLAGS)),
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
                                          x86.UC_X86_REG_RIP), (0, 0, 0, 0)))
+        kernel.signals.read_xcr0 = lambda: self.engine.read_xcr0()
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
@@ -690,7 +696,7 @@ class _Run:
     # -- migration -----------------------------------------------------------------------
 
     def _migrate(self, request: MigrationRequest) -> None:
-        vm, source = self.vm, self.engine
+        source = self.engine
         destination = load_profile(request.destination)
         record = {"from": source.host.name, "to": destination.name, "when": str(request.when), "ok": False,
                   "forced": False, "cold": request.cold, "missing": [], "rounds": 0, "pages_sent": 0,
@@ -720,15 +726,12 @@ class _Run:
             return None if self.stop or self.errors else dirty
 
         def copy_pages(pages):
-            if pages is None:
-                target.ram[:] = source.ram
-            else:
-                for page in pages:
-                    target.ram[page:page + PAGE] = source.ram[page:page + PAGE]
+            for page in pages:
+                target.ram[page:page + PAGE] = source.ram[page:page + PAGE]
 
         # A later point reached meanwhile (checkpoint, insn:) cuts pre-copy short: switch
         # over now, then carry that point out at once.
-        result = precopy(self.precopy, vm.memory // PAGE, run_guest, copy_pages, hurry=lambda: self.fired)
+        result = precopy(self.precopy, touched_pages(source.ram), run_guest, copy_pages, hurry=lambda: self.fired)
         source.exits.track(None)
         record.update(rounds=result["rounds"], pages_per_round=result["pages_per_round"], mode=result["mode"])
         if result.get("stopped"):
@@ -741,7 +744,9 @@ class _Run:
         gc.disable()
         try:
             switch = time.perf_counter()
-            copy_pages(None if remaining is None else sorted(remaining))
+            if remaining is None:  # stop-and-copy: every page written so far
+                remaining = touched_pages(source.ram)
+            copy_pages(sorted(remaining))
             if not target.restore(source.capture()):
                 record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
             self.engine = target
@@ -751,9 +756,7 @@ class _Run:
         finally:
             if collecting:
                 gc.enable()
-        final = vm.memory // PAGE if remaining is None else len(remaining)
-        sent = sum(result["pages_per_round"]) + final
-        remaining = range(final)
+        sent = sum(result["pages_per_round"]) + len(remaining)
         record.update(ok=True, refused=False, pages_sent=sent, switchover_ms=round(switch_ms, 3),
                       downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
@@ -860,7 +863,7 @@ def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options)
 
 
 def run_command(guest: str, host: str, evc: str | None = None, masks=(), migrations=(), force: bool = False,
-                cold: bool = False, audit: bool = False) -> str:
+                cold: bool = False, audit: bool = False, mounts=(), argv=()) -> str:
     """The ``minivmm run`` command line that does what ``VM(...).run(...)`` with these
     arguments does: printed by demos and matrix cells so that anyone can replay them."""
     args = ["minivmm", "run", guest, "--host", host]
@@ -870,7 +873,9 @@ def run_command(guest: str, host: str, evc: str | None = None, masks=(), migrati
     for migration in migrations:
         args += ["--migrate", str(migration)]
     args += [flag for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit)) if on]
-    return shlex.join(args)
+    for mount in mounts:
+        args += ["--mount", str(mount)]
+    return shlex.join(args + (["--", *argv] if argv else []))
 
 
 __all__ = ["VM", "run", "run_command", "parse_size", "LOAD_ADDRESS"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import iced_x86
-from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE,
+from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE,
                      UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
 from .. import engine
@@ -47,7 +47,8 @@ class InstructionExits:
         self._on_error = on_error
         self._keep = None
         self.pages: dict[int, dict[int, tuple]] = {}   # page -> {address: (action, audited, instr)}
-        self._hooks: dict[int, int] = {}               # address -> hook handle
+        self._hooks: dict[int, tuple] = {}             # address (or page, while counting) -> hook
+        self._counting = False
         self._uc = None
         self._dirty: set[int] | None = None            # pages written since tracking began
         self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
@@ -176,10 +177,10 @@ class InstructionExits:
                 continue
             if current:
                 del traps[address]
-                self._uc.hook_del(self._hooks.pop(address))
+                self._unhook(address)
             if wanted:
                 traps[address] = wanted
-                self._hooks[address] = self._uc.hook_add(UC_HOOK_CODE, self._fire, None, address, address)
+                self._hook(address)
 
     def note_write(self, address: int, size: int) -> None:
         """The VMM wrote guest RAM itself (a Linux system call filling a buffer): the
@@ -203,15 +204,52 @@ class InstructionExits:
         trap = self.pages.get(address & ~(PAGE - 1), {}).get(address)
         if trap and not trap[0]:
             del self.pages[address & ~(PAGE - 1)][address]
-            self._uc.hook_del(self._hooks.pop(address))
+            self._unhook(address)
 
     def forget(self, address: int) -> None:
         """Drop a page's decode (after the VMM itself rewrote it)."""
         page = address & ~(PAGE - 1)
         for traps_at in self.pages.pop(page, {}):
-            self._uc.hook_del(self._hooks.pop(traps_at))
+            self._unhook(traps_at)
         self._seen.pop(page, None)
         self._stale.discard(page)
+
+    # -- the engine's hooks ---------------------------------------------------------------
+    # One hook per exit address costs nothing until it fires: the engine calls it only
+    # where it was planted. But a counted start calls into the engine's hook list at
+    # every instruction and checks every hook there (thousands on glibc's pages: about
+    # 50 k instructions/s). While counting, a page's exits share one hook over the page.
+
+    def _hook(self, address: int) -> None:
+        key = address & ~(PAGE - 1) if self._counting else address
+        if key not in self._hooks:
+            end = key + PAGE - 1 if self._counting else address
+            self._hooks[key] = engine.add_code_hook(self._uc, self._raw_fire, key, end)
+
+    def _unhook(self, address: int) -> None:
+        page = address & ~(PAGE - 1)
+        key = page if self._counting else address
+        if key in self._hooks and not (self._counting and self.pages.get(page)):
+            engine.del_hook(self._uc, self._hooks.pop(key)[1])
+
+    def counting(self, on: bool) -> None:
+        """Switch between the two ways of hooking (between starts; the caller flushes
+        translated code)."""
+        if on == self._counting:
+            return
+        for _, handle in self._hooks.values():
+            engine.del_hook(self._uc, handle)
+        self._hooks.clear()
+        self._counting = on
+        for traps in self.pages.values():
+            for address in traps:
+                self._hook(address)
+
+    def _raw_fire(self, _handle, address, size, _ud):
+        try:
+            self._fire(self._uc, address, size, None)
+        except BaseException as e:  # never let an exception vanish inside ctypes
+            self._on_error(e)
 
     def _fire(self, uc, address, size, _ud):
         trap = self.pages.get(address & ~(PAGE - 1), {}).get(address)
