@@ -434,3 +434,67 @@ def test_audit_counts_stay_exact_below_the_limit_across_counted_runs(asm_guest):
     guest = asm_guest("mov ecx, 10\nl: popcnt eax, ebx\ndec ecx\njnz l\nhlt")
     result = VM(guest, "nehalem", evc="intel-penryn").run(audit=True, max_insns=1_000_000, timeout=10)
     assert [(a["count"], a["more"]) for a in result.audit] == [(10, False)] and result.instructions == 32
+
+
+def _code_pages(path: str, limit: int) -> list[bytes]:
+    """Up to ``limit`` pages (plus the 15 bytes after each) of an ELF's executable segments."""
+    data = open(path, "rb").read()
+    phoff, phnum = struct.unpack_from("<Q", data, 32)[0], struct.unpack_from("<H", data, 56)[0]
+    pages = []
+    for i in range(phnum):
+        kind, flags, offset, _, _, size = struct.unpack_from("<IIQQQQ", data, phoff + 56 * i)
+        if kind == 1 and flags & 1:
+            pages += [data[at:at + 4096 + 15] for at in range(offset, offset + size, 4096)]
+    step = max(len(pages) // limit, 1)
+    return pages[::step][:limit]
+
+
+@pytest.mark.parametrize("binary", ["/bin/busybox", "/lib/x86_64-linux-gnu/libc.so.6"])
+def test_decoding_only_candidate_offsets_plants_every_exit_the_full_superset_does(binary):
+    """The exits of a page come from decoding the offsets where an instruction that can
+    exit may start (an 0F/VEX/EVEX/XOP/LAHF/SAHF/HLT/OUT opcode after up to 14
+    prefixes): on real code, for hosts old and new, with and without auditing, exactly
+    the exits of decoding every offset."""
+    import os
+    from minivmm.masking.view import GuestCpuidView
+    from minivmm.vmm.exits.traps import exit_candidates
+    if not os.path.exists(binary):
+        pytest.skip(f"{binary} is not on this machine")
+    classifiers = []
+    for host, evc, audit in (("core2", None, False), ("opteron-g1", None, False), ("nehalem", "intel-merom", True),
+                             ("sandybridge", None, False), ("haswell", None, True), ("epyc-rome", None, False)):
+        profile = load_profile(host)
+        classifiers.append(VM("hello", profile).classifier(profile, GuestCpuidView.for_host(profile, evc), audit))
+    for data in _code_pages(binary, 24):
+        decoder = Decoder(64, data, ip=0)
+
+        def exits(offsets, classify):
+            found = {}
+            for offset in offsets:
+                decoder.position, decoder.ip = offset, offset
+                action, audited = classify(decoder.decode())
+                if action or audited:
+                    found[offset] = (action, audited)
+            return found
+        candidates = exit_candidates(data, 0, 4096)
+        assert len(candidates) < 4096 // 2
+        for classify in classifiers:
+            assert exits(sorted(candidates), classify) == exits(range(4096), classify)
+
+
+def test_no_one_byte_opcode_outside_the_candidates_needs_a_feature_or_exits():
+    """The whole one-byte opcode map (every first byte after any usual prefix, every
+    ModRM): what does not start with a candidate opcode needs no CPUID feature and is
+    neither HLT nor OUT, so no exit is ever lost by decoding only the candidates."""
+    from iced_x86 import Mnemonic
+    from minivmm.vmm.exits.traps import OPCODES
+    for prefix in (b"", b"\x66", b"\xf2", b"\xf3", b"\x48", b"\xf3\x48"):
+        for opcode in range(256):
+            for modrm in range(256):
+                code = prefix + bytes([opcode, modrm]) + bytes(13)
+                if OPCODES.match(code, len(prefix)) or opcode in b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" \
+                        or 0x40 <= opcode < 0x50:
+                    continue
+                instr = Decoder(64, code, ip=0).decode()
+                assert not isa.needed_features(instr) and instr.mnemonic not in (Mnemonic.HLT, Mnemonic.OUT), \
+                    (code[:len(prefix) + 2].hex(), str(instr))

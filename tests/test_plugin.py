@@ -78,11 +78,16 @@ def test_the_probing_variant_under_minivmm_matrix(tmp_path):
     assert "guest used popcnt path on nehalem where CPUID hides popcnt" in bad.stdout
 
 
+def outside_pytest(folder, timeout=120) -> subprocess.CompletedProcess:
+    """pytest run on ``folder`` as another project runs it (the plugin from its entry point)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder)],
+                          capture_output=True, text=True, cwd=folder, timeout=timeout)
+
+
 def test_marker_without_the_fixture_and_fixture_without_the_marker(tmp_path):
     (tmp_path / "test_misuse.py").write_text(
         "def test_no_marker(minivmm_cell):\n    pass\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = outside_pytest(tmp_path)
     assert done.returncode != 0 and "@pytest.mark.minivmm" in done.stdout
 
 
@@ -93,6 +98,32 @@ def test_minivmm_run_fixture_with_a_shipped_guest(tmp_path):
         "    result = minivmm_run('detect_cpuid', 'penryn', evc='intel-merom')\n"
         "    assert_follows_cpuid(result)\n"
         "    assert result.detections['sse4_1'].cpuid is False\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    done = outside_pytest(tmp_path)
     assert done.returncode == 0, done.stdout
+
+
+@needs_gcc
+def test_a_cell_can_be_a_linux_program_with_arguments(tmp_path):
+    """The marker's args reach the program: the SIGILL prober fails its cell where the
+    Penryn baseline hides the POPCNT it uses; its --cpuid twin passes every cell, the
+    migration to a Penryn at its 19th system call included."""
+    from minivmm.guests import shipped_guests_dir
+    prober = tmp_path / "prober"
+    subprocess.run(["gcc", "-static", "-O1", "-mno-popcnt", "-o", str(prober),
+                    str(shipped_guests_dir().joinpath("linux", "probe_popcnt.c"))], check=True)
+    (tmp_path / "test_prober.py").write_text(
+        "import pytest\n"
+        "from minivmm.testing import assert_follows_cpuid, assert_survives_migration\n"
+        f"PROBER = {str(prober)!r}\n"
+        "@pytest.mark.minivmm(hosts='nehalem', evc='intel-penryn', migrate='nehalem:penryn', at='syscall:19',\n"
+        "                     args=('--cpuid',))\n"
+        "def test_twin(minivmm_cell):\n"
+        "    result = minivmm_cell.run(PROBER)\n"
+        "    assert_survives_migration(result)\n"
+        "    assert_follows_cpuid(result)\n"
+        "@pytest.mark.minivmm(hosts='nehalem', evc='intel-penryn')\n"
+        "def test_prober(minivmm_cell):\n"
+        "    assert_follows_cpuid(minivmm_cell.run(PROBER))\n")
+    done = outside_pytest(tmp_path, timeout=300)
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-2000:]
+    assert "guest used popcnt path on nehalem where CPUID hides popcnt" in done.stdout

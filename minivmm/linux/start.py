@@ -6,6 +6,7 @@ initial stack."""
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -116,7 +117,19 @@ def execve(uc, ram, image, host, view, options: Options, write_xcr0, console) ->
     process.stdout_sink = console
     process.argv = [image.linux["execfn"], *options.argv]
     fs.own = own_trees(process, cpuinfo(host, view))
-    return Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view))
+    kernel = Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view))
+    kernel.cwd = visible_directory(fs, os.getcwd())
+    return kernel
+
+
+def visible_directory(fs, path: str) -> str:
+    """The program starts where the command runs when the mounts show that directory
+    (as qemu-user does), else at the root."""
+    try:
+        canonical, node = fs.resolve(path)
+    except SyscallError:
+        return "/"
+    return canonical if is_dir(node) else "/"
 
 
 def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Process:

@@ -521,7 +521,9 @@ class _Run:
         inputs, outputs = self._syscall_registers
         engine_module.reg_read_batch(uc._uch, inputs.ids, inputs.pointers, inputs.count)
         values = inputs.values
-        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)  # a signal raised by the call returns past it
+        # A single write of RIP is what makes the engine resume there (the batch write
+        # does not end the translated block); a signal the call raises returns past it too.
+        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)
         result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
         if result is not RETURNED:
             outputs.values[0], outputs.values[1], outputs.values[2], outputs.values[3] = \

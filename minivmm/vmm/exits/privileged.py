@@ -128,12 +128,13 @@ class PrivilegedExits:
     # -- fast system calls --------------------------------------------------------------
 
     def _syscall(self, uc, next_rip: int):
-        """SDM Vol. 2B, SYSCALL: #UD while EFER.SCE is clear; otherwise done here."""
-        if not uc.reg_read(x86.UC_X86_REG_MSR, EFER) & 1:
-            return 6, "SYSCALL with EFER.SCE clear"
+        """SDM Vol. 2B, SYSCALL: #UD while EFER.SCE is clear; otherwise done here. (A
+        Linux program's kernel set SCE, and ring 3 cannot clear it: no MSR read per call.)"""
         if self.on_syscall:
             self.on_syscall(uc, next_rip)
             return None
+        if not uc.reg_read(x86.UC_X86_REG_MSR, EFER) & 1:
+            return 6, "SYSCALL with EFER.SCE clear"
         rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)
         star = uc.reg_read(x86.UC_X86_REG_MSR, STAR)
         uc.reg_write(x86.UC_X86_REG_RCX, next_rip)

@@ -17,6 +17,7 @@ translated (self-modifying code).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import iced_x86
@@ -29,6 +30,34 @@ PAGE = 0x1000
 MAX_INSN = 15
 TRAP = 1 << 50                  # where refused pages map: no memory, above every user address, below 2^52
 _NEEDS = {UC_MEM_FETCH: UC_PROT_EXEC, UC_MEM_WRITE: UC_PROT_WRITE, UC_MEM_READ: UC_PROT_READ}
+
+# Legacy prefixes and REX, which may stand before an opcode (at most 14 of them).
+PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
+# The opcode of every instruction an exit is planted on: an instruction that needs a
+# CPUID feature lies behind the 0F escape or a VEX, EVEX or XOP prefix (C4, C5, 62, 8F),
+# or is one of the few one-byte opcodes that need one (x87's D8-DF: FISTTP is SSE3's,
+# FCMOV and FCOMI CMOV's; LAHF/SAHF; RTM's XABORT C6 F8 and XBEGIN C7 F8); then HLT and
+# OUT. (Tested over the whole one-byte opcode map, and against decoding every offset
+# of real binaries.)
+OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9e\x9f\xd8-\xdf\xf4\xe6\xe7\xee\xef]|[\xc6\xc7]\xf8")
+
+
+def exit_candidates(data: bytes, first: int, last: int) -> set[int]:
+    """The offsets in [first, last) where an instruction an exit may be planted on can
+    start: an opcode byte above, or up to 14 prefixes before one. Decoding only these
+    is the superset decode, without the offsets that cannot matter (most of a page)."""
+    out = set()
+    for match in OPCODES.finditer(data, first, min(len(data), last + MAX_INSN - 1)):
+        at = match.start()
+        offset = at
+        while True:
+            if first <= offset < last:
+                out.add(offset)
+            if offset == 0 or at - offset >= MAX_INSN - 1 or data[offset - 1] not in PREFIXES:
+                break
+            offset -= 1
+    return out
+
 
 # classify(instr) -> (action or None, audited features): what an exit at this instruction does.
 Classifier = Callable[[object], tuple[str | None, frozenset[str]]]
@@ -159,11 +188,15 @@ class InstructionExits:
     def _bytes(self, page: int) -> bytes:
         return bytes(self.ram[page:min(page + PAGE + MAX_INSN, self.memory)])
 
-    def _update(self, page: int, offsets) -> None:
+    def _update(self, page: int, offsets: range) -> None:
         data = self._bytes(page)
         decoder = iced_x86.Decoder(64, data, ip=page)
         traps = self.pages[page]
-        for offset in offsets:
+        starts = exit_candidates(data, offsets.start, offsets.stop)
+        for address in [a for a in traps if offsets.start <= a - page < offsets.stop and a - page not in starts]:
+            del traps[address]  # those bytes can no longer start an instruction that exits
+            self._unhook(address)
+        for offset in sorted(starts):
             address = page + offset
             decoder.position, decoder.ip = offset, address
             instr = decoder.decode()
