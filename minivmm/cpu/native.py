@@ -36,6 +36,9 @@ _SUBLEAF_LIMITS = {0x4: 16, 0x7: None, 0xB: 8, 0xD: 64, 0xF: 4, 0x10: 8, 0x12: 8
                    0x8000001D: 16, 0x80000020: 4, 0x80000026: 4}
 
 
+# uint64_t xgetbv0(void): XCR0, the state components the machine's OS enabled
+_XGETBV = bytes.fromhex("31c9" "0f01d0" "48c1e220" "4809d0" "c3")  # xor ecx,ecx; xgetbv; shl rdx,32; or rax,rdx; ret
+
 # uint64_t rdtsc(void)
 _RDTSC = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")  # rdtsc; shl rdx, 32; or rax, rdx; ret
 
@@ -99,3 +102,26 @@ def read_table() -> CpuidTable:
         if leaf in (0xB, 0x1F):
             entries[(leaf, sub)] = (a, b, c, 0)
     return CpuidTable(entries, "native")
+
+
+XCR0_YMM, XCR0_ZMM = 0x6, 0xE6
+_NEEDS_YMM = ("avx", "avx2", "fma", "f16c", "vaes", "vpclmulqdq", "avx_vnni")
+
+
+@functools.cache
+def machine_features() -> frozenset[str]:
+    """The features instructions may use on this machine: its CPUID bits, less the
+    vector extensions whose register state its OS did not enable in XCR0 (executing one
+    would be #UD in minivmm's own process)."""
+    from .features import catalogue
+    table = read_table()
+    features = set(catalogue().decode(table))
+    xcr0 = 0
+    if table[(1, 0)][2] >> 27 & 1:  # OSXSAVE: XGETBV is allowed
+        fn, _page = _executable(_XGETBV, ctypes.c_uint64)
+        xcr0 = fn()
+    if xcr0 & XCR0_YMM != XCR0_YMM:
+        features -= {f for f in features if f in _NEEDS_YMM or f.startswith("avx512")}
+    if xcr0 & XCR0_ZMM != XCR0_ZMM:
+        features -= {f for f in features if f.startswith("avx512")}
+    return frozenset(features)

@@ -35,6 +35,7 @@ GDT = struct.pack("<7Q", 0, 0x00209A0000000000, 0x0000920000000000, 0, 0x00CFFA0
 EFER_SCE = 1
 CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE, CR4_OSXSAVE = 1 << 9, 1 << 10, 1 << 16, 1 << 18
 XCR0_X87_SSE, XCR0_AVX, XCR0_AVX512 = 0x3, 0x4, 0xE0
+FCW_INIT, MXCSR_INIT = 0x37F, 0x1F80   # arch/x86/kernel/fpu/init.c: every exception masked
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Pro
         uc.reg_write(reg, USER_DS)
     uc.reg_write(x86.UC_X86_REG_CS, USER_CS)
     uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x202)
+    uc.reg_write(x86.UC_X86_REG_FPCW, FCW_INIT)   # as fpstate_init gives a new process
+    uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_INIT)
     uc.reg_write(x86.UC_X86_REG_RSP, rsp)
     uc.reg_write(x86.UC_X86_REG_RIP, entry)
     return process

@@ -59,13 +59,15 @@ SELECTORS = ("ES", "CS", "SS", "DS", "FS", "GS")
 BASES = ("FS_BASE", "GS_BASE")
 X87 = tuple(f"FP{i}" for i in range(8)) + ("FPCW", "FPSW", "FPTAG", "FIP", "FCS", "FDP", "FDS", "FOP")
 SSE = ("MXCSR",) + tuple(f"XMM{i}" for i in range(16))
+YMM = tuple(f"YMM{i}" for i in range(16))   # whole, upper halves included; written after XMM
 GENERAL = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP") + tuple(f"R{i}" for i in range(8, 16)) + ("RFLAGS",)
-ORDER = (CONTROL, tuple(MSRS), TABLES, SELECTORS, BASES, X87, SSE, GENERAL, ("RIP",))
+ORDER = (CONTROL, tuple(MSRS), TABLES, SELECTORS, BASES, X87, SSE, YMM, GENERAL, ("RIP",))
 REGISTERS = tuple(name for group in ORDER for name in group)
+OPTIONAL = frozenset(YMM)   # snapshots written before minivmm kept YMM's upper halves lack them
 # (elements, bits of each): descriptor tables are (selector, base, limit, flags), x87
 # registers (mantissa, exponent); everything else one number.
 SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in range(8)},
-          **{f"XMM{i}": (1, 128) for i in range(16)}}
+          **{f"XMM{i}": (1, 128) for i in range(16)}, **{name: (1, 256) for name in YMM}}
 
 
 def read_registers(uc, skip=()) -> dict:
@@ -234,9 +236,9 @@ class Snapshot:
         for key in ("masks", "hosts"):
             if not all(isinstance(item, str) and len(item) < 4096 for item in meta[key]) or len(meta[key]) > 256:
                 bad(f"meta.{key} must be a list of strings")
-        unknown = set(self.regs) - set(REGISTERS)
-        if unknown or set(REGISTERS) - set(self.regs):
-            bad(f"register set differs from this format's ({sorted(unknown or set(REGISTERS) - set(self.regs))[:3]})")
+        unknown, missing = set(self.regs) - set(REGISTERS), set(REGISTERS) - OPTIONAL - set(self.regs)
+        if unknown or missing:
+            bad(f"register set differs from this format's ({sorted(unknown or missing)[:3]})")
         for name, value in self.regs.items():
             count, bits = SHAPES.get(name, (1, 64))
             values = value if isinstance(value, list) and count > 1 else [value]

@@ -27,6 +27,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_ME
 
 from ..cpu import isa
 from ..cpu.features import catalogue
+from ..cpu.native import machine_features
 from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError
 from ..files import check_output
@@ -49,6 +50,7 @@ from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.traps import TRAP
 from .exits.emulate import bit_scan
+from .exits.native import NativeExecutor
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .ram import touched_pages
@@ -66,6 +68,7 @@ GDT = struct.pack("<QQQ", 0, 0x00209A0000000000, 0x0000920000000000)  # null, 64
 CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
 CR0_BOOT = 0x33                   # PE | MP | ET | NE; not EM, not TS
 CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE op is #UD
+MXCSR_RESET = 0x1F80              # SDM Vol. 1, 10.2.3: every exception masked (the engine starts at 0)
 XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX state
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
 MS_CHUNK = 2_000_000              # instructions between clock checks while an ms: point is pending
@@ -328,6 +331,9 @@ class _Engine:
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
+        machine = machine_features()
+        if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
+            self.faults.native = NativeExecutor(uc, self.ram, machine)
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             self.privileged.on_syscall = run._syscall
             self.faults.signals = True
@@ -352,6 +358,7 @@ class _Engine:
             else:
                 uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)  # the engine model has no XSAVE
         uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
+        uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_RESET)
         uc.reg_write(x86.UC_X86_REG_RSP, vm.memory & ~0xF)
         uc.reg_write(x86.UC_X86_REG_RIP, vm.image.entry)
 
@@ -494,6 +501,8 @@ class _Run:
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
         memory.on_change = lambda start, end: self.engine.exits.flush_tlb()
         self.engine.exits.protection = memory.pages
+        if self.engine.faults.native is not None:
+            self.engine.faults.native.protection = memory.pages
         self.engine.exits.flush_tlb()
 
     # -- exits ---------------------------------------------------------------------------

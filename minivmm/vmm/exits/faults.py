@@ -18,6 +18,7 @@ from .. import engine, idt
 from ..log import ExitLog
 from ..report import SIGNALS, Stop
 from .emulate import EMULATED
+from .native import Fault
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
@@ -49,6 +50,7 @@ class FaultExits:
         self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
         self.signals = False         # a Linux program: faults become the signals Linux sends
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
+        self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -141,15 +143,24 @@ class FaultExits:
 
     def unsupported(self, uc, rip: int, instr, needs) -> None:
         """An instruction the host has and the engine cannot run: unless the guest has
-        not enabled what it needs, which makes it the architecture's #UD."""
+        not enabled what it needs, which makes it the architecture's #UD. Where the
+        machine has it too, it runs on the machine's own CPU."""
         reason = self._os_disabled(uc, instr)
         if reason:
             self.deliver(uc, 6, rip, instr=instr, detail=reason)
             return
+        if self.native is not None and self.native.can_run(instr, needs):
+            try:
+                self.native.run(uc, rip, instr, uc.reg_read(x86.UC_X86_REG_CR4))
+            except Fault as fault:
+                self._native_fault(uc, rip, instr, fault)
+            return
         text = isa.disassemble(instr)
         beyond = sorted(needs - isa.engine_capable()) or sorted(needs)
+        lacking = sorted(needs - self.native.machine) if self.native is not None else []
         message = (f"{text} at {rip:#x} needs {', '.join(beyond)}: {self.host.name} has it, but the "
-                   f"emulation engine cannot execute it exactly")
+                   f"emulation engine cannot execute it exactly"
+                   + (f", and this machine lacks {', '.join(lacking)}" if lacking else ""))
         self._end(Stop("unsupported", rip=rip, instruction=text, missing_features=beyond, message=message))
         uc.emu_stop()
 
@@ -222,6 +233,17 @@ class FaultExits:
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
+
+    def _native_fault(self, uc, rip: int, instr, fault) -> None:
+        """What the machine's CPU would have raised, checked before it ran: the guest's."""
+        from unicorn import UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED
+        if fault.vector == 14 and fault.allowed is not None:  # a Linux program's page protections
+            access = UC_MEM_WRITE_UNMAPPED if fault.access == "write" else UC_MEM_READ_UNMAPPED
+            self.on_denied(uc, access, fault.address, fault.allowed)
+            return
+        if fault.vector == 14:
+            uc.reg_write(x86.UC_X86_REG_CR2, fault.address)
+        self.deliver(uc, fault.vector, rip, fault.error, instr=instr, detail=fault.detail)
 
     def on_denied(self, uc, access: int, address: int, allowed: int) -> None:
         """An access a Linux program's page protections refuse (the engine stopped at

@@ -1,0 +1,309 @@
+"""Instructions the engine cannot execute, executed on the machine's own CPU.
+
+A host profile's AVX, AVX2, FMA, F16C, SHA, VAES, GFNI ... instructions are planted
+with an exit (the engine has none of them, and mis-executes VEX.128). Where the machine
+minivmm runs on has the instruction too, the exit runs it natively, with the guest's
+state, in a thunk compiled once per instruction and cached by its address and bytes:
+
+    prologue   save the host's callee-saved registers and MXCSR; load the guest's
+               YMM0-15, MXCSR, arithmetic flags and general registers from a context
+    scratch    a register the instruction does not use, holding the host address of
+               its memory operand's base (guest RAM's host address + the guest's base,
+               segment base folded in): guest RSP never becomes the host's stack
+    the instruction, its memory operand rewritten to [scratch + index*scale + disp]
+    epilogue   store everything back into the context, restore the host's state
+
+Every byte a memory operand can touch is checked first, against RAM (and a Linux
+program's page protections), canonical form and the alignment the instruction demands:
+a guest fault is the guest's #PF or #GP, never a signal in the VMM's process. Masked
+loads and stores (VMASKMOV, VPMASKMOV) and gathers (VSIB) check only the elements their
+mask enables, as the SDM says they access. SIMD floating-point exceptions run masked
+natively; one the guest's MXCSR unmasks is its #XM (or #UD with CR4.OSXMMEXCPT clear),
+with nothing written back, as a fault leaves the destination untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import struct
+
+import unicorn.x86_const as x86
+from iced_x86 import (EncodingKind, Encoder, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
+                      RegisterExt)
+
+from .. import engine
+
+GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{i}" for i in range(8, 16))
+SLOT = {name: 8 * i for i, name in enumerate(GPRS)}
+RFLAGS, MXCSR, HOST_MXCSR, SCRATCH, FS_BASE, GS_BASE, YMM = 128, 136, 140, 160, 168, 176, 192
+CONTEXT_SIZE = YMM + 32 * 16
+ARITHMETIC_FLAGS = 0x8D5           # CF PF AF ZF SF OF: what the instruction may change
+DF = 0x400
+MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
+CR4_OSXMMEXCPT = 1 << 10
+CODE_ARENA = 1 << 20               # executable bytes for thunks (a new arena when full)
+SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", "RAX", "R12", "R13", "R14", "R15")
+
+# Moves that demand natural alignment of their memory operand (#GP(0) otherwise; SDM
+# Vol. 2, each instruction's "Protected Mode Exceptions").
+ALIGNED = frozenset(getattr(Mnemonic, m) for m in (
+    "VMOVAPS", "VMOVAPD", "VMOVDQA", "VMOVDQA32", "VMOVDQA64", "VMOVNTPS", "VMOVNTPD", "VMOVNTDQ", "VMOVNTDQA"))
+MASKED = {Mnemonic.VMASKMOVPS: 4, Mnemonic.VMASKMOVPD: 8, Mnemonic.VPMASKMOVD: 4, Mnemonic.VPMASKMOVQ: 8}
+# What the context cannot stand for: MXCSR loaded or stored by the instruction itself,
+# and the XSAVE family, which would write the machine's state layout, not the guest's.
+REFUSED = frozenset(getattr(Mnemonic, m) for m in (
+    "VLDMXCSR", "VSTMXCSR", "XSAVE", "XSAVE64", "XSAVEC", "XSAVEC64", "XSAVEOPT", "XSAVEOPT64", "XSAVES", "XSAVES64",
+    "XRSTOR", "XRSTOR64", "XRSTORS", "XRSTORS64"))
+
+
+def _register_name(register: int) -> str:
+    return next(k for k, v in vars(Register).items() if v == register)
+
+
+def _full(register: int) -> int:
+    return RegisterExt.full_register(register)
+
+
+class Fault(Exception):
+    """The guest's exception instead of the instruction: vector, error code, CR2, and
+    for a Linux program the page's protection byte (None for RAM that is absent)."""
+
+    def __init__(self, vector: int, error: int | None = None, address: int | None = None,
+                 detail: str = "", access: str = "read", allowed: int | None = None):
+        super().__init__(detail)
+        self.vector, self.error, self.address, self.detail = vector, error, address, detail
+        self.access, self.allowed = access, allowed
+
+
+@functools.cache
+def _assembled() -> dict[str, bytes]:
+    """The thunk's fixed parts, assembled once (keystone, from these lines)."""
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    ks = Ks(KS_ARCH_X86, KS_MODE_64)
+
+    def asm(lines: list[str]) -> bytes:
+        return bytes(ks.asm("; ".join(lines))[0])
+    loads = [f"mov {name.lower()}, qword ptr [rdi+{SLOT[name]}]" for name in GPRS if name not in ("RSP", "RDI")]
+    stores = [f"mov qword ptr [rdi+{SLOT[name]}], {name.lower()}" for name in GPRS if name not in ("RSP", "RDI")]
+    prologue = asm(["push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15", "push rdi",
+                    f"stmxcsr dword ptr [rdi+{HOST_MXCSR}]", f"ldmxcsr dword ptr [rdi+{MXCSR}]",
+                    *(f"vmovdqu ymm{i}, ymmword ptr [rdi+{YMM + 32 * i}]" for i in range(16)),
+                    f"push qword ptr [rdi+{RFLAGS}]", "popfq", *loads])
+    epilogue = asm(["pushfq", "cld", "xchg rdi, qword ptr [rsp+8]", *stores, "pop rax",
+                    f"mov qword ptr [rdi+{RFLAGS}], rax", "pop rax", f"mov qword ptr [rdi+{SLOT['RDI']}], rax",
+                    *(f"vmovdqu ymmword ptr [rdi+{YMM + 32 * i}], ymm{i}" for i in range(16)),
+                    f"stmxcsr dword ptr [rdi+{MXCSR}]", f"ldmxcsr dword ptr [rdi+{HOST_MXCSR}]", "vzeroupper",
+                    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx", "ret"])
+    parts = {"prologue": prologue, "epilogue": epilogue, "guest_rdi": asm([f"mov rdi, qword ptr [rdi+{SLOT['RDI']}]"])}
+    for name in GPRS:
+        if name not in ("RSP", "RDI"):
+            parts[name] = asm([f"mov {name.lower()}, qword ptr [rdi+{SCRATCH}]"])
+    return parts
+
+
+class Thunk:
+    """A compiled instruction: the native function, the scratch register it borrowed,
+    and what its memory operand is (None without one)."""
+
+    def __init__(self, function, instr, scratch: str | None, memory: dict | None):
+        self.function, self.instr, self.scratch, self.memory = function, instr, scratch, memory
+
+
+class NativeExecutor:
+    """One per engine: the context, the code arena, the thunks."""
+
+    def __init__(self, uc, ram, machine_features: frozenset[str]):
+        self.uc, self.ram, self.machine = uc, ram, machine_features
+        self.ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+        self.memory = len(ram)
+        self.context = (ctypes.c_uint8 * CONTEXT_SIZE)()
+        self.context_address = ctypes.addressof(self.context)
+        regs = [getattr(x86, f"UC_X86_REG_{n}") for n in GPRS] + [x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_MXCSR,
+                                                                  x86.UC_X86_REG_FS_BASE, x86.UC_X86_REG_GS_BASE]
+        offsets = [SLOT[n] for n in GPRS] + [RFLAGS, MXCSR, FS_BASE, GS_BASE]
+        regs += [getattr(x86, f"UC_X86_REG_YMM{i}") for i in range(16)]
+        offsets += [YMM + 32 * i for i in range(16)]
+        self._ids = (ctypes.c_int * len(regs))(*regs)
+        self._pointers = (ctypes.c_void_p * len(regs))(*(self.context_address + o for o in offsets))
+        self._count = len(regs)
+        self._thunks: dict[tuple, Thunk] = {}
+        self._arenas: list[mmap.mmap] = []
+        self._used = CODE_ARENA
+        self.protection = None   # a Linux program's page protections (see InstructionExits)
+        self.executed = 0
+
+    # -- what it takes --------------------------------------------------------------------
+
+    def can_run(self, instr, needs: frozenset[str]) -> bool:
+        """The machine has what ``instr`` needs, and the context holds all it touches:
+        general registers, flags, XMM/YMM 0-15 and memory."""
+        if not needs <= self.machine or instr.mnemonic in REFUSED or instr.encoding == EncodingKind.EVEX:
+            return False
+        for used in InstructionInfoFactory().info(instr).used_registers():
+            r = used.register
+            # a VEX instruction zeroes its destination above 128/256 bits: iced names the ZMM
+            vector = RegisterExt.is_xmm(r) or RegisterExt.is_ymm(r) or RegisterExt.is_zmm(r)
+            if not (RegisterExt.is_gpr(r) or r == Register.RIP or (vector and RegisterExt.number(r) < 16)):
+                return False
+        return True
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, uc, address: int, instr, cr4: int) -> None:
+        """Execute ``instr`` at ``address`` with the guest's state; raises Fault."""
+        thunk = self._thunk(address, instr)
+        engine.reg_read_batch(uc._uch, self._ids, self._pointers, self._count)
+        ctx = self.context
+        values = lambda off: int.from_bytes(bytes(ctx[off:off + 8]), "little")  # noqa: E731
+        guest_flags, guest_mxcsr = values(RFLAGS), values(MXCSR) & 0xFFFFFFFF
+        saved_scratch = values(SLOT[thunk.scratch]) if thunk.scratch else None
+        if thunk.memory is not None:
+            base = self._check_memory(thunk, values)
+            struct.pack_into("<Q", ctx, SCRATCH, (self.ram_base + base) & (1 << 64) - 1)
+        struct.pack_into("<Q", ctx, RFLAGS, guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2)
+        # exceptions masked and flags clear: what this instruction raises shows in the flags
+        struct.pack_into("<I", ctx, MXCSR, guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS)
+        before = bytes(ctx)
+        thunk.function(self.context_address)
+        raised = values(MXCSR) & MXCSR_FLAGS
+        unmasked = ~(guest_mxcsr >> 7) & MXCSR_FLAGS
+        if raised & unmasked:
+            ctypes.memmove(self.context_address, before, CONTEXT_SIZE)  # a fault writes nothing
+            if cr4 & CR4_OSXMMEXCPT:
+                raise Fault(19, detail=f"unmasked SIMD floating-point exception (MXCSR flags {raised:#x})")
+            raise Fault(6, detail="unmasked SIMD floating-point exception with CR4.OSXMMEXCPT clear")
+        struct.pack_into("<Q", ctx, RFLAGS, guest_flags & ~ARITHMETIC_FLAGS | values(RFLAGS) & ARITHMETIC_FLAGS)
+        struct.pack_into("<I", ctx, MXCSR, guest_mxcsr | raised)
+        if thunk.scratch:
+            struct.pack_into("<Q", ctx, SLOT[thunk.scratch], saved_scratch)
+        engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
+        uc.reg_write(x86.UC_X86_REG_RIP, address + instr.len)  # resume past it (a single write ends the block)
+        self.executed += 1
+
+    def _check_memory(self, thunk: Thunk, values) -> int:
+        """The base (guest linear, segment included) of the memory operand, once every
+        byte it will touch is known to be the guest's to touch."""
+        m = thunk.memory
+        base = (values(SLOT[m["base"]]) if m["base"] else 0) + (values(m["segment"]) if m["segment"] else 0) \
+            + m["folded"]
+        index = values(SLOT[m["index"]]) if m["index"] else 0
+        start = (base + index * m["scale"] + m["displacement"]) & (1 << 64) - 1
+        if m["vsib"]:
+            spans = self._vsib_spans(m, base)
+        elif m["masked"]:
+            spans = self._masked_spans(m, start)
+        else:
+            spans = [(start, m["size"])]
+        for at, size in spans:
+            self._check_span(at, size, m["writes"], m["reads"])
+        if m["aligned"] and start % m["size"]:
+            raise Fault(13, 0, detail=f"{m['size']}-byte aligned access at {start:#x} is misaligned")
+        return base
+
+    def _check_span(self, at: int, size: int, writes: bool, reads: bool) -> None:
+        end = at + size
+        for address in (at, end - 1):
+            if address >> 47 not in (0, 0x1FFFF) or address >> 64:
+                raise Fault(13, 0, detail=f"non-canonical address {at:#x}")
+        if end > self.memory:
+            cr2 = max(at, self.memory)  # the first byte the CPU cannot reach
+            raise Fault(14, 0x2 if writes else 0, cr2, f"access to {at:#x}-{end - 1:#x} reaches beyond guest RAM "
+                        f"(CR2 {cr2:#x})", "write" if writes else "read")
+        if self.protection is not None:
+            need = (2 if writes else 0) | (1 if reads or not writes else 0)
+            for page in range(at >> 12, ((end - 1) >> 12) + 1):
+                allowed = self.protection[page]
+                if allowed & need != need:
+                    raise Fault(14, None, max(at, page << 12), "", "write" if writes and allowed & 1 else "read",
+                                allowed)
+
+    def _ymm(self, register: int) -> bytes:
+        i = register - Register.YMM0 if register >= Register.YMM0 else register - Register.XMM0
+        return bytes(self.context[YMM + 32 * i:YMM + 32 * i + 32])
+
+    def _masked_spans(self, m, start: int) -> list[tuple[int, int]]:
+        width, mask = m["masked"], self._ymm(m["mask"])
+        return [(start + i * width, width) for i in range(m["size"] // width) if mask[i * width + width - 1] & 0x80]
+
+    def _vsib_spans(self, m, base: int) -> list[tuple[int, int]]:
+        index, mask = self._ymm(m["index_vector"]), self._ymm(m["mask"])
+        width, element = m["index_width"], m["element"]
+        count = min(m["lanes"], 32 // max(width, element))
+        spans = []
+        for i in range(count):
+            if not mask[i * element + element - 1] & 0x80:
+                continue  # a masked-off element is never read
+            offset = int.from_bytes(index[i * width:i * width + width], "little", signed=True)
+            spans.append(((base + offset * m["scale"] + m["displacement"]) & (1 << 64) - 1, element))
+        return spans
+
+    # -- compiling --------------------------------------------------------------------------
+
+    def _thunk(self, address: int, instr) -> Thunk:
+        key = (address, bytes(self.ram[address:address + instr.len]))  # new bytes there: a new thunk
+        thunk = self._thunks.get(key)
+        if thunk is None:
+            thunk = self._thunks[key] = self._compile(instr)
+        return thunk
+
+    def _compile(self, instr) -> Thunk:
+        parts = _assembled()
+        info = InstructionInfoFactory().info(instr)
+        code, memory, scratch = instr.copy(), None, None
+        if any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)):
+            used = {RegisterExt.full_register(r.register) for r in info.used_registers()}
+            scratch = next(n for n in SCRATCH_CHOICES if getattr(Register, n) not in used)
+            memory = self._memory_operand(instr, info)
+            code.memory_base = getattr(Register, scratch)
+            code.segment_prefix = Register.NONE
+            if instr.is_ip_rel_memory_operand:  # the target is folded into the scratch
+                code.memory_displacement, code.memory_displ_size = 0, 0
+        encoder = Encoder(64)
+        encoder.encode(code, 0)
+        body = encoder.take_buffer()
+        machine_code = parts["prologue"] + (parts[scratch] if scratch else b"") + parts["guest_rdi"] + body \
+            + parts["epilogue"]
+        return Thunk(self._place(machine_code), instr, scratch, memory)
+
+    def _memory_operand(self, instr, info) -> dict:
+        used = next((u for u in info.used_memory() if u.access != OpAccess.NO_MEM_ACCESS), None)
+        access = used.access if used else OpAccess.READ
+        base = instr.memory_base
+        segment = {Register.FS: FS_BASE, Register.GS: GS_BASE}.get(instr.memory_segment)
+        rip_relative = instr.is_ip_rel_memory_operand
+        m = {"base": None if base in (Register.NONE, Register.RIP, Register.EIP) else _register_name(_full(base)),
+             "index": None, "scale": instr.memory_index_scale,
+             # RIP-relative: the target goes into the scratch; else the CPU adds the displacement
+             "folded": instr.ip_rel_memory_address if rip_relative else 0,
+             "displacement": 0 if rip_relative else _signed(instr.memory_displacement),
+             "segment": segment, "size": MemorySizeExt.size(instr.memory_size),
+             "reads": access in (OpAccess.READ, OpAccess.READ_WRITE, OpAccess.COND_READ, OpAccess.READ_COND_WRITE),
+             "writes": access in (OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE),
+             "aligned": instr.mnemonic in ALIGNED, "masked": MASKED.get(instr.mnemonic), "vsib": instr.is_vsib}
+        if m["masked"]:
+            m["mask"] = instr.op1_register
+        if instr.is_vsib:
+            m["index_vector"] = instr.memory_index
+            m["index_width"] = 4 if instr.is_vsib32 else 8
+            m["element"] = MemorySizeExt.element_size(instr.memory_size)
+            m["lanes"] = 8 if RegisterExt.is_ymm(instr.memory_index) or RegisterExt.is_ymm(instr.op0_register) else 4
+            m["mask"] = instr.op_register(instr.op_count - 1)
+        elif instr.memory_index != Register.NONE:
+            m["index"] = _register_name(_full(instr.memory_index))
+        return m
+
+    def _place(self, code: bytes):
+        if self._used + len(code) > CODE_ARENA:
+            self._arenas.append(mmap.mmap(-1, CODE_ARENA, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
+            self._used = 0
+        arena, at = self._arenas[-1], self._used
+        arena[at:at + len(code)] = code
+        self._used = (at + len(code) + 15) & ~15
+        address = ctypes.addressof(ctypes.c_char.from_buffer(arena)) + at
+        return ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >> 63 else value
