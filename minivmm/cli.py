@@ -699,7 +699,7 @@ def cc(sources, output):
 
 
 @cli.command()
-@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|linux|all]")
+@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|linux|avx2|all]")
 @click.option("--pace", is_flag=True, help="Wait for a key press between steps (for a classroom).")
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and their results as JSON.")
 def demo(name, pace, as_json):
@@ -715,6 +715,8 @@ def demo(name, pace, as_json):
       avx       the complete AVX check (CPUID, OSXSAVE, XGETBV) vs the naive one
       linux     real gcc -static programs: glibc and libgcc follow the view; a
                 SIGILL-probing program dies after migration (needs gcc)
+      avx2      the same one generation later: AVX2 probed on a Haswell under the
+                Sandy Bridge baseline, run by this machine's CPU (needs gcc, AVX2)
       all       all of them, in that order (the default)
 
     \b

@@ -72,9 +72,21 @@ def test_linux_real_programs_follow_the_view_and_the_prober_dies_after_migrating
     assert twin.facts["checksum"] == re.search(r"checksum: (\d+)", probe.console)[1]
 
 
+def test_avx2_probe_dies_after_migrating_to_sandybridge_and_its_twin_survives(steps):
+    if steps["avx2"][0].facts.get("skipped"):
+        pytest.skip(steps["avx2"][0].facts["skipped"])
+    probe, dies, twin = steps["avx2"]
+    assert probe.console.startswith("avx2: cpuid=0 probe=1 uses=avx2")
+    assert (dies.facts["stop"], dies.facts["host"], dies.facts["missing_features"]) == \
+        ("signaled", "sandybridge", ["avx2"])
+    assert twin.facts["stop"] == "exited" and twin.facts["host"] == "sandybridge"
+    assert twin.facts["checksum"] == re.search(r"checksum: (\d+)", probe.console)[1]
+
+
 def test_each_steps_command_reproduces_it(steps):
     """The printed command is the run: executed by the CLI it gives the same console."""
     linux = [] if steps["linux"][0].facts.get("skipped") else [steps["linux"][3]]
+    linux += [] if steps["avx2"][0].facts.get("skipped") else [steps["avx2"][1]]
     for step in (steps["ud-probe"][2], steps["override"][1], steps["avx"][0], *linux):
         args = shlex.split(step.command)[1:]
         done = minivmm_cli(*args, "--json")

@@ -10,12 +10,15 @@ the memory must come out identical. Forms the machine lacks are skipped, saying 
 import ctypes
 import mmap
 import random
+import shutil
 import struct
+import subprocess
 
 import pytest
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
 from minivmm.cpu.native import machine_features
+from minivmm.guests import shipped_guests_dir
 from minivmm.guests.assembler import assemble
 from minivmm.guests.loader import GuestImage
 from minivmm.vmm.vm import VM
@@ -211,3 +214,84 @@ def test_a_gather_checks_each_enabled_element():
     assert (beyond.stop.reason, beyond.stop.vector) == ("crashed", 14)
     masked = setup[:3] + ["vpxor ymm2, ymm2, ymm2"]
     assert _fault("vpgatherdd ymm0, dword ptr [rsi+ymm1*4], ymm2", (16 << 20) + 64, masked).stop.reason == "exited"
+
+
+# ---- a real AVX2 program -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed: cannot build the AVX2 kernel")
+    if not {"avx2", "fma", "f16c"} <= machine_features():
+        pytest.skip("this machine lacks AVX2, FMA or F16C: the kernel cannot run natively to compare")
+    out = tmp_path_factory.mktemp("avx2") / "avx2_kernel"
+    subprocess.run(["gcc", "-static", "-O2", "-mavx2", "-mfma", "-mf16c", "-o", str(out),
+                    str(shipped_guests_dir().joinpath("linux", "avx2_kernel.c"))], check=True)
+    return str(out)
+
+
+ITERATIONS = "2000"
+
+
+def test_an_avx2_kernel_prints_on_haswell_what_it_prints_natively(kernel):
+    """Gathers, lane permutes, variable shifts, FMA and half-float conversions (and glibc's
+    own AVX2 string functions) on the Haswell profile, run by the machine's CPU."""
+    native = subprocess.run([kernel, ITERATIONS], capture_output=True, text=True, timeout=60).stdout
+    result = VM(kernel, "haswell", argv=[ITERATIONS]).run(timeout=120)
+    assert result.exit_code == 0 and result.console == native and native.count("round") == 6, result.stop.message
+
+
+def test_the_same_kernel_on_sandybridge_is_sigill_naming_avx2(kernel):
+    result = VM(kernel, "sandybridge", argv=[ITERATIONS]).run(timeout=120)
+    assert (result.stop.signal, result.exit_code) == ("SIGILL", 132) and result.stop.missing_features == ["avx2"]
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_migrated_mid_kernel_to_broadwell_it_prints_the_same(kernel, live):
+    """Moved after round 2's line: stop-and-copy between rounds, and pre-copy, whose
+    rounds let the kernel run on (its YMM accumulators live) until the switchover."""
+    from minivmm.vmm.migration import PreCopy
+    alone = VM(kernel, "haswell", argv=[ITERATIONS]).run(timeout=120)
+    point = [i + 1 for i, name in enumerate(alone.syscalls["sample"]) if name == "write"][2]
+    moved = VM(kernel, "haswell", argv=[ITERATIONS]).run(
+        migrations=[f"broadwell@syscall:{point}"], timeout=300,
+        precopy=PreCopy(guest_insns_per_s=1e8) if live else PreCopy(enabled=False))  # ~60k instructions a round
+    assert moved.migrations[0]["mode"] == ("pre-copy" if live else "stop-and-copy")
+    assert moved.migrations[0]["ok"] and moved.hosts == ["haswell", "broadwell"]
+    assert moved.console == alone.console and moved.exit_code == 0
+
+
+def test_forced_to_sandybridge_mid_kernel_it_dies_of_sigill_naming_avx2(kernel):
+    alone = VM(kernel, "haswell", argv=[ITERATIONS]).run(timeout=120)
+    point = [i + 1 for i, name in enumerate(alone.syscalls["sample"]) if name == "write"][2]
+    from minivmm.vmm.migration import PreCopy
+    moved = VM(kernel, "haswell", argv=[ITERATIONS]).run(migrations=[f"sandybridge@syscall:{point}"], force=True,
+                                                          precopy=PreCopy(enabled=False), timeout=120)
+    assert moved.migrations[0]["forced"] and moved.host == "sandybridge"
+    assert (moved.stop.signal, moved.stop.missing_features) == ("SIGILL", ["avx2"])
+    assert moved.console == "".join(alone.console.splitlines(keepends=True)[:3])
+
+
+def test_a_snapshot_mid_kernel_resumes_in_another_process_to_the_same_result(kernel, tmp_path):
+    from helpers import minivmm_cli
+    alone = VM(kernel, "haswell", argv=[ITERATIONS]).run(timeout=120)
+    point = [i + 1 for i, name in enumerate(alone.syscalls["sample"]) if name == "write"][1]
+    snap = tmp_path / "k.snap"
+    VM(kernel, "haswell", argv=[ITERATIONS]).run(snapshot_at=f"syscall:{point}", snapshot_file=str(snap), timeout=120)
+    done = minivmm_cli("resume", str(snap), "--json", timeout=300)
+    import json
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["console"] == alone.console
+
+
+def test_negative_control_without_ymm_upper_halves_the_migrated_kernel_goes_wrong(kernel, monkeypatch):
+    """The same pre-copy move with only XMM (the low halves) carried: the kernel's
+    accumulators lose their upper lanes, and the output differs."""
+    from minivmm.vmm import snapshot as snapshot_mod
+    from minivmm.vmm.migration import PreCopy
+    alone = VM(kernel, "haswell", argv=[ITERATIONS]).run(timeout=120)
+    point = [i + 1 for i, name in enumerate(alone.syscalls["sample"]) if name == "write"][2]
+    monkeypatch.setattr(snapshot_mod, "REGISTERS", tuple(r for r in snapshot_mod.REGISTERS if not r.startswith("YMM")))
+    moved = VM(kernel, "haswell", argv=[ITERATIONS]).run(migrations=[f"broadwell@syscall:{point}"], timeout=300,
+                                                          precopy=PreCopy(guest_insns_per_s=1e8))
+    assert moved.migrations[0]["ok"] and moved.console != alone.console

@@ -228,8 +228,42 @@ def linux() -> Iterator[Step]:
                    {**_facts(moved), "checksum": checksum[1] if checksum else None}, moved.console)
 
 
+def avx2() -> Iterator[Step]:
+    """One generation later: an AVX2 probe on a Haswell under the Sandy Bridge baseline."""
+    from ..cpu.native import machine_features
+    try:
+        probe = _linux_program("probe_avx2.c", ("-O2",))
+    except MinivmmError as e:
+        yield Step("avx2", "AVX2 under the Sandy Bridge baseline (skipped)", "gcc -static", f"Skipped: {e}",
+                   {"skipped": str(e)})
+        return
+    if "avx2" not in machine_features():
+        reason = "this machine has no AVX2: the Haswell's AVX2 cannot run"
+        yield Step("avx2", "AVX2 under the Sandy Bridge baseline (skipped)", "", f"Skipped: {reason}",
+                   {"skipped": reason})
+        return
+    from ..vmm.migration import PreCopy
+    alone = VM(probe, "haswell", evc="intel-sandybridge").run(timeout=60)
+    point = f"sandybridge@syscall:{alone.syscalls['sample'].index('write') + 1}"  # after the detection line
+    first = alone.console.splitlines()[0] if alone.console else ""
+    yield Step("avx2", "A SIGILL probe finds the masked AVX2", run_command(probe, "haswell", "intel-sandybridge"),
+               f"probe_avx2 executes VPADDD ymm under a SIGILL handler: {first}. The intel-sandybridge baseline "
+               f"hid AVX2 from CPUID; the Haswell still executes it (here, on this machine's own CPU).",
+               _facts(alone), alone.console)
+    for argv, label in (((), "...and dies of SIGILL after a migration to a Sandy Bridge"),
+                        (("--cpuid",), "...while its CPUID-and-XGETBV-guided twin survives")):
+        moved = VM(probe, "haswell", evc="intel-sandybridge", argv=argv).run(
+            migrations=[point], precopy=PreCopy(enabled=False), timeout=60)
+        checksum = re.search(r"checksum: (\d+)", moved.console)
+        yield Step("avx2", label, run_command(probe, "haswell", "intel-sandybridge", (), [point], argv=argv,
+                                             stop_and_copy=True),
+                   f"{_migration_line(moved)} The program {_ending(moved)}"
+                   + (f", checksum {checksum[1]}." if checksum else "."),
+                   {**_facts(moved), "checksum": checksum[1] if checksum else None}, moved.console)
+
+
 DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "lzcnt": lzcnt, "avx": avx,
-         "linux": linux}
+         "linux": linux, "avx2": avx2}
 
 
 def steps(name: str = "all") -> Iterator[Step]:

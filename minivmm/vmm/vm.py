@@ -333,7 +333,9 @@ class _Engine:
         self.privileged = PrivilegedExits(host, view, self.faults)
         machine = machine_features()
         if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
-            self.faults.native = NativeExecutor(uc, self.ram, machine)
+            native = self.faults.native = NativeExecutor(uc, self.ram, machine, self.exits.exit_at)
+            self.faults.counting = lambda: self._counted
+            self.exits.on_code_change = native.forget
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             self.privileged.on_syscall = run._syscall
             self.faults.signals = True
@@ -499,7 +501,7 @@ class _Run:
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
-        memory.on_change = lambda start, end: self.engine.exits.flush_tlb()
+        memory.on_change = self._protections_changed
         self.engine.exits.protection = memory.pages
         if self.engine.faults.native is not None:
             self.engine.faults.native.protection = memory.pages
@@ -519,6 +521,11 @@ class _Run:
     def _fail(self, error: BaseException) -> None:
         self.errors.append(error)
         self.uc.emu_stop()
+
+    def _protections_changed(self, start: int, end: int) -> None:
+        self.engine.exits.flush_tlb()
+        if self.engine.faults.native is not None:  # a run over pages that lost PROT_EXEC must not run
+            self.engine.faults.native.forget(start, end)
 
     def _signal(self, uc, signo: int, code: int, address: int, vector: int, error: int) -> bool:
         return self.kernel.signals.deliver(uc, signo, code, address, vector, error)
@@ -580,6 +587,7 @@ class _Run:
             elif action == "unsupported":
                 self.engine.faults.unsupported(uc, address, instr, isa.needed_features(instr))
             elif action == "privileged":
+                self.engine.faults.forget_control()  # MOV CR4, XSETBV: what the guest enabled may change
                 self.engine.privileged.check(uc, address, size, instr)
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
@@ -874,7 +882,7 @@ def run(guest: GuestImage | str, host: HostProfile | str = "nehalem", **options)
 
 
 def run_command(guest: str, host: str, evc: str | None = None, masks=(), migrations=(), force: bool = False,
-                cold: bool = False, audit: bool = False, mounts=(), argv=()) -> str:
+                cold: bool = False, audit: bool = False, mounts=(), argv=(), stop_and_copy: bool = False) -> str:
     """The ``minivmm run`` command line that does what ``VM(...).run(...)`` with these
     arguments does: printed by demos and matrix cells so that anyone can replay them."""
     args = ["minivmm", "run", guest, "--host", host]
@@ -883,7 +891,8 @@ def run_command(guest: str, host: str, evc: str | None = None, masks=(), migrati
     args += [f"--cpuid-mask={mask}" for mask in masks]
     for migration in migrations:
         args += ["--migrate", str(migration)]
-    args += [flag for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit)) if on]
+    args += [flag for flag, on in (("--force", force), ("--cold", cold), ("--audit", audit),
+                                   ("--stop-and-copy", stop_and_copy)) if on]
     for mount in mounts:
         args += ["--mount", str(mount)]
     return shlex.join(args + (["--", *argv] if argv else []))

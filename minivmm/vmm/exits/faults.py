@@ -51,6 +51,8 @@ class FaultExits:
         self.signals = False         # a Linux program: faults become the signals Linux sends
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
+        self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
+        self._controls = None
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -151,7 +153,8 @@ class FaultExits:
             return
         if self.native is not None and self.native.can_run(instr, needs):
             try:
-                self.native.run(uc, rip, instr, uc.reg_read(x86.UC_X86_REG_CR4))
+                self.native.run(uc, rip, instr, self._control(uc)[0], single=self.counting(),
+                                allowed=lambda later: not self._os_disabled(uc, later))
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)
             return
@@ -185,10 +188,19 @@ class FaultExits:
         self.deliver(uc, 6, rip, instr=instr, missing=missing)
         return True
 
-    @staticmethod
-    def _os_disabled(uc, instr) -> str | None:
-        # XCR0 costs a context copy: read only for instructions whose state it enables.
-        return isa.os_disabled(instr, uc.reg_read(x86.UC_X86_REG_CR4), lambda: engine.read_xcr0(uc))
+    def _control(self, uc) -> tuple[int, int | None]:
+        """CR4 and XCR0, read once until the guest may have changed them (MOV CR4 and
+        XSETBV are exits: they call forget_control). XCR0 costs a context copy."""
+        if self._controls is None:
+            self._controls = (uc.reg_read(x86.UC_X86_REG_CR4), engine.read_xcr0(uc))
+        return self._controls
+
+    def forget_control(self) -> None:
+        self._controls = None
+
+    def _os_disabled(self, uc, instr) -> str | None:
+        cr4, xcr0 = self._control(uc)
+        return isa.os_disabled(instr, cr4, lambda: xcr0)
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)

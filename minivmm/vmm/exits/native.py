@@ -30,20 +30,24 @@ import mmap
 import struct
 
 import unicorn.x86_const as x86
-from iced_x86 import (EncodingKind, Encoder, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
+from iced_x86 import (EncodingKind, Encoder, FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
                       RegisterExt)
 
+from ...cpu.isa import needed_features as isa_needs
 from .. import engine
 
 GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{i}" for i in range(8, 16))
 SLOT = {name: 8 * i for i, name in enumerate(GPRS)}
-RFLAGS, MXCSR, HOST_MXCSR, SCRATCH, FS_BASE, GS_BASE, YMM = 128, 136, 140, 160, 168, 176, 192
-CONTEXT_SIZE = YMM + 32 * 16
+RFLAGS, MXCSR, HOST_MXCSR, FS_BASE, GS_BASE, YMM = 128, 136, 140, 168, 176, 192
+SCRATCH = YMM + 32 * 16            # one slot per memory instruction of a run
+MAX_RUN = 16                       # instructions compiled into one thunk at most
+CONTEXT_SIZE = SCRATCH + 8 * MAX_RUN
 ARITHMETIC_FLAGS = 0x8D5           # CF PF AF ZF SF OF: what the instruction may change
 DF = 0x400
 MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
 CR4_OSXMMEXCPT = 1 << 10
 CODE_ARENA = 1 << 20               # executable bytes for thunks (a new arena when full)
+WRITES = frozenset((OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE))
 SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", "RAX", "R12", "R13", "R14", "R15")
 
 # Moves that demand natural alignment of their memory operand (#GP(0) otherwise; SDM
@@ -98,24 +102,28 @@ def _assembled() -> dict[str, bytes]:
                     "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx", "ret"])
     parts = {"prologue": prologue, "epilogue": epilogue, "guest_rdi": asm([f"mov rdi, qword ptr [rdi+{SLOT['RDI']}]"])}
     for name in GPRS:
-        if name not in ("RSP", "RDI"):
-            parts[name] = asm([f"mov {name.lower()}, qword ptr [rdi+{SCRATCH}]"])
+        for k in range(MAX_RUN):
+            if name not in ("RSP", "RDI"):
+                parts[name, k] = asm([f"mov {name.lower()}, qword ptr [rdi+{SCRATCH + 8 * k}]"])
     return parts
 
 
 class Thunk:
-    """A compiled instruction: the native function, the scratch register it borrowed,
-    and what its memory operand is (None without one)."""
+    """A compiled run of instructions: the native function, where the run ends, and per
+    memory operand its description and the scratch register (and slot) holding its base."""
 
-    def __init__(self, function, instr, scratch: str | None, memory: dict | None):
-        self.function, self.instr, self.scratch, self.memory = function, instr, scratch, memory
+    def __init__(self, function, start: int, end: int, count: int, memory: list[tuple[dict, str]]):
+        self.function, self.start, self.end, self.count, self.memory = function, start, end, count, memory
 
 
 class NativeExecutor:
     """One per engine: the context, the code arena, the thunks."""
 
-    def __init__(self, uc, ram, machine_features: frozenset[str]):
+    def __init__(self, uc, ram, machine_features: frozenset[str], exit_at=None):
+        """``exit_at(address)``: the exit planted there, (action, audited, instr) or None:
+        a run extends over the instructions after the first that exit as unsupported."""
         self.uc, self.ram, self.machine = uc, ram, machine_features
+        self.exit_at = exit_at or (lambda address: None)
         self.ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
         self.memory = len(ram)
         self.context = (ctypes.c_uint8 * CONTEXT_SIZE)()
@@ -128,7 +136,7 @@ class NativeExecutor:
         self._ids = (ctypes.c_int * len(regs))(*regs)
         self._pointers = (ctypes.c_void_p * len(regs))(*(self.context_address + o for o in offsets))
         self._count = len(regs)
-        self._thunks: dict[tuple, Thunk] = {}
+        self._runs: dict[tuple[int, bool], Thunk] = {}     # (start, single) -> its thunk
         self._arenas: list[mmap.mmap] = []
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
@@ -151,41 +159,58 @@ class NativeExecutor:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self, uc, address: int, instr, cr4: int) -> None:
-        """Execute ``instr`` at ``address`` with the guest's state; raises Fault."""
-        thunk = self._thunk(address, instr)
+    def run(self, uc, address: int, instr, cr4: int, single: bool = False, allowed=lambda instr: True) -> None:
+        """Execute ``instr`` at ``address`` with the guest's state, and the instructions
+        after it that ``allowed`` (the guest's control registers let them run) in one
+        thunk unless ``single`` (a counted start counts one instruction an exit). A
+        fault or a SIMD exception inside a run re-executes its first instruction alone,
+        so that the one that faults is found where it stands. Raises Fault."""
+        thunk = self._runs.get((address, single))
+        if thunk is None:
+            thunk = self._runs[address, single] = self._compile_run(address, instr, single, allowed)
         engine.reg_read_batch(uc._uch, self._ids, self._pointers, self._count)
         ctx = self.context
         values = lambda off: int.from_bytes(bytes(ctx[off:off + 8]), "little")  # noqa: E731
         guest_flags, guest_mxcsr = values(RFLAGS), values(MXCSR) & 0xFFFFFFFF
-        saved_scratch = values(SLOT[thunk.scratch]) if thunk.scratch else None
-        if thunk.memory is not None:
-            base = self._check_memory(thunk, values)
-            struct.pack_into("<Q", ctx, SCRATCH, (self.ram_base + base) & (1 << 64) - 1)
+        saved = {scratch: values(SLOT[scratch]) for _, scratch in thunk.memory}
+        try:
+            for k, (m, _) in enumerate(thunk.memory):  # noqa: B007 (m: the faulting one, below)
+                struct.pack_into("<Q", ctx, SCRATCH + 8 * k, (self.ram_base + self._check_memory(m, values))
+                                 & (1 << 64) - 1)
+        except Fault:
+            if not m["first"]:  # a later instruction of the run: run the first alone
+                return self.run(uc, address, instr, cr4, single=True)
+            raise
         struct.pack_into("<Q", ctx, RFLAGS, guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2)
-        # exceptions masked and flags clear: what this instruction raises shows in the flags
+        # exceptions masked and flags clear: what the run raises shows in the flags
         struct.pack_into("<I", ctx, MXCSR, guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS)
-        before = bytes(ctx)
+        unmasked = ~(guest_mxcsr >> 7) & MXCSR_FLAGS
+        before = bytes(ctx) if unmasked else None
         thunk.function(self.context_address)
         raised = values(MXCSR) & MXCSR_FLAGS
-        unmasked = ~(guest_mxcsr >> 7) & MXCSR_FLAGS
         if raised & unmasked:
             ctypes.memmove(self.context_address, before, CONTEXT_SIZE)  # a fault writes nothing
+            if thunk.count > 1:
+                return self.run(uc, address, instr, cr4, single=True)
             if cr4 & CR4_OSXMMEXCPT:
                 raise Fault(19, detail=f"unmasked SIMD floating-point exception (MXCSR flags {raised:#x})")
             raise Fault(6, detail="unmasked SIMD floating-point exception with CR4.OSXMMEXCPT clear")
         struct.pack_into("<Q", ctx, RFLAGS, guest_flags & ~ARITHMETIC_FLAGS | values(RFLAGS) & ARITHMETIC_FLAGS)
         struct.pack_into("<I", ctx, MXCSR, guest_mxcsr | raised)
-        if thunk.scratch:
-            struct.pack_into("<Q", ctx, SLOT[thunk.scratch], saved_scratch)
+        for scratch, value in saved.items():
+            struct.pack_into("<Q", ctx, SLOT[scratch], value)
         engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
-        uc.reg_write(x86.UC_X86_REG_RIP, address + instr.len)  # resume past it (a single write ends the block)
-        self.executed += 1
+        uc.reg_write(x86.UC_X86_REG_RIP, thunk.end)  # resume past the run (a single write ends the block)
+        self.executed += thunk.count
 
-    def _check_memory(self, thunk: Thunk, values) -> int:
-        """The base (guest linear, segment included) of the memory operand, once every
+    def forget(self, first: int, last: int) -> None:
+        """Drop the runs over [first, last) (their code or page protections changed)."""
+        for key in [key for key, t in self._runs.items() if t.start < last and t.end > first]:
+            del self._runs[key]
+
+    def _check_memory(self, m: dict, values) -> int:
+        """The base (guest linear, segment included) of a memory operand, once every
         byte it will touch is known to be the guest's to touch."""
-        m = thunk.memory
         base = (values(SLOT[m["base"]]) if m["base"] else 0) + (values(m["segment"]) if m["segment"] else 0) \
             + m["folded"]
         index = values(SLOT[m["index"]]) if m["index"] else 0
@@ -241,31 +266,54 @@ class NativeExecutor:
 
     # -- compiling --------------------------------------------------------------------------
 
-    def _thunk(self, address: int, instr) -> Thunk:
-        key = (address, bytes(self.ram[address:address + instr.len]))  # new bytes there: a new thunk
-        thunk = self._thunks.get(key)
-        if thunk is None:
-            thunk = self._thunks[key] = self._compile(instr)
-        return thunk
-
-    def _compile(self, instr) -> Thunk:
+    def _compile_run(self, address: int, instr, single: bool, allowed) -> Thunk:
+        """``instr`` and the unsupported instructions right after it, as long as each
+        memory operand's address comes from registers no earlier one writes (the checks
+        run before the thunk) and a scratch register is left that none of them uses."""
         parts = _assembled()
-        info = InstructionInfoFactory().info(instr)
-        code, memory, scratch = instr.copy(), None, None
-        if any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)):
-            used = {RegisterExt.full_register(r.register) for r in info.used_registers()}
-            scratch = next(n for n in SCRATCH_CHOICES if getattr(Register, n) not in used)
-            memory = self._memory_operand(instr, info)
-            code.memory_base = getattr(Register, scratch)
-            code.segment_prefix = Register.NONE
-            if instr.is_ip_rel_memory_operand:  # the target is folded into the scratch
-                code.memory_displacement, code.memory_displ_size = 0, 0
-        encoder = Encoder(64)
-        encoder.encode(code, 0)
-        body = encoder.take_buffer()
-        machine_code = parts["prologue"] + (parts[scratch] if scratch else b"") + parts["guest_rdi"] + body \
-            + parts["epilogue"]
-        return Thunk(self._place(machine_code), instr, scratch, memory)
+        members, memory, bodies, written, used_all = [], [], [], set(), set()
+        at = address
+        while len(members) < (1 if single else MAX_RUN):
+            if members:
+                trap = self.exit_at(at)
+                if trap is None or trap[0] != "unsupported" or trap[1]:
+                    break
+                instr = trap[2]
+                if not (self.can_run(instr, isa_needs(instr)) and allowed(instr)):
+                    break
+            info = InstructionInfoFactory().info(instr)
+            used = {_full(r.register) for r in info.used_registers()}
+            writes = {_full(r.register) for r in info.used_registers() if r.access in WRITES}
+            taken = {getattr(Register, scratch) for _, scratch in memory}
+            if members and (used & taken or instr.flow_control != FlowControl.NEXT):
+                break
+            code = instr.copy()
+            if any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)) and \
+                    not all(u.access == OpAccess.NO_MEM_ACCESS for u in info.used_memory()):
+                m = self._memory_operand(instr, info)
+                if members and m["registers"] & written:
+                    break
+                free = [n for n in SCRATCH_CHOICES if getattr(Register, n) not in used | used_all | taken]
+                if not free:
+                    break
+                m["first"] = not members
+                memory.append((m, free[0]))
+                code.memory_base = getattr(Register, free[0])
+                code.segment_prefix = Register.NONE
+                if instr.is_ip_rel_memory_operand:  # the target is folded into the scratch
+                    code.memory_displacement, code.memory_displ_size = 0, 0
+            elif instr.is_ip_rel_memory_operand:
+                break  # RIP-relative without an access (LEA): the host's RIP would show
+            encoder = Encoder(64)
+            encoder.encode(code, 0)
+            bodies.append(encoder.take_buffer())
+            members.append(instr)
+            written |= writes
+            used_all |= used
+            at += instr.len
+        loads = b"".join(parts[scratch, k] for k, (_, scratch) in enumerate(memory))
+        machine_code = parts["prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts["epilogue"]
+        return Thunk(self._place(machine_code), address, at, len(members), memory)
 
     def _memory_operand(self, instr, info) -> dict:
         used = next((u for u in info.used_memory() if u.access != OpAccess.NO_MEM_ACCESS), None)
@@ -282,14 +330,17 @@ class NativeExecutor:
              "reads": access in (OpAccess.READ, OpAccess.READ_WRITE, OpAccess.COND_READ, OpAccess.READ_COND_WRITE),
              "writes": access in (OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE),
              "aligned": instr.mnemonic in ALIGNED, "masked": MASKED.get(instr.mnemonic), "vsib": instr.is_vsib}
+        m["registers"] = {_full(r) for r in (base, instr.memory_index) if r not in (Register.NONE, Register.RIP)}
         if m["masked"]:
             m["mask"] = instr.op1_register
+            m["registers"].add(_full(instr.op1_register))
         if instr.is_vsib:
             m["index_vector"] = instr.memory_index
             m["index_width"] = 4 if instr.is_vsib32 else 8
             m["element"] = MemorySizeExt.element_size(instr.memory_size)
             m["lanes"] = 8 if RegisterExt.is_ymm(instr.memory_index) or RegisterExt.is_ymm(instr.op0_register) else 4
             m["mask"] = instr.op_register(instr.op_count - 1)
+            m["registers"].add(_full(m["mask"]))
         elif instr.memory_index != Register.NONE:
             m["index"] = _register_name(_full(instr.memory_index))
         return m

@@ -16,7 +16,8 @@ from iced_x86 import Code, Mnemonic, Register
 
 from ...cpu.features import catalogue
 
-CHECKED_MNEMONICS = frozenset({Mnemonic.RDMSR, Mnemonic.WRMSR, Mnemonic.SYSCALL, Mnemonic.SYSENTER, Mnemonic.RDPMC})
+CHECKED_MNEMONICS = frozenset({Mnemonic.RDMSR, Mnemonic.WRMSR, Mnemonic.SYSCALL, Mnemonic.SYSENTER, Mnemonic.RDPMC,
+                               Mnemonic.XSETBV})  # XSETBV: the engine runs it; the VMM notes XCR0 changed
 CHECKED_CODES = frozenset({Code.MOV_CR_R64})     # mov crN, r64 (reads of CRs cannot fault at CPL 0)
 
 EFER, STAR, LSTAR, CSTAR, FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084

@@ -89,6 +89,7 @@ class InstructionExits:
         # with the exact address. (Refusing the fill instead would unwind the engine from
         # its own lookups too: it translates code addresses when it deletes hooks.)
         self.protection: bytearray | None = None
+        self.on_code_change = None   # (first, last): the exits of [first, last) changed
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -188,7 +189,13 @@ class InstructionExits:
     def _bytes(self, page: int) -> bytes:
         return bytes(self.ram[page:min(page + PAGE + MAX_INSN, self.memory)])
 
+    def exit_at(self, address: int):
+        """The exit planted at ``address``: (action, audited features, instruction), or None."""
+        return self.pages.get(address & ~(PAGE - 1), {}).get(address)
+
     def _update(self, page: int, offsets: range) -> None:
+        if self.on_code_change:
+            self.on_code_change(page + offsets.start - MAX_INSN, page + offsets.stop + MAX_INSN)
         data = self._bytes(page)
         decoder = iced_x86.Decoder(64, data, ip=page)
         traps = self.pages[page]
@@ -242,6 +249,8 @@ class InstructionExits:
     def forget(self, address: int) -> None:
         """Drop a page's decode (after the VMM itself rewrote it)."""
         page = address & ~(PAGE - 1)
+        if self.on_code_change:
+            self.on_code_change(page - MAX_INSN, page + PAGE + MAX_INSN)
         for traps_at in self.pages.pop(page, {}):
             self._unhook(traps_at)
         self._seen.pop(page, None)

@@ -1,11 +1,12 @@
 /* avx2_kernel.c: a Linux program (build: gcc -static -O2 -mavx2 -mfma -mf16c -o avx2_kernel
    avx2_kernel.c) that computes with AVX2, FMA and F16C intrinsics in rounds: gathers,
    lane permutes, variable shifts, fused multiply-adds and half-float conversions, printing
-   a checksum after each round. Its vector state lives across the rounds' system calls
-   (YMM accumulators), so a migration or snapshot between two rounds must carry it. */
+   a checksum after each round (ARG iterations a round, default 20000). A migration or
+   snapshot in the middle of a round must carry its vector state (YMM accumulators). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 static int32_t table[1024];
 
@@ -15,12 +16,13 @@ static uint64_t fold(__m256i v) {
     return out[0] ^ (out[1] * 3) ^ (out[2] * 5) ^ (out[3] * 7);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    int iterations = argc > 1 ? atoi(argv[1]) : 20000;  /* per round */
     for (int i = 0; i < 1024; i++) table[i] = i * 2654435761u;
     __m256i acc = _mm256_set1_epi32(1), index = _mm256_setr_epi32(0, 7, 99, 300, 511, 640, 777, 1023);
     __m256 f = _mm256_set1_ps(1.5f);
     for (int round = 0; round < 6; round++) {
-        for (int i = 0; i < 20000; i++) {
+        for (int i = 0; i < iterations; i++) {
             __m256i g = _mm256_i32gather_epi32(table, index, 4);
             acc = _mm256_add_epi32(acc, g);
             acc = _mm256_permutevar8x32_epi32(acc, _mm256_setr_epi32(3, 1, 4, 1, 5, 0, 2, 6));
