@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import unicorn.x86_const as x86
 
+from ..cpu import xstate
 from .errno import EFAULT, SyscallError
 
 SIG_DFL, SIG_IGN = 0, 1
@@ -52,41 +53,22 @@ def write_action(process, address: int, action: Action) -> None:
     process.write(address, struct.pack("<QQQQ", action.handler, action.flags, action.restorer, action.mask))
 
 
-def _fxsave(uc) -> bytes:
-    """The FPU/SSE state in FXSAVE's layout (SDM Vol. 1, 10.5.1)."""
-    fcw, fsw, ftw = (uc.reg_read(getattr(x86, f"UC_X86_REG_{r}")) for r in ("FPCW", "FPSW", "FPTAG"))
-    abridged = sum(1 << i for i in range(8) if (ftw >> (2 * i)) & 3 != 3)
-    out = struct.pack("<HHBBHQQII", fcw, fsw, abridged, 0, 0, 0, 0, uc.reg_read(x86.UC_X86_REG_MXCSR), 0xFFFF)
-    for i in range(8):
-        mantissa, exponent = uc.reg_read(getattr(x86, f"UC_X86_REG_FP{i}"))
-        out += struct.pack("<QH6x", mantissa, exponent)
-    for i in range(16):
-        out += uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{i}")).to_bytes(16, "little")
-    return out + bytes(FPSTATE_SIZE - len(out))
-
-
-def xsave_layout(view) -> dict[int, tuple[int, int]]:
-    """State component -> (offset, size) in the standard XSAVE layout: CPUID.0xD.i
-    (EAX size, EBX offset) for each component the view's leaf 0xD lists; empty
-    without XSAVE."""
+def xsave_layout(view) -> dict[int, tuple[int, int, bool]]:
+    """The view's XSAVE components (:func:`minivmm.cpu.xstate.layout`); empty without XSAVE."""
     if not view.table.in_range(0xD) or not view.answer(1, 0, 0)[2] >> 26 & 1:
         return {}
-    supported = view.answer(0xD, 0, 0)[0]
-    return {i: (view.answer(0xD, i, 0)[1], view.answer(0xD, i, 0)[0]) for i in range(2, 32) if supported >> i & 1}
+    return xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0))
 
 
-def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int]]) -> bytes:
+def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]]) -> bytes:
     """The standard-format XSAVE image of x87, SSE and YMM (what the engine holds)."""
     components = [i for i in layout if xcr0 >> i & 1]
     size = max([FPSTATE_SIZE + XSAVE_HEADER] + [layout[i][0] + layout[i][1] for i in components])
     area = bytearray(size + 4)
-    area[:FPSTATE_SIZE] = _fxsave(uc)
+    area[:FPSTATE_SIZE] = xstate.fxsave_image(uc)
     present = xcr0 & 0x3
     if 2 in components:
-        offset = layout[2][0]
-        for i in range(16):
-            area[offset + 16 * i:offset + 16 * i + 16] = (uc.reg_read(getattr(x86, f"UC_X86_REG_YMM{i}")) >> 128) \
-                .to_bytes(16, "little")
+        area[layout[2][0]:layout[2][0] + 256] = xstate.ymm_upper(uc)
         present |= XFEATURE_YMM
     struct.pack_into("<Q", area, FPSTATE_SIZE, present)                               # XSTATE_BV
     struct.pack_into("<IIQI", area, 464, FP_XSTATE_MAGIC1, size + 4, xcr0, size)      # sw_reserved
@@ -94,23 +76,11 @@ def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int]]) -> bytes:
     return bytes(area)
 
 
-def _fxrstor(uc, data: bytes) -> None:
-    fcw, fsw = struct.unpack_from("<HH", data, 0)
-    uc.reg_write(x86.UC_X86_REG_FPCW, fcw)
-    uc.reg_write(x86.UC_X86_REG_FPSW, fsw)
-    uc.reg_write(x86.UC_X86_REG_MXCSR, struct.unpack_from("<I", data, 24)[0] & 0xFFFF)
-    for i in range(8):
-        mantissa, exponent = struct.unpack_from("<QH", data, 32 + 16 * i)
-        uc.reg_write(getattr(x86, f"UC_X86_REG_FP{i}"), (mantissa, exponent))
-    for i in range(16):
-        uc.reg_write(getattr(x86, f"UC_X86_REG_XMM{i}"), int.from_bytes(data[160 + 16 * i:176 + 16 * i], "little"))
-
-
 class Signals:
     """The process's dispositions, blocked mask and alternate stack."""
 
     def __init__(self, process, layout: dict[int, tuple[int, int]] | None = None):
-        """``layout``: the XSAVE layout (:func:`xsave_layout`); empty or None: FXSAVE."""
+        """``layout``: the XSAVE components (:func:`xsave_layout`); empty or None: FXSAVE."""
         self.p = process
         self.actions: dict[int, Action] = {}
         self.blocked = 0
@@ -132,7 +102,7 @@ class Signals:
         else:
             top = rsp - 128  # below the red zone
         xcr0 = self.read_xcr0() if self.layout else None
-        image = _xsave(uc, xcr0, self.layout) if xcr0 is not None else _fxsave(uc)
+        image = _xsave(uc, xcr0, self.layout) if xcr0 is not None else xstate.fxsave_image(uc)
         fpstate = (top - len(image)) & ~63
         frame = ((fpstate - FRAME_SIZE) & ~15) - 8  # at entry (RSP + 8) is 16-byte aligned
         try:
@@ -181,7 +151,7 @@ class Signals:
             uc.reg_write(REG[name], value)
         if fpstate:
             legacy = self.p.read(fpstate, FPSTATE_SIZE)
-            _fxrstor(uc, legacy)
+            xstate.fxrstor_image(uc, legacy)
             magic, extended, features, size = struct.unpack_from("<IIQI", legacy, 464)
             if magic == FP_XSTATE_MAGIC1 and 2 in self.layout and features & XFEATURE_YMM and \
                     FPSTATE_SIZE + XSAVE_HEADER <= size <= 1 << 16:
@@ -191,8 +161,4 @@ class Signals:
         """YMM's upper halves from the frame, or zeros where XSTATE_BV says init."""
         offset = self.layout[2][0]
         present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0] & XFEATURE_YMM
-        for i in range(16):
-            register = getattr(x86, f"UC_X86_REG_YMM{i}")
-            upper = int.from_bytes(area[offset + 16 * i:offset + 16 * i + 16], "little") if present else 0
-            low = uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{i}"))
-            uc.reg_write(register, upper << 128 | low)
+        xstate.set_ymm_upper(uc, area[offset:offset + 256] if present else None)

@@ -25,7 +25,7 @@ from iced_x86 import Code, Mnemonic
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
                      UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, Uc, UcError)
 
-from ..cpu import isa
+from ..cpu import isa, xstate
 from ..cpu.features import catalogue
 from ..cpu.native import machine_features
 from ..cpu.profiles import HostProfile, load_profile
@@ -51,6 +51,7 @@ from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.traps import TRAP
 from .exits.emulate import bit_scan
 from .exits.native import NativeExecutor
+from .exits.xsave import XsaveUnit
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .ram import touched_pages
@@ -331,6 +332,9 @@ class _Engine:
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
+        if "xsavec" in host.physical:  # the engine has no XSAVEC, nor XRSTOR of its compacted form
+            self.faults.xsave = XsaveUnit(self.ram, xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0)),
+                                          lambda: self.faults._control(uc)[1])
         machine = machine_features()
         if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
             native = self.faults.native = NativeExecutor(uc, self.ram, machine, self.exits.exit_at)
@@ -503,8 +507,9 @@ class _Run:
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
         memory.on_change = self._protections_changed
         self.engine.exits.protection = memory.pages
-        if self.engine.faults.native is not None:
-            self.engine.faults.native.protection = memory.pages
+        for unit in (self.engine.faults.native, self.engine.faults.xsave):
+            if unit is not None:
+                unit.protection = memory.pages
         self.engine.exits.flush_tlb()
 
     # -- exits ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ execute exactly ends the run as ``unsupported``; a fault that cannot be delivere
 from __future__ import annotations
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Decoder
+from iced_x86 import Code, Decoder, Mnemonic
 from unicorn import UcError
 
 from ...cpu import isa
@@ -52,6 +52,7 @@ class FaultExits:
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
+        self.xsave = None              # an XsaveUnit where the host has XSAVEC
         self._controls = None
 
     # -- what the instruction is -------------------------------------------------------
@@ -151,6 +152,13 @@ class FaultExits:
         if reason:
             self.deliver(uc, 6, rip, instr=instr, detail=reason)
             return
+        if self.xsave is not None and instr.mnemonic in (Mnemonic.XSAVEC, Mnemonic.XSAVEC64):
+            try:
+                if self.xsave.xsavec(uc, rip, instr):
+                    return
+            except Fault as fault:
+                self._native_fault(uc, rip, instr, fault)
+                return
         if self.native is not None and self.native.can_run(instr, needs):
             try:
                 self.native.run(uc, rip, instr, self._control(uc)[0], single=self.counting(),
@@ -204,6 +212,10 @@ class FaultExits:
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        # #GP (or #DF, where the engine still remembers an earlier contributory fault)
+        if vector in (8, 13) and self.xsave is not None and self._xrstor_compacted(uc, rip):
+            engine.forget_exception(uc)
+            return
         software = self._software_interrupt(uc, rip, vector)
         error = 0 if vector in idt.ERROR_CODE_VECTORS and not software else None
         self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip),
@@ -245,6 +257,17 @@ class FaultExits:
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
+
+    def _xrstor_compacted(self, uc, rip: int) -> bool:
+        """The engine's XRSTOR refuses the compacted form (#GP): carry it out instead."""
+        instr = self._instruction(uc, rip)
+        if instr is None or instr.mnemonic not in (Mnemonic.XRSTOR, Mnemonic.XRSTOR64):
+            return False
+        try:
+            return self.xsave.xrstor_compacted(uc, rip, instr)
+        except Fault as fault:
+            self._native_fault(uc, rip, instr, fault)
+            return True
 
     def _native_fault(self, uc, rip: int, instr, fault) -> None:
         """What the machine's CPU would have raised, checked before it ran: the guest's."""

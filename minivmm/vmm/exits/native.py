@@ -81,6 +81,25 @@ class Fault(Exception):
         self.access, self.allowed = access, allowed
 
 
+def check_span(memory: int, protection, at: int, size: int, writes: bool, reads: bool = True) -> None:
+    """Raise the Fault the CPU would for an access to [at, at + size): non-canonical
+    (#GP), beyond RAM or refused by a Linux program's page ``protection`` (#PF)."""
+    end = at + size
+    for address in (at, end - 1):
+        if address >> 47 not in (0, 0x1FFFF) or address >> 64:
+            raise Fault(13, 0, detail=f"non-canonical address {at:#x}")
+    if end > memory:
+        cr2 = max(at, memory)  # the first byte the CPU cannot reach
+        raise Fault(14, 0x2 if writes else 0, cr2, f"access to {at:#x}-{end - 1:#x} reaches beyond guest RAM "
+                    f"(CR2 {cr2:#x})", "write" if writes else "read")
+    if protection is not None:
+        need = (2 if writes else 0) | (1 if reads or not writes else 0)
+        for page in range(at >> 12, ((end - 1) >> 12) + 1):
+            allowed = protection[page]
+            if allowed & need != need:
+                raise Fault(14, None, max(at, page << 12), "", "write" if writes and allowed & 1 else "read", allowed)
+
+
 @functools.cache
 def _assembled() -> dict[str, bytes]:
     """The thunk's fixed parts, assembled once (keystone, from these lines)."""
@@ -228,21 +247,7 @@ class NativeExecutor:
         return base
 
     def _check_span(self, at: int, size: int, writes: bool, reads: bool) -> None:
-        end = at + size
-        for address in (at, end - 1):
-            if address >> 47 not in (0, 0x1FFFF) or address >> 64:
-                raise Fault(13, 0, detail=f"non-canonical address {at:#x}")
-        if end > self.memory:
-            cr2 = max(at, self.memory)  # the first byte the CPU cannot reach
-            raise Fault(14, 0x2 if writes else 0, cr2, f"access to {at:#x}-{end - 1:#x} reaches beyond guest RAM "
-                        f"(CR2 {cr2:#x})", "write" if writes else "read")
-        if self.protection is not None:
-            need = (2 if writes else 0) | (1 if reads or not writes else 0)
-            for page in range(at >> 12, ((end - 1) >> 12) + 1):
-                allowed = self.protection[page]
-                if allowed & need != need:
-                    raise Fault(14, None, max(at, page << 12), "", "write" if writes and allowed & 1 else "read",
-                                allowed)
+        check_span(self.memory, self.protection, at, size, writes, reads)
 
     def _ymm(self, register: int) -> bytes:
         i = register - Register.YMM0 if register >= Register.YMM0 else register - Register.XMM0

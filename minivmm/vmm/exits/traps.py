@@ -28,6 +28,7 @@ from .. import engine
 
 PAGE = 0x1000
 MAX_INSN = 15
+SHARED_HOOKS_FROM = 256         # exits above which a counted start hooks them by page
 TRAP = 1 << 50                  # where refused pages map: no memory, above every user address, below 2^52
 _NEEDS = {UC_MEM_FETCH: UC_PROT_EXEC, UC_MEM_WRITE: UC_PROT_WRITE, UC_MEM_READ: UC_PROT_READ}
 
@@ -77,7 +78,8 @@ class InstructionExits:
         self._keep = None
         self.pages: dict[int, dict[int, tuple]] = {}   # page -> {address: (action, audited, instr)}
         self._hooks: dict[int, tuple] = {}             # address (or page, while counting) -> hook
-        self._counting = False
+        self._by_page = False
+        self._counted = False
         self._uc = None
         self._dirty: set[int] | None = None            # pages written since tracking began
         self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
@@ -260,29 +262,36 @@ class InstructionExits:
     # One hook per exit address costs nothing until it fires: the engine calls it only
     # where it was planted. But a counted start calls into the engine's hook list at
     # every instruction and checks every hook there (thousands on glibc's pages: about
-    # 50 k instructions/s). While counting, a page's exits share one hook over the page.
+    # 50 k instructions/s). While counting with that many, a page's exits share one hook
+    # over the page (every instruction there then calls in: a few exits stay apart).
 
     def _hook(self, address: int) -> None:
-        key = address & ~(PAGE - 1) if self._counting else address
+        if self._counted and not self._by_page and len(self._hooks) >= SHARED_HOOKS_FROM:
+            self._rehook(True)  # the count of exits grew past the point while counting
+        key = address & ~(PAGE - 1) if self._by_page else address
         if key not in self._hooks:
-            end = key + PAGE - 1 if self._counting else address
+            end = key + PAGE - 1 if self._by_page else address
             self._hooks[key] = engine.add_code_hook(self._uc, self._raw_fire, key, end)
 
     def _unhook(self, address: int) -> None:
         page = address & ~(PAGE - 1)
-        key = page if self._counting else address
-        if key in self._hooks and not (self._counting and self.pages.get(page)):
+        key = page if self._by_page else address
+        if key in self._hooks and not (self._by_page and self.pages.get(page)):
             engine.del_hook(self._uc, self._hooks.pop(key)[1])
 
     def counting(self, on: bool) -> None:
-        """Switch between the two ways of hooking (between starts; the caller flushes
-        translated code)."""
-        if on == self._counting:
+        """Choose the way of hooking for the next starts (between starts; the caller
+        flushes translated code)."""
+        self._counted = on
+        self._rehook(on and sum(map(len, self.pages.values())) > SHARED_HOOKS_FROM)
+
+    def _rehook(self, by_page: bool) -> None:
+        if by_page == self._by_page:
             return
         for _, handle in self._hooks.values():
             engine.del_hook(self._uc, handle)
         self._hooks.clear()
-        self._counting = on
+        self._by_page = by_page
         for traps in self.pages.values():
             for address in traps:
                 self._hook(address)

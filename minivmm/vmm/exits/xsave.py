@@ -1,0 +1,117 @@
+"""XSAVEC and XRSTOR of its compacted form (SDM Vol. 1, 13.10 and 13.8.2), which the
+engine lacks: it has no XSAVEC, and its XRSTOR refuses an area whose XCOMP_BV[63] is
+set (#GP). glibc's dynamic loader saves and restores the vector state this way around
+every lazy symbol binding where the CPU view shows XSAVEC (Skylake and later).
+
+The components are those the engine holds: x87, SSE and AVX (YMM's upper halves);
+an RFBM asking for any other is left to the caller (``unsupported``). A component in
+its initial configuration (SDM Vol. 1, 13.6: x87 reset, XMM all zero, YMM's upper
+halves zero) is not in use: XSAVEC neither writes it nor sets its XSTATE_BV bit. The
+compacted offsets and alignments come from the VM's CPUID leaf 0xD.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import unicorn.x86_const as x86
+
+from ...cpu import xstate
+from .emulate import memory_address
+from .native import Fault, check_span
+
+HELD = 0x7                       # x87 | SSE | AVX: what the engine's state has
+COMPACTED = 1 << 63
+X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
+
+
+class XsaveUnit:
+    def __init__(self, ram, components: dict[int, tuple[int, int, bool]], read_xcr0):
+        """``components``: the view's extended state components (xstate.layout);
+        ``read_xcr0()``: the guest's XCR0 now."""
+        self.ram, self.memory, self.components, self.read_xcr0 = ram, len(ram), components, read_xcr0
+        self.protection = None   # a Linux program's page protections
+
+    def _rfbm(self, uc) -> int:
+        edx_eax = (uc.reg_read(x86.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | uc.reg_read(x86.UC_X86_REG_EAX) & 0xFFFFFFFF
+        return (self.read_xcr0() or 0) & edx_eax
+
+    def _area(self, uc, instr, size: int, writes: bool) -> int:
+        address = memory_address(uc, instr)
+        if address % 64:
+            raise Fault(13, 0, detail=f"XSAVE area at {address:#x} is not 64-byte aligned")
+        check_span(self.memory, self.protection, address, size, writes, not writes)
+        return address
+
+    def _size(self, rfbm: int) -> int:
+        offsets = xstate.compacted_offsets(self.components, rfbm)
+        return max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
+
+    @staticmethod
+    def _in_use(uc, image: bytes, upper: bytes) -> int:
+        """XINUSE: the components not in their initial configuration."""
+        x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
+            and not any(image[32:160])
+        return (0 if x87_init else 1) | (2 if any(image[160:416]) else 0) | (4 if any(upper) else 0)
+
+    def xsavec(self, uc, rip: int, instr) -> bool:
+        """XSAVEC m: False when RFBM asks for state the engine does not hold."""
+        rfbm = self._rfbm(uc)
+        if rfbm & ~HELD:
+            return False
+        address = self._area(uc, instr, self._size(rfbm), True)
+        legacy = bytearray(self.ram[address:address + xstate.LEGACY])
+        image, upper = xstate.fxsave_image(uc), xstate.ymm_upper(uc)
+        saved = rfbm & self._in_use(uc, image, upper)
+        if saved & 1:    # x87: FCW .. FDP and ST0-7
+            legacy[0:24], legacy[32:160] = image[0:24], image[32:160]
+        if rfbm & 6:     # MXCSR goes with SSE or AVX, in use or not
+            legacy[24:32] = image[24:32]
+        if saved & 2:
+            legacy[160:416] = image[160:416]
+        self.ram[address:address + xstate.LEGACY] = legacy
+        struct.pack_into("<QQ", self.ram, address + xstate.LEGACY, saved, COMPACTED | rfbm)  # XSTATE_BV, XCOMP_BV
+        offsets = xstate.compacted_offsets(self.components, rfbm)
+        if saved & 4:
+            self.ram[address + offsets[2]:address + offsets[2] + 256] = upper
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
+        return True
+
+    def xrstor_compacted(self, uc, rip: int, instr) -> bool:
+        """XRSTOR m of a compacted area; False when the area is in the standard form
+        (the engine's own XRSTOR is right there) or holds state the engine does not."""
+        address = memory_address(uc, instr)
+        if address % 64 or address + xstate.LEGACY + xstate.HEADER > self.memory:
+            return False
+        xstate_bv, xcomp_bv = struct.unpack_from("<QQ", self.ram, address + xstate.LEGACY)
+        if not xcomp_bv & COMPACTED:
+            return False
+        xcr0, rfbm = self.read_xcr0() or 0, self._rfbm(uc)
+        reserved = bytes(self.ram[address + xstate.LEGACY + 16:address + xstate.LEGACY + xstate.HEADER])
+        if xcomp_bv & ~COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv & ((1 << 63) - 1) or any(reserved):
+            raise Fault(13, 0, detail="XRSTOR of a compacted area with a bad header (SDM Vol. 1, 13.8.2)")
+        if rfbm & ~HELD:
+            return False
+        offsets = xstate.compacted_offsets(self.components, xcomp_bv & ~COMPACTED)
+        check_span(self.memory, self.protection, address, self._size(xcomp_bv & ~COMPACTED), False)
+        legacy = bytes(self.ram[address:address + xstate.LEGACY])
+        if rfbm & 6 and struct.unpack_from("<I", legacy, 24)[0] & ~0xFFFF:
+            raise Fault(13, 0, detail="XRSTOR of reserved MXCSR bits")
+        if rfbm & 1:
+            if xstate_bv & 1:
+                xstate.fxrstor_image(uc, legacy, x87=True, sse=False)
+            else:
+                uc.reg_write(x86.UC_X86_REG_FPCW, X87_INIT_FCW)
+                uc.reg_write(x86.UC_X86_REG_FPSW, 0)
+                uc.reg_write(x86.UC_X86_REG_FPTAG, X87_EMPTY_TAGS)
+                for i in range(8):
+                    uc.reg_write(getattr(x86, f"UC_X86_REG_FP{i}"), (0, 0))
+        if rfbm & 2:
+            xstate.fxrstor_image(uc, legacy if xstate_bv & 2 else bytes(xstate.LEGACY), x87=False, sse=True)
+        if rfbm & 6:
+            uc.reg_write(x86.UC_X86_REG_MXCSR, struct.unpack_from("<I", legacy, 24)[0])
+        if rfbm & 4:
+            at = address + offsets.get(2, 0)
+            xstate.set_ymm_upper(uc, bytes(self.ram[at:at + 256]) if xstate_bv & 4 and 2 in offsets else None)
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
+        return True
