@@ -159,7 +159,7 @@ class FaultExits:
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)
                 return
-        if self.native is not None and self.native.can_run(instr, needs):
+        if self.native is not None and self.native.runnable(rip, instr, needs):
             try:
                 self.native.run(uc, rip, instr, self._control(uc)[0], single=self.counting(),
                                 allowed=lambda later: not self._os_disabled(uc, later))

@@ -30,7 +30,7 @@ import mmap
 import struct
 
 import unicorn.x86_const as x86
-from iced_x86 import (EncodingKind, Encoder, FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
+from iced_x86 import (Code, Decoder, EncodingKind, Encoder, FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
                       RegisterExt)
 
 from ...cpu.isa import needed_features as isa_needs
@@ -47,6 +47,14 @@ DF = 0x400
 MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
 CR4_OSXMMEXCPT = 1 << 10
 CODE_ARENA = 1 << 20               # executable bytes for thunks (a new arena when full)
+MAX_INSN = 15
+# Engine instructions a run must not take over: they fault by themselves (division),
+# exit to the VMM (CPUID, XGETBV), or read state the context does not hold.
+NOT_PLAIN = frozenset(getattr(Mnemonic, m) for m in (
+    "DIV", "IDIV", "CPUID", "XGETBV", "XSETBV", "RDTSC", "RDTSCP", "RDPMC", "RDRAND", "RDSEED", "RDPID", "SYSCALL",
+    "LAHF", "SAHF", "PUSHF", "PUSHFQ", "POPF", "POPFQ", "CLI", "STI", "IN", "OUT", "HLT", "XCHG",
+    "CMPXCHG16B", "FXSAVE", "FXSAVE64", "FXRSTOR", "FXRSTOR64", "LDMXCSR", "STMXCSR", "EMMS", "UD0", "UD1", "UD2",
+    "ENDBR64", "LZCNT", "TZCNT", "POPCNT"))
 WRITES = frozenset((OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE))
 SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", "RAX", "R12", "R13", "R14", "R15")
 
@@ -156,6 +164,7 @@ class NativeExecutor:
         self._pointers = (ctypes.c_void_p * len(regs))(*(self.context_address + o for o in offsets))
         self._count = len(regs)
         self._runs: dict[tuple[int, bool], Thunk] = {}     # (start, single) -> its thunk
+        self._refused: set[int] = set()                    # addresses whose instruction cannot run here
         self._arenas: list[mmap.mmap] = []
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
@@ -175,6 +184,17 @@ class NativeExecutor:
             if not (RegisterExt.is_gpr(r) or r == Register.RIP or (vector and RegisterExt.number(r) < 16)):
                 return False
         return True
+
+    def runnable(self, address: int, instr, needs: frozenset[str]) -> bool:
+        """can_run, remembered for the address (compiled runs and refusals are cached)."""
+        if (address, False) in self._runs or (address, True) in self._runs:
+            return True
+        if address in self._refused:
+            return False
+        if self.can_run(instr, needs):
+            return True
+        self._refused.add(address)
+        return False
 
     # -- running --------------------------------------------------------------------------
 
@@ -226,6 +246,7 @@ class NativeExecutor:
         """Drop the runs over [first, last) (their code or page protections changed)."""
         for key in [key for key, t in self._runs.items() if t.start < last and t.end > first]:
             del self._runs[key]
+        self._refused = {a for a in self._refused if not first <= a < last}
 
     def _check_memory(self, m: dict, values) -> int:
         """The base (guest linear, segment included) of a memory operand, once every
@@ -280,10 +301,17 @@ class NativeExecutor:
         at = address
         while len(members) < (1 if single else MAX_RUN):
             if members:
+                if at >> 12 != address >> 12 or (at + MAX_INSN - 1) >> 12 != address >> 12:
+                    break  # within the first page: the engine checked it may be fetched
                 trap = self.exit_at(at)
-                if trap is None or trap[0] != "unsupported" or trap[1]:
+                if trap is None:  # an instruction the engine runs: the machine may run it alike
+                    instr = self._plain(at)
+                    if instr is None:
+                        break
+                elif trap[0] != "unsupported" or trap[1]:
                     break
-                instr = trap[2]
+                else:
+                    instr = trap[2]
                 if not (self.can_run(instr, isa_needs(instr)) and allowed(instr)):
                     break
             info = InstructionInfoFactory().info(instr)
@@ -319,6 +347,26 @@ class NativeExecutor:
         loads = b"".join(parts[scratch, k] for k, (_, scratch) in enumerate(memory))
         machine_code = parts["prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts["epilogue"]
         return Thunk(self._place(machine_code), address, at, len(members), memory)
+
+    def _plain(self, address: int):
+        """The instruction at ``address`` if the machine runs it as the engine would, with
+        the context's state alone: general-register, flag and SSE work that neither
+        branches, nor touches the stack or RIP, nor faults by itself (division), nor
+        exits (CPUID), with at most its one explicit memory operand."""
+        if address + MAX_INSN > self.memory:
+            return None
+        instr = Decoder(64, bytes(self.ram[address:address + MAX_INSN]), ip=address).decode()
+        if instr.code == Code.INVALID or instr.flow_control != FlowControl.NEXT or instr.mnemonic in NOT_PLAIN \
+                or instr.has_rep_prefix or instr.has_repne_prefix or instr.is_string_instruction:
+            return None
+        info = InstructionInfoFactory().info(instr)
+        if {_full(r.register) for r in info.used_registers()} & {Register.RSP, Register.RIP}:
+            return None
+        accesses = [u for u in info.used_memory() if u.access != OpAccess.NO_MEM_ACCESS]
+        explicit = any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count))
+        if len(accesses) > 1 or (accesses and not explicit):
+            return None
+        return instr
 
     def _memory_operand(self, instr, info) -> dict:
         used = next((u for u in info.used_memory() if u.access != OpAccess.NO_MEM_ACCESS), None)
