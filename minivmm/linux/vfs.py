@@ -197,4 +197,4 @@ class FileSystem:
                 return os.readlink(node.host)
             except OSError as e:
                 raise SyscallError(e.errno or ENOENT) from None
-        return node.target() if callable(node.target) else node.target
+        return node.target

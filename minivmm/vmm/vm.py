@@ -337,7 +337,7 @@ class _Engine:
                                           lambda: self.faults._control(uc)[1])
         machine = machine_features()
         if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
-            native = self.faults.native = NativeExecutor(uc, self.ram, machine, self.exits.exit_at)
+            native = self.faults.native = NativeExecutor(self.ram, machine, self.exits.exit_at)
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
@@ -592,7 +592,6 @@ class _Run:
             elif action == "unsupported":
                 self.engine.faults.unsupported(uc, address, instr, isa.needed_features(instr))
             elif action == "privileged":
-                self.engine.faults.forget_control()  # MOV CR4, XSETBV: what the guest enabled may change
                 self.engine.privileged.check(uc, address, size, instr)
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")

@@ -47,6 +47,7 @@ DF = 0x400
 MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
 CR4_OSXMMEXCPT = 1 << 10
 CODE_ARENA = 1 << 20               # executable bytes for thunks (a new arena when full)
+MAX_ARENAS = 16                    # at most this many: then every run is compiled afresh
 MAX_INSN = 15
 # Engine instructions a run must not take over: they fault by themselves (division),
 # exit to the VMM (CPUID, XGETBV), or read state the context does not hold.
@@ -146,10 +147,10 @@ class Thunk:
 class NativeExecutor:
     """One per engine: the context, the code arena, the thunks."""
 
-    def __init__(self, uc, ram, machine_features: frozenset[str], exit_at=None):
+    def __init__(self, ram, machine_features: frozenset[str], exit_at=None):
         """``exit_at(address)``: the exit planted there, (action, audited, instr) or None:
         a run extends over the instructions after the first that exit as unsupported."""
-        self.uc, self.ram, self.machine = uc, ram, machine_features
+        self.ram, self.machine = ram, machine_features
         self.exit_at = exit_at or (lambda address: None)
         self.ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
         self.memory = len(ram)
@@ -168,7 +169,6 @@ class NativeExecutor:
         self._arenas: list[mmap.mmap] = []
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
-        self.executed = 0
 
     # -- what it takes --------------------------------------------------------------------
 
@@ -240,7 +240,6 @@ class NativeExecutor:
             struct.pack_into("<Q", ctx, SLOT[scratch], value)
         engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
         uc.reg_write(x86.UC_X86_REG_RIP, thunk.end)  # resume past the run (a single write ends the block)
-        self.executed += thunk.count
 
     def forget(self, first: int, last: int) -> None:
         """Drop the runs over [first, last) (their code or page protections changed)."""
@@ -400,6 +399,9 @@ class NativeExecutor:
 
     def _place(self, code: bytes):
         if self._used + len(code) > CODE_ARENA:
+            if len(self._arenas) >= MAX_ARENAS:  # code rewritten again and again: start over, bounded
+                self._runs.clear()
+                self._arenas.clear()
             self._arenas.append(mmap.mmap(-1, CODE_ARENA, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
             self._used = 0
         arena, at = self._arenas[-1], self._used

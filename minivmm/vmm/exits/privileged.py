@@ -71,6 +71,8 @@ class PrivilegedExits:
 
     def _fault(self, uc, address, size, instr) -> tuple[int, str] | None:
         mnemonic = instr.mnemonic
+        if instr.code == Code.MOV_CR_R64 or mnemonic == Mnemonic.XSETBV:
+            self.faults.forget_control()  # what the guest enabled may change (the engine carries it out)
         if mnemonic in (Mnemonic.RDMSR, Mnemonic.WRMSR):
             return self._msr(uc, mnemonic == Mnemonic.WRMSR)
         if instr.code == Code.MOV_CR_R64:
