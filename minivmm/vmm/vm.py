@@ -332,12 +332,13 @@ class _Engine:
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
-        if "xsavec" in host.physical:  # the engine has no XSAVEC, nor XRSTOR of its compacted form
+        if host.physical & {"xsavec", "avx"}:  # the engine has no XSAVEC, XRSTOR of its compacted form, VLDMXCSR
             self.faults.xsave = XsaveUnit(self.ram, xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0)),
                                           lambda: self.faults._control(uc)[1])
         machine = machine_features()
         if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
-            native = self.faults.native = NativeExecutor(self.ram, machine, self.exits.exit_at)
+            native = self.faults.native = NativeExecutor(self.ram, machine, self.exits.exit_at,
+                                                         wide="avx512f" in host.physical & machine)
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's

@@ -32,6 +32,9 @@ VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 1
 # vector -> (si_code, si_addr; None: the faulting RIP, or CR2 for #PF): ILL_ILLOPN,
 # FPE_INTDIV, SEGV_MAPERR; others SI_KERNEL without an address.
 SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None)}
+# The state instructions XsaveUnit carries out itself (False from it: not this state).
+STATE_UNIT = {Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec", Mnemonic.VLDMXCSR: "load_mxcsr",
+              Mnemonic.VSTMXCSR: "store_mxcsr"}
 
 
 def _name(vector: int) -> str:
@@ -52,7 +55,7 @@ class FaultExits:
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
-        self.xsave = None              # an XsaveUnit where the host has XSAVEC
+        self.xsave = None              # an XsaveUnit where the host has XSAVEC or AVX
         self._controls = None
 
     # -- what the instruction is -------------------------------------------------------
@@ -152,9 +155,9 @@ class FaultExits:
         if reason:
             self.deliver(uc, 6, rip, instr=instr, detail=reason)
             return
-        if self.xsave is not None and instr.mnemonic in (Mnemonic.XSAVEC, Mnemonic.XSAVEC64):
+        if self.xsave is not None and instr.mnemonic in STATE_UNIT:
             try:
-                if self.xsave.xsavec(uc, rip, instr):
+                if getattr(self.xsave, STATE_UNIT[instr.mnemonic])(uc, rip, instr):
                     return
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)

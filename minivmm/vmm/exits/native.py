@@ -6,7 +6,8 @@ minivmm runs on has the instruction too, the exit runs it natively, with the gue
 state, in a thunk compiled once per instruction and cached by its address and bytes:
 
     prologue   save the host's callee-saved registers and MXCSR; load the guest's
-               YMM0-15, MXCSR, arithmetic flags and general registers from a context
+               YMM0-15 (ZMM0-31 and K0-7 on an AVX-512 host), MXCSR, arithmetic
+               flags and general registers from a context
     scratch    a register the instruction does not use, holding the host address of
                its memory operand's base (guest RAM's host address + the guest's base,
                segment base folded in): guest RSP never becomes the host's stack
@@ -20,6 +21,13 @@ loads and stores (VMASKMOV, VPMASKMOV) and gathers (VSIB) check only the element
 mask enables, as the SDM says they access. SIMD floating-point exceptions run masked
 natively; one the guest's MXCSR unmasks is its #XM (or #UD with CR4.OSXMMEXCPT clear),
 with nothing written back, as a fault leaves the destination untouched.
+
+On an AVX-512 host the context is wide: ZMM0-31 from the engine (it keeps all 512 bits
+and writes of YMM leave the rest), and the opmask registers K0-7, which the engine has
+not: they live here, in the context, and snapshots take them from it. Every thunk is
+wide there, since a VEX instruction zeroes its destination up to bit 511 (SDM Vol. 1,
+15.5). An EVEX memory operand under an opmask touches only the elements the mask
+enables (fault suppression, SDM Vol. 1, 15.7.1).
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ import mmap
 import struct
 
 import unicorn.x86_const as x86
-from iced_x86 import (Code, Decoder, EncodingKind, Encoder, FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, OpKind, Register,
-                      RegisterExt)
+from iced_x86 import (Code, Decoder, EncodingKind, Encoder, FlowControl, Instruction, InstructionInfoFactory, MemoryOperand,
+                      MemorySizeExt, Mnemonic, OpAccess, OpKind, Register, RegisterExt)
 
 from ...cpu.isa import needed_features as isa_needs
 from .. import engine
@@ -41,7 +49,9 @@ SLOT = {name: 8 * i for i, name in enumerate(GPRS)}
 RFLAGS, MXCSR, HOST_MXCSR, FS_BASE, GS_BASE, YMM = 128, 136, 140, 168, 176, 192
 SCRATCH = YMM + 32 * 16            # one slot per memory instruction of a run
 MAX_RUN = 16                       # instructions compiled into one thunk at most
-CONTEXT_SIZE = SCRATCH + 8 * MAX_RUN
+ZMM = SCRATCH + 8 * MAX_RUN        # the wide context: ZMM0-31, then K0-7
+OPMASK = ZMM + 64 * 32
+CONTEXT_SIZE = OPMASK + 8 * 8
 ARITHMETIC_FLAGS = 0x8D5           # CF PF AF ZF SF OF: what the instruction may change
 DF = 0x400
 MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
@@ -63,12 +73,24 @@ SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", 
 # Vol. 2, each instruction's "Protected Mode Exceptions").
 ALIGNED = frozenset(getattr(Mnemonic, m) for m in (
     "VMOVAPS", "VMOVAPD", "VMOVDQA", "VMOVDQA32", "VMOVDQA64", "VMOVNTPS", "VMOVNTPD", "VMOVNTDQ", "VMOVNTDQA"))
-MASKED = {Mnemonic.VMASKMOVPS: 4, Mnemonic.VMASKMOVPD: 8, Mnemonic.VPMASKMOVD: 4, Mnemonic.VPMASKMOVQ: 8}
+MASKED = frozenset((Mnemonic.VMASKMOVPS, Mnemonic.VMASKMOVPD, Mnemonic.VPMASKMOVD, Mnemonic.VPMASKMOVQ))
+# EVEX moves under an opmask touch only the elements it enables, element i by bit i
+# (fault suppression, SDM Vol. 1, 15.7.1); other masked EVEX operands are checked whole.
+SUPPRESSING = frozenset(getattr(Mnemonic, m) for m in (
+    "VMOVDQU8", "VMOVDQU16", "VMOVDQU32", "VMOVDQU64", "VMOVDQA32", "VMOVDQA64", "VMOVUPS", "VMOVUPD", "VMOVAPS",
+    "VMOVAPD", "VMOVSS", "VMOVSD", "VPMOVQB", "VPMOVQW", "VPMOVQD", "VPMOVDB", "VPMOVDW", "VPMOVWB"))
 # What the context cannot stand for: MXCSR loaded or stored by the instruction itself,
 # and the XSAVE family, which would write the machine's state layout, not the guest's.
 REFUSED = frozenset(getattr(Mnemonic, m) for m in (
     "VLDMXCSR", "VSTMXCSR", "XSAVE", "XSAVE64", "XSAVEC", "XSAVEC64", "XSAVEOPT", "XSAVEOPT64", "XSAVES", "XSAVES64",
     "XRSTOR", "XRSTOR64", "XRSTORS", "XRSTORS64"))
+
+
+def _encoded(instructions) -> bytes:
+    encoder = Encoder(64)
+    for instr in instructions:
+        encoder.encode(instr, 0)
+    return encoder.take_buffer()
 
 
 def _register_name(register: int) -> str:
@@ -111,7 +133,8 @@ def check_span(memory: int, protection, at: int, size: int, writes: bool, reads:
 
 @functools.cache
 def _assembled() -> dict[str, bytes]:
-    """The thunk's fixed parts, assembled once (keystone, from these lines)."""
+    """The thunk's fixed parts, assembled once (keystone, from these lines; iced's
+    encoder for the wide parts: keystone has no EVEX)."""
     from keystone import KS_ARCH_X86, KS_MODE_64, Ks
     ks = Ks(KS_ARCH_X86, KS_MODE_64)
 
@@ -119,16 +142,24 @@ def _assembled() -> dict[str, bytes]:
         return bytes(ks.asm("; ".join(lines))[0])
     loads = [f"mov {name.lower()}, qword ptr [rdi+{SLOT[name]}]" for name in GPRS if name not in ("RSP", "RDI")]
     stores = [f"mov qword ptr [rdi+{SLOT[name]}], {name.lower()}" for name in GPRS if name not in ("RSP", "RDI")]
-    prologue = asm(["push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15", "push rdi",
-                    f"stmxcsr dword ptr [rdi+{HOST_MXCSR}]", f"ldmxcsr dword ptr [rdi+{MXCSR}]",
-                    *(f"vmovdqu ymm{i}, ymmword ptr [rdi+{YMM + 32 * i}]" for i in range(16)),
-                    f"push qword ptr [rdi+{RFLAGS}]", "popfq", *loads])
-    epilogue = asm(["pushfq", "cld", "xchg rdi, qword ptr [rsp+8]", *stores, "pop rax",
-                    f"mov qword ptr [rdi+{RFLAGS}], rax", "pop rax", f"mov qword ptr [rdi+{SLOT['RDI']}], rax",
-                    *(f"vmovdqu ymmword ptr [rdi+{YMM + 32 * i}], ymm{i}" for i in range(16)),
-                    f"stmxcsr dword ptr [rdi+{MXCSR}]", f"ldmxcsr dword ptr [rdi+{HOST_MXCSR}]", "vzeroupper",
-                    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx", "ret"])
-    parts = {"prologue": prologue, "epilogue": epilogue, "guest_rdi": asm([f"mov rdi, qword ptr [rdi+{SLOT['RDI']}]"])}
+    enter = asm(["push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15", "push rdi",
+                 f"stmxcsr dword ptr [rdi+{HOST_MXCSR}]", f"ldmxcsr dword ptr [rdi+{MXCSR}]"])
+    load_state = asm([f"push qword ptr [rdi+{RFLAGS}]", "popfq", *loads])
+    save_state = asm(["pushfq", "cld", "xchg rdi, qword ptr [rsp+8]", *stores, "pop rax",
+                      f"mov qword ptr [rdi+{RFLAGS}], rax", "pop rax", f"mov qword ptr [rdi+{SLOT['RDI']}], rax"])
+    leave = asm([f"stmxcsr dword ptr [rdi+{MXCSR}]", f"ldmxcsr dword ptr [rdi+{HOST_MXCSR}]", "vzeroupper",
+                 "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx", "ret"])
+    narrow_loads = asm([f"vmovdqu ymm{i}, ymmword ptr [rdi+{YMM + 32 * i}]" for i in range(16)])
+    narrow_stores = asm([f"vmovdqu ymmword ptr [rdi+{YMM + 32 * i}], ymm{i}" for i in range(16)])
+    zmm = [(Register.ZMM0 + i, MemoryOperand(Register.RDI, displ=ZMM + 64 * i)) for i in range(32)]
+    opmask = [(Register.K0 + i, MemoryOperand(Register.RDI, displ=OPMASK + 8 * i)) for i in range(8)]
+    wide_loads = _encoded([Instruction.create_reg_mem(Code.EVEX_VMOVDQU64_ZMM_K1Z_ZMMM512, r, m) for r, m in zmm]
+                          + [Instruction.create_reg_mem(Code.VEX_KMOVQ_KR_KM64, r, m) for r, m in opmask])
+    wide_stores = _encoded([Instruction.create_mem_reg(Code.EVEX_VMOVDQU64_ZMMM512_K1Z_ZMM, m, r) for r, m in zmm]
+                           + [Instruction.create_mem_reg(Code.VEX_KMOVQ_M64_KR, m, r) for r, m in opmask])
+    parts = {"prologue": enter + narrow_loads + load_state, "epilogue": save_state + narrow_stores + leave,
+             "wide prologue": enter + wide_loads + load_state, "wide epilogue": save_state + wide_stores + leave,
+             "guest_rdi": asm([f"mov rdi, qword ptr [rdi+{SLOT['RDI']}]"])}
     for name in GPRS:
         for k in range(MAX_RUN):
             if name not in ("RSP", "RDI"):
@@ -147,10 +178,11 @@ class Thunk:
 class NativeExecutor:
     """One per engine: the context, the code arena, the thunks."""
 
-    def __init__(self, ram, machine_features: frozenset[str], exit_at=None):
+    def __init__(self, ram, machine_features: frozenset[str], exit_at=None, wide: bool = False):
         """``exit_at(address)``: the exit planted there, (action, audited, instr) or None:
-        a run extends over the instructions after the first that exit as unsupported."""
-        self.ram, self.machine = ram, machine_features
+        a run extends over the instructions after the first that exit as unsupported.
+        ``wide``: the host has AVX-512 (and so must the machine)."""
+        self.ram, self.machine, self.wide = ram, machine_features, wide
         self.exit_at = exit_at or (lambda address: None)
         self.ram_base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
         self.memory = len(ram)
@@ -159,8 +191,12 @@ class NativeExecutor:
         regs = [getattr(x86, f"UC_X86_REG_{n}") for n in GPRS] + [x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_MXCSR,
                                                                   x86.UC_X86_REG_FS_BASE, x86.UC_X86_REG_GS_BASE]
         offsets = [SLOT[n] for n in GPRS] + [RFLAGS, MXCSR, FS_BASE, GS_BASE]
-        regs += [getattr(x86, f"UC_X86_REG_YMM{i}") for i in range(16)]
-        offsets += [YMM + 32 * i for i in range(16)]
+        if wide:
+            regs += [getattr(x86, f"UC_X86_REG_ZMM{i}") for i in range(32)]
+            offsets += [ZMM + 64 * i for i in range(32)]
+        else:
+            regs += [getattr(x86, f"UC_X86_REG_YMM{i}") for i in range(16)]
+            offsets += [YMM + 32 * i for i in range(16)]
         self._ids = (ctypes.c_int * len(regs))(*regs)
         self._pointers = (ctypes.c_void_p * len(regs))(*(self.context_address + o for o in offsets))
         self._count = len(regs)
@@ -174,14 +210,23 @@ class NativeExecutor:
 
     def can_run(self, instr, needs: frozenset[str]) -> bool:
         """The machine has what ``instr`` needs, and the context holds all it touches:
-        general registers, flags, XMM/YMM 0-15 and memory."""
-        if not needs <= self.machine or instr.mnemonic in REFUSED or instr.encoding == EncodingKind.EVEX:
+        general registers, flags, XMM/YMM 0-15 (ZMM 0-31 and K0-7 when wide) and memory."""
+        if not needs <= self.machine or instr.mnemonic in REFUSED:
             return False
-        for used in InstructionInfoFactory().info(instr).used_registers():
+        if instr.encoding not in (EncodingKind.LEGACY, EncodingKind.VEX) and not (
+                self.wide and instr.encoding == EncodingKind.EVEX):
+            return False
+        vectors, info = 32 if self.wide else 16, InstructionInfoFactory().info(instr)
+        implicit = any(u.access != OpAccess.NO_MEM_ACCESS for u in info.used_memory()) and \
+            not any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count))
+        if implicit and instr.mnemonic != Mnemonic.VMASKMOVDQU:  # [rdi] and the like would be the host's
+            return False
+        for used in info.used_registers():
             r = used.register
             # a VEX instruction zeroes its destination above 128/256 bits: iced names the ZMM
             vector = RegisterExt.is_xmm(r) or RegisterExt.is_ymm(r) or RegisterExt.is_zmm(r)
-            if not (RegisterExt.is_gpr(r) or r == Register.RIP or (vector and RegisterExt.number(r) < 16)):
+            if not (RegisterExt.is_gpr(r) or r == Register.RIP or (vector and RegisterExt.number(r) < vectors)
+                    or (self.wide and RegisterExt.is_k(r))):
                 return False
         return True
 
@@ -204,6 +249,8 @@ class NativeExecutor:
         thunk unless ``single`` (a counted start counts one instruction an exit). A
         fault or a SIMD exception inside a run re-executes its first instruction alone,
         so that the one that faults is found where it stands. Raises Fault."""
+        if instr.mnemonic == Mnemonic.VMASKMOVDQU:
+            return self._mask_move(uc, address, instr)
         thunk = self._runs.get((address, single))
         if thunk is None:
             thunk = self._runs[address, single] = self._compile_run(address, instr, single, allowed)
@@ -241,6 +288,21 @@ class NativeExecutor:
         engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
         uc.reg_write(x86.UC_X86_REG_RIP, thunk.end)  # resume past the run (a single write ends the block)
 
+    def _mask_move(self, uc, address: int, instr) -> None:
+        """VMASKMOVDQU xmm1, xmm2: the bytes of xmm1 whose byte in xmm2 has its top bit
+        set, to [rdi] (its implicit operand, which no thunk could rebase)."""
+        data, mask = (uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{RegisterExt.number(r)}")).to_bytes(16, "little")
+                      for r in (instr.op1_register, instr.op2_register))
+        rdi = uc.reg_read(x86.UC_X86_REG_RDI) & (0xFFFFFFFF if instr.op0_kind == OpKind.MEMORY_SEG_EDI else (1 << 64) - 1)
+        segment = {Register.FS: x86.UC_X86_REG_FS_BASE, Register.GS: x86.UC_X86_REG_GS_BASE}.get(instr.memory_segment)
+        rdi += uc.reg_read(segment) if segment else 0
+        chosen = [i for i in range(16) if mask[i] & 0x80]
+        for i in chosen:
+            self._check_span((rdi + i) & (1 << 64) - 1, 1, True, False)
+        for i in chosen:
+            self.ram[rdi + i] = data[i]
+        uc.reg_write(x86.UC_X86_REG_RIP, address + instr.len)
+
     def forget(self, first: int, last: int) -> None:
         """Drop the runs over [first, last) (their code or page protections changed)."""
         for key in [key for key, t in self._runs.items() if t.start < last and t.end > first]:
@@ -269,22 +331,31 @@ class NativeExecutor:
     def _check_span(self, at: int, size: int, writes: bool, reads: bool) -> None:
         check_span(self.memory, self.protection, at, size, writes, reads)
 
-    def _ymm(self, register: int) -> bytes:
-        i = register - Register.YMM0 if register >= Register.YMM0 else register - Register.XMM0
+    def _vector(self, register: int) -> bytes:
+        i = RegisterExt.number(register)
+        if self.wide:
+            return bytes(self.context[ZMM + 64 * i:ZMM + 64 * i + 64])
         return bytes(self.context[YMM + 32 * i:YMM + 32 * i + 32])
 
+    def _enabled(self, m, count: int) -> list[int]:
+        """The elements of ``count`` a memory operand's mask enables: an opmask's bits,
+        or a vector mask's element sign bits (VMASKMOV, VEX gathers)."""
+        if m["opmask"] is not None:
+            bits = int.from_bytes(self.context[OPMASK + 8 * m["opmask"]:OPMASK + 8 * m["opmask"] + 8], "little")
+            return [i for i in range(count) if bits >> i & 1]
+        if m["mask"] is None:
+            return list(range(count))
+        mask, width = self._vector(m["mask"]), m["element"]
+        return [i for i in range(count) if mask[i * width + width - 1] & 0x80]
+
     def _masked_spans(self, m, start: int) -> list[tuple[int, int]]:
-        width, mask = m["masked"], self._ymm(m["mask"])
-        return [(start + i * width, width) for i in range(m["size"] // width) if mask[i * width + width - 1] & 0x80]
+        width = m["element"]
+        return [(start + i * width, width) for i in self._enabled(m, m["size"] // width)]
 
     def _vsib_spans(self, m, base: int) -> list[tuple[int, int]]:
-        index, mask = self._ymm(m["index_vector"]), self._ymm(m["mask"])
-        width, element = m["index_width"], m["element"]
-        count = min(m["lanes"], 32 // max(width, element))
+        index, width, element = self._vector(m["index_vector"]), m["index_width"], m["element"]
         spans = []
-        for i in range(count):
-            if not mask[i * element + element - 1] & 0x80:
-                continue  # a masked-off element is never read
+        for i in self._enabled(m, m["lanes"]):  # a masked-off element is never touched
             offset = int.from_bytes(index[i * width:i * width + width], "little", signed=True)
             spans.append(((base + offset * m["scale"] + m["displacement"]) & (1 << 64) - 1, element))
         return spans
@@ -317,7 +388,8 @@ class NativeExecutor:
             used = {_full(r.register) for r in info.used_registers()}
             writes = {_full(r.register) for r in info.used_registers() if r.access in WRITES}
             taken = {getattr(Register, scratch) for _, scratch in memory}
-            if members and (used & taken or instr.flow_control != FlowControl.NEXT):
+            if members and (used & taken or instr.flow_control != FlowControl.NEXT
+                            or instr.mnemonic == Mnemonic.VMASKMOVDQU):
                 break
             code = instr.copy()
             if any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)) and \
@@ -344,7 +416,8 @@ class NativeExecutor:
             used_all |= used
             at += instr.len
         loads = b"".join(parts[scratch, k] for k, (_, scratch) in enumerate(memory))
-        machine_code = parts["prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts["epilogue"]
+        wide = "wide " if self.wide else ""
+        machine_code = parts[wide + "prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts[wide + "epilogue"]
         return Thunk(self._place(machine_code), address, at, len(members), memory)
 
     def _plain(self, address: int):
@@ -381,18 +454,25 @@ class NativeExecutor:
              "segment": segment, "size": MemorySizeExt.size(instr.memory_size),
              "reads": access in (OpAccess.READ, OpAccess.READ_WRITE, OpAccess.COND_READ, OpAccess.READ_COND_WRITE),
              "writes": access in (OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE),
-             "aligned": instr.mnemonic in ALIGNED, "masked": MASKED.get(instr.mnemonic), "vsib": instr.is_vsib}
+             "aligned": instr.mnemonic in ALIGNED, "vsib": instr.is_vsib,
+             "element": MemorySizeExt.element_size(instr.memory_size), "mask": None, "opmask": None}
         m["registers"] = {_full(r) for r in (base, instr.memory_index) if r not in (Register.NONE, Register.RIP)}
-        if m["masked"]:
+        if instr.op_mask != Register.NONE and (instr.is_vsib or instr.mnemonic in SUPPRESSING):
+            m["opmask"] = instr.op_mask - Register.K0
+            m["registers"].add(instr.op_mask)
+        elif instr.mnemonic in MASKED:
             m["mask"] = instr.op1_register
-            m["registers"].add(_full(instr.op1_register))
-        if instr.is_vsib:
+        elif instr.is_vsib and instr.encoding == EncodingKind.VEX:
+            m["mask"] = instr.op_register(instr.op_count - 1)
+        if m["mask"] is not None:
+            m["registers"].add(_full(m["mask"]))
+        m["masked"] = m["mask"] is not None or m["opmask"] is not None
+        if instr.is_vsib:  # as many elements as both the data register and the index vector have
+            data = next(instr.op_register(i) for i in range(instr.op_count)
+                        if instr.op_kind(i) == OpKind.REGISTER and RegisterExt.is_vector_register(instr.op_register(i)))
             m["index_vector"] = instr.memory_index
             m["index_width"] = 4 if instr.is_vsib32 else 8
-            m["element"] = MemorySizeExt.element_size(instr.memory_size)
-            m["lanes"] = 8 if RegisterExt.is_ymm(instr.memory_index) or RegisterExt.is_ymm(instr.op0_register) else 4
-            m["mask"] = instr.op_register(instr.op_count - 1)
-            m["registers"].add(_full(m["mask"]))
+            m["lanes"] = min(RegisterExt.size(data) // m["element"], RegisterExt.size(instr.memory_index) // m["index_width"])
         elif instr.memory_index != Register.NONE:
             m["index"] = _register_name(_full(instr.memory_index))
         return m

@@ -8,6 +8,9 @@ an RFBM asking for any other is left to the caller (``unsupported``). A componen
 its initial configuration (SDM Vol. 1, 13.6: x87 reset, XMM all zero, YMM's upper
 halves zero) is not in use: XSAVEC neither writes it nor sets its XSTATE_BV bit. The
 compacted offsets and alignments come from the VM's CPUID leaf 0xD.
+
+VLDMXCSR and VSTMXCSR, the AVX forms of LDMXCSR and STMXCSR, move the same register
+here: a thunk's MXCSR is the context's (exceptions masked while it runs), not the guest's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ...cpu import xstate
 from .emulate import memory_address
 from .native import Fault, check_span
 
+MXCSR_MASK = 0xFFFF             # FXSAVE's MXCSR_MASK with DAZ: bits 31:16 are reserved
 HELD = 0x7                       # x87 | SSE | AVX: what the engine's state has
 COMPACTED = 1 << 63
 X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
@@ -53,6 +57,25 @@ class XsaveUnit:
         x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
             and not any(image[32:160])
         return (0 if x87_init else 1) | (2 if any(image[160:416]) else 0) | (4 if any(upper) else 0)
+
+    def load_mxcsr(self, uc, rip: int, instr) -> bool:
+        """VLDMXCSR m32: #GP(0) for a reserved bit (SDM Vol. 2, LDMXCSR)."""
+        address = memory_address(uc, instr)
+        check_span(self.memory, self.protection, address, 4, False)
+        value = struct.unpack_from("<I", self.ram, address)[0]
+        if value & ~MXCSR_MASK:
+            raise Fault(13, 0, detail=f"VLDMXCSR of reserved bits ({value:#x})")
+        uc.reg_write(x86.UC_X86_REG_MXCSR, value)
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
+        return True
+
+    def store_mxcsr(self, uc, rip: int, instr) -> bool:
+        """VSTMXCSR m32."""
+        address = memory_address(uc, instr)
+        check_span(self.memory, self.protection, address, 4, True, False)
+        struct.pack_into("<I", self.ram, address, uc.reg_read(x86.UC_X86_REG_MXCSR) & 0xFFFFFFFF)
+        uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
+        return True
 
     def xsavec(self, uc, rip: int, instr) -> bool:
         """XSAVEC m: False when RFBM asks for state the engine does not hold."""
@@ -95,7 +118,7 @@ class XsaveUnit:
         offsets = xstate.compacted_offsets(self.components, xcomp_bv & ~COMPACTED)
         check_span(self.memory, self.protection, address, self._size(xcomp_bv & ~COMPACTED), False)
         legacy = bytes(self.ram[address:address + xstate.LEGACY])
-        if rfbm & 6 and struct.unpack_from("<I", legacy, 24)[0] & ~0xFFFF:
+        if rfbm & 6 and struct.unpack_from("<I", legacy, 24)[0] & ~MXCSR_MASK:
             raise Fault(13, 0, detail="XRSTOR of reserved MXCSR bits")
         if rfbm & 1:
             if xstate_bv & 1:
