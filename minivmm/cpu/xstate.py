@@ -52,6 +52,29 @@ def set_ymm_upper(uc, data: bytes | None) -> None:
         uc.reg_write(getattr(x86, f"UC_X86_REG_YMM{i}"), upper << 128 | low)
 
 
+def zmm_hi256(uc) -> bytes:
+    """ZMM0-15's upper halves (bits 511:256), the ZMM_Hi256 component's 512 bytes."""
+    return b"".join((uc.reg_read(getattr(x86, f"UC_X86_REG_ZMM{i}")) >> 256).to_bytes(32, "little") for i in range(16))
+
+
+def set_zmm_hi256(uc, data: bytes | None) -> None:
+    for i in range(16):
+        upper = int.from_bytes(data[32 * i:32 * i + 32], "little") if data else 0
+        low = uc.reg_read(getattr(x86, f"UC_X86_REG_YMM{i}"))
+        uc.reg_write(getattr(x86, f"UC_X86_REG_ZMM{i}"), upper << 256 | low)
+
+
+def hi16_zmm(uc) -> bytes:
+    """ZMM16-31 whole, the Hi16_ZMM component's 1024 bytes."""
+    return b"".join(uc.reg_read(getattr(x86, f"UC_X86_REG_ZMM{i}")).to_bytes(64, "little") for i in range(16, 32))
+
+
+def set_hi16_zmm(uc, data: bytes | None) -> None:
+    for i in range(16):
+        uc.reg_write(getattr(x86, f"UC_X86_REG_ZMM{16 + i}"), int.from_bytes(data[64 * i:64 * i + 64], "little")
+                     if data else 0)
+
+
 def layout(answer) -> dict[int, tuple[int, int, bool]]:
     """Extended state component -> (standard offset, size, 64-byte aligned when
     compacted), from ``answer(leaf, subleaf) -> (eax, ebx, ecx, edx)`` of leaf 0xD."""

@@ -60,20 +60,27 @@ BASES = ("FS_BASE", "GS_BASE")
 X87 = tuple(f"FP{i}" for i in range(8)) + ("FPCW", "FPSW", "FPTAG", "FIP", "FCS", "FDP", "FDS", "FOP")
 SSE = ("MXCSR",) + tuple(f"XMM{i}" for i in range(16))
 YMM = tuple(f"YMM{i}" for i in range(16))   # whole, upper halves included; written after XMM
+ZMM = tuple(f"ZMM{i}" for i in range(32))   # AVX-512 hosts: whole, written after YMM
+OPMASK = tuple(f"K{i}" for i in range(8))   # the engine has none: the native executor holds them
 GENERAL = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP") + tuple(f"R{i}" for i in range(8, 16)) + ("RFLAGS",)
-ORDER = (CONTROL, tuple(MSRS), TABLES, SELECTORS, BASES, X87, SSE, YMM, GENERAL, ("RIP",))
-REGISTERS = tuple(name for group in ORDER for name in group)
-OPTIONAL = frozenset(YMM)   # snapshots written before minivmm kept YMM's upper halves lack them
+ORDER = (CONTROL, tuple(MSRS), TABLES, SELECTORS, BASES, X87, SSE, YMM, ZMM, GENERAL, ("RIP",))
+ENGINE_REGISTERS = tuple(name for group in ORDER for name in group)
+REGISTERS = ENGINE_REGISTERS + OPMASK
+# YMM: snapshots written before minivmm kept YMM's upper halves lack them; ZMM and the
+# opmask registers are there only from hosts with AVX-512
+OPTIONAL = frozenset(YMM + ZMM + OPMASK)
 # (elements, bits of each): descriptor tables are (selector, base, limit, flags), x87
 # registers (mantissa, exponent); everything else one number.
 SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in range(8)},
-          **{f"XMM{i}": (1, 128) for i in range(16)}, **{name: (1, 256) for name in YMM}}
+          **{f"XMM{i}": (1, 128) for i in range(16)}, **{name: (1, 256) for name in YMM},
+          **{name: (1, 512) for name in ZMM}}
 
 
-def read_registers(uc, skip=()) -> dict:
+def read_registers(uc, wide: bool = False) -> dict:
+    """The engine's registers; ZMM0-31 too if ``wide`` (the host has AVX-512)."""
     regs = {}
-    for name in REGISTERS:
-        if name in skip:
+    for name in ENGINE_REGISTERS:
+        if name in ZMM and not wide:
             continue
         value = uc.reg_read(x86.UC_X86_REG_MSR, MSRS[name]) if name in MSRS else \
             uc.reg_read(getattr(x86, f"UC_X86_REG_{name}"))
@@ -82,7 +89,7 @@ def read_registers(uc, skip=()) -> dict:
 
 
 def write_registers(uc, regs: dict) -> None:
-    for name in REGISTERS:
+    for name in ENGINE_REGISTERS:
         if name not in regs:
             continue
         value = regs[name]

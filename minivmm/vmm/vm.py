@@ -341,6 +341,8 @@ class _Engine:
                                                          wide="avx512f" in host.physical & machine)
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
+            if native.wide and self.faults.xsave is not None:
+                self.faults.xsave.hold_avx512(native)
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             self.privileged.on_syscall = run._syscall
             self.faults.signals = True
@@ -415,7 +417,12 @@ class _Engine:
                                             x86.UC_X86_REG_RDX: value >> 32})  # xsetbv
 
     def capture(self) -> dict:
-        return {"regs": read_registers(self.uc), "xcr0": self.read_xcr0()}
+        native = self.faults.native
+        wide = native is not None and native.wide
+        regs = read_registers(self.uc, wide)
+        if wide:
+            regs.update(native.opmasks())
+        return {"regs": regs, "xcr0": self.read_xcr0()}
 
     def restore(self, state: dict) -> bool:
         """The captured state on this engine; False if XCR0 could not come along: on a
@@ -427,6 +434,8 @@ class _Engine:
             self.uc.reg_write(x86.UC_X86_REG_CR4, state["regs"]["CR4"])
             self.write_xcr0(xcr0)
         write_registers(self.uc, state["regs"])
+        if self.faults.native is not None and self.faults.native.wide:
+            self.faults.native.set_opmasks(state["regs"])
         if xcr0 is not None and "xsave" not in self.host.physical:
             self.uc.reg_write(x86.UC_X86_REG_CR4, self.uc.reg_read(x86.UC_X86_REG_CR4) & ~CR4_OSXSAVE)
             return False

@@ -206,6 +206,15 @@ class NativeExecutor:
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
 
+    def opmasks(self) -> dict[str, int]:
+        """K0-7, which only the context holds (snapshot names)."""
+        return {f"K{i}": int.from_bytes(self.context[OPMASK + 8 * i:OPMASK + 8 * i + 8], "little") for i in range(8)}
+
+    def set_opmasks(self, regs: dict) -> None:
+        """K0-7 from snapshot registers (zero where the snapshot has none: a host without AVX-512)."""
+        for i in range(8):
+            struct.pack_into("<Q", self.context, OPMASK + 8 * i, regs.get(f"K{i}", 0))
+
     # -- what it takes --------------------------------------------------------------------
 
     def can_run(self, instr, needs: frozenset[str]) -> bool:

@@ -3,8 +3,10 @@ engine lacks: it has no XSAVEC, and its XRSTOR refuses an area whose XCOMP_BV[63
 set (#GP). glibc's dynamic loader saves and restores the vector state this way around
 every lazy symbol binding where the CPU view shows XSAVEC (Skylake and later).
 
-The components are those the engine holds: x87, SSE and AVX (YMM's upper halves);
-an RFBM asking for any other is left to the caller (``unsupported``). A component in
+The components are those the engine holds: x87, SSE and AVX (YMM's upper halves), and
+on an AVX-512 host the opmask registers (which the native executor holds), ZMM0-15's
+upper halves and ZMM16-31; an RFBM asking for any other is left to the caller
+(``unsupported``). A component in
 its initial configuration (SDM Vol. 1, 13.6: x87 reset, XMM all zero, YMM's upper
 halves zero) is not in use: XSAVEC neither writes it nor sets its XSTATE_BV bit. The
 compacted offsets and alignments come from the VM's CPUID leaf 0xD.
@@ -25,6 +27,7 @@ from .native import Fault, check_span
 
 MXCSR_MASK = 0xFFFF             # FXSAVE's MXCSR_MASK with DAZ: bits 31:16 are reserved
 HELD = 0x7                       # x87 | SSE | AVX: what the engine's state has
+AVX512 = 0xE0                    # opmask | ZMM_Hi256 | Hi16_ZMM: with a wide native executor
 COMPACTED = 1 << 63
 X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
 
@@ -35,6 +38,24 @@ class XsaveUnit:
         ``read_xcr0()``: the guest's XCR0 now."""
         self.ram, self.memory, self.components, self.read_xcr0 = ram, len(ram), components, read_xcr0
         self.protection = None   # a Linux program's page protections
+        self.held = HELD
+        self.native = None       # the wide native executor (K0-7) on an AVX-512 host
+
+    def hold_avx512(self, native) -> None:
+        self.native, self.held = native, HELD | AVX512
+
+    def _wide_state(self, uc) -> dict[int, bytes]:
+        """Components 5-7 as their bytes in an XSAVE area."""
+        masks = self.native.opmasks()
+        return {5: b"".join(masks[f"K{i}"].to_bytes(8, "little") for i in range(8)),
+                6: xstate.zmm_hi256(uc), 7: xstate.hi16_zmm(uc)}
+
+    def _set_wide_state(self, uc, component: int, data: bytes | None) -> None:
+        if component == 5:
+            self.native.set_opmasks({f"K{i}": int.from_bytes(data[8 * i:8 * i + 8], "little") for i in range(8)}
+                                    if data else {})
+        else:
+            (xstate.set_zmm_hi256 if component == 6 else xstate.set_hi16_zmm)(uc, data)
 
     def _rfbm(self, uc) -> int:
         edx_eax = (uc.reg_read(x86.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | uc.reg_read(x86.UC_X86_REG_EAX) & 0xFFFFFFFF
@@ -80,12 +101,13 @@ class XsaveUnit:
     def xsavec(self, uc, rip: int, instr) -> bool:
         """XSAVEC m: False when RFBM asks for state the engine does not hold."""
         rfbm = self._rfbm(uc)
-        if rfbm & ~HELD:
+        if rfbm & ~self.held:
             return False
         address = self._area(uc, instr, self._size(rfbm), True)
         legacy = bytearray(self.ram[address:address + xstate.LEGACY])
         image, upper = xstate.fxsave_image(uc), xstate.ymm_upper(uc)
-        saved = rfbm & self._in_use(uc, image, upper)
+        wide = self._wide_state(uc) if rfbm & AVX512 else {}
+        saved = rfbm & (self._in_use(uc, image, upper) | sum(1 << i for i, data in wide.items() if any(data)))
         if saved & 1:    # x87: FCW .. FDP and ST0-7
             legacy[0:24], legacy[32:160] = image[0:24], image[32:160]
         if rfbm & 6:     # MXCSR goes with SSE or AVX, in use or not
@@ -97,6 +119,9 @@ class XsaveUnit:
         offsets = xstate.compacted_offsets(self.components, rfbm)
         if saved & 4:
             self.ram[address + offsets[2]:address + offsets[2] + 256] = upper
+        for i, data in wide.items():
+            if saved >> i & 1:
+                self.ram[address + offsets[i]:address + offsets[i] + len(data)] = data
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
 
@@ -113,7 +138,7 @@ class XsaveUnit:
         reserved = bytes(self.ram[address + xstate.LEGACY + 16:address + xstate.LEGACY + xstate.HEADER])
         if xcomp_bv & ~COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv & ((1 << 63) - 1) or any(reserved):
             raise Fault(13, 0, detail="XRSTOR of a compacted area with a bad header (SDM Vol. 1, 13.8.2)")
-        if rfbm & ~HELD:
+        if rfbm & ~self.held:
             return False
         offsets = xstate.compacted_offsets(self.components, xcomp_bv & ~COMPACTED)
         check_span(self.memory, self.protection, address, self._size(xcomp_bv & ~COMPACTED), False)
@@ -136,5 +161,10 @@ class XsaveUnit:
         if rfbm & 4:
             at = address + offsets.get(2, 0)
             xstate.set_ymm_upper(uc, bytes(self.ram[at:at + 256]) if xstate_bv & 4 and 2 in offsets else None)
+        for i in (5, 6, 7):  # after YMM: ZMM0-15's low halves are in place
+            if rfbm >> i & 1:
+                at, size = address + offsets.get(i, 0), self.components[i][1]
+                self._set_wide_state(uc, i, bytes(self.ram[at:at + size]) if xstate_bv >> i & 1 and i in offsets
+                                     else None)
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
