@@ -96,7 +96,8 @@ def test_migration_is_transparent_for_cpuid_guided_guests(stateful, cluster, dat
 def test_negative_control_dropping_state_breaks_transparency(stateful, monkeypatch, group):
     alone = VM(stateful, "penryn", memory="2M").run(timeout=30)
     dropped = {"x87": snapshot_mod.X87, "sse": snapshot_mod.SSE + snapshot_mod.YMM, "general": ("RBX", "RCX", "RDI")}[group]
-    monkeypatch.setattr(snapshot_mod, "REGISTERS", tuple(r for r in snapshot_mod.REGISTERS if r not in dropped))
+    monkeypatch.setattr(snapshot_mod, "ENGINE_REGISTERS",
+                        tuple(r for r in snapshot_mod.ENGINE_REGISTERS if r not in dropped))
     moved = VM(stateful, "penryn", memory="2M").run(timeout=3, migrations=["penryn@insn:100000"],
                                                     precopy=PreCopy(enabled=False))
     assert moved.migrations[0]["ok"]
