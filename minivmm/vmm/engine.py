@@ -15,6 +15,9 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 _lib = ctypes.CDLL(uclib._name)
 reg_read_batch = _lib.uc_reg_read_batch
 reg_write_batch = _lib.uc_reg_write_batch
+# uc_reg_write(handle, id, pointer): unlike a batch, a write of RIP here ends the
+# engine's block, so that it resumes at the new address
+reg_write = _lib.uc_reg_write
 INSN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 

@@ -57,6 +57,7 @@ class FaultExits:
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
         self.xsave = None              # an XsaveUnit where the host has XSAVEC or AVX
         self._controls = None
+        self._enabled: set[int] = set()   # instruction forms the controls were seen to allow
 
     # -- what the instruction is -------------------------------------------------------
 
@@ -208,10 +209,18 @@ class FaultExits:
 
     def forget_control(self) -> None:
         self._controls = None
+        self._enabled.clear()
 
     def _os_disabled(self, uc, instr) -> str | None:
+        """Why CR4/XCR0 make ``instr`` #UD, or None; None is remembered per instruction
+        form until the controls change."""
+        if instr.code in self._enabled:
+            return None
         cr4, xcr0 = self._control(uc)
-        return isa.os_disabled(instr, cr4, lambda: xcr0)
+        reason = isa.os_disabled(instr, cr4, lambda: xcr0)
+        if reason is None:
+            self._enabled.add(instr.code)
+        return reason
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)

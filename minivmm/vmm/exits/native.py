@@ -46,7 +46,7 @@ from .. import engine
 
 GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{i}" for i in range(8, 16))
 SLOT = {name: 8 * i for i, name in enumerate(GPRS)}
-RFLAGS, MXCSR, HOST_MXCSR, FS_BASE, GS_BASE, YMM = 128, 136, 140, 168, 176, 192
+RFLAGS, MXCSR, HOST_MXCSR, FS_BASE, GS_BASE, RIP, YMM = 128, 136, 140, 168, 176, 184, 192
 SCRATCH = YMM + 32 * 16            # one slot per memory instruction of a run
 MAX_RUN = 16                       # instructions compiled into one thunk at most
 ZMM = SCRATCH + 8 * MAX_RUN        # the wide context: ZMM0-31, then K0-7
@@ -188,6 +188,9 @@ class NativeExecutor:
         self.memory = len(ram)
         self.context = (ctypes.c_uint8 * CONTEXT_SIZE)()
         self.context_address = ctypes.addressof(self.context)
+        self._slots = (ctypes.c_uint64 * (CONTEXT_SIZE // 8)).from_buffer(self.context)   # 8-byte views
+        self._words = (ctypes.c_uint32 * (CONTEXT_SIZE // 4)).from_buffer(self.context)   # 4-byte views
+        self._rip = ctypes.c_void_p(self.context_address + RIP)
         regs = [getattr(x86, f"UC_X86_REG_{n}") for n in GPRS] + [x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_MXCSR,
                                                                   x86.UC_X86_REG_FS_BASE, x86.UC_X86_REG_GS_BASE]
         offsets = [SLOT[n] for n in GPRS] + [RFLAGS, MXCSR, FS_BASE, GS_BASE]
@@ -264,25 +267,23 @@ class NativeExecutor:
         if thunk is None:
             thunk = self._runs[address, single] = self._compile_run(address, instr, single, allowed)
         engine.reg_read_batch(uc._uch, self._ids, self._pointers, self._count)
-        ctx = self.context
-        values = lambda off: int.from_bytes(bytes(ctx[off:off + 8]), "little")  # noqa: E731
-        guest_flags, guest_mxcsr = values(RFLAGS), values(MXCSR) & 0xFFFFFFFF
-        saved = {scratch: values(SLOT[scratch]) for _, scratch in thunk.memory}
+        slots, words = self._slots, self._words
+        guest_flags, guest_mxcsr = slots[RFLAGS >> 3], words[MXCSR >> 2]
+        saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
         try:
             for k, (m, _) in enumerate(thunk.memory):  # noqa: B007 (m: the faulting one, below)
-                struct.pack_into("<Q", ctx, SCRATCH + 8 * k, (self.ram_base + self._check_memory(m, values))
-                                 & (1 << 64) - 1)
+                slots[(SCRATCH >> 3) + k] = (self.ram_base + self._check_memory(m, slots)) & (1 << 64) - 1
         except Fault:
             if not m["first"]:  # a later instruction of the run: run the first alone
                 return self.run(uc, address, instr, cr4, single=True)
             raise
-        struct.pack_into("<Q", ctx, RFLAGS, guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2)
+        slots[RFLAGS >> 3] = guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2
         # exceptions masked and flags clear: what the run raises shows in the flags
-        struct.pack_into("<I", ctx, MXCSR, guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS)
+        words[MXCSR >> 2] = guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS
         unmasked = ~(guest_mxcsr >> 7) & MXCSR_FLAGS
-        before = bytes(ctx) if unmasked else None
+        before = bytes(self.context) if unmasked else None
         thunk.function(self.context_address)
-        raised = values(MXCSR) & MXCSR_FLAGS
+        raised = words[MXCSR >> 2] & MXCSR_FLAGS
         if raised & unmasked:
             ctypes.memmove(self.context_address, before, CONTEXT_SIZE)  # a fault writes nothing
             if thunk.count > 1:
@@ -290,12 +291,13 @@ class NativeExecutor:
             if cr4 & CR4_OSXMMEXCPT:
                 raise Fault(19, detail=f"unmasked SIMD floating-point exception (MXCSR flags {raised:#x})")
             raise Fault(6, detail="unmasked SIMD floating-point exception with CR4.OSXMMEXCPT clear")
-        struct.pack_into("<Q", ctx, RFLAGS, guest_flags & ~ARITHMETIC_FLAGS | values(RFLAGS) & ARITHMETIC_FLAGS)
-        struct.pack_into("<I", ctx, MXCSR, guest_mxcsr | raised)
+        slots[RFLAGS >> 3] = guest_flags & ~ARITHMETIC_FLAGS | slots[RFLAGS >> 3] & ARITHMETIC_FLAGS
+        words[MXCSR >> 2] = guest_mxcsr | raised
         for scratch, value in saved.items():
-            struct.pack_into("<Q", ctx, SLOT[scratch], value)
+            slots[SLOT[scratch] >> 3] = value
+        slots[RIP >> 3] = thunk.end
         engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
-        uc.reg_write(x86.UC_X86_REG_RIP, thunk.end)  # resume past the run (a single write ends the block)
+        engine.reg_write(uc._uch, x86.UC_X86_REG_RIP, self._rip)  # resume past the run
 
     def _mask_move(self, uc, address: int, instr) -> None:
         """VMASKMOVDQU xmm1, xmm2: the bytes of xmm1 whose byte in xmm2 has its top bit
@@ -318,12 +320,12 @@ class NativeExecutor:
             del self._runs[key]
         self._refused = {a for a in self._refused if not first <= a < last}
 
-    def _check_memory(self, m: dict, values) -> int:
+    def _check_memory(self, m: dict, slots) -> int:
         """The base (guest linear, segment included) of a memory operand, once every
         byte it will touch is known to be the guest's to touch."""
-        base = (values(SLOT[m["base"]]) if m["base"] else 0) + (values(m["segment"]) if m["segment"] else 0) \
+        base = (slots[SLOT[m["base"]] >> 3] if m["base"] else 0) + (slots[m["segment"] >> 3] if m["segment"] else 0) \
             + m["folded"]
-        index = values(SLOT[m["index"]]) if m["index"] else 0
+        index = slots[SLOT[m["index"]] >> 3] if m["index"] else 0
         start = (base + index * m["scale"] + m["displacement"]) & (1 << 64) - 1
         if m["vsib"]:
             spans = self._vsib_spans(m, base)
