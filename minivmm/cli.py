@@ -19,6 +19,7 @@ from .masking.formats import format_firecracker_template, format_mask, parse_mas
 from .masking.view import GuestCpuidView
 from .vmm import snapshot as snapshot_mod
 from .vmm.migration import MAX_COUNT, POLICIES, MigrationRequest, PreCopy
+from .vmm.accelerated import ACCELERATORS
 from .vmm.vm import MAX_TIMEOUT, VM, boot_cr4, check_budgets, parse_size
 
 
@@ -153,9 +154,13 @@ def cli():
               help="Stop with 'limit' after N guest instructions (exact; slower per instruction).")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS",
               help="Stop with 'limit' after this much wall time (free per instruction).")
+@click.option("--accel", type=click.Choice(ACCELERATORS), default="tcg", show_default=True,
+              help="tcg: the emulation engine runs the host profile. kvm: this machine's own CPU runs the "
+                   "guest (--host native; --evc and --cpuid-mask may only hide features), CPUID answered "
+                   "from the view's table, as QEMU's -accel kvm -cpu host,-FEATURE.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
-        snapshot_at, snapshot_file, audit, memory, max_insns, timeout, as_json):
+        snapshot_at, snapshot_file, audit, memory, max_insns, timeout, accel, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -174,13 +179,14 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
       minivmm run ./a.out --host penryn --evc intel-merom -- --verbose
       minivmm run /usr/bin/sha256sum --mount / --host penryn -- /etc/hostname
+      minivmm run detect_extended --host native --accel kvm --cpuid-mask=-sse4a
     """
     for item in env:
         if "=" not in item:
             raise MinivmmError(f"--env {item!r}: expected NAME=VALUE")
     vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy,
             linux=linux, argv=args, env=list(env) if env else None, seed=seed, mounts=mount, realtime=realtime,
-            stdin=_stdin_fd(), terminal=sys.stdout.isatty() and not as_json)
+            stdin=_stdin_fd(), terminal=sys.stdout.isatty() and not as_json, accel=accel)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,

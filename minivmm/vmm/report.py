@@ -68,6 +68,8 @@ class RunResult:
     snapshots: list[dict] = field(default_factory=list)   # snapshots written: when, file, host
     syscalls: dict | None = None     # a Linux program's: total, counts by name, unknown numbers
     stderr: str = ""                 # a Linux program's standard error
+    accel: str = "tcg"               # tcg: the emulation engine; kvm: the machine's own CPU
+    notes: list[str] = field(default_factory=list)   # what the report cannot show, and why
     @functools.cached_property
     def memory_sha256(self) -> str:
         """SHA-256 of guest RAM at the end of the run: computed when asked (it reads
@@ -115,4 +117,5 @@ class RunResult:
             "truncated": dict(self.left_out),
             "unreached": list(self.unreached),
             "snapshots": list(self.snapshots), "syscalls": self.syscalls, "stderr": self.stderr,
+            "accel": self.accel, "notes": list(self.notes),
         }

@@ -43,6 +43,7 @@ from ..masking.formats import format_mask, self_contained
 from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from . import MAX_MEMORY, MIN_MEMORY
 from . import engine as engine_module
+from .accelerated import ACCELERATORS, check_view, run_on_kvm
 from .audit import Audit
 from .log import ExitLog
 from .engine import counted_so_far as engine_counter
@@ -185,7 +186,7 @@ class VM:
                  memory: int | str | None = None, evc: str | None = None, masks=(),
                  policy: str = "live", snapshot: Snapshot | None = None, linux: bool | None = None,
                  argv=(), env=None, seed: int = 0, mounts=(), stdin=None, realtime: bool = False,
-                 terminal: bool = False):
+                 terminal: bool = False, accel: str = "tcg"):
         """``linux`` runs an ELF as a Linux program (None: when the file says it is one),
         with ``argv`` after its name, ``env`` (default: a small fixed environment),
         ``seed`` for AT_RANDOM, getrandom and /dev/urandom, ``mounts`` (``HOST[:GUEST]``,
@@ -196,7 +197,9 @@ class VM:
         else 16 MiB. ``evc`` is a VMware EVC key; ``masks`` are :class:`Mask` objects or strings in
         any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
         VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
-        (its CPUID view, frozen at its power-on, comes along)."""
+        (its CPUID view, frozen at its power-on, comes along). ``accel`` is ``tcg`` (the
+        emulation engine) or ``kvm`` (this machine's own CPU: ``host="native"``, a view
+        that only hides features, an ABI guest)."""
         if policy not in POLICIES:
             raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
         self.image = load_guest(guest, linux) if isinstance(guest, str) else guest
@@ -212,6 +215,14 @@ class VM:
         self.snapshot = snapshot
         self.view = GuestCpuidView.for_host(self.host, self.evc, masks)
         self._check_layout()
+        if accel not in ACCELERATORS:
+            raise MinivmmError(f"unknown accelerator '{accel}' (tcg, kvm)")
+        self.accel = accel
+        if accel == "kvm":
+            if self.image.kind == "linux" or snapshot is not None:
+                raise MinivmmError("--accel kvm runs guests of the guest ABI from power-on; Linux programs and "
+                                   "snapshots run on the emulator (--accel tcg)")
+            check_view(self.host, self.view)
 
     @classmethod
     def resume(cls, snapshot: Snapshot, host: HostProfile | str | None = None, force: bool = False,
@@ -259,6 +270,8 @@ class VM:
         (``force`` overrides a failed compatibility check); ``snapshot_at`` (a WHEN)
         writes a snapshot to ``snapshot_file`` and carries on."""
         check_budgets(max_insns, timeout)
+        if self.accel == "kvm":
+            return self._run_on_kvm(max_insns, timeout, console, audit, migrations, snapshot_at)
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
@@ -271,6 +284,15 @@ class VM:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
         return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+
+    def _run_on_kvm(self, max_insns, timeout, console, audit, migrations, snapshot_at) -> RunResult:
+        for given, what in ((max_insns, "an exact --max-insns (the hardware counts no instructions for the VMM)"),
+                            (audit, "--audit (the hardware executes hidden features without an exit)"),
+                            (migrations, "--migrate"), (snapshot_at, "--snapshot-at")):
+            if given:
+                raise MinivmmError(f"--accel kvm: {what} is not available under KVM; run on the emulator")
+        cr4 = boot_cr4(self.view)
+        return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, cr4, XCR0_BOOT, MXCSR_RESET))
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool):
         """What an exit at each instruction does on this host (cached per opcode)."""

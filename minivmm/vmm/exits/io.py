@@ -76,6 +76,10 @@ class IoExits:
             uc.emu_stop()
 
     def _in(self, uc, port, size, _ud):
+        return self.read(port, size)
+
+    @staticmethod
+    def read(port: int, size: int) -> int:
         if port == CONSOLE_PORT:
             return CONSOLE_PORT  # debugcon's presence check: reading 0xE9 returns 0xE9
         return (1 << (8 * size)) - 1

@@ -1,0 +1,1 @@
+"""Accelerators besides the emulation engine: KVM, the machine's own CPU."""
