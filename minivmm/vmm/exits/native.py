@@ -171,8 +171,9 @@ class Thunk:
     """A compiled run of instructions: the native function, where the run ends, and per
     memory operand its description and the scratch register (and slot) holding its base."""
 
-    def __init__(self, function, start: int, end: int, count: int, memory: list[tuple[dict, str]]):
+    def __init__(self, function, start: int, end: int, count: int, memory: list[tuple[dict, str]], transfer):
         self.function, self.start, self.end, self.count, self.memory = function, start, end, count, memory
+        self.transfer = transfer   # (ids, pointers, count): the engine registers the run uses
 
 
 class NativeExecutor:
@@ -191,18 +192,6 @@ class NativeExecutor:
         self._slots = (ctypes.c_uint64 * (CONTEXT_SIZE // 8)).from_buffer(self.context)   # 8-byte views
         self._words = (ctypes.c_uint32 * (CONTEXT_SIZE // 4)).from_buffer(self.context)   # 4-byte views
         self._rip = ctypes.c_void_p(self.context_address + RIP)
-        regs = [getattr(x86, f"UC_X86_REG_{n}") for n in GPRS] + [x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_MXCSR,
-                                                                  x86.UC_X86_REG_FS_BASE, x86.UC_X86_REG_GS_BASE]
-        offsets = [SLOT[n] for n in GPRS] + [RFLAGS, MXCSR, FS_BASE, GS_BASE]
-        if wide:
-            regs += [getattr(x86, f"UC_X86_REG_ZMM{i}") for i in range(32)]
-            offsets += [ZMM + 64 * i for i in range(32)]
-        else:
-            regs += [getattr(x86, f"UC_X86_REG_YMM{i}") for i in range(16)]
-            offsets += [YMM + 32 * i for i in range(16)]
-        self._ids = (ctypes.c_int * len(regs))(*regs)
-        self._pointers = (ctypes.c_void_p * len(regs))(*(self.context_address + o for o in offsets))
-        self._count = len(regs)
         self._runs: dict[tuple[int, bool], Thunk] = {}     # (start, single) -> its thunk
         self._refused: set[int] = set()                    # addresses whose instruction cannot run here
         self._arenas: list[mmap.mmap] = []
@@ -266,7 +255,7 @@ class NativeExecutor:
         thunk = self._runs.get((address, single))
         if thunk is None:
             thunk = self._runs[address, single] = self._compile_run(address, instr, single, allowed)
-        engine.reg_read_batch(uc._uch, self._ids, self._pointers, self._count)
+        engine.reg_read_batch(uc._uch, *thunk.transfer)
         slots, words = self._slots, self._words
         guest_flags, guest_mxcsr = slots[RFLAGS >> 3], words[MXCSR >> 2]
         saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
@@ -296,7 +285,7 @@ class NativeExecutor:
         for scratch, value in saved.items():
             slots[SLOT[scratch] >> 3] = value
         slots[RIP >> 3] = thunk.end
-        engine.reg_write_batch(uc._uch, self._ids, self._pointers, self._count)
+        engine.reg_write_batch(uc._uch, *thunk.transfer)
         engine.reg_write(uc._uch, x86.UC_X86_REG_RIP, self._rip)  # resume past the run
 
     def _mask_move(self, uc, address: int, instr) -> None:
@@ -429,7 +418,27 @@ class NativeExecutor:
         loads = b"".join(parts[scratch, k] for k, (_, scratch) in enumerate(memory))
         wide = "wide " if self.wide else ""
         machine_code = parts[wide + "prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts[wide + "epilogue"]
-        return Thunk(self._place(machine_code), address, at, len(members), memory)
+        return Thunk(self._place(machine_code), address, at, len(members), memory, self._transfer(used_all, memory))
+
+    def _transfer(self, used: set[int], memory) -> tuple:
+        """The batch that moves what a run uses between the engine and the context:
+        RFLAGS, MXCSR, its general and vector registers, FS/GS bases its memory operands
+        add. The rest of the context is loaded stale and never written back."""
+        pairs = [(x86.UC_X86_REG_RFLAGS, RFLAGS), (x86.UC_X86_REG_MXCSR, MXCSR)]
+        for r in sorted(used):
+            if RegisterExt.is_gpr64(r):
+                name = _register_name(r)
+                pairs.append((getattr(x86, f"UC_X86_REG_{name}"), SLOT[name]))
+            elif RegisterExt.is_zmm(r):
+                n = RegisterExt.number(r)
+                pairs.append((getattr(x86, f"UC_X86_REG_ZMM{n}"), ZMM + 64 * n) if self.wide
+                             else (getattr(x86, f"UC_X86_REG_YMM{n}"), YMM + 32 * n))
+        segments = {m["segment"] for m, _ in memory if m["segment"]}
+        pairs += [(x86.UC_X86_REG_FS_BASE, FS_BASE)] if FS_BASE in segments else []
+        pairs += [(x86.UC_X86_REG_GS_BASE, GS_BASE)] if GS_BASE in segments else []
+        ids = (ctypes.c_int * len(pairs))(*(i for i, _ in pairs))
+        pointers = (ctypes.c_void_p * len(pairs))(*(self.context_address + o for _, o in pairs))
+        return ids, pointers, len(pairs)
 
     def _plain(self, address: int):
         """The instruction at ``address`` if the machine runs it as the engine would, with
