@@ -343,50 +343,67 @@ def test_the_forms_cover_what_the_issue_names():
     assert len(groups["avx"]) > 300 and len(groups["avx512f"]) > 300
 
 
-XSAVEC_ROUND_TRIP = "; ".join([
-    "fninit",                                                # x87 in its initial configuration: not saved
-    "mov eax, 7", "xor edx, edx", "xsavec [rsi]",           # x87, SSE and AVX, compacted
-    "vpxor ymm1, ymm1, ymm1", "vpcmpeqd ymm2, ymm2, ymm2",  # clobber what was saved
-    "xrstor [rsi]"])                                         # and bring it back
+def _xsave_offsets(table, rfbm: int, compacted: bool) -> dict[int, tuple[int, int]]:
+    """Component -> (offset, size) in an area, from a CPUID table's leaf 0xD."""
+    from minivmm.cpu import xstate
+    layout = xstate.layout(lambda leaf, sub: table.query(leaf, sub))
+    offsets = xstate.compacted_offsets(layout, rfbm) if compacted else \
+        {i: layout[i][0] for i in layout if rfbm >> i & 1}
+    return {i: (at, layout[i][1]) for i, at in offsets.items()}
 
 
-@pytest.mark.skipif("xsavec" not in machine_features(), reason="this machine has no XSAVEC to compare with")
-@pytest.mark.parametrize("host", ["skylake-client", "epyc"])
-def test_xsavec_and_xrstor_of_the_compacted_form_do_what_the_machine_does(host):
-    """The engine has neither (its XRSTOR refuses XCOMP_BV[63]): minivmm carries them
-    out. The area (legacy region, XSTATE_BV = 6, XCOMP_BV = 2^63 | 7, YMM's upper halves
-    at 576) and the restored registers equal the machine's own run."""
+SAVES = [(form, host) for host in ("haswell", "skylake-client", "epyc", "skylake-server")
+         for form in ("xsave", "xsaveopt", "xsavec") if not (form == "xsavec" and host == "haswell")]
+
+
+@pytest.mark.parametrize("form, host", SAVES, ids=[f"{f}-{h}" for f, h in SAVES])
+def test_the_xsave_family_saves_and_restores_what_the_machine_does(form, host):
+    """x87 in its initial configuration, SSE, AVX (and the opmask and ZMM components on
+    an AVX-512 host) saved by FORM, the registers clobbered, XRSTOR: the header, each
+    component where the host's CPUID leaf 0xD puts it (the machine's own leaf for its
+    run: AMD and Intel lay AVX-512 state out differently), and the registers equal the
+    machine's. The engine's own XSAVE, XSAVEOPT and XRSTOR would lose YMM's upper halves."""
     from keystone import KS_ARCH_X86, KS_MODE_64, Ks
-    body = bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(XSAVEC_ROUND_TRIP)[0])
-    regs = random_regfile(random.Random("xsavec"))
-    struct.pack_into("<Q", regs, FLAGS_AT, 0x2)
-    cases = [("xsavec", body, {}, bytes(regs), bytes(BUFFER))]
-    guest, native = guest_result(cases, host, False), native_result(cases, False)
-    assert all(guest[64 * i:64 * i + 32] == native[64 * i:64 * i + 32] for i in range(16))
-    area, saved = (r[REGFILE:REGFILE + BUFFER] for r in (guest, native))
-    assert struct.unpack_from("<QQ", area, 512) == (6, 1 << 63 | 7) == struct.unpack_from("<QQ", saved, 512)
-    assert area[160:416] == saved[160:416] and area[576:832] == saved[576:832]
-    assert area[24:28] == saved[24:28]  # MXCSR
 
-
-@pytest.mark.skipif(not {"avx512f", "xsavec"} <= machine_features(), reason="this machine has no AVX-512 or XSAVEC")
-def test_xsavec_and_xrstor_carry_opmask_and_zmm_state_as_the_machine_does():
-    """On an AVX-512 host: XSTATE_BV = 0xE6 (x87 in its initial configuration), the
-    opmask registers, ZMM0-15's upper halves and ZMM16-31 where the compacted form puts
-    them, and all of it back after XRSTOR, as on the machine."""
-    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    from minivmm.cpu.profiles import load_profile
+    profile = load_profile(host)
+    wide = "avx512f" in profile.physical
+    needs = {"xsave", form} | ({"avx512f"} if wide else set())
+    if not needs <= machine_features() or form not in profile.physical:
+        pytest.skip(f"this machine or {host} lacks {', '.join(sorted(needs - machine_features()))}")
+    rfbm = 0xE7 if wide else 0x7
     ks = Ks(KS_ARCH_X86, KS_MODE_64)
     clobber = _encode([Instruction.create_reg_reg_reg(Code.EVEX_VPXORD_ZMM_K1Z_ZMM_ZMMM512B32, Register.ZMM17,
                                                       Register.ZMM17, Register.ZMM17),
-                       Instruction.create_reg_reg_reg(Code.EVEX_VPXORD_ZMM_K1Z_ZMM_ZMMM512B32, Register.ZMM3,
-                                                      Register.ZMM3, Register.ZMM3),
-                       Instruction.create_reg_reg_reg(Code.VEX_KXORQ_KR_KR_KR, Register.K3, Register.K3, Register.K3)])
-    body = bytes(ks.asm("fninit; mov eax, 0xe7; xor edx, edx; xsavec [rsi]")[0]) + clobber + bytes(ks.asm("xrstor [rsi]")[0])
-    regs = random_regfile(random.Random("xsavec-avx512"))
+                       Instruction.create_reg_reg_reg(Code.VEX_KXORQ_KR_KR_KR, Register.K3, Register.K3, Register.K3)]
+                      ) if wide else b""
+    body = bytes(ks.asm(f"fninit; mov eax, {rfbm}; xor edx, edx; {form} [rsi]; vpxor ymm1, ymm1, ymm1; "
+                        "vpcmpeqd ymm2, ymm2, ymm2")[0]) + clobber + bytes(ks.asm("xrstor [rsi]")[0])
+    regs = random_regfile(random.Random(f"{form}/{host}"))
     struct.pack_into("<Q", regs, FLAGS_AT, 0x2)
-    cases = [("xsavec", body, {}, bytes(regs), bytes(BUFFER))]
-    guest, native = guest_result(cases, "skylake-server", True), native_result(cases, True)
-    assert guest[:GPRS_AT] == native[:GPRS_AT] and guest[:GPRS_AT] == bytes(regs[:GPRS_AT])  # ZMM, K restored
+    cases = [(form, body, {}, bytes(regs), bytes(BUFFER))]
+    guest, native = guest_result(cases, host, wide), native_result(cases, wide)
+    vector = 64 if wide else 32
+    assert all(guest[64 * i:64 * i + vector] == native[64 * i:64 * i + vector] == regs[64 * i:64 * i + vector]
+               for i in range(32 if wide else 16)), "registers not restored as saved"
+    assert not wide or guest[OPMASKS:GPRS_AT] == native[OPMASKS:GPRS_AT] == regs[OPMASKS:GPRS_AT]
     area, saved = (r[REGFILE:REGFILE + BUFFER] for r in (guest, native))
-    assert struct.unpack_from("<QQ", area, 512) == (0xE6, 1 << 63 | 0xE7) == struct.unpack_from("<QQ", saved, 512)
-    assert area[160:416] == saved[160:416] and area[576:576 + 256 + 64 + 512 + 1024] == saved[576:576 + 1856]
+    header = struct.unpack_from("<QQ", area, 512)
+    assert header == struct.unpack_from("<QQ", saved, 512)
+    assert header[0] == rfbm & ~1 and header[1] == (1 << 63 | rfbm if form == "xsavec" else 0)  # x87 not in use
+    assert area[24:28] == saved[24:28] and area[160:416] == saved[160:416]   # MXCSR, XMM0-15
+    ours = _xsave_offsets(profile.cpuid, rfbm, form == "xsavec")
+    theirs = _xsave_offsets(load_profile("native").cpuid, rfbm, form == "xsavec")
+    for i, (at, size) in ours.items():
+        assert area[at:at + size] == saved[theirs[i][0]:theirs[i][0] + size], f"component {i} differs"
+
+
+def test_negative_control_the_engines_own_xsave_loses_ymm(monkeypatch):
+    """With XSAVE and XRSTOR left to the engine, the comparison above fails."""
+    from iced_x86 import Mnemonic
+
+    from minivmm.cpu import isa
+    own = (Mnemonic.XSAVE, Mnemonic.XSAVE64, Mnemonic.XRSTOR, Mnemonic.XRSTOR64)
+    monkeypatch.setattr(isa, "ENGINE_WRONG", {k: v for k, v in isa.ENGINE_WRONG.items() if k not in own})
+    with pytest.raises(AssertionError, match="registers not restored"):
+        test_the_xsave_family_saves_and_restores_what_the_machine_does("xsave", "haswell")

@@ -113,6 +113,8 @@ ENGINE_WRONG = {
     Mnemonic.BLSI: "CF is clear for a nonzero source (SDM: set)",
     Mnemonic.BZHI: "an index at or past the operand size clears the top bit (SDM: the source unchanged)",
     Mnemonic.PDEP: "the 32-bit form deposits from the 64-bit registers and leaves bits 63:32",
+    **dict.fromkeys((Mnemonic.XSAVE, Mnemonic.XSAVE64, Mnemonic.XSAVEOPT, Mnemonic.XSAVEOPT64, Mnemonic.XRSTOR,
+                     Mnemonic.XRSTOR64), "YMM's upper halves are neither saved nor restored"),
 }
 
 

@@ -354,7 +354,7 @@ class _Engine:
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
-        if host.physical & {"xsavec", "avx"}:  # the engine has no XSAVEC, XRSTOR of its compacted form, VLDMXCSR
+        if "xsave" in host.physical:  # the XSAVE family and VLDMXCSR are minivmm's (exits/xsave.py)
             self.faults.xsave = XsaveUnit(self.ram, xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0)),
                                           lambda: self.faults._control(uc)[1])
         machine = machine_features()

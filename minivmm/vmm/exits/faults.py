@@ -33,7 +33,9 @@ VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 1
 # FPE_INTDIV, SEGV_MAPERR; others SI_KERNEL without an address.
 SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None)}
 # The state instructions XsaveUnit carries out itself (False from it: not this state).
-STATE_UNIT = {Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec", Mnemonic.VLDMXCSR: "load_mxcsr",
+STATE_UNIT = {Mnemonic.XSAVE: "xsave", Mnemonic.XSAVE64: "xsave", Mnemonic.XSAVEOPT: "xsaveopt",
+              Mnemonic.XSAVEOPT64: "xsaveopt", Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec",
+              Mnemonic.XRSTOR: "xrstor", Mnemonic.XRSTOR64: "xrstor", Mnemonic.VLDMXCSR: "load_mxcsr",
               Mnemonic.VSTMXCSR: "store_mxcsr"}
 
 
@@ -55,7 +57,7 @@ class FaultExits:
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
-        self.xsave = None              # an XsaveUnit where the host has XSAVEC or AVX
+        self.xsave = None              # an XsaveUnit where the host has XSAVE
         self._controls = None
         self._enabled: set[int] = set()   # instruction forms the controls were seen to allow
 
@@ -224,10 +226,6 @@ class FaultExits:
 
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
-        # #GP (or #DF, where the engine still remembers an earlier contributory fault)
-        if vector in (8, 13) and self.xsave is not None and self._xrstor_compacted(uc, rip):
-            engine.forget_exception(uc)
-            return
         software = self._software_interrupt(uc, rip, vector)
         error = 0 if vector in idt.ERROR_CODE_VECTORS and not software else None
         self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip),
@@ -269,17 +267,6 @@ class FaultExits:
         uc.reg_write(x86.UC_X86_REG_CR2, address)
         self.deliver(uc, 14, rip, error, detail=f"{kind} {address:#x} beyond guest RAM ({self.memory:#x} bytes)")
 
-
-    def _xrstor_compacted(self, uc, rip: int) -> bool:
-        """The engine's XRSTOR refuses the compacted form (#GP): carry it out instead."""
-        instr = self._instruction(uc, rip)
-        if instr is None or instr.mnemonic not in (Mnemonic.XRSTOR, Mnemonic.XRSTOR64):
-            return False
-        try:
-            return self.xsave.xrstor_compacted(uc, rip, instr)
-        except Fault as fault:
-            self._native_fault(uc, rip, instr, fault)
-            return True
 
     def _native_fault(self, uc, rip: int, instr, fault) -> None:
         """What the machine's CPU would have raised, checked before it ran: the guest's."""

@@ -1,7 +1,9 @@
-"""XSAVEC and XRSTOR of its compacted form (SDM Vol. 1, 13.10 and 13.8.2), which the
-engine lacks: it has no XSAVEC, and its XRSTOR refuses an area whose XCOMP_BV[63] is
-set (#GP). glibc's dynamic loader saves and restores the vector state this way around
-every lazy symbol binding where the CPU view shows XSAVEC (Skylake and later).
+"""The XSAVE family (SDM Vol. 1, chapter 13), carried out by minivmm: the engine has no
+XSAVEC, its XRSTOR refuses an area whose XCOMP_BV[63] is set (#GP), and its XSAVE,
+XSAVEOPT and XRSTOR lose YMM's upper halves (the AVX component is never written, though
+XSTATE_BV claims it). glibc's dynamic loader saves and restores the vector state this
+way around every lazy symbol binding (XSAVEC where the view shows it, Skylake and
+later; XSAVE before).
 
 The components are those the engine holds: x87, SSE and AVX (YMM's upper halves), and
 on an AVX-512 host the opmask registers (which the native executor holds), ZMM0-15's
@@ -68,17 +70,6 @@ class XsaveUnit:
         check_span(self.memory, self.protection, address, size, writes, not writes)
         return address
 
-    def _size(self, rfbm: int) -> int:
-        offsets = xstate.compacted_offsets(self.components, rfbm)
-        return max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
-
-    @staticmethod
-    def _in_use(uc, image: bytes, upper: bytes) -> int:
-        """XINUSE: the components not in their initial configuration."""
-        x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
-            and not any(image[32:160])
-        return (0 if x87_init else 1) | (2 if any(image[160:416]) else 0) | (4 if any(upper) else 0)
-
     def load_mxcsr(self, uc, rip: int, instr) -> bool:
         """VLDMXCSR m32: #GP(0) for a reserved bit (SDM Vol. 2, LDMXCSR)."""
         address = memory_address(uc, instr)
@@ -98,50 +89,88 @@ class XsaveUnit:
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
 
-    def xsavec(self, uc, rip: int, instr) -> bool:
-        """XSAVEC m: False when RFBM asks for state the engine does not hold."""
+    # -- saving ---------------------------------------------------------------------------
+
+    def _state(self, uc, rfbm: int) -> tuple[bytes, dict[int, bytes], int]:
+        """The FXSAVE image, components 2 and up (their bytes), and XINUSE."""
+        image = xstate.fxsave_image(uc)
+        extended = {2: xstate.ymm_upper(uc)} if rfbm & 4 else {}
+        if rfbm & AVX512:
+            extended.update({i: data for i, data in self._wide_state(uc).items() if rfbm >> i & 1})
+        x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
+            and not any(image[32:160])
+        in_use = (0 if x87_init else 1) | (2 if any(image[160:416]) else 0)
+        return image, extended, in_use | sum(1 << i for i, data in extended.items() if any(data))
+
+    def _save(self, uc, rip: int, instr, form: str) -> bool:
+        """XSAVE (every requested component), XSAVEOPT (those in use: the init
+        optimization, SDM Vol. 1, 13.9) or XSAVEC (those in use, compacted, 13.10).
+        False when RFBM asks for state the engine does not hold."""
         rfbm = self._rfbm(uc)
         if rfbm & ~self.held:
             return False
-        address = self._area(uc, instr, self._size(rfbm), True)
+        compacted = form == "xsavec"
+        offsets = xstate.compacted_offsets(self.components, rfbm) if compacted else \
+            {i: self.components[i][0] for i in self.components if rfbm >> i & 1}
+        size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
+        address = self._area(uc, instr, size, True)
+        image, extended, in_use = self._state(uc, rfbm)
+        written = rfbm if form == "xsave" else rfbm & in_use
         legacy = bytearray(self.ram[address:address + xstate.LEGACY])
-        image, upper = xstate.fxsave_image(uc), xstate.ymm_upper(uc)
-        wide = self._wide_state(uc) if rfbm & AVX512 else {}
-        saved = rfbm & (self._in_use(uc, image, upper) | sum(1 << i for i, data in wide.items() if any(data)))
-        if saved & 1:    # x87: FCW .. FDP and ST0-7
+        if written & 1:    # x87: FCW .. FDP and ST0-7
             legacy[0:24], legacy[32:160] = image[0:24], image[32:160]
-        if rfbm & 6:     # MXCSR goes with SSE or AVX, in use or not
+        if rfbm & 6:       # MXCSR goes with SSE or AVX, in use or not
             legacy[24:32] = image[24:32]
-        if saved & 2:
+        if written & 2:
             legacy[160:416] = image[160:416]
         self.ram[address:address + xstate.LEGACY] = legacy
-        struct.pack_into("<QQ", self.ram, address + xstate.LEGACY, saved, COMPACTED | rfbm)  # XSTATE_BV, XCOMP_BV
-        offsets = xstate.compacted_offsets(self.components, rfbm)
-        if saved & 4:
-            self.ram[address + offsets[2]:address + offsets[2] + 256] = upper
-        for i, data in wide.items():
-            if saved >> i & 1:
+        header = address + xstate.LEGACY
+        if compacted:
+            struct.pack_into("<QQ", self.ram, header, rfbm & in_use, COMPACTED | rfbm)  # XSTATE_BV, XCOMP_BV
+        else:  # XSTATE_BV's bits of RFBM say what is in use; the others and XCOMP_BV stay
+            old = struct.unpack_from("<Q", self.ram, header)[0]
+            struct.pack_into("<Q", self.ram, header, old & ~rfbm | rfbm & in_use)
+        for i, data in extended.items():
+            if written >> i & 1:
                 self.ram[address + offsets[i]:address + offsets[i] + len(data)] = data
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
 
-    def xrstor_compacted(self, uc, rip: int, instr) -> bool:
-        """XRSTOR m of a compacted area; False when the area is in the standard form
-        (the engine's own XRSTOR is right there) or holds state the engine does not."""
+    def xsave(self, uc, rip: int, instr) -> bool:
+        return self._save(uc, rip, instr, "xsave")
+
+    def xsaveopt(self, uc, rip: int, instr) -> bool:
+        return self._save(uc, rip, instr, "xsaveopt")
+
+    def xsavec(self, uc, rip: int, instr) -> bool:
+        return self._save(uc, rip, instr, "xsavec")
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def xrstor(self, uc, rip: int, instr) -> bool:
+        """XRSTOR m of either form (SDM Vol. 1, 13.8); False when RFBM or the area
+        holds state the engine does not."""
         address = memory_address(uc, instr)
-        if address % 64 or address + xstate.LEGACY + xstate.HEADER > self.memory:
-            return False
+        if address % 64:
+            raise Fault(13, 0, detail=f"XSAVE area at {address:#x} is not 64-byte aligned")
+        check_span(self.memory, self.protection, address, xstate.LEGACY + xstate.HEADER, False)
         xstate_bv, xcomp_bv = struct.unpack_from("<QQ", self.ram, address + xstate.LEGACY)
-        if not xcomp_bv & COMPACTED:
-            return False
         xcr0, rfbm = self.read_xcr0() or 0, self._rfbm(uc)
-        reserved = bytes(self.ram[address + xstate.LEGACY + 16:address + xstate.LEGACY + xstate.HEADER])
-        if xcomp_bv & ~COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv & ((1 << 63) - 1) or any(reserved):
-            raise Fault(13, 0, detail="XRSTOR of a compacted area with a bad header (SDM Vol. 1, 13.8.2)")
-        if rfbm & ~self.held:
+        if xcomp_bv & COMPACTED:
+            reserved = bytes(self.ram[address + xstate.LEGACY + 16:address + xstate.LEGACY + xstate.HEADER])
+            if xcomp_bv & ~COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv & ((1 << 63) - 1) or any(reserved):
+                raise Fault(13, 0, detail="XRSTOR of a compacted area with a bad header (SDM Vol. 1, 13.8.2)")
+            present = xcomp_bv & ~COMPACTED
+            offsets = xstate.compacted_offsets(self.components, present)
+        else:
+            if xstate_bv & ~xcr0 or any(self.ram[address + xstate.LEGACY + 8:address + xstate.LEGACY + 24]):
+                raise Fault(13, 0, detail="XRSTOR of a standard area with a bad header (SDM Vol. 1, 13.8.1)")
+            present = rfbm
+            offsets = {i: self.components[i][0] for i in self.components if rfbm >> i & 1}
+        if rfbm & ~self.held or xstate_bv & rfbm & ~self.held:
             return False
-        offsets = xstate.compacted_offsets(self.components, xcomp_bv & ~COMPACTED)
-        check_span(self.memory, self.protection, address, self._size(xcomp_bv & ~COMPACTED), False)
+        size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
+        check_span(self.memory, self.protection, address, size, False)
         legacy = bytes(self.ram[address:address + xstate.LEGACY])
         if rfbm & 6 and struct.unpack_from("<I", legacy, 24)[0] & ~MXCSR_MASK:
             raise Fault(13, 0, detail="XRSTOR of reserved MXCSR bits")
@@ -158,13 +187,15 @@ class XsaveUnit:
             xstate.fxrstor_image(uc, legacy if xstate_bv & 2 else bytes(xstate.LEGACY), x87=False, sse=True)
         if rfbm & 6:
             uc.reg_write(x86.UC_X86_REG_MXCSR, struct.unpack_from("<I", legacy, 24)[0])
+
+        def component(i: int) -> bytes | None:  # None: its initial configuration
+            if not (xstate_bv >> i & 1 and present >> i & 1):
+                return None
+            return bytes(self.ram[address + offsets[i]:address + offsets[i] + self.components[i][1]])
         if rfbm & 4:
-            at = address + offsets.get(2, 0)
-            xstate.set_ymm_upper(uc, bytes(self.ram[at:at + 256]) if xstate_bv & 4 and 2 in offsets else None)
+            xstate.set_ymm_upper(uc, component(2))
         for i in (5, 6, 7):  # after YMM: ZMM0-15's low halves are in place
             if rfbm >> i & 1:
-                at, size = address + offsets.get(i, 0), self.components[i][1]
-                self._set_wide_state(uc, i, bytes(self.ram[at:at + size]) if xstate_bv >> i & 1 and i in offsets
-                                     else None)
+                self._set_wide_state(uc, i, component(i))
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
