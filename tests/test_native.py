@@ -282,3 +282,27 @@ def test_opmask_and_upper_zmm_registers_survive_a_migration(carried, monkeypatch
     saved = bytes(result.ram[0x202000 + 8:0x202000 + 64 + 64 * 16])
     assert (saved == patterns[8:]) == carried
     assert saved[56:] == patterns[64:]   # ZMM16-31 either way
+
+
+@pytest.fixture(scope="module")
+def sigframe_avx512(tmp_path_factory):
+    if not shutil.which("gcc") or "avx512f" not in machine_features():
+        pytest.skip("needs gcc and an AVX-512 machine")
+    out = tmp_path_factory.mktemp("sigframe") / "sigframe_avx512"
+    subprocess.run(["gcc", "-static", "-O1", "-mavx512f", "-o", str(out),
+                    str(shipped_guests_dir().joinpath("linux", "sigframe_avx512.c"))], check=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["carried", "negative-control"])
+def test_a_signal_frame_carries_opmask_and_zmm_state_as_linux_does(sigframe_avx512, carried, monkeypatch):
+    """ZMM16 and K1 survive a SIGILL handler that clobbers them, through the frame's
+    opmask and Hi16_ZMM components, as natively; without those components they do not."""
+    if not carried:
+        from minivmm.linux import signals
+        original = signals._extended
+        monkeypatch.setattr(signals, "_extended", lambda uc, opmasks: {2: original(uc, None)[2]})
+    native = subprocess.run([sigframe_avx512], capture_output=True, text=True, timeout=30).stdout
+    result = VM(sigframe_avx512, "skylake-server").run(timeout=60)
+    assert result.exit_code == 0 and "xfeatures=e7" in result.console
+    assert (result.console == native) == carried

@@ -27,7 +27,6 @@ FRAME_SIZE = 8 + 304 + 128      # pretcode, struct ucontext, struct siginfo
 FPSTATE_SIZE = 512              # FXSAVE format
 XSAVE_HEADER = 64               # XSTATE_BV, XCOMP_BV, reserved (SDM Vol. 1, 13.4.2)
 FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
-XFEATURE_YMM = 1 << 2
 # sigcontext's general registers, in order (arch/x86/include/uapi/asm/sigcontext.h)
 SIGCONTEXT = ("R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "RDI", "RSI", "RBP", "RBX", "RDX", "RAX",
               "RCX", "RSP", "RIP", "EFLAGS")
@@ -60,16 +59,40 @@ def xsave_layout(view) -> dict[int, tuple[int, int, bool]]:
     return xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0))
 
 
-def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]]) -> bytes:
-    """The standard-format XSAVE image of x87, SSE and YMM (what the engine holds)."""
+def _extended(uc, opmasks) -> dict[int, bytes]:
+    """Components 2 and up as their XSAVE bytes: YMM's upper halves, and with the
+    holder of the opmask registers (an AVX-512 host) K0-7, ZMM_Hi256, Hi16_ZMM."""
+    out = {2: xstate.ymm_upper(uc)}
+    if opmasks is not None:
+        masks = opmasks.opmasks()
+        out.update({5: b"".join(masks[f"K{i}"].to_bytes(8, "little") for i in range(8)),
+                    6: xstate.zmm_hi256(uc), 7: xstate.hi16_zmm(uc)})
+    return out
+
+
+def _set_extended(uc, opmasks, component: int, data: bytes | None) -> None:
+    """One component from a frame's bytes, or its initial configuration for None."""
+    if component == 2:
+        xstate.set_ymm_upper(uc, data)
+    elif component == 5:
+        opmasks.set_opmasks({f"K{i}": int.from_bytes(data[8 * i:8 * i + 8], "little") for i in range(8)}
+                            if data else {})
+    else:
+        (xstate.set_zmm_hi256 if component == 6 else xstate.set_hi16_zmm)(uc, data)
+
+
+def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]], opmasks=None) -> bytes:
+    """The standard-format XSAVE image of x87, SSE, YMM and (AVX-512 hosts) the opmask
+    and ZMM components: what the engine and the native executor hold."""
     components = [i for i in layout if xcr0 >> i & 1]
     size = max([FPSTATE_SIZE + XSAVE_HEADER] + [layout[i][0] + layout[i][1] for i in components])
     area = bytearray(size + 4)
     area[:FPSTATE_SIZE] = xstate.fxsave_image(uc)
     present = xcr0 & 0x3
-    if 2 in components:
-        area[layout[2][0]:layout[2][0] + 256] = xstate.ymm_upper(uc)
-        present |= XFEATURE_YMM
+    for i, data in _extended(uc, opmasks).items():
+        if i in components:
+            area[layout[i][0]:layout[i][0] + len(data)] = data
+            present |= 1 << i
     struct.pack_into("<Q", area, FPSTATE_SIZE, present)                               # XSTATE_BV
     struct.pack_into("<IIQI", area, 464, FP_XSTATE_MAGIC1, size + 4, xcr0, size)      # sw_reserved
     struct.pack_into("<I", area, size, FP_XSTATE_MAGIC2)
@@ -87,6 +110,7 @@ class Signals:
         self.altstack = (0, SS_DISABLE, 0)  # ss_sp, ss_flags, ss_size
         self.layout = layout or {}
         self.read_xcr0 = lambda: None     # the VMM's: XCR0 now, or None while CR4.OSXSAVE is clear
+        self.opmasks = None               # the VMM's holder of K0-7 on an AVX-512 host (opmasks(), set_opmasks())
 
     def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0) -> bool:
         """Run the program's handler for a synchronous signal; False when Linux would
@@ -102,7 +126,7 @@ class Signals:
         else:
             top = rsp - 128  # below the red zone
         xcr0 = self.read_xcr0() if self.layout else None
-        image = _xsave(uc, xcr0, self.layout) if xcr0 is not None else xstate.fxsave_image(uc)
+        image = _xsave(uc, xcr0, self.layout, self.opmasks) if xcr0 is not None else xstate.fxsave_image(uc)
         fpstate = (top - len(image)) & ~63
         frame = ((fpstate - FRAME_SIZE) & ~15) - 8  # at entry (RSP + 8) is 16-byte aligned
         try:
@@ -153,12 +177,16 @@ class Signals:
             legacy = self.p.read(fpstate, FPSTATE_SIZE)
             xstate.fxrstor_image(uc, legacy)
             magic, extended, features, size = struct.unpack_from("<IIQI", legacy, 464)
-            if magic == FP_XSTATE_MAGIC1 and 2 in self.layout and features & XFEATURE_YMM and \
-                    FPSTATE_SIZE + XSAVE_HEADER <= size <= 1 << 16:
-                self._restore_ymm(uc, self.p.read(fpstate, size))
+            if magic == FP_XSTATE_MAGIC1 and FPSTATE_SIZE + XSAVE_HEADER <= size <= 1 << 16:
+                self._restore_extended(uc, self.p.read(fpstate, size), features)
 
-    def _restore_ymm(self, uc, area: bytes) -> None:
-        """YMM's upper halves from the frame, or zeros where XSTATE_BV says init."""
-        offset = self.layout[2][0]
-        present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0] & XFEATURE_YMM
-        xstate.set_ymm_upper(uc, area[offset:offset + 256] if present else None)
+    def _restore_extended(self, uc, area: bytes, features: int) -> None:
+        """YMM's upper halves (and the AVX-512 components) from the frame, in order (ZMM
+        after YMM), or their initial configuration where XSTATE_BV says so."""
+        present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0]
+        held = (2, 5, 6, 7) if self.opmasks is not None else (2,)
+        for i in held:
+            if i in self.layout and features >> i & 1:
+                at, size = self.layout[i][0], self.layout[i][1]
+                _set_extended(uc, self.opmasks, i, area[at:at + size] if present >> i & 1 and at + size <= len(area)
+                              else None)

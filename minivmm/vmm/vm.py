@@ -534,6 +534,8 @@ class _Run:
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
                                          x86.UC_X86_REG_RIP), (0, 0, 0, 0)))
         kernel.signals.read_xcr0 = lambda: self.engine.read_xcr0()
+        native = self.engine.faults.native
+        kernel.signals.opmasks = native if native is not None and native.wide else None
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
