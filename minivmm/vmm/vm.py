@@ -624,7 +624,7 @@ class _Run:
             elif action == "ud":
                 self.engine.faults.undefined(uc, address, instr, isa.needed_features(instr) - self.engine.host.physical)
             elif action == "unsupported":
-                self.engine.faults.unsupported(uc, address, instr, isa.needed_features(instr))
+                self.engine.faults.unsupported(uc, address, instr)
             elif action == "privileged":
                 self.engine.privileged.check(uc, address, size, instr)
             elif action in ("bsr", "bsf"):

@@ -150,7 +150,7 @@ class FaultExits:
         """#UD for an instruction whose feature the host lacks."""
         self.deliver(uc, 6, rip, instr=instr, missing=sorted(missing))
 
-    def unsupported(self, uc, rip: int, instr, needs) -> None:
+    def unsupported(self, uc, rip: int, instr) -> None:
         """An instruction the host has and the engine cannot run: unless the guest has
         not enabled what it needs, which makes it the architecture's #UD. Where the
         machine has it too, it runs on the machine's own CPU."""
@@ -165,14 +165,14 @@ class FaultExits:
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)
                 return
-        if self.native is not None and self.native.runnable(rip, instr, needs):
+        if self.native is not None and self.native.runnable(rip, instr):
             try:
                 self.native.run(uc, rip, instr, self._control(uc)[0], single=self.counting(),
                                 allowed=lambda later: not self._os_disabled(uc, later))
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)
             return
-        text = isa.disassemble(instr)
+        text, needs = isa.disassemble(instr), isa.needed_features(instr)
         beyond = sorted(needs - isa.engine_capable()) or sorted(needs)
         lacking = sorted(needs - self.native.machine) if self.native is not None else []
         message = (f"{text} at {rip:#x} needs {', '.join(beyond)}: {self.host.name} has it, but the "
@@ -196,7 +196,7 @@ class FaultExits:
                 if instr.mnemonic in EMULATED:
                     EMULATED[instr.mnemonic](uc, rip, instr.len)
                 else:
-                    self.unsupported(uc, rip, instr, needs)
+                    self.unsupported(uc, rip, instr)
                 return True
             missing = sorted(needs - self.host.physical)
         self.deliver(uc, 6, rip, instr=instr, missing=missing)

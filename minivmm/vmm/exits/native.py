@@ -231,13 +231,13 @@ class NativeExecutor:
                 return False
         return True
 
-    def runnable(self, address: int, instr, needs: frozenset[str]) -> bool:
+    def runnable(self, address: int, instr) -> bool:
         """can_run, remembered for the address (compiled runs and refusals are cached)."""
         if (address, False) in self._runs or (address, True) in self._runs:
             return True
         if address in self._refused:
             return False
-        if self.can_run(instr, needs):
+        if self.can_run(instr, isa_needs(instr)):
             return True
         self._refused.add(address)
         return False
@@ -258,14 +258,16 @@ class NativeExecutor:
         engine.reg_read_batch(uc._uch, *thunk.transfer)
         slots, words = self._slots, self._words
         guest_flags, guest_mxcsr = slots[RFLAGS >> 3], words[MXCSR >> 2]
-        saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
-        try:
-            for k, (m, _) in enumerate(thunk.memory):  # noqa: B007 (m: the faulting one, below)
-                slots[(SCRATCH >> 3) + k] = (self.ram_base + self._check_memory(m, slots)) & (1 << 64) - 1
-        except Fault:
-            if not m["first"]:  # a later instruction of the run: run the first alone
-                return self.run(uc, address, instr, cr4, single=True)
-            raise
+        saved = {}
+        if thunk.memory:
+            saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
+            try:
+                for k, (m, _) in enumerate(thunk.memory):  # noqa: B007 (m: the faulting one, below)
+                    slots[(SCRATCH >> 3) + k] = (self.ram_base + self._check_memory(m, slots)) & (1 << 64) - 1
+            except Fault:
+                if not m["first"]:  # a later instruction of the run: run the first alone
+                    return self.run(uc, address, instr, cr4, single=True)
+                raise
         slots[RFLAGS >> 3] = guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2
         # exceptions masked and flags clear: what the run raises shows in the flags
         words[MXCSR >> 2] = guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS
