@@ -39,13 +39,32 @@ def console_blocks(text: str):
     return blocks
 
 
+def _structural(line: str) -> bool:
+    """A command, an output line or a blank: where wrapped prose ends."""
+    return not line.strip() or line.strip()[:1] in ("$", "|") or line.strip() == ELISION
+
+
 def pattern(expected: list[str]) -> re.Pattern:
-    parts = []
-    for line in expected:
+    """Each line exactly, with [...] for any text in it and a [...] line for any lines.
+    Prose with an elided value in it (a measured number) is wrapped where that value's
+    width puts the breaks: from that line to the end of its paragraph, any run of
+    whitespace matches any other."""
+    parts, k = [], 0
+    while k < len(expected):
+        line = expected[k]
         if line.strip() == ELISION:
             parts.append(r"(?:[^\n]*\n)*?")
+        elif ELISION in line and not _structural(line):
+            paragraph = [line]
+            while k + 1 < len(expected) and not _structural(expected[k + 1]):
+                k += 1
+                paragraph.append(expected[k])
+            words = " ".join(p.strip() for p in paragraph).split()
+            parts.append(r"[ \t]*" + r"\s+".join(".*?".join(re.escape(piece) for piece in word.split(ELISION))
+                                                for word in words) + r"\n")
         else:
             parts.append(".*?".join(re.escape(piece) for piece in line.rstrip().split(ELISION)) + r"\n")
+        k += 1
     return re.compile("".join(parts))
 
 
@@ -57,6 +76,9 @@ def test_the_readme_has_examples_and_the_matcher_can_fail():
     assert pattern(["a [...] c", ELISION, "z"]).fullmatch("a b c\nx\ny\nz\n")
     assert not pattern(["a b c"]).fullmatch("a b d\n")          # negative controls
     assert not pattern(["a", "z"]).fullmatch("a\nx\nz\n")       # no silent elision
+    wrapped = ["  took [...] ms). The check", "  passed."]            # prose reflowed around a number
+    assert pattern(wrapped).fullmatch("  took 12.34 ms). The\n  check passed.\n")
+    assert not pattern(wrapped).fullmatch("  took 12.34 ms). The\n  check failed.\n")
 
 
 @pytest.mark.parametrize("start, steps", BLOCKS, ids=[f"README.md:{start}" for start, _ in BLOCKS])
