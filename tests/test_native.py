@@ -74,16 +74,23 @@ def test_a_gather_checks_each_enabled_element():
 
 # ---- a real AVX2 program -----------------------------------------------------------------
 
+def build(tmp_path_factory, name: str, needs: set[str], *flags: str) -> str:
+    """A shipped Linux program built with gcc -static FLAGS, to run natively and as a
+    guest: skipped, saying why, without gcc or without what it NEEDS."""
+    if not shutil.which("gcc"):
+        pytest.skip(f"gcc is not installed: cannot build {name}")
+    if not needs <= machine_features():
+        pytest.skip(f"this machine lacks {', '.join(sorted(needs - machine_features()))}: {name} cannot run "
+                    f"natively to compare")
+    out = tmp_path_factory.mktemp(name) / name
+    subprocess.run(["gcc", "-static", *flags, "-o", str(out), str(shipped_guests_dir().joinpath("linux", f"{name}.c"))],
+                   check=True)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed: cannot build the AVX2 kernel")
-    if not {"avx2", "fma", "f16c"} <= machine_features():
-        pytest.skip("this machine lacks AVX2, FMA or F16C: the kernel cannot run natively to compare")
-    out = tmp_path_factory.mktemp("avx2") / "avx2_kernel"
-    subprocess.run(["gcc", "-static", "-O2", "-mavx2", "-mfma", "-mf16c", "-o", str(out),
-                    str(shipped_guests_dir().joinpath("linux", "avx2_kernel.c"))], check=True)
-    return str(out)
+    return build(tmp_path_factory, "avx2_kernel", {"avx2", "fma", "f16c"}, "-O2", "-mavx2", "-mfma", "-mf16c")
 
 
 ITERATIONS = "2000"
@@ -184,14 +191,8 @@ def test_an_unmasked_simd_exception_is_xm_and_writes_nothing():
 
 @pytest.fixture(scope="module")
 def avx512_kernel(tmp_path_factory):
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed: cannot build the AVX-512 kernel")
-    if not {"avx512f", "avx512bw", "avx512vl"} <= machine_features():
-        pytest.skip("this machine lacks AVX-512 F/BW/VL: the kernel cannot run natively to compare")
-    out = tmp_path_factory.mktemp("avx512") / "avx512_kernel"
-    subprocess.run(["gcc", "-static", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-o", str(out),
-                    str(shipped_guests_dir().joinpath("linux", "avx512_kernel.c"))], check=True)
-    return str(out)
+    return build(tmp_path_factory, "avx512_kernel", {"avx512f", "avx512bw", "avx512vl"}, "-O2", "-mavx512f",
+                 "-mavx512bw", "-mavx512vl")
 
 
 ROUNDS = "3000"
@@ -286,12 +287,7 @@ def test_opmask_and_upper_zmm_registers_survive_a_migration(carried, monkeypatch
 
 @pytest.fixture(scope="module")
 def sigframe_avx512(tmp_path_factory):
-    if not shutil.which("gcc") or "avx512f" not in machine_features():
-        pytest.skip("needs gcc and an AVX-512 machine")
-    out = tmp_path_factory.mktemp("sigframe") / "sigframe_avx512"
-    subprocess.run(["gcc", "-static", "-O1", "-mavx512f", "-o", str(out),
-                    str(shipped_guests_dir().joinpath("linux", "sigframe_avx512.c"))], check=True)
-    return str(out)
+    return build(tmp_path_factory, "sigframe_avx512", {"avx512f"}, "-O1", "-mavx512f")
 
 
 @pytest.mark.parametrize("carried", [True, False], ids=["carried", "negative-control"])
@@ -300,8 +296,7 @@ def test_a_signal_frame_carries_opmask_and_zmm_state_as_linux_does(sigframe_avx5
     opmask and Hi16_ZMM components, as natively; without those components they do not."""
     if not carried:
         from minivmm.linux import signals
-        original = signals._extended
-        monkeypatch.setattr(signals, "_extended", lambda uc, opmasks: {2: original(uc, None)[2]})
+        monkeypatch.setattr(signals, "CARRIED", (2,))
     native = subprocess.run([sigframe_avx512], capture_output=True, text=True, timeout=30).stdout
     result = VM(sigframe_avx512, "skylake-server").run(timeout=60)
     assert result.exit_code == 0 and "xfeatures=e7" in result.console

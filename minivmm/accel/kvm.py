@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 
+from ..cpu.native import machine_features
 from ..errors import MinivmmError
 
 DEVICE = "/dev/kvm"
@@ -159,19 +160,11 @@ def _self_test() -> str | None:
         machine.close()
     if how == "stopped":
         return None
-    virtualization = {"vmx", "svm"} & set(_cpu_flags())
+    virtualization = {"vmx", "svm"} & machine_features()
     return (f"{DEVICE} does not run a guest's instructions on this CPU: a test guest's PADDD/POPCNT "
             f"{'crashed' if how == 'crashed' else how} ({detail}); "
             + ("" if virtualization else "the CPU shows neither VMX nor SVM, so this kernel's KVM is a paravirtual one "
                "(such as kvm_pvm) that emulates what it cannot run"))
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
 
 
 def page_tables(base: int) -> bytes:

@@ -104,7 +104,6 @@ def read_table() -> CpuidTable:
     return CpuidTable(entries, "native")
 
 
-XCR0_YMM, XCR0_ZMM = 0x6, 0xE6
 _NEEDS_YMM = ("avx", "avx2", "fma", "f16c", "vaes", "vpclmulqdq", "avx_vnni")
 
 
@@ -114,6 +113,7 @@ def machine_features() -> frozenset[str]:
     vector extensions whose register state its OS did not enable in XCR0 (executing one
     would be #UD in minivmm's own process)."""
     from .features import catalogue
+    from .isa import XCR0_AVX512, XCR0_YMM
     table = read_table()
     features = set(catalogue().decode(table))
     xcr0 = 0
@@ -122,6 +122,6 @@ def machine_features() -> frozenset[str]:
         xcr0 = fn()
     if xcr0 & XCR0_YMM != XCR0_YMM:
         features -= {f for f in features if f in _NEEDS_YMM or f.startswith("avx512")}
-    if xcr0 & XCR0_ZMM != XCR0_ZMM:
+    if xcr0 & XCR0_AVX512 != XCR0_AVX512:
         features -= {f for f in features if f.startswith("avx512")}
     return frozenset(features)

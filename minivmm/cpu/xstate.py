@@ -1,4 +1,4 @@
-"""The x87, SSE and AVX register state in the memory images the CPU writes: FXSAVE's
+"""The x87, SSE, AVX and AVX-512 register state in the memory images the CPU writes: FXSAVE's
 512 bytes (SDM Vol. 1, 10.5.1), and the XSAVE area's extended components, at the
 offsets and sizes CPUID leaf 0xD gives (standard form) or packed in RFBM order
 (compacted form, SDM Vol. 1, 13.4.3). Read from and written to a unicorn engine."""
@@ -39,40 +39,35 @@ def fxrstor_image(uc, data: bytes, x87: bool = True, sse: bool = True) -> None:
             uc.reg_write(getattr(x86, f"UC_X86_REG_XMM{i}"), int.from_bytes(data[160 + 16 * i:176 + 16 * i], "little"))
 
 
-def ymm_upper(uc) -> bytes:
-    """YMM0-15's upper halves, the AVX component's 256 bytes."""
-    return b"".join((uc.reg_read(getattr(x86, f"UC_X86_REG_YMM{i}")) >> 128).to_bytes(16, "little") for i in range(16))
+OPMASK_COMPONENT = 5
+# component -> (register, the first of its 16, the lowest bit it holds, bytes of each):
+# YMM's upper halves, ZMM0-15's upper halves (ZMM_Hi256), ZMM16-31 whole (Hi16_ZMM)
+VECTOR_COMPONENTS = {YMM_COMPONENT: ("YMM", 0, 128, 16), 6: ("ZMM", 0, 256, 32), 7: ("ZMM", 16, 0, 64)}
 
 
-def set_ymm_upper(uc, data: bytes | None) -> None:
-    """YMM0-15's upper halves from ``data``, or zeros (the init state) for None."""
-    for i in range(16):
-        upper = int.from_bytes(data[16 * i:16 * i + 16], "little") if data else 0
-        low = uc.reg_read(getattr(x86, f"UC_X86_REG_XMM{i}"))
-        uc.reg_write(getattr(x86, f"UC_X86_REG_YMM{i}"), upper << 128 | low)
+def component(uc, i: int, opmasks=None) -> bytes:
+    """Extended state component ``i`` (2, 5, 6 or 7) as an XSAVE area holds it. The
+    opmask registers come from ``opmasks`` (``opmasks()``: the engine has none)."""
+    if i == OPMASK_COMPONENT:
+        masks = opmasks.opmasks()
+        return b"".join(masks[f"K{k}"].to_bytes(8, "little") for k in range(8))
+    register, first, shift, size = VECTOR_COMPONENTS[i]
+    return b"".join((uc.reg_read(getattr(x86, f"UC_X86_REG_{register}{first + k}")) >> shift
+                     & (1 << 8 * size) - 1).to_bytes(size, "little") for k in range(16))
 
 
-def zmm_hi256(uc) -> bytes:
-    """ZMM0-15's upper halves (bits 511:256), the ZMM_Hi256 component's 512 bytes."""
-    return b"".join((uc.reg_read(getattr(x86, f"UC_X86_REG_ZMM{i}")) >> 256).to_bytes(32, "little") for i in range(16))
-
-
-def set_zmm_hi256(uc, data: bytes | None) -> None:
-    for i in range(16):
-        upper = int.from_bytes(data[32 * i:32 * i + 32], "little") if data else 0
-        low = uc.reg_read(getattr(x86, f"UC_X86_REG_YMM{i}"))
-        uc.reg_write(getattr(x86, f"UC_X86_REG_ZMM{i}"), upper << 256 | low)
-
-
-def hi16_zmm(uc) -> bytes:
-    """ZMM16-31 whole, the Hi16_ZMM component's 1024 bytes."""
-    return b"".join(uc.reg_read(getattr(x86, f"UC_X86_REG_ZMM{i}")).to_bytes(64, "little") for i in range(16, 32))
-
-
-def set_hi16_zmm(uc, data: bytes | None) -> None:
-    for i in range(16):
-        uc.reg_write(getattr(x86, f"UC_X86_REG_ZMM{16 + i}"), int.from_bytes(data[64 * i:64 * i + 64], "little")
-                     if data else 0)
+def set_component(uc, i: int, data: bytes | None, opmasks=None) -> None:
+    """Component ``i`` from an area's bytes, or its initial configuration (zeros) for
+    None; the bits of each register below the component's stay."""
+    if i == OPMASK_COMPONENT:
+        opmasks.set_opmasks({f"K{k}": int.from_bytes(data[8 * k:8 * k + 8], "little") for k in range(8)}
+                            if data else {})
+        return
+    register, first, shift, size = VECTOR_COMPONENTS[i]
+    for k in range(16):
+        name = getattr(x86, f"UC_X86_REG_{register}{first + k}")
+        upper = int.from_bytes(data[size * k:size * (k + 1)], "little") if data else 0
+        uc.reg_write(name, upper << shift | (uc.reg_read(name) & (1 << shift) - 1 if shift else 0))
 
 
 def layout(answer) -> dict[int, tuple[int, int, bool]]:

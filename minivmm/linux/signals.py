@@ -59,26 +59,13 @@ def xsave_layout(view) -> dict[int, tuple[int, int, bool]]:
     return xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0))
 
 
-def _extended(uc, opmasks) -> dict[int, bytes]:
-    """Components 2 and up as their XSAVE bytes: YMM's upper halves, and with the
-    holder of the opmask registers (an AVX-512 host) K0-7, ZMM_Hi256, Hi16_ZMM."""
-    out = {2: xstate.ymm_upper(uc)}
-    if opmasks is not None:
-        masks = opmasks.opmasks()
-        out.update({5: b"".join(masks[f"K{i}"].to_bytes(8, "little") for i in range(8)),
-                    6: xstate.zmm_hi256(uc), 7: xstate.hi16_zmm(uc)})
-    return out
+# The extended components a frame holds: YMM's upper halves, and with the holder of
+# the opmask registers (an AVX-512 host) K0-7, ZMM_Hi256 and Hi16_ZMM.
+CARRIED = (2, 5, 6, 7)
 
 
-def _set_extended(uc, opmasks, component: int, data: bytes | None) -> None:
-    """One component from a frame's bytes, or its initial configuration for None."""
-    if component == 2:
-        xstate.set_ymm_upper(uc, data)
-    elif component == 5:
-        opmasks.set_opmasks({f"K{i}": int.from_bytes(data[8 * i:8 * i + 8], "little") for i in range(8)}
-                            if data else {})
-    else:
-        (xstate.set_zmm_hi256 if component == 6 else xstate.set_hi16_zmm)(uc, data)
+def _carried(opmasks) -> list[int]:
+    return [i for i in CARRIED if i == xstate.YMM_COMPONENT or opmasks is not None]
 
 
 def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]], opmasks=None) -> bytes:
@@ -89,8 +76,9 @@ def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]], opmasks=None
     area = bytearray(size + 4)
     area[:FPSTATE_SIZE] = xstate.fxsave_image(uc)
     present = xcr0 & 0x3
-    for i, data in _extended(uc, opmasks).items():
+    for i in _carried(opmasks):
         if i in components:
+            data = xstate.component(uc, i, opmasks)
             area[layout[i][0]:layout[i][0] + len(data)] = data
             present |= 1 << i
     struct.pack_into("<Q", area, FPSTATE_SIZE, present)                               # XSTATE_BV
@@ -184,9 +172,8 @@ class Signals:
         """YMM's upper halves (and the AVX-512 components) from the frame, in order (ZMM
         after YMM), or their initial configuration where XSTATE_BV says so."""
         present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0]
-        held = (2, 5, 6, 7) if self.opmasks is not None else (2,)
-        for i in held:
+        for i in _carried(self.opmasks):
             if i in self.layout and features >> i & 1:
                 at, size = self.layout[i][0], self.layout[i][1]
-                _set_extended(uc, self.opmasks, i, area[at:at + size] if present >> i & 1 and at + size <= len(area)
-                              else None)
+                xstate.set_component(uc, i, area[at:at + size] if present >> i & 1 and at + size <= len(area)
+                                     else None, self.opmasks)

@@ -48,7 +48,7 @@ def entries(view: GuestCpuidView) -> list[tuple[int, int, int, int, int, int]]:
 
 def shown_anyway(view: GuestCpuidView, installed: dict) -> list[str]:
     """Features the view hides that KVM's table shows."""
-    seen = CpuidTable({key: regs for key, regs in installed.items()}, view.table.origin)
+    seen = CpuidTable(installed, view.table.origin)
     return sorted(catalogue().decode(seen) - catalogue().decode(view.table) - {"osxsave", "hypervisor", "apic"})
 
 

@@ -358,13 +358,16 @@ class _Engine:
             self.faults.xsave = XsaveUnit(self.ram, xstate.layout(lambda leaf, sub: view.answer(leaf, sub, 0)),
                                           lambda: self.faults._control(uc)[1])
         machine = machine_features()
+        self.opmasks = None   # the holder of K0-7 on an AVX-512 host: the wide native executor
         if host.physical - isa.engine_capable() & machine:  # the machine runs what the engine cannot
             native = self.faults.native = NativeExecutor(self.ram, machine, self.exits.exit_at,
                                                          wide="avx512f" in host.physical & machine)
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
-            if native.wide and self.faults.xsave is not None:
-                self.faults.xsave.hold_avx512(native)
+            if native.wide:
+                self.opmasks = native
+                if self.faults.xsave is not None:
+                    self.faults.xsave.hold_avx512(native)
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             self.privileged.on_syscall = run._syscall
             self.faults.signals = True
@@ -439,11 +442,9 @@ class _Engine:
                                             x86.UC_X86_REG_RDX: value >> 32})  # xsetbv
 
     def capture(self) -> dict:
-        native = self.faults.native
-        wide = native is not None and native.wide
-        regs = read_registers(self.uc, wide)
-        if wide:
-            regs.update(native.opmasks())
+        regs = read_registers(self.uc, wide=self.opmasks is not None)
+        if self.opmasks is not None:
+            regs.update(self.opmasks.opmasks())
         return {"regs": regs, "xcr0": self.read_xcr0()}
 
     def restore(self, state: dict) -> bool:
@@ -456,8 +457,8 @@ class _Engine:
             self.uc.reg_write(x86.UC_X86_REG_CR4, state["regs"]["CR4"])
             self.write_xcr0(xcr0)
         write_registers(self.uc, state["regs"])
-        if self.faults.native is not None and self.faults.native.wide:
-            self.faults.native.set_opmasks(state["regs"])
+        if self.opmasks is not None:
+            self.opmasks.set_opmasks(state["regs"])
         if xcr0 is not None and "xsave" not in self.host.physical:
             self.uc.reg_write(x86.UC_X86_REG_CR4, self.uc.reg_read(x86.UC_X86_REG_CR4) & ~CR4_OSXSAVE)
             return False
@@ -534,8 +535,7 @@ class _Run:
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
                                          x86.UC_X86_REG_RIP), (0, 0, 0, 0)))
         kernel.signals.read_xcr0 = lambda: self.engine.read_xcr0()
-        native = self.engine.faults.native
-        kernel.signals.opmasks = native if native is not None and native.wide else None
+        kernel.signals.opmasks = self.engine.opmasks
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)

@@ -19,6 +19,7 @@ from ..log import ExitLog
 from ..report import SIGNALS, Stop
 from .emulate import EMULATED
 from .native import Fault
+from .xsave import CARRIED_OUT
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
@@ -32,11 +33,6 @@ VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 1
 # vector -> (si_code, si_addr; None: the faulting RIP, or CR2 for #PF): ILL_ILLOPN,
 # FPE_INTDIV, SEGV_MAPERR; others SI_KERNEL without an address.
 SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None)}
-# The state instructions XsaveUnit carries out itself (False from it: not this state).
-STATE_UNIT = {Mnemonic.XSAVE: "xsave", Mnemonic.XSAVE64: "xsave", Mnemonic.XSAVEOPT: "xsaveopt",
-              Mnemonic.XSAVEOPT64: "xsaveopt", Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec",
-              Mnemonic.XRSTOR: "xrstor", Mnemonic.XRSTOR64: "xrstor", Mnemonic.VLDMXCSR: "load_mxcsr",
-              Mnemonic.VSTMXCSR: "store_mxcsr"}
 
 
 def _name(vector: int) -> str:
@@ -158,9 +154,9 @@ class FaultExits:
         if reason:
             self.deliver(uc, 6, rip, instr=instr, detail=reason)
             return
-        if self.xsave is not None and instr.mnemonic in STATE_UNIT:
+        if self.xsave is not None and instr.mnemonic in CARRIED_OUT:
             try:
-                if getattr(self.xsave, STATE_UNIT[instr.mnemonic])(uc, rip, instr):
+                if self.xsave.carry_out(uc, rip, instr):
                     return
             except Fault as fault:
                 self._native_fault(uc, rip, instr, fault)

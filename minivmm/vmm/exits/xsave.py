@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 
 import unicorn.x86_const as x86
+from iced_x86 import Mnemonic
 
 from ...cpu import xstate
 from .emulate import memory_address
@@ -30,7 +31,11 @@ from .native import Fault, check_span
 MXCSR_MASK = 0xFFFF             # FXSAVE's MXCSR_MASK with DAZ: bits 31:16 are reserved
 HELD = 0x7                       # x87 | SSE | AVX: what the engine's state has
 AVX512 = 0xE0                    # opmask | ZMM_Hi256 | Hi16_ZMM: with a wide native executor
+EXTENDED = (2, 5, 6, 7)          # the components past the legacy region minivmm carries
 COMPACTED = 1 << 63
+SAVES = {Mnemonic.XSAVE: "xsave", Mnemonic.XSAVE64: "xsave", Mnemonic.XSAVEOPT: "xsaveopt",
+         Mnemonic.XSAVEOPT64: "xsaveopt", Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec"}
+CARRIED_OUT = frozenset(SAVES) | {Mnemonic.XRSTOR, Mnemonic.XRSTOR64, Mnemonic.VLDMXCSR, Mnemonic.VSTMXCSR}
 X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
 
 
@@ -41,23 +46,22 @@ class XsaveUnit:
         self.ram, self.memory, self.components, self.read_xcr0 = ram, len(ram), components, read_xcr0
         self.protection = None   # a Linux program's page protections
         self.held = HELD
-        self.native = None       # the wide native executor (K0-7) on an AVX-512 host
+        self.opmasks = None      # the holder of K0-7 (the wide native executor) on an AVX-512 host
 
-    def hold_avx512(self, native) -> None:
-        self.native, self.held = native, HELD | AVX512
+    def hold_avx512(self, opmasks) -> None:
+        self.opmasks, self.held = opmasks, HELD | AVX512
 
-    def _wide_state(self, uc) -> dict[int, bytes]:
-        """Components 5-7 as their bytes in an XSAVE area."""
-        masks = self.native.opmasks()
-        return {5: b"".join(masks[f"K{i}"].to_bytes(8, "little") for i in range(8)),
-                6: xstate.zmm_hi256(uc), 7: xstate.hi16_zmm(uc)}
-
-    def _set_wide_state(self, uc, component: int, data: bytes | None) -> None:
-        if component == 5:
-            self.native.set_opmasks({f"K{i}": int.from_bytes(data[8 * i:8 * i + 8], "little") for i in range(8)}
-                                    if data else {})
-        else:
-            (xstate.set_zmm_hi256 if component == 6 else xstate.set_hi16_zmm)(uc, data)
+    def carry_out(self, uc, rip: int, instr) -> bool:
+        """The instruction (one of CARRIED_OUT); False when it asks for state the
+        engine does not hold."""
+        mnemonic = instr.mnemonic
+        if mnemonic in SAVES:
+            return self._save(uc, rip, instr, SAVES[mnemonic])
+        if mnemonic in (Mnemonic.XRSTOR, Mnemonic.XRSTOR64):
+            return self._restore(uc, rip, instr)
+        if mnemonic == Mnemonic.VLDMXCSR:
+            return self._load_mxcsr(uc, rip, instr)
+        return self._store_mxcsr(uc, rip, instr)
 
     def _rfbm(self, uc) -> int:
         edx_eax = (uc.reg_read(x86.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32 | uc.reg_read(x86.UC_X86_REG_EAX) & 0xFFFFFFFF
@@ -70,7 +74,7 @@ class XsaveUnit:
         check_span(self.memory, self.protection, address, size, writes, not writes)
         return address
 
-    def load_mxcsr(self, uc, rip: int, instr) -> bool:
+    def _load_mxcsr(self, uc, rip: int, instr) -> bool:
         """VLDMXCSR m32: #GP(0) for a reserved bit (SDM Vol. 2, LDMXCSR)."""
         address = memory_address(uc, instr)
         check_span(self.memory, self.protection, address, 4, False)
@@ -81,7 +85,7 @@ class XsaveUnit:
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
 
-    def store_mxcsr(self, uc, rip: int, instr) -> bool:
+    def _store_mxcsr(self, uc, rip: int, instr) -> bool:
         """VSTMXCSR m32."""
         address = memory_address(uc, instr)
         check_span(self.memory, self.protection, address, 4, True, False)
@@ -94,9 +98,7 @@ class XsaveUnit:
     def _state(self, uc, rfbm: int) -> tuple[bytes, dict[int, bytes], int]:
         """The FXSAVE image, components 2 and up (their bytes), and XINUSE."""
         image = xstate.fxsave_image(uc)
-        extended = {2: xstate.ymm_upper(uc)} if rfbm & 4 else {}
-        if rfbm & AVX512:
-            extended.update({i: data for i, data in self._wide_state(uc).items() if rfbm >> i & 1})
+        extended = {i: xstate.component(uc, i, self.opmasks) for i in EXTENDED if rfbm >> i & 1}
         x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
             and not any(image[32:160])
         in_use = (0 if x87_init else 1) | (2 if any(image[160:416]) else 0)
@@ -136,18 +138,9 @@ class XsaveUnit:
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
 
-    def xsave(self, uc, rip: int, instr) -> bool:
-        return self._save(uc, rip, instr, "xsave")
-
-    def xsaveopt(self, uc, rip: int, instr) -> bool:
-        return self._save(uc, rip, instr, "xsaveopt")
-
-    def xsavec(self, uc, rip: int, instr) -> bool:
-        return self._save(uc, rip, instr, "xsavec")
-
     # -- restoring ----------------------------------------------------------------------------
 
-    def xrstor(self, uc, rip: int, instr) -> bool:
+    def _restore(self, uc, rip: int, instr) -> bool:
         """XRSTOR m of either form (SDM Vol. 1, 13.8); False when RFBM or the area
         holds state the engine does not."""
         address = memory_address(uc, instr)
@@ -192,10 +185,8 @@ class XsaveUnit:
             if not (xstate_bv >> i & 1 and present >> i & 1):
                 return None
             return bytes(self.ram[address + offsets[i]:address + offsets[i] + self.components[i][1]])
-        if rfbm & 4:
-            xstate.set_ymm_upper(uc, component(2))
-        for i in (5, 6, 7):  # after YMM: ZMM0-15's low halves are in place
+        for i in EXTENDED:  # in order: ZMM_Hi256 after YMM, whose bits it keeps
             if rfbm >> i & 1:
-                self._set_wide_state(uc, i, component(i))
+                xstate.set_component(uc, i, component(i), self.opmasks)
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
         return True
