@@ -303,7 +303,8 @@ class VM:
         cache: dict[int, tuple] = {}
         # HLT and OUT are the ABI's power-off and console; in a Linux program's ring 3
         # they are #GP (SDM Vol. 2: CPL > 0, CPL > IOPL), as the engine raises them.
-        exit_mnemonics = {} if self.image.kind == "linux" else EXIT_MNEMONICS
+        linux = self.image.kind == "linux"
+        exit_mnemonics = {} if linux else EXIT_MNEMONICS
 
         def classify(instr):
             result = cache.get(instr.code)
@@ -313,7 +314,9 @@ class VM:
                 else:
                     needs = isa.needed_features(instr)
                     action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
-                    if action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
+                    if linux and action != "ud" and (instr.is_privileged or instr.mnemonic in IOPL_SENSITIVE):
+                        action = "gp"  # CPL 0 only, and a Linux program runs at CPL 3 (the engine's CPL is 0)
+                    elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
                         action = "privileged"
                     result = (action, needs - shown if audit else frozenset())
                 cache[instr.code] = result
@@ -323,6 +326,9 @@ class VM:
 
 
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
+# #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, CLI, STI, IN, OUT).
+IOPL_SENSITIVE = frozenset(getattr(Mnemonic, m) for m in (
+    "CLI", "STI", "IN", "OUT", "INSB", "INSW", "INSD", "OUTSB", "OUTSW", "OUTSD"))
 
 
 class _Engine:
@@ -364,6 +370,7 @@ class _Engine:
                                                          wide="avx512f" in host.physical & machine)
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
+            native.on_write = self.exits.note_write
             if native.wide:
                 self.opmasks = native
                 if self.faults.xsave is not None:
@@ -627,6 +634,8 @@ class _Run:
                 self.engine.faults.unsupported(uc, address, instr)
             elif action == "privileged":
                 self.engine.privileged.check(uc, address, size, instr)
+            elif action == "gp" and address != BOOT_STUB:  # (the VMM's own XSETBV runs there)
+                self.engine.faults.deliver(uc, 13, address, 0, instr=instr, detail="privileged at CPL 3")
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
         except BaseException as e:  # an exception inside a hook must not vanish

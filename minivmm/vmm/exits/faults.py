@@ -10,7 +10,7 @@ execute exactly ends the run as ``unsupported``; a fault that cannot be delivere
 from __future__ import annotations
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Decoder, Mnemonic
+from iced_x86 import Code, Decoder, Mnemonic, Register
 from unicorn import UcError
 
 from ...cpu import isa
@@ -253,8 +253,10 @@ class FaultExits:
         """An access beyond guest RAM: #PF, as an unmapped page would raise it; #GP(0)
         for a non-canonical address (Intel SDM Vol. 1, 3.3.7.1)."""
         from unicorn import UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED
-        if (address >> 47) not in (0, 0x1FFFF):
-            self.deliver(uc, 13, rip, 0, detail=f"{kind} non-canonical address {address:#x}")
+        if (address >> 47) not in (0, 0x1FFFF):  # #SS through the stack segment (SDM Vol. 3A, 6.15)
+            instr = self._instruction(uc, rip)
+            stack = instr is not None and (instr.memory_segment == Register.SS or instr.is_stack_instruction)
+            self.deliver(uc, 12 if stack else 13, rip, 0, detail=f"{kind} non-canonical address {address:#x}")
             return
         error = (PF_WRITE if access == UC_MEM_WRITE_UNMAPPED else 0) | (PF_FETCH if access == UC_MEM_FETCH_UNMAPPED else 0)
         if access == UC_MEM_FETCH_UNMAPPED and rip < address:
@@ -267,6 +269,8 @@ class FaultExits:
     def _native_fault(self, uc, rip: int, instr, fault) -> None:
         """What the machine's CPU would have raised, checked before it ran: the guest's."""
         from unicorn import UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED
+        if fault.at is not None:  # an instruction further into a run: the run stopped there
+            rip, instr = fault.at, fault.instr
         if fault.vector == 14 and fault.allowed is not None:  # a Linux program's page protections
             access = UC_MEM_WRITE_UNMAPPED if fault.access == "write" else UC_MEM_READ_UNMAPPED
             self.on_denied(uc, access, fault.address, fault.allowed)

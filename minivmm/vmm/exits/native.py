@@ -41,31 +41,26 @@ import unicorn.x86_const as x86
 from iced_x86 import (Code, Decoder, EncodingKind, Encoder, FlowControl, Instruction, InstructionInfoFactory, MemoryOperand,
                       MemorySizeExt, Mnemonic, OpAccess, OpKind, Register, RegisterExt)
 
+from ...cpu.confined import names_rsp, refusal
 from ...cpu.isa import needed_features as isa_needs
 from .. import engine
 
 GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{i}" for i in range(8, 16))
 SLOT = {name: 8 * i for i, name in enumerate(GPRS)}
-RFLAGS, MXCSR, HOST_MXCSR, FS_BASE, GS_BASE, RIP, YMM = 128, 136, 140, 168, 176, 184, 192
-SCRATCH = YMM + 32 * 16            # one slot per memory instruction of a run
+RFLAGS, MXCSR, HOST_MXCSR, HOST_FCW, FS_BASE, GS_BASE, RIP, YMM = 128, 136, 140, 144, 168, 176, 184, 192
+SCRATCH = YMM + 32 * 16            # one slot per memory operand of a run (and one for a renamed RSP)
 MAX_RUN = 16                       # instructions compiled into one thunk at most
-ZMM = SCRATCH + 8 * MAX_RUN        # the wide context: ZMM0-31, then K0-7
+ZMM = SCRATCH + 8 * (MAX_RUN + 1)       # the wide context: ZMM0-31, then K0-7
 OPMASK = ZMM + 64 * 32
 CONTEXT_SIZE = OPMASK + 8 * 8
 ARITHMETIC_FLAGS = 0x8D5           # CF PF AF ZF SF OF: what the instruction may change
 DF = 0x400
 MXCSR_FLAGS, MXCSR_MASKS = 0x3F, 0x1F80
+MXCSR_DEFINED = 0xFFFF             # a reserved bit would be #GP in the VMM's own LDMXCSR
 CR4_OSXMMEXCPT = 1 << 10
 CODE_ARENA = 1 << 20               # executable bytes for thunks (a new arena when full)
 MAX_ARENAS = 16                    # at most this many: then every run is compiled afresh
 MAX_INSN = 15
-# Engine instructions a run must not take over: they fault by themselves (division),
-# exit to the VMM (CPUID, XGETBV), or read state the context does not hold.
-NOT_PLAIN = frozenset(getattr(Mnemonic, m) for m in (
-    "DIV", "IDIV", "CPUID", "XGETBV", "XSETBV", "RDTSC", "RDTSCP", "RDPMC", "RDRAND", "RDSEED", "RDPID", "SYSCALL",
-    "LAHF", "SAHF", "PUSHF", "PUSHFQ", "POPF", "POPFQ", "CLI", "STI", "IN", "OUT", "HLT", "XCHG",
-    "CMPXCHG16B", "FXSAVE", "FXSAVE64", "FXRSTOR", "FXRSTOR64", "LDMXCSR", "STMXCSR", "EMMS", "UD0", "UD1", "UD2",
-    "ENDBR64", "LZCNT", "TZCNT", "POPCNT"))
 WRITES = frozenset((OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE))
 SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", "RAX", "R12", "R13", "R14", "R15")
 
@@ -73,17 +68,17 @@ SCRATCH_CHOICES = ("R11", "R10", "R9", "R8", "RBX", "RBP", "RSI", "RCX", "RDX", 
 # Vol. 2, each instruction's "Protected Mode Exceptions").
 ALIGNED = frozenset(getattr(Mnemonic, m) for m in (
     "VMOVAPS", "VMOVAPD", "VMOVDQA", "VMOVDQA32", "VMOVDQA64", "VMOVNTPS", "VMOVNTPD", "VMOVNTDQ", "VMOVNTDQA"))
+# A legacy SSE instruction's 16-byte memory operand must be 16-byte aligned, but for the
+# unaligned moves and the string compares (SDM Vol. 1, 10.4.1.1 and 12.1; Vol. 2, PCMPESTRI).
+UNALIGNED_LEGACY = frozenset(getattr(Mnemonic, m) for m in (
+    "MOVUPS", "MOVUPD", "MOVDQU", "LDDQU", "PCMPESTRI", "PCMPESTRI64", "PCMPESTRM", "PCMPESTRM64", "PCMPISTRI",
+    "PCMPISTRM"))
 MASKED = frozenset((Mnemonic.VMASKMOVPS, Mnemonic.VMASKMOVPD, Mnemonic.VPMASKMOVD, Mnemonic.VPMASKMOVQ))
 # EVEX moves under an opmask touch only the elements it enables, element i by bit i
 # (fault suppression, SDM Vol. 1, 15.7.1); other masked EVEX operands are checked whole.
 SUPPRESSING = frozenset(getattr(Mnemonic, m) for m in (
     "VMOVDQU8", "VMOVDQU16", "VMOVDQU32", "VMOVDQU64", "VMOVDQA32", "VMOVDQA64", "VMOVUPS", "VMOVUPD", "VMOVAPS",
     "VMOVAPD", "VMOVSS", "VMOVSD", "VPMOVQB", "VPMOVQW", "VPMOVQD", "VPMOVDB", "VPMOVDW", "VPMOVWB"))
-# What the context cannot stand for: MXCSR loaded or stored by the instruction itself,
-# and the XSAVE family, which would write the machine's state layout, not the guest's.
-REFUSED = frozenset(getattr(Mnemonic, m) for m in (
-    "VLDMXCSR", "VSTMXCSR", "XSAVE", "XSAVE64", "XSAVEC", "XSAVEC64", "XSAVEOPT", "XSAVEOPT64", "XSAVES", "XSAVES64",
-    "XRSTOR", "XRSTOR64", "XRSTORS", "XRSTORS64"))
 
 
 def _encoded(instructions) -> bytes:
@@ -110,15 +105,18 @@ class Fault(Exception):
         super().__init__(detail)
         self.vector, self.error, self.address, self.detail = vector, error, address, detail
         self.access, self.allowed = access, allowed
+        self.at = self.instr = None   # a later instruction of a native run: where the fault is
 
 
-def check_span(memory: int, protection, at: int, size: int, writes: bool, reads: bool = True) -> None:
+def check_span(memory: int, protection, at: int, size: int, writes: bool, reads: bool = True,
+               stack: bool = False) -> None:
     """Raise the Fault the CPU would for an access to [at, at + size): non-canonical
-    (#GP), beyond RAM or refused by a Linux program's page ``protection`` (#PF)."""
+    (#GP, or #SS through the stack segment: RSP or RBP as the base, SDM Vol. 3A, 6.15),
+    beyond RAM or refused by a Linux program's page ``protection`` (#PF)."""
     end = at + size
     for address in (at, end - 1):
         if address >> 47 not in (0, 0x1FFFF) or address >> 64:
-            raise Fault(13, 0, detail=f"non-canonical address {at:#x}")
+            raise Fault(12 if stack else 13, 0, detail=f"non-canonical address {at:#x}")
     if end > memory:
         cr2 = max(at, memory)  # the first byte the CPU cannot reach
         raise Fault(14, 0x2 if writes else 0, cr2, f"access to {at:#x}-{end - 1:#x} reaches beyond guest RAM "
@@ -143,11 +141,14 @@ def _assembled() -> dict[str, bytes]:
     loads = [f"mov {name.lower()}, qword ptr [rdi+{SLOT[name]}]" for name in GPRS if name not in ("RSP", "RDI")]
     stores = [f"mov qword ptr [rdi+{SLOT[name]}], {name.lower()}" for name in GPRS if name not in ("RSP", "RDI")]
     enter = asm(["push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15", "push rdi",
-                 f"stmxcsr dword ptr [rdi+{HOST_MXCSR}]", f"ldmxcsr dword ptr [rdi+{MXCSR}]"])
+                 f"stmxcsr dword ptr [rdi+{HOST_MXCSR}]", f"fnstcw word ptr [rdi+{HOST_FCW}]",
+                 f"ldmxcsr dword ptr [rdi+{MXCSR}]"])
     load_state = asm([f"push qword ptr [rdi+{RFLAGS}]", "popfq", *loads])
     save_state = asm(["pushfq", "cld", "xchg rdi, qword ptr [rsp+8]", *stores, "pop rax",
                       f"mov qword ptr [rdi+{RFLAGS}], rax", "pop rax", f"mov qword ptr [rdi+{SLOT['RDI']}], rax"])
-    leave = asm([f"stmxcsr dword ptr [rdi+{MXCSR}]", f"ldmxcsr dword ptr [rdi+{HOST_MXCSR}]", "vzeroupper",
+    # the host's MXCSR and x87 control word come back whatever ran (neither is the guest's)
+    leave = asm([f"stmxcsr dword ptr [rdi+{MXCSR}]", f"ldmxcsr dword ptr [rdi+{HOST_MXCSR}]",
+                 f"fldcw word ptr [rdi+{HOST_FCW}]", "vzeroupper",
                  "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx", "ret"])
     narrow_loads = asm([f"vmovdqu ymm{i}, ymmword ptr [rdi+{YMM + 32 * i}]" for i in range(16)])
     narrow_stores = asm([f"vmovdqu ymmword ptr [rdi+{YMM + 32 * i}], ymm{i}" for i in range(16)])
@@ -161,7 +162,7 @@ def _assembled() -> dict[str, bytes]:
              "wide prologue": enter + wide_loads + load_state, "wide epilogue": save_state + wide_stores + leave,
              "guest_rdi": asm([f"mov rdi, qword ptr [rdi+{SLOT['RDI']}]"])}
     for name in GPRS:
-        for k in range(MAX_RUN):
+        for k in range(MAX_RUN + 1):
             if name not in ("RSP", "RDI"):
                 parts[name, k] = asm([f"mov {name.lower()}, qword ptr [rdi+{SCRATCH + 8 * k}]"])
     return parts
@@ -171,9 +172,11 @@ class Thunk:
     """A compiled run of instructions: the native function, where the run ends, and per
     memory operand its description and the scratch register (and slot) holding its base."""
 
-    def __init__(self, function, start: int, end: int, count: int, memory: list[tuple[dict, str]], transfer):
+    def __init__(self, function, start: int, end: int, count: int, memory: list[tuple[dict, str]], transfer,
+                 stack: str | None = None):
         self.function, self.start, self.end, self.count, self.memory = function, start, end, count, memory
         self.transfer = transfer   # (ids, pointers, count): the engine registers the run uses
+        self.stack = stack         # the register standing for RSP (its slot follows the memory ones)
 
 
 class NativeExecutor:
@@ -192,11 +195,12 @@ class NativeExecutor:
         self._slots = (ctypes.c_uint64 * (CONTEXT_SIZE // 8)).from_buffer(self.context)   # 8-byte views
         self._words = (ctypes.c_uint32 * (CONTEXT_SIZE // 4)).from_buffer(self.context)   # 4-byte views
         self._rip = ctypes.c_void_p(self.context_address + RIP)
-        self._runs: dict[tuple[int, bool], Thunk] = {}     # (start, single) -> its thunk
+        self._runs: dict[tuple[int, int], Thunk] = {}      # (start, most instructions) -> its thunk
         self._refused: set[int] = set()                    # addresses whose instruction cannot run here
         self._arenas: list[mmap.mmap] = []
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
+        self.on_write = lambda at, size: None   # guest RAM written natively (dirty pages, code there)
 
     def opmasks(self) -> dict[str, int]:
         """K0-7, which only the context holds (snapshot names)."""
@@ -211,29 +215,13 @@ class NativeExecutor:
 
     def can_run(self, instr, needs: frozenset[str]) -> bool:
         """The machine has what ``instr`` needs, and the context holds all it touches:
-        general registers, flags, XMM/YMM 0-15 (ZMM 0-31 and K0-7 when wide) and memory."""
-        if not needs <= self.machine or instr.mnemonic in REFUSED:
-            return False
-        if instr.encoding not in (EncodingKind.LEGACY, EncodingKind.VEX) and not (
-                self.wide and instr.encoding == EncodingKind.EVEX):
-            return False
-        vectors, info = 32 if self.wide else 16, InstructionInfoFactory().info(instr)
-        implicit = any(u.access != OpAccess.NO_MEM_ACCESS for u in info.used_memory()) and \
-            not any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count))
-        if implicit and instr.mnemonic != Mnemonic.VMASKMOVDQU:  # [rdi] and the like would be the host's
-            return False
-        for used in info.used_registers():
-            r = used.register
-            # a VEX instruction zeroes its destination above 128/256 bits: iced names the ZMM
-            vector = RegisterExt.is_xmm(r) or RegisterExt.is_ymm(r) or RegisterExt.is_zmm(r)
-            if not (RegisterExt.is_gpr(r) or r == Register.RIP or (vector and RegisterExt.number(r) < vectors)
-                    or (self.wide and RegisterExt.is_k(r))):
-                return False
-        return True
+        general registers, flags, XMM/YMM 0-15 (ZMM 0-31 and K0-7 when wide) and memory:
+        the allow-list of cpu/confined.py."""
+        return needs <= self.machine and refusal(instr, self.wide) is None
 
     def runnable(self, address: int, instr) -> bool:
         """can_run, remembered for the address (compiled runs and refusals are cached)."""
-        if (address, False) in self._runs or (address, True) in self._runs:
+        if (address, MAX_RUN) in self._runs or (address, 1) in self._runs:
             return True
         if address in self._refused:
             return False
@@ -244,33 +232,46 @@ class NativeExecutor:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self, uc, address: int, instr, cr4: int, single: bool = False, allowed=lambda instr: True) -> None:
+    def run(self, uc, address: int, instr, cr4: int, single: bool = False, allowed=lambda instr: True,
+            most: int = MAX_RUN) -> None:
         """Execute ``instr`` at ``address`` with the guest's state, and the instructions
         after it that ``allowed`` (the guest's control registers let them run) in one
-        thunk unless ``single`` (a counted start counts one instruction an exit). A
-        fault or a SIMD exception inside a run re-executes its first instruction alone,
-        so that the one that faults is found where it stands. Raises Fault."""
+        thunk of at most ``most``, one if ``single`` (a counted start counts one
+        instruction an exit). A later instruction whose operand faults ends the run
+        before it, and its fault is raised at its own address; a SIMD exception inside a
+        run re-executes its first instruction alone, so that the one that raises it is
+        found where it stands. Raises Fault."""
         if instr.mnemonic == Mnemonic.VMASKMOVDQU:
             return self._mask_move(uc, address, instr)
-        thunk = self._runs.get((address, single))
+        most = 1 if single else most
+        thunk = self._runs.get((address, most))
         if thunk is None:
-            thunk = self._runs[address, single] = self._compile_run(address, instr, single, allowed)
+            thunk = self._runs[address, most] = self._compile_run(address, instr, most, allowed)
         engine.reg_read_batch(uc._uch, *thunk.transfer)
         slots, words = self._slots, self._words
         guest_flags, guest_mxcsr = slots[RFLAGS >> 3], words[MXCSR >> 2]
-        saved = {}
+        saved, written = {}, []
         if thunk.memory:
             saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
             try:
                 for k, (m, _) in enumerate(thunk.memory):  # noqa: B007 (m: the faulting one, below)
-                    slots[(SCRATCH >> 3) + k] = (self.ram_base + self._check_memory(m, slots)) & (1 << 64) - 1
-            except Fault:
-                if not m["first"]:  # a later instruction of the run: run the first alone
-                    return self.run(uc, address, instr, cr4, single=True)
+                    at, spans = self._check_memory(m, slots)
+                    slots[(SCRATCH >> 3) + k] = (self.ram_base + at) & (1 << 64) - 1
+                    if m["writes"]:
+                        written += spans
+            except Fault as fault:
+                if m["member"]:  # a later instruction of the run: those before it run, then it faults
+                    self.run(uc, address, instr, cr4, allowed=allowed, most=m["member"])
+                    if uc.reg_read(x86.UC_X86_REG_RIP) != m["address"]:
+                        return None  # a SIMD exception cut the run shorter still
+                    fault.at, fault.instr = m["address"], m["instr"]
                 raise
+        if thunk.stack:  # the register standing for RSP holds the guest's RSP
+            saved[thunk.stack] = slots[SLOT[thunk.stack] >> 3]
+            slots[(SCRATCH >> 3) + len(thunk.memory)] = slots[SLOT["RSP"] >> 3]
         slots[RFLAGS >> 3] = guest_flags & (ARITHMETIC_FLAGS | DF) | 0x2
         # exceptions masked and flags clear: what the run raises shows in the flags
-        words[MXCSR >> 2] = guest_mxcsr & ~MXCSR_FLAGS | MXCSR_MASKS
+        words[MXCSR >> 2] = guest_mxcsr & MXCSR_DEFINED & ~MXCSR_FLAGS | MXCSR_MASKS
         unmasked = ~(guest_mxcsr >> 7) & MXCSR_FLAGS
         before = bytes(self.context) if unmasked else None
         thunk.function(self.context_address)
@@ -284,11 +285,15 @@ class NativeExecutor:
             raise Fault(6, detail="unmasked SIMD floating-point exception with CR4.OSXMMEXCPT clear")
         slots[RFLAGS >> 3] = guest_flags & ~ARITHMETIC_FLAGS | slots[RFLAGS >> 3] & ARITHMETIC_FLAGS
         words[MXCSR >> 2] = guest_mxcsr | raised
+        if thunk.stack:
+            slots[SLOT["RSP"] >> 3] = slots[SLOT[thunk.stack] >> 3]
         for scratch, value in saved.items():
             slots[SLOT[scratch] >> 3] = value
         slots[RIP >> 3] = thunk.end
         engine.reg_write_batch(uc._uch, *thunk.transfer)
         engine.reg_write(uc._uch, x86.UC_X86_REG_RIP, self._rip)  # resume past the run
+        for at, size in written:  # pages dirty for migration, code on them translated anew
+            self.on_write(at, size)
 
     def _mask_move(self, uc, address: int, instr) -> None:
         """VMASKMOVDQU xmm1, xmm2: the bytes of xmm1 whose byte in xmm2 has its top bit
@@ -303,6 +308,8 @@ class NativeExecutor:
             self._check_span((rdi + i) & (1 << 64) - 1, 1, True, False)
         for i in chosen:
             self.ram[rdi + i] = data[i]
+        if chosen:
+            self.on_write(rdi + chosen[0], chosen[-1] - chosen[0] + 1)
         uc.reg_write(x86.UC_X86_REG_RIP, address + instr.len)
 
     def forget(self, first: int, last: int) -> None:
@@ -311,24 +318,26 @@ class NativeExecutor:
             del self._runs[key]
         self._refused = {a for a in self._refused if not first <= a < last}
 
-    def _check_memory(self, m: dict, slots) -> int:
-        """The base (guest linear, segment included) of a memory operand, once every
-        byte it will touch is known to be the guest's to touch."""
-        base = (slots[SLOT[m["base"]] >> 3] if m["base"] else 0) + (slots[m["segment"] >> 3] if m["segment"] else 0) \
-            + m["folded"]
-        index = slots[SLOT[m["index"]] >> 3] if m["index"] else 0
-        start = (base + index * m["scale"] + m["displacement"]) & (1 << 64) - 1
+    def _check_memory(self, m: dict, slots) -> tuple[int, list[tuple[int, int]]]:
+        """Where the scratch register points (guest linear: the operand's address, or
+        for a vector index its base, segment included) and the spans the operand
+        touches, once every byte is known to be the guest's to touch."""
+        segment = slots[m["segment"] >> 3] if m["segment"] else 0
+        base = slots[SLOT[m["base"]] >> 3] if m["base"] else 0
         if m["vsib"]:
+            base = (base + segment) & (1 << 64) - 1
             spans = self._vsib_spans(m, base)
-        elif m["masked"]:
-            spans = self._masked_spans(m, start)
         else:
-            spans = [(start, m["size"])]
+            index = slots[SLOT[m["index"]] >> 3] if m["index"] else 0
+            effective = (base + index * m["scale"] + m["displacement"] + m["folded"]) & m["address_mask"]
+            base = (effective + segment) & (1 << 64) - 1  # 67h: the effective address wraps at 32 bits
+            spans = self._masked_spans(m, base) if m["masked"] else [(base, m["size"])]
+        # the alignment #GP comes before any fault of the access itself (seen on the machine)
+        if m["aligned"] and not m["vsib"] and base % m["alignment"]:
+            raise Fault(13, 0, detail=f"{m['alignment']}-byte aligned access at {base:#x} is misaligned")
         for at, size in spans:
-            self._check_span(at, size, m["writes"], m["reads"])
-        if m["aligned"] and start % m["size"]:
-            raise Fault(13, 0, detail=f"{m['size']}-byte aligned access at {start:#x} is misaligned")
-        return base
+            check_span(self.memory, self.protection, at, size, m["writes"], m["reads"], m["stack"])
+        return base, spans
 
     def _check_span(self, at: int, size: int, writes: bool, reads: bool) -> None:
         check_span(self.memory, self.protection, at, size, writes, reads)
@@ -364,14 +373,16 @@ class NativeExecutor:
 
     # -- compiling --------------------------------------------------------------------------
 
-    def _compile_run(self, address: int, instr, single: bool, allowed) -> Thunk:
+    def _compile_run(self, address: int, instr, most: int, allowed) -> Thunk:
         """``instr`` and the unsupported instructions right after it, as long as each
         memory operand's address comes from registers no earlier one writes (the checks
-        run before the thunk) and a scratch register is left that none of them uses."""
+        run before the thunk) and a scratch register is left that none of them uses.
+        An instruction naming RSP runs alone, RSP renamed to a free register."""
         parts = _assembled()
         members, memory, bodies, written, used_all = [], [], [], set(), set()
+        stack = None
         at = address
-        while len(members) < (1 if single else MAX_RUN):
+        while len(members) < most and stack is None:
             if members:
                 if at >> 12 != address >> 12 or (at + MAX_INSN - 1) >> 12 != address >> 12:
                     break  # within the first page: the engine checked it may be fetched
@@ -384,7 +395,7 @@ class NativeExecutor:
                     break
                 else:
                     instr = trap[2]
-                if not (self.can_run(instr, isa_needs(instr)) and allowed(instr)):
+                if not (self.can_run(instr, isa_needs(instr)) and allowed(instr)) or names_rsp(instr):
                     break
             info = InstructionInfoFactory().info(instr)
             used = {_full(r.register) for r in info.used_registers()}
@@ -394,22 +405,22 @@ class NativeExecutor:
                             or instr.mnemonic == Mnemonic.VMASKMOVDQU):
                 break
             code = instr.copy()
+            free = [n for n in SCRATCH_CHOICES if getattr(Register, n) not in used | used_all | taken]
             if any(instr.op_kind(i) == OpKind.MEMORY for i in range(instr.op_count)) and \
                     not all(u.access == OpAccess.NO_MEM_ACCESS for u in info.used_memory()):
                 m = self._memory_operand(instr, info)
-                if members and m["registers"] & written:
+                if members and m["registers"] & written or not free:
                     break
-                free = [n for n in SCRATCH_CHOICES if getattr(Register, n) not in used | used_all | taken]
-                if not free:
-                    break
-                m["first"] = not members
-                memory.append((m, free[0]))
-                code.memory_base = getattr(Register, free[0])
-                code.segment_prefix = Register.NONE
-                if instr.is_ip_rel_memory_operand:  # the target is folded into the scratch
-                    code.memory_displacement, code.memory_displ_size = 0, 0
+                m["member"], m["address"], m["instr"] = len(members), at, instr
+                memory.append((m, free.pop(0)))
+                _rebase(code, getattr(Register, memory[-1][1]), m["vsib"])
             elif instr.is_ip_rel_memory_operand:
                 break  # RIP-relative without an access (LEA): the host's RIP would show
+            if names_rsp(instr):
+                if not free:
+                    break
+                stack = free[0]
+                _rename_rsp(code, stack)
             encoder = Encoder(64)
             encoder.encode(code, 0)
             bodies.append(encoder.take_buffer())
@@ -417,10 +428,12 @@ class NativeExecutor:
             written |= writes
             used_all |= used
             at += instr.len
-        loads = b"".join(parts[scratch, k] for k, (_, scratch) in enumerate(memory))
+        scratches = [scratch for _, scratch in memory] + ([stack] if stack else [])
+        loads = b"".join(parts[scratch, k] for k, scratch in enumerate(scratches))
         wide = "wide " if self.wide else ""
         machine_code = parts[wide + "prologue"] + loads + parts["guest_rdi"] + b"".join(bodies) + parts[wide + "epilogue"]
-        return Thunk(self._place(machine_code), address, at, len(members), memory, self._transfer(used_all, memory))
+        return Thunk(self._place(machine_code), address, at, len(members), memory, self._transfer(used_all, memory),
+                     stack)
 
     def _transfer(self, used: set[int], memory) -> tuple:
         """The batch that moves what a run uses between the engine and the context:
@@ -444,15 +457,15 @@ class NativeExecutor:
 
     def _plain(self, address: int):
         """The instruction at ``address`` if the machine runs it as the engine would, with
-        the context's state alone: general-register, flag and SSE work that neither
-        branches, nor touches the stack or RIP, nor faults by itself (division), nor
-        exits (CPUID), with at most its one explicit memory operand."""
+        the context's state alone: on the allow-list (cpu/confined.py), neither touching
+        the stack nor RIP, with at most its one explicit memory operand."""
         if address + MAX_INSN > self.memory:
             return None
         instr = Decoder(64, bytes(self.ram[address:address + MAX_INSN]), ip=address).decode()
-        if instr.code == Code.INVALID or instr.flow_control != FlowControl.NEXT or instr.mnemonic in NOT_PLAIN \
-                or instr.has_rep_prefix or instr.has_repne_prefix or instr.is_string_instruction:
-            return None
+        if instr.code == Code.INVALID or instr.flow_control != FlowControl.NEXT or refusal(instr, self.wide) \
+                or instr.has_rep_prefix or instr.has_repne_prefix or instr.is_string_instruction \
+                or instr.op0_kind == OpKind.MEMORY and instr.memory_displ_size == 8:
+            return None   # (a 64-bit absolute address, MOV's moffs form, cannot be rebased)
         info = InstructionInfoFactory().info(instr)
         if {_full(r.register) for r in info.used_registers()} & {Register.RSP, Register.RIP}:
             return None
@@ -476,7 +489,9 @@ class NativeExecutor:
              "segment": segment, "size": MemorySizeExt.size(instr.memory_size),
              "reads": access in (OpAccess.READ, OpAccess.READ_WRITE, OpAccess.COND_READ, OpAccess.READ_COND_WRITE),
              "writes": access in (OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE),
-             "aligned": instr.mnemonic in ALIGNED, "vsib": instr.is_vsib,
+             "aligned": _aligned(instr), "vsib": instr.is_vsib,
+             "address_mask": 0xFFFFFFFF if _address32(instr) else (1 << 64) - 1,
+             "stack": instr.memory_segment == Register.SS,
              "element": MemorySizeExt.element_size(instr.memory_size), "mask": None, "opmask": None}
         m["registers"] = {_full(r) for r in (base, instr.memory_index) if r not in (Register.NONE, Register.RIP)}
         if instr.op_mask != Register.NONE and (instr.is_vsib or instr.mnemonic in SUPPRESSING):
@@ -489,6 +504,7 @@ class NativeExecutor:
         if m["mask"] is not None:
             m["registers"].add(_full(m["mask"]))
         m["masked"] = m["mask"] is not None or m["opmask"] is not None
+        m["alignment"] = m["size"]
         if instr.is_vsib:  # as many elements as both the data register and the index vector have
             data = next(instr.op_register(i) for i in range(instr.op_count)
                         if instr.op_kind(i) == OpKind.REGISTER and RegisterExt.is_vector_register(instr.op_register(i)))
@@ -511,6 +527,48 @@ class NativeExecutor:
         self._used = (at + len(code) + 15) & ~15
         address = ctypes.addressof(ctypes.c_char.from_buffer(arena)) + at
         return ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+
+
+def _aligned(instr) -> bool:
+    """The instruction demands natural alignment of its memory operand (#GP(0))."""
+    if instr.mnemonic in ALIGNED:
+        return True
+    return instr.encoding == EncodingKind.LEGACY and MemorySizeExt.size(instr.memory_size) == 16 \
+        and instr.mnemonic not in UNALIGNED_LEGACY and any(
+            instr.op_kind(i) == OpKind.REGISTER and RegisterExt.is_xmm(instr.op_register(i)) for i in range(instr.op_count))
+
+
+def _address32(instr) -> bool:
+    """An address-size prefix (67h): the effective address is computed in 32 bits."""
+    return any(r == Register.EIP or RegisterExt.is_gpr32(r) for r in (instr.memory_base, instr.memory_index))
+
+
+def _rebase(code, scratch: int, vsib: bool) -> None:
+    """The memory operand as [scratch] (the whole address checked and computed before),
+    or for a vector index [scratch + index*scale + displacement]."""
+    code.memory_base = scratch
+    code.segment_prefix = Register.NONE
+    if not vsib:
+        code.memory_index, code.memory_index_scale = Register.NONE, 1
+        code.memory_displacement, code.memory_displ_size = 0, 0
+
+
+def _sized(name: str) -> dict[int, int]:
+    """A general register's names by operand size (R11: R11, R11D, R11W, R11L)."""
+    if name[1].isdigit():
+        return {8: getattr(Register, name), 4: getattr(Register, name + "D"), 2: getattr(Register, name + "W"),
+                1: getattr(Register, name + "L")}
+    low = name[1:]
+    return {8: getattr(Register, name), 4: getattr(Register, "E" + low), 2: getattr(Register, low),
+            1: getattr(Register, low[0] + "L" if low.endswith("X") else low + "L")}
+
+
+def _rename_rsp(code, name: str) -> None:
+    """RSP, ESP, SP or SPL as a register operand becomes register ``name`` of the same size."""
+    sized = _sized(name)
+    for i in range(code.op_count):
+        if code.op_kind(i) == OpKind.REGISTER and _full(code.op_register(i)) == Register.RSP:
+            code.set_op_register(i, sized[RegisterExt.size(code.op_register(i))])
 
 
 def _signed(value: int) -> int:

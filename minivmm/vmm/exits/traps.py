@@ -38,9 +38,11 @@ PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(ran
 # CPUID feature lies behind the 0F escape or a VEX, EVEX or XOP prefix (C4, C5, 62, 8F),
 # or is one of the few one-byte opcodes that need one (x87's D8-DF: FISTTP is SSE3's,
 # FCMOV and FCOMI CMOV's; LAHF/SAHF; RTM's XABORT C6 F8 and XBEGIN C7 F8); then HLT and
-# OUT. (Tested over the whole one-byte opcode map, and against decoding every offset
-# of real binaries.)
-OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9e\x9f\xd8-\xdf\xf4\xe6\xe7\xee\xef]|[\xc6\xc7]\xf8")
+# OUT, IN, INS/OUTS, CLI and STI (#GP at a Linux program's CPL 3, IOPL 0); and the LOCK
+# prefix, which the engine accepts where the CPU raises #UD. (Tested over the whole
+# one-byte opcode map, and against decoding every offset of real binaries.)
+OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\x6c-\x6f\xfa\xfb\xf0]"
+                     rb"|[\xc6\xc7]\xf8")
 
 
 def exit_candidates(data: bytes, first: int, last: int) -> set[int]:
@@ -58,6 +60,15 @@ def exit_candidates(data: bytes, first: int, last: int) -> set[int]:
                 break
             offset -= 1
     return out
+
+
+def misused_lock(data: bytes, offset: int, ip: int):
+    """The instruction at ``offset`` when only its LOCK prefix makes it invalid: the CPU
+    raises #UD for LOCK on an instruction or operand that cannot take it (SDM Vol. 2A,
+    LOCK), and the engine runs it. None otherwise."""
+    instr = iced_x86.Decoder(64, data[offset:offset + MAX_INSN], iced_x86.DecoderOptions.NO_INVALID_CHECK,
+                             ip=ip).decode()
+    return instr if instr.code != iced_x86.Code.INVALID and instr.has_lock_prefix else None
 
 
 # classify(instr) -> (action or None, audited features): what an exit at this instruction does.
@@ -209,7 +220,11 @@ class InstructionExits:
             address = page + offset
             decoder.position, decoder.ip = offset, address
             instr = decoder.decode()
-            action, audited = self._classify(instr)
+            misused = instr.code == iced_x86.Code.INVALID and misused_lock(data, offset, address)
+            if misused:
+                instr, (action, audited) = misused, ("ud", frozenset())
+            else:
+                action, audited = self._classify(instr)
             if not action and address in self._quiet:
                 audited = frozenset()
             wanted = (action, audited, instr) if (action or audited) else None

@@ -1,0 +1,167 @@
+"""The native executor is the VMM's, not the guest's: every way out that was found, each
+run natively (the oracle) and as a Linux program under minivmm, which must agree, and the
+VMM's own state untouched. Plus the allow-list itself and the fuzzer's short profile."""
+
+import random
+
+import pytest
+from iced_x86 import Decoder
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+
+from minivmm.cpu.confined import refusal
+from minivmm.cpu.native import machine_features
+from minivmm.guests.assembler import assemble
+from minivmm.guests.loader import GuestImage
+from minivmm.testing import nativefuzz
+from minivmm.vmm.vm import VM
+
+needs_avx2 = pytest.mark.skipif(not {"avx2", "bmi2"} <= machine_features(), reason="this machine has no AVX2/BMI2")
+needs_fsgsbase = pytest.mark.skipif("fsgsbase" not in machine_features(), reason="this machine has no FSGSBASE")
+
+
+def outcomes(sequence, host="haswell", seed=1, tmp_path=None):
+    """The sequence natively and under minivmm: (native, guest) Outcomes."""
+    rng = random.Random(seed)
+    path = tmp_path / "case"
+    path.write_bytes(nativefuzz.program(sequence, rng, wide=False))
+    path.chmod(0o755)
+    return nativefuzz.native(str(path)), nativefuzz.guest(str(path), host)
+
+
+def assert_as_native(sequence, tmp_path, host="haswell", signal=None):
+    native, guest = outcomes(sequence, host, tmp_path=tmp_path)
+    assert not guest.vmm, guest.vmm
+    assert native.signal == signal, f"natively: {native.signal}"
+    assert guest.signal == native.signal
+    undefined = nativefuzz._undefined_flags(sequence)
+    assert nativefuzz._masked(guest.dump, undefined) == nativefuzz._masked(native.dump, undefined)
+
+
+VPADDD = "vpaddd ymm0, ymm1, ymm1"   # takes what follows into a native run
+
+
+@needs_avx2
+@pytest.mark.parametrize("sequence", [
+    ["mov ecx, 64", "bzhi rax, rsp, rcx"],                               # RSP read: the guest's, not the VMM's stack
+    ["vmovq xmm0, rsp", "vmovq rax, xmm0"],
+    ["lea rax, [rsp - 64]", "mov ecx, 64", "bzhi rsp, rax, rcx"],         # RSP written: the guest's
+    ["lea rax, [rsp - 8]", "vmovq xmm0, rax", "vmovq rsp, xmm0"],
+    [VPADDD, "lea rax, [rsp + 16]", "mov esp, eax"],
+], ids=["bzhi-reads-rsp", "vmovq-reads-rsp", "bzhi-writes-rsp", "vmovq-writes-rsp", "esp-after-avx"])
+def test_the_stack_pointer_is_the_guests(sequence, tmp_path):
+    assert_as_native(sequence, tmp_path)
+
+
+@needs_avx2
+@needs_fsgsbase
+def test_fs_and_gs_bases_are_the_guests(tmp_path):
+    assert_as_native([VPADDD, "rdfsbase rax", "rdgsbase rcx"], tmp_path)
+    assert_as_native([VPADDD, "wrfsbase rsi", "rdfsbase rdx"], tmp_path)
+
+
+@needs_avx2
+@pytest.mark.parametrize("instruction", ["wbinvd", "swapgs", "lgdt [rsi]", "invlpg [rsi]", "cli", "hlt", "rdmsr"])
+def test_privileged_instructions_after_avx_are_the_guests_sigsegv(instruction, tmp_path):
+    assert_as_native([VPADDD, instruction], tmp_path, signal="SIGSEGV")
+
+
+@needs_avx2
+def test_a_misaligned_legacy_sse_operand_in_a_run_is_the_guests_sigsegv(tmp_path):
+    """SDM Vol. 1, 10.4.1.1: a 16-byte legacy SSE memory operand must be aligned (#GP)."""
+    assert_as_native([VPADDD, "movaps xmm2, xmmword ptr [rsi + 1]"], tmp_path, signal="SIGSEGV")
+    assert_as_native([VPADDD, "addps xmm2, xmmword ptr [rsi + 4]"], tmp_path, signal="SIGSEGV")
+    assert_as_native([VPADDD, "movups xmm2, xmmword ptr [rsi + 4]"], tmp_path)
+
+
+@needs_avx2
+def test_lock_where_it_is_not_allowed_is_sigill(tmp_path):
+    """SDM Vol. 2A, LOCK: #UD on an instruction that cannot take it (the engine ran it)."""
+    assert_as_native([VPADDD, bytes.fromhex("f089c0")], tmp_path, signal="SIGILL")
+    assert_as_native([bytes.fromhex("f089c0")], tmp_path, signal="SIGILL")
+    assert_as_native(["lock add qword ptr [rsp], rax"], tmp_path)
+
+
+@needs_avx2
+@pytest.mark.parametrize("operand", ["[r8d]", "[r8d - 16]", "[r8d + r9d*2]", "fs:[r9 + 8]", "gs:[r9]"])
+def test_address_size_and_segment_overrides_address_what_the_cpu_does(operand, tmp_path):
+    """67h: the effective address wraps at 32 bits (R8 holds junk above bit 31);
+    FS/GS: based on the guest's own bases (thread-local AVX code)."""
+    assert_as_native([VPADDD, f"vmovdqu ymm3, ymmword ptr {operand}", f"vpaddd ymm4, ymm3, ymmword ptr {operand}"],
+                     tmp_path)
+
+
+@needs_avx2
+def test_a_stack_segment_access_to_a_non_canonical_address_is_sigbus(tmp_path):
+    """SDM Vol. 3A, 6.15: a non-canonical address through SS (RSP or RBP based) is #SS,
+    which Linux sends as SIGBUS; through DS it is #GP, SIGSEGV."""
+    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rbp + r14]"], tmp_path, signal="SIGBUS")
+    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rsi + r14]"], tmp_path, signal="SIGSEGV")
+
+
+@needs_avx2
+def test_the_vmms_mxcsr_and_x87_control_word_survive_whatever_the_guest_loads(tmp_path):
+    """A guest's MXCSR with reserved bits reached the thunk's LDMXCSR: #GP in the VMM."""
+    before = nativefuzz.host_state()
+    native, guest = outcomes(["mov dword ptr [rsp], 0xffffffff", "ldmxcsr dword ptr [rsp]", VPADDD,
+                              "mov word ptr [rsp], 0", "fldcw word ptr [rsp]", VPADDD], tmp_path=tmp_path)
+    assert not guest.vmm and nativefuzz.host_state() == before
+    assert native.signal == "SIGSEGV"   # (the engine accepts LDMXCSR's reserved bits: README, Limits)
+
+
+@needs_avx2
+def test_code_rewritten_by_a_native_store_runs_as_rewritten():
+    """A VMOVDQU store turns VPADDD into VPSUBD: the second pass must subtract (the
+    translated block and the planted exit were the old instruction's)."""
+    source = "\n".join([
+        "mov eax, 1", "cpuid", "xor ecx, ecx", "xgetbv", "or eax, 7", "xsetbv",
+        "mov eax, 5", "vmovd xmm1, eax", "vpbroadcastd ymm1, xmm1",
+        "mov eax, 3", "vmovd xmm2, eax", "vpbroadcastd ymm2, xmm2",
+        "mov r8d, 2",
+        "again:",
+        "patch: vpaddd ymm0, ymm1, ymm2",
+        "vmovd eax, xmm0", "add al, 0x30", "out 0xe9, al",
+        "vmovdqu xmm3, xmmword ptr [rip + patch]",
+        "mov eax, 0xc2faf5c5",           # vpsubd ymm0, ymm1, ymm2
+        "vpinsrd xmm3, xmm3, eax, 0",
+        "vmovdqu xmmword ptr [rip + patch], xmm3",
+        "dec r8d", "jnz again",
+        "xor eax, eax", "out 0xf4, al"])
+    image = GuestImage("smc", "asm", ((0x100000, assemble(source, "smc.asm")),), 0x100000)
+    result = VM(image, "haswell").run(timeout=30)
+    assert result.stop.reason == "exited", result.stop.message
+    assert result.console == "82"
+
+
+# ---- the allow-list ---------------------------------------------------------------------
+
+def _decoded(text: str):
+    return Decoder(64, bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm(text)[0])).decode()
+
+
+@pytest.mark.parametrize("text", [
+    "rdfsbase rax", "wrgsbase rax", "wbinvd", "swapgs", "lgdt [rax]", "sgdt [rax]", "sldt ax", "str ax",
+    "invlpg [rax]", "fldcw word ptr [rax]", "fnstenv [rax]", "fninit", "fld qword ptr [rax]",
+    "ldmxcsr dword ptr [rax]", "stmxcsr dword ptr [rax]", "xsave [rax]", "rdtsc", "cpuid", "xgetbv",
+    "push rax", "pop rax", "call rax", "div rcx", "movq mm0, qword ptr [rax]", "rdpkru", "rdrand rax",
+    "mov rax, cr0", "mov ax, ds", "lar eax, ecx", "smsw eax",
+    "movsb", "sysenter", "int 0x80", "popcnt rax, rcx"])
+def test_what_is_not_on_the_allow_list_never_runs_natively(text):
+    assert refusal(_decoded(text), wide=True), text
+
+
+@pytest.mark.parametrize("text", [
+    "vpaddd ymm0, ymm1, ymmword ptr [rax]", "bzhi rax, rsp, rcx", "vmovq xmm0, rsp", "add rax, qword ptr [rsi]",
+    "paddd xmm0, xmmword ptr fs:[rax]", "vmovdqu ymm0, ymmword ptr [eax]", "pdep rax, rbx, rcx", "shlx rax, rbx, rcx"])
+def test_confined_instructions_may_run_natively(text):
+    assert refusal(_decoded(text), wide=True) is None, text
+
+
+# ---- the fuzzer's short profile ---------------------------------------------------------
+
+@needs_avx2
+def test_the_native_executor_fuzzer_finds_no_escape_and_no_unexplained_difference():
+    """python -m minivmm.testing.nativefuzz runs the long profile (README, Security)."""
+    tally = nativefuzz.campaign(150, seed=7)
+    assert tally.vmm_deaths == tally.vmm_troubles == tally.host_values == 0, tally.unexplained
+    assert not tally.unexplained, tally.unexplained
+    assert tally.agreed > tally.cases // 2
