@@ -352,17 +352,113 @@ def _xsave_offsets(table, rfbm: int, compacted: bool) -> dict[int, tuple[int, in
     return {i: (at, layout[i][1]) for i, at in offsets.items()}
 
 
+# ---- the XSAVE family against the machine ----------------------------------------------
+#
+# Two correct processors can write different images of the same state. A save sets
+# XSTATE_BV[i] to XINUSE[i] for each component i of RFBM (SDM Vol. 1, 13.7 XSAVE, 13.9
+# XSAVEOPT, 13.10 XSAVEC), and XINUSE[i] may be 1 while component i is in its initial
+# configuration (13.6): a Sapphire Rapids Xeon keeps x87 in use after FNINIT, minivmm
+# derives XINUSE from the content. XRSTOR reads a clear bit as the initial configuration (13.8), so
+# what an image says of component i is its bytes where the bit is set and the initial
+# configuration where it is clear, and that must be the same in both images: a bit may
+# differ only where the component is in its initial configuration in both. Which bytes a
+# clear bit leaves is the form's rule: XSAVE writes every component of RFBM whatever its
+# bit (13.7); XSAVEOPT and XSAVEC write component i only when XSTATE_BV[i] = 1 (13.9,
+# 13.10), so with the bit clear the area keeps what it held. XSAVEOPT's modified
+# optimization (13.6, 13.9) does not arise here: it skips only a component unmodified
+# since an XRSTOR from the same area, and the block writes every component (FLDZ,
+# FNINIT, the register file's loads) after any XRSTOR.
+
+COMPACTED = 1 << 63
+MXCSR_INIT = 0x1F80
+MXCSR_FIELD, XMM_FIELD = (24, 28), (160, 416)
+# x87's fields in the format without REX.W (13.5.1): FCW, FSW, the abridged FTW; FOP,
+# FIP[31:0], FCS; FDP[31:0], FDS; ST0-7 (80 bits each). The bytes between them are
+# reserved or unused: the SDM says nothing of what a save writes there.
+X87_FIELDS = ((0, 5), (6, 14), (16, 22)) + tuple((32 + 16 * k, 42 + 16 * k) for k in range(8))
+WHO = ("minivmm", "the machine")
+
+
+def _fields(i: int, form: str, offsets: dict[int, tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Where component ``i`` lies in an area. XSAVEC saves MXCSR with the XMM registers
+    or not at all (Vol. 2, XSAVEC: SSE state is saved if RFBM[1] = 1 and (XINUSE[1] = 1
+    or MXCSR != 1F80H)); the standard forms save it whenever RFBM[1] or RFBM[2] is set,
+    whatever XINUSE says (13.7, 13.9), so it is no part of their SSE component here."""
+    if i == 0:
+        return X87_FIELDS
+    if i == 1:
+        return (MXCSR_FIELD, XMM_FIELD) if form == "xsavec" else (XMM_FIELD,)
+    at, size = offsets[i]
+    return ((at, at + size),)
+
+
+def _initial(i: int, form: str, fields) -> bytes:
+    """Component ``i``'s initial configuration (13.6) in its fields: x87 with FCW 037FH
+    and everything else zero (every tag empty, abridged 0); SSE with zero XMM registers
+    (and MXCSR 1F80H where it belongs to the component: a compacted XRSTOR initializes
+    it so, 13.8.2); every other component all zero."""
+    size = sum(end - start for start, end in fields)
+    if i == 0:
+        return struct.pack("<H", 0x37F) + bytes(size - 2)
+    if i == 1 and form == "xsavec":
+        return struct.pack("<I", MXCSR_INIT) + bytes(size - 4)
+    return bytes(size)
+
+
+def xsave_violations(form: str, rfbm: int, prior: bytes, images, offsets, must_set: int, mxcsr: int) -> list[str]:
+    """Where two images of one save of the same state (minivmm's, the machine's; each
+    component at its own CPUID's ``offsets``), made by FORM into an area that held
+    ``prior`` (header zero), differ beyond what the SDM leaves to the processor (the
+    rules above). ``must_set``: the components whose bits the state forces (not in
+    their initial configuration, or XSAVEC's SSE with MXCSR != 1F80H); ``mxcsr``: the
+    MXCSR saved."""
+    found = []
+    headers = [struct.unpack_from("<QQ", image, 512) for image in images]
+    xcomp_bv = COMPACTED | rfbm if form == "xsavec" else 0   # XSAVE and XSAVEOPT leave XCOMP_BV (13.7, 13.9)
+    for who, image, (xstate_bv, xcomp) in zip(WHO, images, headers):
+        if xcomp != xcomp_bv:
+            found.append(f"{who}: XCOMP_BV {xcomp:#x}, not {xcomp_bv:#x}")
+        if xstate_bv & ~rfbm:   # the standard forms keep these bits (zero before), XSAVEC clears them
+            found.append(f"{who}: XSTATE_BV {xstate_bv:#x} has bits outside RFBM {rfbm:#x}")
+        if must_set & ~xstate_bv:
+            found.append(f"{who}: XSTATE_BV {xstate_bv:#x} clears {must_set & ~xstate_bv:#x}, whose state is in use")
+        if form != "xsavec" and image[slice(*MXCSR_FIELD)] != struct.pack("<I", mxcsr):
+            found.append(f"{who}: MXCSR not saved ({image[slice(*MXCSR_FIELD)].hex()}, not {mxcsr:#x})")
+    for i in sorted({0, 1} | set(offsets[0]) | set(offsets[1])):
+        if not rfbm >> i & 1:
+            continue
+        said = []
+        for who, image, (xstate_bv, _), where in zip(WHO, images, headers, offsets):
+            fields = _fields(i, form, where)
+            data, held = (b"".join(area[start:end] for start, end in fields) for area in (image, prior))
+            initial = _initial(i, form, fields)
+            said.append(data if xstate_bv >> i & 1 else initial)
+            if xstate_bv >> i & 1:
+                continue
+            if form == "xsave" and data != initial:
+                found.append(f"{who}: component {i} (XSTATE_BV[{i}] = 0) saved as {data[:16].hex()}..., not in its "
+                             f"initial configuration, though XSAVE writes every component of RFBM")
+            elif form != "xsave" and data != held:
+                found.append(f"{who}: component {i} written though XSTATE_BV[{i}] = 0 ({form} writes only "
+                             f"components whose bit it sets)")
+        if said[0] != said[1]:
+            bits = [xstate_bv >> i & 1 for xstate_bv, _ in headers]
+            found.append(f"component {i} differs (XSTATE_BV[{i}]: minivmm {bits[0]}, the machine {bits[1]})")
+    return found
+
+
 SAVES = [(form, host) for host in ("haswell", "skylake-client", "epyc", "skylake-server")
          for form in ("xsave", "xsaveopt", "xsavec") if not (form == "xsavec" and host == "haswell")]
+X87_INITIAL = "fninit; " + "fldz; " * 8 + "fninit; "   # every data register zero, FCW 037FH, tags empty
+MXCSR_CLOBBER = BUFFER - 4                             # where the area's neighbour holds MXCSR 1F80H
 
 
-@pytest.mark.parametrize("form, host", SAVES, ids=[f"{f}-{h}" for f, h in SAVES])
-def test_the_xsave_family_saves_and_restores_what_the_machine_does(form, host):
-    """x87 in its initial configuration, SSE, AVX (and the opmask and ZMM components on
-    an AVX-512 host) saved by FORM, the registers clobbered, XRSTOR: the header, each
-    component where the host's CPUID leaf 0xD puts it (the machine's own leaf for its
-    run: AMD and Intel lay AVX-512 state out differently), and the registers equal the
-    machine's. The engine's own XSAVE, XSAVEOPT and XRSTOR would lose YMM's upper halves."""
+def _xsave_setup(form: str, host: str, initial: bool):
+    """FORM on HOST: (the case, rfbm, the loaded register file, the area's prior bytes,
+    minivmm's and the machine's offsets, wide); skipped where the machine or the host
+    lacks FORM. The state: x87 in its initial configuration; SSE, AVX (and the AVX-512
+    components on an AVX-512 host) random, or with ``initial`` zero; MXCSR never 1F80H
+    (FTZ set). The area holds random bytes (header zero) before the save."""
     from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
     from minivmm.cpu.profiles import load_profile
@@ -370,32 +466,111 @@ def test_the_xsave_family_saves_and_restores_what_the_machine_does(form, host):
     wide = "avx512f" in profile.physical
     needs = {"xsave", form} | ({"avx512f"} if wide else set())
     if not needs <= machine_features() or form not in profile.physical:
-        pytest.skip(f"this machine or {host} lacks {', '.join(sorted(needs - machine_features()))}")
+        pytest.skip(f"this machine or {host} lacks {', '.join(sorted(needs - machine_features())) or form}")
     rfbm = 0xE7 if wide else 0x7
     ks = Ks(KS_ARCH_X86, KS_MODE_64)
-    clobber = _encode([Instruction.create_reg_reg_reg(Code.EVEX_VPXORD_ZMM_K1Z_ZMM_ZMMM512B32, Register.ZMM17,
-                                                      Register.ZMM17, Register.ZMM17),
-                       Instruction.create_reg_reg_reg(Code.VEX_KXORQ_KR_KR_KR, Register.K3, Register.K3, Register.K3)]
+    clobber = _encode([Instruction.create_reg_reg_reg_u32(Code.EVEX_VPTERNLOGD_ZMM_K1Z_ZMM_ZMMM512B32_IMM8,
+                                                          Register.ZMM17, Register.ZMM17, Register.ZMM17, 0xFF),
+                       Instruction.create_reg_reg_reg(Code.VEX_KXNORQ_KR_KR_KR, Register.K3, Register.K3, Register.K3)]
                       ) if wide else b""
-    body = bytes(ks.asm(f"fninit; mov eax, {rfbm}; xor edx, edx; {form} [rsi]; vpxor ymm1, ymm1, ymm1; "
-                        "vpcmpeqd ymm2, ymm2, ymm2")[0]) + clobber + bytes(ks.asm("xrstor [rsi]")[0])
-    regs = random_regfile(random.Random(f"{form}/{host}"))
+    body = bytes(ks.asm(f"{X87_INITIAL}mov eax, {rfbm}; xor edx, edx; {form} [rsi]; vpxor ymm1, ymm1, ymm1; "
+                        f"vpcmpeqd ymm2, ymm2, ymm2; ldmxcsr [rsi + {MXCSR_CLOBBER}]")[0]) + clobber \
+        + bytes(ks.asm("xrstor [rsi]")[0])
+    rng = random.Random(f"{form}/{host}" + ("/initial" if initial else ""))
+    regs = random_regfile(rng)
     struct.pack_into("<Q", regs, FLAGS_AT, 0x2)
-    cases = [(form, body, {}, bytes(regs), bytes(BUFFER))]
-    guest, native = guest_result(cases, host, wide), native_result(cases, wide)
+    struct.pack_into("<Q", regs, MXCSR_AT, struct.unpack_from("<Q", regs, MXCSR_AT)[0] | 0x8000)
+    if initial:
+        regs[VECTORS:GPRS_AT] = bytes(GPRS_AT - VECTORS)   # vector and opmask registers zero
+    prior = bytearray(rng.randbytes(BUFFER))
+    prior[512:576] = bytes(64)                             # XRSTOR faults on a header with reserved bits set
+    struct.pack_into("<I", prior, MXCSR_CLOBBER, MXCSR_INIT)
+    offsets = [_xsave_offsets(table, rfbm, form == "xsavec") for table in (profile.cpuid, load_profile("native").cpuid)]
+    assert all(at + size <= MXCSR_CLOBBER for where in offsets for at, size in where.values())
+    return (form, body, {}, bytes(regs), bytes(prior)), rfbm, bytes(regs), bytes(prior), offsets, wide
+
+
+def _in_use(regs: bytes, rfbm: int, form: str) -> int:
+    """The components of RFBM the register file puts out of their initial configuration
+    (13.6: XINUSE[i] is 1 for those), and SSE for XSAVEC where MXCSR is not 1F80H."""
+    vectors = [regs[64 * i:64 * i + 64] for i in range(32)]
+    nonzero = lambda parts: any(b"".join(parts))  # noqa: E731
+    held = {1: nonzero(v[:16] for v in vectors[:16]), 2: nonzero(v[16:32] for v in vectors[:16]),
+            5: any(regs[OPMASKS:GPRS_AT]), 6: nonzero(v[32:] for v in vectors[:16]), 7: nonzero(vectors[16:])}
+    mxcsr = struct.unpack_from("<I", regs, MXCSR_AT)[0]
+    held[1] |= form == "xsavec" and mxcsr != MXCSR_INIT
+    return sum(1 << i for i, used in held.items() if used and rfbm >> i & 1)
+
+
+def _xsave_compared(form: str, host: str, initial: bool) -> None:
+    case, rfbm, regs, prior, offsets, wide = _xsave_setup(form, host, initial)
+    guest, native = guest_result([case], host, wide), native_result([case], wide)
     vector = 64 if wide else 32
     assert all(guest[64 * i:64 * i + vector] == native[64 * i:64 * i + vector] == regs[64 * i:64 * i + vector]
                for i in range(32 if wide else 16)), "registers not restored as saved"
     assert not wide or guest[OPMASKS:GPRS_AT] == native[OPMASKS:GPRS_AT] == regs[OPMASKS:GPRS_AT]
-    area, saved = (r[REGFILE:REGFILE + BUFFER] for r in (guest, native))
-    header = struct.unpack_from("<QQ", area, 512)
-    assert header == struct.unpack_from("<QQ", saved, 512)
-    assert header[0] == rfbm & ~1 and header[1] == (1 << 63 | rfbm if form == "xsavec" else 0)  # x87 not in use
-    assert area[24:28] == saved[24:28] and area[160:416] == saved[160:416]   # MXCSR, XMM0-15
-    ours = _xsave_offsets(profile.cpuid, rfbm, form == "xsavec")
-    theirs = _xsave_offsets(load_profile("native").cpuid, rfbm, form == "xsavec")
-    for i, (at, size) in ours.items():
-        assert area[at:at + size] == saved[theirs[i][0]:theirs[i][0] + size], f"component {i} differs"
+    assert guest[MXCSR_AT:MXCSR_AT + 4] == native[MXCSR_AT:MXCSR_AT + 4] == regs[MXCSR_AT:MXCSR_AT + 4], \
+        "MXCSR not restored as saved"
+    images = [r[REGFILE:REGFILE + BUFFER] for r in (guest, native)]
+    found = xsave_violations(form, rfbm, prior, images, offsets, _in_use(regs, rfbm, form),
+                             struct.unpack_from("<I", regs, MXCSR_AT)[0])
+    assert not found, f"{form} on {host}:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("form, host", SAVES, ids=[f"{f}-{h}" for f, h in SAVES])
+def test_the_xsave_family_saves_and_restores_what_the_machine_does(form, host):
+    """x87 in its initial configuration, SSE, AVX (and the opmask and ZMM components on
+    an AVX-512 host) holding random values, saved by FORM into an area of random bytes,
+    the registers and MXCSR clobbered, XRSTOR: the registers and MXCSR come back as
+    loaded, and minivmm's image says what the machine's does of every component, each
+    where the host's CPUID leaf 0xD puts it (the machine's own leaf for its run: AMD and
+    Intel lay AVX-512 state out differently), compared by the SDM's rules
+    (xsave_violations): the components in use must have their XSTATE_BV bits set (Vol. 1,
+    13.6) and the same bytes; x87's bit is the processor's choice (13.6: XINUSE[0] may be
+    1 for x87 in its initial configuration, as a Sapphire Rapids keeps it after FNINIT), and
+    where it is clear XSAVE still writes x87's initial configuration (13.7) while
+    XSAVEOPT and XSAVEC leave the area's bytes (13.9, 13.10). The engine's own XSAVE,
+    XSAVEOPT and XRSTOR would lose YMM's upper halves."""
+    _xsave_compared(form, host, initial=False)
+
+
+@pytest.mark.parametrize("form, host", SAVES, ids=[f"{f}-{h}" for f, h in SAVES])
+def test_the_xsave_family_saves_components_in_their_initial_configuration_as_the_sdm_allows(form, host):
+    """Every component in its initial configuration (x87 after FLDZ and FNINIT; the XMM,
+    YMM, ZMM and opmask registers zero), MXCSR not 1F80H: each XSTATE_BV bit is the
+    processor's choice (SDM Vol. 1, 13.6), except XSAVEC's SSE bit, which MXCSR != 1F80H
+    sets (Vol. 2, XSAVEC, Operation: SSE state is saved, MXCSR with it, if RFBM[1] = 1 and
+    (XINUSE[1] = 1 or MXCSR != 1F80H)); a component with its bit clear is written in its
+    initial configuration by XSAVE (13.7) and not written by XSAVEOPT and XSAVEC (13.9,
+    13.10); the standard forms save MXCSR whatever XINUSE says (13.7, 13.9); XRSTOR
+    brings back the same registers and MXCSR (13.8)."""
+    _xsave_compared(form, host, initial=True)
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["standard", "compacted"])
+def test_xrstor_takes_mxcsr_from_the_area_as_its_form_says(compacted):
+    """XRSTOR (RFBM x87, SSE, AVX) of an area whose XSTATE_BV is clear and whose MXCSR
+    field holds 3F80H: the standard form loads MXCSR from the area whenever RFBM[1] or
+    RFBM[2] is set, the compacted form initializes SSE state, MXCSR 1F80H with it (SDM
+    Vol. 1, 13.8.1, 13.8.2; Vol. 2, XRSTOR, Operation); the XMM registers and YMM's upper
+    halves come out zero either way, as the machine's."""
+    from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+    host, needs = "skylake-client", {"xsave", "xsavec"} if compacted else {"xsave"}
+    if not needs <= machine_features():
+        pytest.skip(f"this machine lacks {', '.join(sorted(needs - machine_features()))}")
+    rng = random.Random(f"xrstor-mxcsr/{compacted}")
+    regs = random_regfile(rng)
+    struct.pack_into("<Q", regs, FLAGS_AT, 0x2)
+    area = bytearray(rng.randbytes(BUFFER))
+    area[512:576] = struct.pack("<QQ", 0, COMPACTED | 0x7 if compacted else 0) + bytes(48)
+    struct.pack_into("<I", area, MXCSR_FIELD[0], 0x3F80)
+    body = bytes(Ks(KS_ARCH_X86, KS_MODE_64).asm("mov eax, 7; xor edx, edx; xrstor [rsi]")[0])
+    case = ("xrstor", body, {}, bytes(regs), bytes(area))
+    guest, native = guest_result([case], host, False), native_result([case], False)
+    assert all(guest[64 * i:64 * i + 32] == native[64 * i:64 * i + 32] == bytes(32) for i in range(16))
+    mxcsr = [struct.unpack_from("<I", r, MXCSR_AT)[0] for r in (guest, native)]
+    assert mxcsr == [MXCSR_INIT if compacted else 0x3F80] * 2, \
+        f"MXCSR: minivmm {mxcsr[0]:#x}, the machine {mxcsr[1]:#x}"
 
 
 def test_negative_control_the_engines_own_xsave_loses_ymm(monkeypatch):
@@ -407,3 +582,41 @@ def test_negative_control_the_engines_own_xsave_loses_ymm(monkeypatch):
     monkeypatch.setattr(isa, "ENGINE_WRONG", {k: v for k, v in isa.ENGINE_WRONG.items() if k not in own})
     with pytest.raises(AssertionError, match="registers not restored"):
         test_the_xsave_family_saves_and_restores_what_the_machine_does("xsave", "haswell")
+
+
+def test_negative_control_the_xsave_comparison_refuses_what_the_sdm_does_not_allow():
+    """The machine's own images of XSAVE and XSAVEOPT (x87 in its initial configuration,
+    SSE and AVX in use), changed as a wrong save would write them and compared with the
+    originals: a clear bit of a component in use, bytes that differ, a clear bit whose
+    XSAVE component is not its initial configuration, a clear bit whose XSAVEOPT
+    component was written, are each refused; x87's bit cleared as the SDM allows is not."""
+    def image(form):
+        case, rfbm, regs, prior, offsets, _ = _xsave_setup(form, "haswell", initial=False)
+        native = native_result([case], False)[REGFILE:REGFILE + BUFFER]
+        check = lambda mine: xsave_violations(form, rfbm, prior, [bytes(mine), native], [offsets[1]] * 2,  # noqa: E731
+                                              _in_use(regs, rfbm, form), struct.unpack_from("<I", regs, MXCSR_AT)[0])
+        return bytearray(native), prior, check
+
+    def changed(area, at, data):
+        area = bytearray(area)
+        area[at:at + len(data)] = data
+        return area
+
+    native, prior, check = image("xsave")
+    xstate_bv = struct.unpack_from("<Q", native, 512)[0]
+    assert xstate_bv & 6 == 6 and not check(native)
+    assert any("clears 0x4" in f for f in check(changed(native, 512, struct.pack("<Q", xstate_bv & ~4))))
+    assert check(changed(native, 200, bytes([native[200] ^ 1]))) == [
+        "component 1 differs (XSTATE_BV[1]: minivmm 1, the machine 1)"]
+    x87_clear = changed(native, 512, struct.pack("<Q", xstate_bv & ~1))
+    assert not check(x87_clear)                                       # x87's bit is the processor's choice
+    assert any("not in its initial configuration" in f for f in check(changed(x87_clear, 0, b"\x7f\x02")))
+    native, prior, check = image("xsaveopt")
+    xstate_bv = struct.unpack_from("<Q", native, 512)[0]
+    x87_clear = changed(native, 512, struct.pack("<Q", xstate_bv & ~1))
+    for start, end in X87_FIELDS:                                     # not written: the area keeps its bytes
+        x87_clear[start:end] = prior[start:end]
+    assert not check(x87_clear)
+    x87_clear[0:2] = b"\x7f\x03"
+    assert check(x87_clear) == [
+        "minivmm: component 0 written though XSTATE_BV[0] = 0 (xsaveopt writes only components whose bit it sets)"]

@@ -10,8 +10,12 @@ on an AVX-512 host the opmask registers (which the native executor holds), ZMM0-
 upper halves and ZMM16-31; an RFBM asking for any other is left to the caller
 (``unsupported``). A component in
 its initial configuration (SDM Vol. 1, 13.6: x87 reset, XMM all zero, YMM's upper
-halves zero) is not in use: XSAVEC neither writes it nor sets its XSTATE_BV bit. The
-compacted offsets and alignments come from the VM's CPUID leaf 0xD.
+halves zero) is not in use: XSAVEC neither writes it nor sets its XSTATE_BV bit. MXCSR
+belongs to SSE: XSAVEC saves it with the XMM registers, and saves those, setting their
+bit, when MXCSR is not 1F80H though they are zero (SDM Vol. 2, XSAVEC, Operation); the
+compacted XRSTOR loads it with them and sets 1F80H where their bit is clear, while the
+standard forms save and load it whenever RFBM asks for SSE or AVX (Vol. 1, 13.7, 13.8).
+The compacted offsets and alignments come from the VM's CPUID leaf 0xD.
 
 VLDMXCSR and VSTMXCSR, the AVX forms of LDMXCSR and STMXCSR, move the same register
 here: a thunk's MXCSR is the context's (exceptions masked while it runs), not the guest's.
@@ -37,6 +41,7 @@ SAVES = {Mnemonic.XSAVE: "xsave", Mnemonic.XSAVE64: "xsave", Mnemonic.XSAVEOPT: 
          Mnemonic.XSAVEOPT64: "xsaveopt", Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec"}
 CARRIED_OUT = frozenset(SAVES) | {Mnemonic.XRSTOR, Mnemonic.XRSTOR64, Mnemonic.VLDMXCSR, Mnemonic.VSTMXCSR}
 X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
+MXCSR_INIT = 0x1F80
 
 
 class XsaveUnit:
@@ -117,11 +122,13 @@ class XsaveUnit:
         size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
         address = self._area(uc, instr, size, True)
         image, extended, in_use = self._state(uc, rfbm)
+        if compacted and struct.unpack_from("<I", image, 24)[0] != MXCSR_INIT:
+            in_use |= 2    # XSAVEC saves SSE, and sets its bit, for an MXCSR not 1F80H
         written = rfbm if form == "xsave" else rfbm & in_use
         legacy = bytearray(self.ram[address:address + xstate.LEGACY])
         if written & 1:    # x87: FCW .. FDP and ST0-7
             legacy[0:24], legacy[32:160] = image[0:24], image[32:160]
-        if rfbm & 6:       # MXCSR goes with SSE or AVX, in use or not
+        if written & 2 if compacted else rfbm & 6:   # MXCSR: with SSE (XSAVEC); with SSE or AVX, in use or not
             legacy[24:32] = image[24:32]
         if written & 2:
             legacy[160:416] = image[160:416]
@@ -165,7 +172,14 @@ class XsaveUnit:
         size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
         check_span(self.memory, self.protection, address, size, False)
         legacy = bytes(self.ram[address:address + xstate.LEGACY])
-        if rfbm & 6 and struct.unpack_from("<I", legacy, 24)[0] & ~MXCSR_MASK:
+        # MXCSR: the compacted form loads it with SSE and initializes it with SSE; the
+        # standard form loads it whenever RFBM asks for SSE or AVX (SDM Vol. 1, 13.8)
+        mxcsr = struct.unpack_from("<I", legacy, 24)[0]
+        if xcomp_bv & COMPACTED:
+            mxcsr = (mxcsr if xstate_bv & 2 else MXCSR_INIT) if rfbm & 2 else None
+        elif not rfbm & 6:
+            mxcsr = None
+        if mxcsr is not None and mxcsr & ~MXCSR_MASK:
             raise Fault(13, 0, detail="XRSTOR of reserved MXCSR bits")
         if rfbm & 1:
             if xstate_bv & 1:
@@ -178,8 +192,8 @@ class XsaveUnit:
                     uc.reg_write(getattr(x86, f"UC_X86_REG_FP{i}"), (0, 0))
         if rfbm & 2:
             xstate.fxrstor_image(uc, legacy if xstate_bv & 2 else bytes(xstate.LEGACY), x87=False, sse=True)
-        if rfbm & 6:
-            uc.reg_write(x86.UC_X86_REG_MXCSR, struct.unpack_from("<I", legacy, 24)[0])
+        if mxcsr is not None:
+            uc.reg_write(x86.UC_X86_REG_MXCSR, mxcsr)
 
         def component(i: int) -> bytes | None:  # None: its initial configuration
             if not (xstate_bv >> i & 1 and present >> i & 1):
