@@ -87,3 +87,14 @@ def test_a_failing_build_keeps_the_previous_image_and_never_overwrites_a_source(
         build_c([good], good)
     done = minivmm_cli("cc", str(tmp_path), "-o", str(tmp_path / "x.elf"))
     assert done.returncode == 2 and "a directory" in done.stderr  # a directory is no source
+
+
+def test_endbr64_is_never_an_audited_use_of_ibt():
+    """ENDBR64 executes as a NOP where CET is absent or off (SDM Vol. 2A, ENDBR64): a
+    program built with -fcf-protection uses no hidden feature by running it. GCC's own
+    detection code, compiled that way, passes the audit on hosts without IBT."""
+    from minivmm.testing import audit_problems
+    guest = str(build_c([runtime_dir() / "builtin_cpu.c"], cflags=["-fcf-protection=full"]))
+    for host in ("penryn", "haswell", "epyc"):
+        result = VM(guest, host).run(timeout=20, audit=True)
+        assert not audit_problems(result), (host, audit_problems(result))

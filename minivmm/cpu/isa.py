@@ -101,10 +101,19 @@ def _needs(code: int, mnemonic: int, iced_features: tuple[int, ...]) -> frozense
 # them as NOPs, which is why compilers emit ENDBR64 unconditionally (Intel SDM Vol. 2A,
 # ENDBR64 and RDSSP: "treated as NOP" when CET is not enabled). MPX's 0F 1A/1B forms
 # need no entry: iced-x86 decodes them as the NOPs they are unless told to decode MPX.
+# CLDEMOTE (0F 1C /0) is a hint in that space too: "treated as a NOP" where the processor
+# does not support it (SDM Vol. 2A, CLDEMOTE).
 _NOP_SPACE = {
     "ibt": {Mnemonic.ENDBR32, Mnemonic.ENDBR64},
     "shstk": {Mnemonic.RDSSPD, Mnemonic.RDSSPQ},
+    "cldemote": {Mnemonic.CLDEMOTE},
 }
+
+
+def hinted(mnemonic: int) -> frozenset[str]:
+    """The features whose absence makes ``mnemonic`` a NOP: executing it uses none of
+    them (an audit never reports it, as a binary built with CET runs everywhere)."""
+    return frozenset(feature for feature, mnemonics in _NOP_SPACE.items() if mnemonic in mnemonics)
 
 
 # Instructions of features the engine executes that it gets wrong, found by comparing
@@ -120,7 +129,7 @@ ENGINE_WRONG = {
 
 def verdict(needs: frozenset[str], mnemonic: int, physical: frozenset[str]) -> Verdict:
     missing = needs - physical
-    if missing and all(mnemonic in _NOP_SPACE.get(feature, ()) for feature in missing):
+    if missing and missing <= hinted(mnemonic):
         return Verdict.RUN  # the engine's models decode these as NOPs too
     if not missing:
         return Verdict.RUN if needs <= engine_capable() and mnemonic not in ENGINE_WRONG else Verdict.UNSUPPORTED

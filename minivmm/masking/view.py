@@ -76,7 +76,11 @@ class GuestCpuidView:
         return cls(host.cpuid, build_mask(host, evc, masks))
 
     def has(self, feature) -> bool:
-        return feature.is_set(self.table.query(feature.leaf, feature.subleaf))
+        """The view shows ``feature``: its bit is set in a leaf the maximum leaf covers.
+        Above it, Intel CPUs answer with the highest basic leaf's data (SDM Vol. 2A,
+        CPUID), which names no feature: Linux and every careful program check the
+        maximum first (arch/x86/kernel/cpu/common.c, get_cpu_cap)."""
+        return self.table.in_range(feature.leaf) and feature.is_set(self.table.query(feature.leaf, feature.subleaf))
 
     def answer(self, leaf: int, subleaf: int, cr4: int) -> Regs:
         """CPUID(leaf, subleaf) for a guest whose CR4 is ``cr4``."""

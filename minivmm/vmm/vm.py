@@ -318,7 +318,7 @@ class VM:
                         action = "gp"  # CPL 0 only, and a Linux program runs at CPL 3 (the engine's CPL is 0)
                     elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
                         action = "privileged"
-                    result = (action, needs - shown if audit else frozenset())
+                    result = (action, needs - shown - isa.hinted(instr.mnemonic) if audit else frozenset())
                 cache[instr.code] = result
             return result
 
@@ -326,9 +326,11 @@ class VM:
 
 
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
-# #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, CLI, STI, IN, OUT).
-IOPL_SENSITIVE = frozenset(getattr(Mnemonic, m) for m in (
-    "CLI", "STI", "IN", "OUT", "INSB", "INSW", "INSD", "OUTSB", "OUTSW", "OUTSD"))
+# #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, CLI, STI, IN,
+# OUT). (INS and OUTS too; their opcodes are ASCII letters, common in any code, and
+# no program uses them: they are not planted.)
+IOPL_SENSITIVE = frozenset((Mnemonic.CLI, Mnemonic.STI, Mnemonic.IN, Mnemonic.OUT))
+PORT_IO = IOPL_SENSITIVE - {Mnemonic.CLI, Mnemonic.STI}   # the engine checks no I/O permission at any CPL
 
 
 class _Engine:

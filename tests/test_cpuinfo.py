@@ -1,0 +1,36 @@
+"""/proc/cpuinfo as the kernel builds it: a flag only from a leaf the maximum leaf covers."""
+
+from importlib import resources
+
+import pytest
+
+from minivmm.cpu.features import catalogue
+from minivmm.cpu.profiles import builtin_profiles, load_profile
+from minivmm.linux.cpuinfo import cpuinfo
+from minivmm.masking.view import GuestCpuidView
+
+DUMPS = sorted(p.name[len("x86_64-cpuid-"):-len(".xml")]
+               for p in resources.files("minivmm").joinpath("data", "cpuid-dumps").iterdir() if p.name.endswith(".xml"))
+
+
+def _flags(host) -> list[str]:
+    text = cpuinfo(host, GuestCpuidView.for_host(host, None, ()))
+    return next(line for line in text.splitlines() if line.startswith("flags")).split(": ", 1)[1].split()
+
+
+@pytest.mark.parametrize("name", [p.name for p in builtin_profiles()] + [f"dump:{d}" for d in DUMPS])
+def test_no_flag_comes_from_a_leaf_above_the_maximum(name):
+    """Above the maximum basic leaf Intel CPUs return the highest basic leaf's data (SDM
+    Vol. 2A, CPUID); the kernel reads a leaf only when the maximum covers it
+    (arch/x86/kernel/cpu/common.c, get_cpu_cap)."""
+    host = load_profile(name)
+    by_name = {f.name: f for f in catalogue()}
+    beyond = [flag for flag in _flags(host) if flag in by_name and not host.cpuid.in_range(by_name[flag].leaf)]
+    assert not beyond, f"{name} lists {beyond}"
+
+
+def test_penryn_lists_neither_xsavec_nor_sgx():
+    """Penryn's maximum basic leaf is 0xA: leaves 0xD and 0x12 were read as leaf 0xA's
+    data (the fault this guards against; a program trusting cpuinfo then ran XSAVEC)."""
+    flags = _flags(load_profile("penryn"))
+    assert "sse4_1" in flags and not {"xsavec", "sgx2", "xgetbv1"} & set(flags)
