@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from . import digits
 from .cpu import profiles as profiles_mod
 from .errors import MinivmmError
 from .files import check_output, write_atomically
@@ -20,7 +21,7 @@ from .masking.view import GuestCpuidView
 from .vmm import snapshot as snapshot_mod
 from .vmm.migration import MAX_COUNT, POLICIES, MigrationRequest, PreCopy
 from .vmm.accelerated import ACCELERATORS
-from .vmm.vm import MAX_TIMEOUT, VM, boot_cr4, check_budgets, parse_size
+from .vmm.vm import MAX_TIMEOUT, VM, boot_cr4, check_budgets
 
 
 class OneLineErrors(click.Group):
@@ -57,15 +58,29 @@ class Seconds(click.ParamType):
     name = "seconds"
 
     def convert(self, value, param, ctx):
+        seconds = digits.real(value) if isinstance(value, str) else value
         try:
-            check_budgets(None, float(value))
-        except (ValueError, MinivmmError):
+            check_budgets(None, seconds)
+        except MinivmmError:
+            seconds = None
+        if seconds is None:
             self.fail(f"{value!r} is not a number of seconds above 0 and at most {MAX_TIMEOUT:g}", param, ctx)
-        return float(value)
+        return float(seconds)
+
+
+class Whole(click.IntRange):
+    """click's IntRange over ASCII digits only: click reads numbers with int(), which
+    takes '１６' and '١٦' too."""
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and digits.integer(value) is None:
+            self.fail(f"{value!r} is not a whole number in ASCII digits", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 SECONDS = Seconds()
-INSTRUCTIONS = click.IntRange(1, MAX_COUNT)
+INSTRUCTIONS = Whole(1, MAX_COUNT)
 MAX_JOBS = 4 * (os.cpu_count() or 1)   # emulation is CPU-bound: more workers than this only queue
 
 
@@ -124,7 +139,7 @@ def cli():
                    "or the GNU/Linux OS ABI).")
 @click.option("--env", multiple=True, metavar="K=V", help="A Linux program's environment (repeatable; "
               "default: PATH, HOME, LANG, TERM).")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+@click.option("--seed", type=Whole(0, 2**64 - 1), default=0, show_default=True,
               help="Seed of a Linux program's AT_RANDOM bytes, getrandom and /dev/urandom.")
 @click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
               help="Show a file or directory of this machine to a Linux program, read-only, at GUEST "
@@ -184,7 +199,7 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
     for item in env:
         if "=" not in item:
             raise MinivmmError(f"--env {item!r}: expected NAME=VALUE")
-    vm = VM(guest, host, memory=parse_size(memory) if memory else None, evc=evc, masks=cpuid_mask, policy=policy,
+    vm = VM(guest, host, memory=memory, evc=evc, masks=cpuid_mask, policy=policy,
             linux=linux, argv=args, env=list(env) if env else None, seed=seed, mounts=mount, realtime=realtime,
             stdin=_stdin_fd(), terminal=sys.stdout.isatty() and not as_json, accel=accel)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
@@ -465,7 +480,7 @@ def mask_lint(spec, host, as_json):
     Example:
       minivmm mask lint -avx,+avx2 --host haswell
     """
-    problems = lint_mod.lint(parse_mask(spec), profiles_mod.load_profile(host) if host else None)
+    problems = lint_mod.lint(parse_mask(spec), profiles_mod.load_profile(host) if host is not None else None)
     if as_json:
         emit_json({"mask": spec, "problems": problems})
     else:
@@ -522,22 +537,28 @@ def mask_explain(specs, host, evc, as_json):
 @cli.command()
 @click.argument("snapshot_file", metavar="SNAPSHOT")
 @click.option("--host", metavar="PROFILE", help="The host to resume on (default: the one it was saved on).")
+@click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
+              help="What a Linux program sees of this machine, read-only, as for run (repeatable): the "
+                   "snapshot's mounts and open files must be among them.")
 @click.option("--force", is_flag=True, help="Resume even if the host lacks features of the VM's CPUID view.")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN", help="Live-migrate later (repeatable).")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N", help="Instruction budget.")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS", help="Time budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def resume(snapshot_file, host, force, migrate, audit, max_insns, timeout, as_json):
+def resume(snapshot_file, host, mount, force, migrate, audit, max_insns, timeout, as_json):
     """Resume the VM saved in SNAPSHOT on HOST, as it was (its CPUID view included).
+    A Linux program sees only what --mount grants, and the snapshot is refused, naming
+    the --mount it lacks, when its mounts or open files are not all granted.
 
     \b
     Examples:
       minivmm run dispatch_cpuid --host penryn --snapshot-at checkpoint:1 --snapshot-file vm.snap
       minivmm resume vm.snap --host nehalem
       minivmm resume vm.snap                 # on the host it was saved on
+      minivmm resume prog.snap --mount /data:/in
     """
-    vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force)
+    vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force, mounts=mount)
     _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m) for m in migrate])
 
@@ -607,18 +628,18 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
       minivmm compare detect_both --hosts all --html matrix.html
     """
     from .teaching.compare import compare as run_comparison
-    if html_file:
+    if html_file is not None:
         check_output(html_file, "--html file", guests)
     comparison = run_comparison(guests, profiles_mod.host_names(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
                                 timeout=timeout, force=force)
-    if html_file:
+    if html_file is not None:
         from .teaching.html import comparison_page
         write_atomically(html_file, comparison_page(comparison), "HTML page")
     if as_json:
         emit_json(comparison.to_dict())
         return
     _print_comparison(comparison)
-    if html_file:
+    if html_file is not None:
         click.echo(f"minivmm: wrote {html_file}", err=True)
 
 
@@ -768,8 +789,8 @@ def demo(name, pace, as_json):
               help="An argument of every Linux program (repeatable, in order).")
 @click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
               help="What every Linux program sees of this machine, read-only (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --at random.")
-@click.option("--jobs", "-j", type=click.IntRange(1, MAX_JOBS), metavar="N",
+@click.option("--seed", type=Whole(), default=0, show_default=True, help="Seed of --at random.")
+@click.option("--jobs", "-j", type=Whole(1, MAX_JOBS), metavar="N",
               help=f"Worker processes (default: one per core; at most {MAX_JOBS}, four per core).")
 @click.option("--timeout", type=SECONDS, default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each cell.")
@@ -795,7 +816,7 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, jobs,
     """
     from .testing import matrix as matrix_mod
     for path, what in ((junit_file, "--junit file"), (report_file, "--report file")):
-        if path:
+        if path is not None:
             check_output(path, what, guests)
     if junit_file and report_file and os.path.abspath(junit_file) == os.path.abspath(report_file):
         raise MinivmmError(f"--junit and --report both name {junit_file}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import MinivmmError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CHUNK = 1 * MiB                 # what a file that grows while it is read is read by
 
 
 def _describe(mode: int) -> str:
@@ -45,12 +46,29 @@ def read_bytes(path: str | os.PathLike, what: str, limit: int) -> bytes:
         raise MinivmmError(f"{what} {path} is {info.st_size} bytes, more than the limit of {_size(limit)}")
     with os.fdopen(fd, "rb") as f:
         try:
-            data = f.read(limit + 1)
+            data = _read_up_to(f, info.st_size, limit + 1)
         except OSError as e:
             raise MinivmmError(f"cannot read {what} {path}: {e.strerror}") from None
+        except MemoryError:
+            raise MinivmmError(f"cannot read {what} {path}: its {info.st_size} bytes do not fit in memory") from None
     if len(data) > limit:  # it grew while we read
         raise MinivmmError(f"{what} {path} is more than the limit of {_size(limit)}")
     return data
+
+
+def _read_up_to(f, size: int, most: int) -> bytes:
+    """At most ``most`` bytes of ``f``: one read of its ``size`` (fstat's) and a byte more,
+    then chunks only if it grew meanwhile. A read of ``most`` at once would allocate
+    ``most`` (gigabytes for a snapshot's limit) whatever the file holds."""
+    parts, got, step = [], 0, min(size + 1, most)
+    while got < most:
+        part = f.read(min(step, most - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+        step = CHUNK
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def read_text(path: str | os.PathLike, what: str, limit: int) -> str:

@@ -20,7 +20,7 @@ import zstandard
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from minivmm.cpu.table import CpuidTable
+from minivmm.cpu.table import MAX_ENTRIES, CpuidTable
 from minivmm.errors import MinivmmError
 from minivmm.guests import assembler
 from minivmm.guests.loader import load_elf, load_guest
@@ -28,6 +28,7 @@ from minivmm.masking.formats import parse_mask
 from minivmm.masking.view import GuestCpuidView
 from minivmm.testing import strategies as mst
 from minivmm.vmm import snapshot as snapshot_mod
+from minivmm.vmm.exits.io import CONSOLE_KEPT
 from minivmm.vmm.vm import VM
 
 from conftest import FUZZ_OUTCOMES as OUTCOMES
@@ -145,6 +146,9 @@ def snapshot_parts(tmp_path_factory):
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
                     max_leaves=8)
+# One past a bound of the format: refused before anything big is built.
+PAST_BOUNDS = st.sampled_from([["penryn"] * (snapshot_mod.MAX_HOSTS + 1), "g" * (snapshot_mod.MAX_NAME + 1),
+                               [[0] * 6] * (MAX_ENTRIES + 1), [[]] * 100_000, list(range(200_000))])
 
 
 def _pack(sections):
@@ -163,16 +167,19 @@ def test_fuzz_snapshots(snapshot_parts, data):
     for part in (meta, regs, cpuid):
         for _ in range(data.draw(st.sampled_from([0, 0, 1, 3]))):
             key = data.draw(st.sampled_from(sorted(part)) | st.text(max_size=6))
-            part[key] = data.draw(JSON)
+            part[key] = data.draw(JSON | PAST_BOUNDS)
     memory_size = data.draw(st.sampled_from([ram, ram, 4096, 1 << 30, 0]))
     memory = data.draw(st.sampled_from([None, None, b"", b"\1" * 4096]))  # None: zeros of the declared size
     memory = bytes(min(memory_size, 64 << 20)) if memory is None else memory
     compression = data.draw(st.sampled_from([0, 1, 1, 2]))
     stored = zstandard.ZstdCompressor(write_content_size=data.draw(st.booleans())).compress(memory) \
         if compression == 1 else memory
+    console = data.draw(st.sampled_from([b"", b"", bytes(CONSOLE_KEPT + 1)]))
     sections = [("meta", 0, json.dumps(meta).encode(), None), ("regs", 0, json.dumps(regs).encode(), None),
-                ("cpuid", 0, json.dumps(cpuid).encode(), None), ("console", 0, b"", None),
+                ("cpuid", 0, json.dumps(cpuid).encode(), None), ("console", 0, console, None),
                 ("memory", compression, stored, memory_size)]
+    if data.draw(st.booleans()):  # a Linux program's state, of any shape
+        sections.append(("process", 0, json.dumps(data.draw(JSON | PAST_BOUNDS)).encode(), None))
     sections = [(n, c, s, len(s) if length is None else length) for n, c, s, length in sections]
     if data.draw(st.booleans()):
         sections = data.draw(st.permutations(sections))[:data.draw(st.integers(3, 5))]

@@ -7,7 +7,8 @@ import minivmm
 
 ROOT = Path(minivmm.__file__).parent
 # Each subpackage may import only the ones before it (errors is everyone's).
-LAYERS = ["errors", "files", "cpu", "guests", "masking", "linux", "accel", "vmm", "teaching", "testing", "cli"]
+LAYERS = ["errors", "digits", "files", "cpu", "guests", "masking", "linux", "accel", "vmm", "teaching", "testing",
+          "cli"]
 
 
 def _modules() -> dict[str, Path]:

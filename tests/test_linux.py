@@ -186,7 +186,8 @@ def test_a_snapshot_mid_loop_resumes_in_another_process_to_the_same_end(rounds, 
     saved = minivmm_cli("run", rounds, "--json", "--snapshot-at", f"syscall:{point}", "--snapshot-file", str(snap),
                         *args)
     assert json.loads(saved.stdout)["snapshots"][0]["when"] == f"syscall:{point}"
-    resumed = minivmm_cli("resume", str(snap), "--json", *(("--host", resume_on) if resume_on else ()))
+    resumed = minivmm_cli("resume", str(snap), "--json", "--mount", f"{tmp_path}:/in",
+                          *(("--host", resume_on) if resume_on else ()))
     report = json.loads(resumed.stdout)
     assert resumed.returncode == alone["stop"]["status"] == report["stop"]["status"], resumed.stderr
     assert report["console"] == alone["console"] and report["console"].count("round") == 8
@@ -203,10 +204,10 @@ def test_a_resume_refuses_a_file_that_changed_or_a_mount_that_is_gone(rounds, tm
     VM(rounds, "nehalem", mounts=[f"{data.parent}:/in"], argv=["/in/data.txt"]).run(
         snapshot_at="syscall:22", snapshot_file=str(snap), timeout=60)
     data.write_text("y" * 201)
-    done = minivmm_cli("resume", str(snap))
+    done = minivmm_cli("resume", str(snap), "--mount", f"{data.parent}:/in")
     assert one_line_error(done) and "/in/data.txt (fd 3) changed since the snapshot was taken" in done.stderr
     shutil.rmtree(data.parent)
-    done = minivmm_cli("resume", str(snap))
+    done = minivmm_cli("resume", str(snap), "--mount", f"{data.parent}:/in")
     assert one_line_error(done) and "does not exist on this machine" in done.stderr
 
 

@@ -28,6 +28,7 @@ INDEXED_LEAVES = frozenset({
 TOPOLOGY_LEAVES = frozenset({0xB, 0x1F, 0x80000026})
 
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "hygon"}
+MAX_ENTRIES = 4096  # (leaf, subleaf) pairs in a table: real CPUs have fewer than a hundred (86 in data/)
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,16 @@ class CpuidTable(Mapping):
     """An immutable CPUID dump with the lookup rules of the CPU that produced it."""
 
     def __init__(self, entries: Mapping[tuple[int, int], Regs], origin: str = ""):
+        where = origin or "CPUID table"
+        if len(entries) > MAX_ENTRIES:
+            raise MinivmmError(f"{where}: {len(entries)} (leaf, subleaf) entries, more than {MAX_ENTRIES}")
+        wide = next((key for key in entries if max(key) > 0xFFFFFFFF), None)
+        if wide:
+            raise MinivmmError(f"{where}: leaf {wide[0]:#x} subleaf {wide[1]:#x}: EAX and ECX are 32 bits")
         self._entries = {k: tuple(v) for k, v in sorted(entries.items())}
         self.origin = origin
         if (0, 0) not in self._entries:
-            raise MinivmmError(f"{origin or 'CPUID table'}: no leaf 0 (vendor and maximum leaf)")
+            raise MinivmmError(f"{where}: no leaf 0 (vendor and maximum leaf)")
 
     # Mapping protocol: the raw entries, exactly as dumped.
     def __getitem__(self, key):

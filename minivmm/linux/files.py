@@ -100,6 +100,19 @@ class OpenFile:
         return {"path": self.path, "flags": self.flags, "offset": self.offset}
 
 
+IDENTITY = ("size", "mtime_ns", "ino", "ctime_ns")
+
+
+def identity(s: os.stat_result) -> dict:
+    """What makes a file of the machine the same file later. Its inode and change time:
+    the kernel sets st_ctime on every change of content, size or times, and no user can
+    set it back (utimensat sets atime and mtime only), so a file rewritten with its size
+    and mtime restored still differs. Comparing content instead would read every open
+    file whole at each snapshot and resume (libraries, large data files); the price of
+    ctime is refusing a file that was only chmod-ed, or copied back byte for byte."""
+    return dict(zip(IDENTITY, (s.st_size, s.st_mtime_ns, s.st_ino, s.st_ctime_ns)))
+
+
 class HostFile(OpenFile):
     """A regular file of the machine, read where it lies (never copied whole)."""
 
@@ -110,7 +123,7 @@ class HostFile(OpenFile):
         if not st.S_ISREG(now.st_mode):  # replaced since it was looked up
             os.close(self.fd)
             raise SyscallError(EINVAL)
-        self.identity = (now.st_size, now.st_mtime_ns)
+        self.identity = identity(now)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -129,7 +142,7 @@ class HostFile(OpenFile):
         os.close(self.fd)
 
     def state(self) -> dict:
-        return {**super().state(), "host": self.node.host, "size": self.identity[0], "mtime_ns": self.identity[1]}
+        return {**super().state(), "host": self.node.host, **self.identity}
 
 
 class MemoryFile(OpenFile):

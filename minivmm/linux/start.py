@@ -25,7 +25,7 @@ from .process import (AT_BASE, AT_CLKTCK, AT_EGID, AT_ENTRY, AT_EUID, AT_FLAGS, 
                       STACK_SIZE, USER_CS, USER_DS, Process, build_stack, hwcap, hwcap2, min_sigstack)
 from .proc import own_trees
 from .signals import xsave_layout
-from .vfs import FileSystem, HostNode, Mount, is_dir
+from .vfs import MAX_MOUNTS, FileSystem, HostNode, Mount, is_dir
 
 GDT_BASE = 0x1000
 # null, kernel code 0x08, kernel data 0x10, (0x18 unused), user32 code 0x23, user data 0x2b,
@@ -36,6 +36,7 @@ EFER_SCE = 1
 CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE, CR4_OSXSAVE = 1 << 9, 1 << 10, 1 << 16, 1 << 18
 XCR0_X87_SSE, XCR0_AVX, XCR0_AVX512 = 0x3, 0x4, 0xE0
 FCW_INIT, MXCSR_INIT = 0x37F, 0x1F80   # arch/x86/kernel/fpu/init.c: every exception masked
+ARG_ROOM = STACK_SIZE // 4             # bytes of argv and envp strings and pointers (fs/exec.c)
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,19 @@ class Options:
 
     @classmethod
     def make(cls, argv=(), env=None, seed=0, mounts=(), stdin=None, realtime=False, terminal=False) -> Options:
+        if len(mounts) > MAX_MOUNTS:
+            raise MinivmmError(f"{len(mounts)} mounts: at most {MAX_MOUNTS}")
         return cls(tuple(str(a) for a in argv), None if env is None else tuple(env), seed,
                    tuple(m if isinstance(m, Mount) else Mount.parse(m) for m in mounts), stdin, realtime, terminal)
+
+
+def check_arguments(program: str, strings: list[str]) -> None:
+    """Arguments and environment, with a pointer to each, fit in a quarter of the stack
+    (fs/exec.c: past it execve fails with E2BIG)."""
+    size = sum(len(s.encode("utf-8", "surrogateescape")) + 1 + 8 for s in strings)
+    if size > ARG_ROOM:
+        raise MinivmmError(f"{program}: its arguments and environment take {size} bytes, more than a quarter "
+                           f"of the {STACK_SIZE >> 20} MiB stack (Linux's E2BIG)")
 
 
 def linux_cr4(view) -> int:
@@ -166,6 +178,7 @@ def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Pro
             (AT_GID, 1000), (AT_EGID, 1000), (AT_HWCAP, hwcap(view)), (AT_HWCAP2, hwcap2(view)),
             (AT_CLKTCK, 100), (AT_SECURE, 0), (AT_MINSIGSTKSZ, min_sigstack(view))]
     env = list(options.env if options.env is not None else DEFAULT_ENV)
+    check_arguments(image.name, [info["execfn"], *options.argv, *env])
     rsp = build_stack(process, stack_top, [info["execfn"], *options.argv], env, auxv, options.seed, info["execfn"])
     for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
         uc.reg_write(reg, USER_DS)

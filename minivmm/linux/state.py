@@ -2,27 +2,53 @@
 before anything is used): the address space, the descriptors (files by path, offsets,
 and what each file was, so that a resume re-opens them and refuses a file that
 changed), signal dispositions, the mask and alternate stack, the clock, the random
-generator, the system-call statistics, the mounts."""
+generator, the system-call statistics, the mounts. A resume gets only the mounts it
+grants (:func:`check_grants`)."""
 
 from __future__ import annotations
 
 import base64
-import os
+import re
 from collections import Counter
 
+from .. import digits
 from ..errors import MinivmmError
+from .calls import TABLE
+from .calls.files import open_node
 from .cpuinfo import cpuinfo
 from .errno import SyscallError
-from .files import Device, Directory, HostFile, MemoryFile, OpenFile
-from .kernel import Kernel
-from .memory import AddressSpace
+from .files import IDENTITY, MAX_FDS, O_NOFOLLOW, MemoryFile, OpenFile
+from .kernel import STDERR_KEPT, UNKNOWN_KEPT, Kernel
+from .memory import PAGE, AddressSpace
 from .proc import own_trees
 from .process import SAMPLE, Process
 from .signals import Action, xsave_layout
-from .vfs import FileSystem, Mount
+from .start import ARG_ROOM
+from .vfs import MAX_MOUNTS, PATH_MAX, FileSystem, Mount
 
-FORMAT = 1
+FORMAT = 2                # 2: a file of the machine is known by its inode and change time too
 STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+KINDS = ("HostFile", "MemoryFile", "Directory", "Device", "Stream", "OpenFile")  # the classes of files.py
+NAMES = frozenset(name for name, _ in TABLE.values())   # the system calls counted by name
+NSIG = 64
+
+# Each list and string is bounded by what minivmm makes: paths by PATH_MAX (vfs keeps
+# every path below it), descriptors by MAX_FDS, mounts by MAX_MOUNTS, argv by ARG_ROOM
+# (execve's quarter of the stack), stderr by STDERR_KEPT, the statistics by UNKNOWN_KEPT
+# numbers and SAMPLE calls, and:
+MAX_STATE = 64 << 20      # the whole state: stderr's 16 MiB take 22 MB of base64, the rest far less
+MAX_MAPS = 65530          # mappings: Linux's vm.max_map_count (DEFAULT_MAX_MAP_COUNT)
+MAX_AUXV = PAGE           # the auxiliary vector: build_stack writes 20 pairs, 320 bytes
+# The lists and objects, and their elements, that a state within those bounds holds:
+# snapshot.py counts them before json.loads builds any (a few bytes such as "[]," make
+# a hundred bytes of Python objects, so the section's size alone bounds too little).
+# Elements: an argument per 9 bytes of ARG_ROOM, 7 per mapping, 16 per descriptor (its
+# fields, its cloexec), 3 per mount, 5 per signal, the generator's 625 words, the
+# statistics, and the state's own fields.
+JSON_CONTAINERS = 16 + MAX_FDS + MAX_MAPS + MAX_MOUNTS + NSIG
+JSON_VALUES = (64 + ARG_ROOM // 9 + 7 * MAX_MAPS + 16 * MAX_FDS + 3 * MAX_MOUNTS + 5 * NSIG + 625 + SAMPLE
+               + len(NAMES) + UNKNOWN_KEPT)
+BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 def _b64(data: bytes) -> str:
@@ -63,6 +89,21 @@ def _int(value, lo=0, hi=(1 << 64) - 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
+def _path(value) -> bool:
+    return isinstance(value, str) and len(value) < PATH_MAX
+
+
+def _is_b64(value, size: int) -> bool:
+    """Base64 of at most ``size`` bytes (it decodes)."""
+    return (isinstance(value, str) and len(value) <= 4 * -(-size // 3) and len(value) % 4 == 0
+            and BASE64.fullmatch(value) is not None)
+
+
+def _numbered(table: dict, lo: int, hi: int) -> bool:
+    """An object keyed by numbers from ``lo`` to ``hi``, each written one way."""
+    return all(digits.canonical(key) is not None and lo <= int(key) <= hi for key in table)
+
+
 def validate(state, memory: int) -> None:
     """Raise ValueError naming the first field that is not what this format holds."""
     def need(ok, what):
@@ -72,40 +113,35 @@ def validate(state, memory: int) -> None:
     for key in ("brk_start", "brk", "mmap_top", "stack_bottom"):
         need(_int(state.get(key), 0, memory), f"{key} is not an address in the guest's RAM")
     need(_int(state.get("tid"), 1, 1 << 22) and _int(state.get("umask"), 0, 0o777), "tid or umask is out of range")
-    need(isinstance(state.get("argv"), list) and len(state["argv"]) < 4096
-         and all(isinstance(a, str) for a in state["argv"]), "argv is not a list of strings")
-    for key in ("exe", "cwd", "auxv", "stderr"):
-        need(isinstance(state.get(key), str) and len(state[key]) < 64 << 20, f"{key} is not a string")
+    argv = state.get("argv")
+    need(isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+         and sum(len(a) + 9 for a in argv) <= ARG_ROOM, f"argv is not a list of strings within {ARG_ROOM} bytes")
+    for key in ("exe", "cwd"):
+        need(_path(state.get(key)), f"{key} is not a path shorter than {PATH_MAX}")
+    need(_is_b64(state.get("auxv"), MAX_AUXV), f"auxv is not base64 of at most {MAX_AUXV} bytes")
+    need(_is_b64(state.get("stderr"), STDERR_KEPT), f"stderr is not base64 of at most {STDERR_KEPT} bytes")
     maps = state.get("maps")
-    need(isinstance(maps, list) and len(maps) < 1 << 16 and all(
+    need(isinstance(maps, list) and len(maps) <= MAX_MAPS and all(
         isinstance(m, list) and len(m) == 6 and _int(m[0], 0, memory) and _int(m[1], 0, memory) and m[0] < m[1]
-        and _int(m[2], 0, 7) and isinstance(m[3], str) and _int(m[4]) and isinstance(m[5], bool) for m in maps),
-        "maps is not a list of [start, end, prot, name, offset, shared]")
+        and _int(m[2], 0, 7) and _path(m[3]) and _int(m[4]) and isinstance(m[5], bool) for m in maps),
+        f"maps is not a list of at most {MAX_MAPS} [start, end, prot, name, offset, shared]")
     files = state.get("files")
-    need(isinstance(files, dict) and len(files) <= 1024, "files is not a table of descriptors")
-    for fd, record in files.items():
-        need(fd.isdigit() and int(fd) < 1024 and isinstance(record, dict), f"descriptor {fd[:8]!r} is malformed")
-        if "same_as" in record:
-            need(_int(record["same_as"], 0, 1023) and str(record["same_as"]) in files and
-                 "same_as" not in files[str(record["same_as"])], f"descriptor {fd} shares a missing one")
-            continue
-        need(record.get("kind") in ("HostFile", "MemoryFile", "Directory", "Device", "Stream", "OpenFile")
-             and isinstance(record.get("path"), str) and _int(record.get("flags"), 0, 1 << 32)
-             and _int(record.get("offset"), 0, 1 << 63), f"descriptor {fd} is malformed")
-        if record["kind"] == "HostFile":
-            need(isinstance(record.get("host"), str) and _int(record.get("size")) and _int(record.get("mtime_ns")),
-                 f"descriptor {fd} does not say which file it was")
-    need(isinstance(state.get("cloexec"), list) and all(_int(fd, 0, 1023) for fd in state["cloexec"]),
-         "cloexec is not a list of descriptors")
-    need(isinstance(state.get("mounts"), list) and all(
-        isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in state["mounts"]),
-        "mounts is not a list of [host, guest]")
+    _validate_files(files, need)
+    cloexec = state.get("cloexec")
+    need(isinstance(cloexec, list) and len(cloexec) <= MAX_FDS
+         and all(_int(fd, 0, MAX_FDS - 1) and str(fd) in files for fd in cloexec),
+         "cloexec is not a list of open descriptors")
+    mounts = state.get("mounts")
+    need(isinstance(mounts, list) and len(mounts) <= MAX_MOUNTS and all(
+        isinstance(m, list) and len(m) == 2 and all(_path(x) and x.startswith("/") for x in m) for m in mounts),
+        f"mounts is not a list of at most {MAX_MOUNTS} [host, guest]")
     signals = state.get("signals")
-    need(isinstance(signals, dict) and isinstance(signals.get("actions"), dict) and all(
-        n.isdigit() and 1 <= int(n) <= 64 and isinstance(a, list) and len(a) == 4 and all(_int(x) for x in a)
-        for n, a in signals["actions"].items()) and _int(signals.get("blocked"))
-        and isinstance(signals.get("altstack"), list) and len(signals["altstack"]) == 3
-        and all(_int(x, -(1 << 31)) for x in signals["altstack"]), "signals are malformed")
+    need(isinstance(signals, dict) and isinstance(signals.get("actions"), dict)
+         and _numbered(signals["actions"], 1, NSIG) and all(
+             isinstance(a, list) and len(a) == 4 and all(_int(x) for x in a) for a in signals["actions"].values())
+         and _int(signals.get("blocked")) and isinstance(signals.get("altstack"), list)
+         and len(signals["altstack"]) == 3 and all(_int(x, -(1 << 31)) for x in signals["altstack"]),
+         "signals are malformed")
     clock = state.get("clock")
     need(isinstance(clock, dict) and _int(clock.get("calls")) and _int(clock.get("slept_ns"))
          and isinstance(clock.get("realtime"), bool), "clock is malformed")
@@ -114,71 +150,108 @@ def validate(state, memory: int) -> None:
          "random is not the generator's state")
     stats = state.get("stats")
     need(isinstance(stats, dict) and isinstance(stats.get("counts"), dict)
-         and all(isinstance(k, str) and _int(v) for k, v in stats["counts"].items())
-         and isinstance(stats.get("unknown"), dict) and len(stats["unknown"]) <= 1000
-         and all(k.isdigit() and _int(v) for k, v in stats["unknown"].items())
+         and all(k in NAMES and _int(v) for k, v in stats["counts"].items())
+         and isinstance(stats.get("unknown"), dict) and len(stats["unknown"]) <= UNKNOWN_KEPT
+         and _numbered(stats["unknown"], 0, (1 << 64) - 1) and all(_int(v) for v in stats["unknown"].values())
          and _int(stats.get("unknown_others")) and isinstance(stats.get("sample"), list)
-         and len(stats["sample"]) <= SAMPLE and all(isinstance(x, (str, int)) for x in stats["sample"])
+         and len(stats["sample"]) <= SAMPLE and all(x in NAMES if isinstance(x, str) else _int(x)
+                                                    for x in stats["sample"])
          and _int(state.get("stderr_left_out")), "stats are malformed")
+
+
+def _validate_files(files, need) -> None:
+    need(isinstance(files, dict) and len(files) <= MAX_FDS and _numbered(files, 0, MAX_FDS - 1),
+         f"files is not a table of at most {MAX_FDS} descriptors")
+    for fd, record in files.items():
+        need(isinstance(record, dict), f"descriptor {fd} is malformed")
+        if "same_as" in record:
+            need(_int(record["same_as"], 0, MAX_FDS - 1) and str(record["same_as"]) in files and
+                 "same_as" not in files[str(record["same_as"])], f"descriptor {fd} shares a missing one")
+            continue
+        kind = record.get("kind")
+        named = repr(kind[:20]) if isinstance(kind, str) else "(not a name)"
+        need(kind in KINDS, f"descriptor {fd} is of kind {named}, not one of {', '.join(KINDS)}")
+        need(_path(record.get("path")) and _int(record.get("flags"), 0, 1 << 32)
+             and _int(record.get("offset"), 0, 1 << 63), f"descriptor {fd} is malformed")
+        if kind == "HostFile":
+            need(_path(record.get("host")) and all(_int(record.get(k)) for k in IDENTITY),
+                 f"descriptor {fd} does not say which file it was")
+        elif kind == "MemoryFile":
+            need(_is_b64(record.get("data"), MAX_STATE), f"descriptor {fd} lacks its contents")
+        elif kind == "Stream":
+            need(record["path"] in STREAMS, f"descriptor {fd} is not a standard stream")
+
+
+# ---- what it needs of the machine ----------------------------------------------------------
+
+def check_grants(state: dict, granted, origin: str) -> None:
+    """Refuse, naming the --mount it lacks, a process whose mounts and open files the
+    ``granted`` mounts do not show where it had them: a snapshot gets nothing of the
+    machine that the person resuming it did not grant."""
+    for mount, why in _needs(state):
+        if not any(grant.host_path(mount.guest) == mount.host for grant in granted):
+            raise MinivmmError(f"{origin} needs --mount {mount} ({why})")
+
+
+def _needs(state: dict) -> list[tuple[Mount, str]]:
+    """The mount of each open file of the machine (the line then names the file), and
+    every mount the program had."""
+    mounts = sorted((Mount(host, guest) for host, guest in state["mounts"]), key=lambda m: -len(m.guest))
+    out = []
+    for record in state["files"].values():
+        if record.get("kind") == "HostFile":
+            path = record["path"]
+            under = next((m for m in mounts if m.host_path(path) is not None), Mount(record["host"], path))
+            out.append((under, f"its open file {path}"))
+    return out + [(m, f"its mount at {m.guest}") for m in mounts]
 
 
 # ---- restoring -----------------------------------------------------------------------------
 
-def _reopen(kernel: Kernel, fd: int, record: dict) -> OpenFile:
-    """One open file description, as it was: a file of the machine must be the same file."""
-    path, flags, kind = record["path"], record["flags"], record["kind"]
+def _reopen(kernel: Kernel, fd: int, record: dict, origin: str) -> OpenFile:
+    """One open file description, as it was: opened as the program would open it now,
+    it must be the same kind of file, and a file of the machine the same file."""
+    path, kind = record["path"], record["kind"]
     if kind == "Stream":
-        return kernel.fds.table[STREAMS.get(path, 0)]
+        return kernel.fds.table[STREAMS[path]]
+    where = f"{origin}: its open file {path} (fd {fd})"
     try:
-        resolved, node = kernel.fs.resolve(path)
+        follow = not record["flags"] & O_NOFOLLOW
+        entry = open_node(kernel, *kernel.fs.resolve(path, "/", follow), record["flags"])
     except SyscallError as e:
-        raise MinivmmError(f"snapshot: {path} (fd {fd}) is not in the program's file system any more "
-                           f"(error {e.errno})") from None
-    if kind == "HostFile":
-        try:
-            entry = HostFile(resolved, node, flags)
-        except (OSError, SyscallError, AttributeError):
-            raise MinivmmError(f"snapshot: {path} (fd {fd}) cannot be opened again") from None
-        if entry.identity != (record["size"], record["mtime_ns"]):
-            entry.close()
-            raise MinivmmError(f"snapshot: {path} (fd {fd}) changed since the snapshot was taken "
-                               f"(size {record['size']} -> {entry.identity[0]}, or its modification time)")
-    elif kind == "MemoryFile":
-        entry = MemoryFile(resolved, node, flags)
-        entry.data = base64.b64decode(record.get("data", ""))
-    elif kind == "Directory":
-        entry = Directory(resolved, node, flags, kernel.fs.listing(resolved, node))
-    elif kind == "Device":
-        entry = Device(resolved, node, flags, kernel.random)
-    else:
-        entry = OpenFile(resolved, node, flags)
+        raise MinivmmError(f"{where} does not open in the program's file system (error {e.errno})") from None
+    now = type(entry).__name__
+    changed = now != kind or (kind == "HostFile" and entry.identity != {k: record[k] for k in IDENTITY})
+    if changed:
+        entry.close()
+        raise MinivmmError(f"{where} changed since the snapshot was taken: " + (
+            f"it was of kind {kind}, it opens as {now}" if now != kind else
+            ", ".join(f"{k} {record[k]} -> {entry.identity[k]}" for k in IDENTITY if record[k] != entry.identity[k])))
+    if kind == "MemoryFile":
+        entry.data = base64.b64decode(record["data"])  # as it was opened (/proc/self/maps changes)
     entry.offset = record["offset"]
     return entry
 
 
-def restore(state: dict, ram, host, view, console, stdin=None, terminal: bool = False) -> Kernel:
+def restore(state: dict, ram, host, view, console, options, origin: str) -> Kernel:
     """The kernel of a snapshot's process over ``ram`` (already holding its memory), on
-    ``host`` with the VM's ``view`` (/proc/cpuinfo), writing to ``console`` and reading
-    ``stdin`` (arguments, environment and mounts come from the snapshot)."""
+    ``host`` with the VM's ``view`` (/proc/cpuinfo), writing to ``console``; ``options``
+    give its standard input and terminal, and the mounts the resume granted (checked
+    with :func:`check_grants`): the program sees those, whatever the snapshot says."""
     memory = AddressSpace(ram)
     try:
         memory.restore(state["maps"])
     except ValueError as e:
-        raise MinivmmError(f"snapshot: process: {e}") from None
+        raise MinivmmError(f"{origin}: process: {e}") from None
     p = Process(memory, state["brk_start"], state["brk"], state["mmap_top"], state["stack_bottom"], state["exe"],
                 tid=state["tid"], auxv=base64.b64decode(state["auxv"]), argv=list(state["argv"]))
     p.counts, p.unknown = Counter(state["stats"]["counts"]), Counter({int(k): v for k, v in
                                                                       state["stats"]["unknown"].items()})
     p.unknown_others, p.sample = state["stats"]["unknown_others"], list(state["stats"]["sample"])
     p.stderr, p.stderr_left_out = bytearray(base64.b64decode(state["stderr"])), state["stderr_left_out"]
-    mounts = []
-    for source, guest in state["mounts"]:
-        if not os.path.exists(source):
-            raise MinivmmError(f"snapshot: the mounted {source} (at {guest}) does not exist on this machine")
-        mounts.append(Mount(source, guest))
-    fs = FileSystem(mounts, {})
+    fs = FileSystem(list(options.mounts), {})
     p.stdout_sink = console
-    kernel = Kernel(p, fs, 0, stdin, state["clock"]["realtime"], terminal, xsave_layout(view))
+    kernel = Kernel(p, fs, 0, options.stdin, state["clock"]["realtime"], options.terminal, xsave_layout(view))
     fs.own = own_trees(p, cpuinfo(host, view))
     kernel.random.setstate((3, tuple(state["random"]), None))
     kernel.clock.calls, kernel.clock.slept_ns = state["clock"]["calls"], state["clock"]["slept_ns"]
@@ -190,7 +263,7 @@ def restore(state: dict, ram, host, view, console, stdin=None, terminal: bool = 
     reopened: dict[int, OpenFile] = {}
     for fd in sorted(files, key=int):
         if "same_as" not in files[fd]:
-            reopened[int(fd)] = _reopen(kernel, int(fd), files[fd])
+            reopened[int(fd)] = _reopen(kernel, int(fd), files[fd], origin)
     kernel.fds.table = {int(fd): reopened[record["same_as"]] if "same_as" in record else reopened[int(fd)]
                         for fd, record in files.items()}
     kernel.fds.cloexec = set(state["cloexec"])

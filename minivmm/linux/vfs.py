@@ -18,6 +18,7 @@ from .errno import ELOOP, ENAMETOOLONG, ENOENT, ENOTDIR, SyscallError
 
 MAX_LINKS = 40                  # fs/namei.c MAXSYMLINKS
 PATH_MAX = 4096
+MAX_MOUNTS = 1000               # --mount options of one program
 OWN = ("/proc", "/dev", "/sys")  # minivmm's, above any mount
 
 
@@ -39,9 +40,23 @@ class Mount:
         if not guest.startswith("/"):
             raise MinivmmError(f"--mount '{spec}': the program's path {guest} must be absolute")
         guest = os.path.normpath(guest).replace("//", "/")
+        if len(guest) >= PATH_MAX:
+            raise MinivmmError(f"--mount: the program's path {guest[:40]}... is longer than PATH_MAX ({PATH_MAX})")
         if any(guest == own or guest.startswith(own + "/") for own in OWN):
             raise MinivmmError(f"--mount '{spec}': {guest} is minivmm's own (made from the VM, not the machine)")
         return cls(host, guest)
+
+    def __str__(self) -> str:
+        """As --mount takes it."""
+        return self.host if self.host == self.guest else f"{self.host}:{self.guest}"
+
+    def host_path(self, path: str) -> str | None:
+        """The machine's path this mount shows at the program's canonical ``path``, or
+        None where it shows nothing."""
+        top = self.guest.rstrip("/")
+        if path != self.guest and not path.startswith(top + "/"):
+            return None
+        return self.host.rstrip("/") + path[len(top):] or "/"
 
 
 # ---- nodes -----------------------------------------------------------------------------
@@ -109,9 +124,8 @@ class FileSystem:
                     node = node.entries[part]
                 return node
         for mount in self.mounts:  # the longest mount point first
-            if path == mount.guest or path.startswith(mount.guest.rstrip("/") + "/"):
-                host = mount.host + path[len(mount.guest.rstrip("/")):] if mount.guest != "/" else \
-                    mount.host.rstrip("/") + path
+            host = mount.host_path(path)
+            if host is not None:
                 try:
                     return HostNode(host, os.lstat(host))
                 except FileNotFoundError:
@@ -176,6 +190,8 @@ class FileSystem:
                 node = self.node_at(current)
                 continue
             candidate = current.rstrip("/") + "/" + part
+            if len(candidate) >= PATH_MAX:  # links may lengthen it: every path minivmm keeps fits PATH_MAX
+                raise SyscallError(ENAMETOOLONG)
             child = self.node_at(candidate)
             if st.S_ISLNK(child.mode) and (pending or follow):
                 links += 1

@@ -83,7 +83,7 @@ def compare(source, destination, evc: str | None = None, masks=()) -> Comparison
 
     The VM keeps the view it got at power-on; it may move where every feature of
     that view is physically present and every migration mark holds."""
-    if evc:
+    if evc is not None:
         require_supported(evc_mode(evc), destination)
     view = GuestCpuidView.for_host(source, evc, masks)
     seen = presented(view)

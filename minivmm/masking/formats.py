@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+from .. import digits
 from ..cpu.deps import hidden_closure
 from ..cpu.features import REGISTERS, catalogue
 from ..errors import MinivmmError
@@ -14,6 +15,7 @@ from .evc import evc_mode
 from .mask import FULL, MARKS, Key, Mask, RegisterMask, _bit_name, _bits, feature_mask
 
 MAX_TEMPLATE = 1 * MiB
+MAX_MASK = MAX_TEMPLATE         # characters of a mask given inline: as many as a template file may hold
 
 
 def parse_mask(spec: str) -> Mask:
@@ -21,13 +23,15 @@ def parse_mask(spec: str) -> Mask:
     text = spec.strip()
     if not text:
         raise MinivmmError("empty CPUID mask")
+    if len(text) > MAX_MASK:
+        raise MinivmmError(f"a CPUID mask of {len(text)} characters: at most {MAX_MASK}, as a template file")
     if text.lower().startswith("evc:"):
         return evc_mode(text[4:]).mask
     if text.startswith("{"):
         return parse_firecracker_template_text(text)
     if text.endswith(".json") or (text[0] not in "+-" and is_regular_file(text)):
         return parse_firecracker_template(text)
-    parts = [p for p in re.split(r"[;\s]+(?=cpuid\.|0x|\d)", text) if p.strip()]
+    parts = [p for p in re.split(r"[;\s]+(?=cpuid\.|0x|[0-9])", text) if p.strip()]
     if text.lower().startswith("cpuid."):
         return Mask.compose(parse_vmware(p) for p in parts)
     if text[0] in "+-" or re.fullmatch(r"[\w.\-]+(,[\w.\-+]+)*", text) and "=" not in text:
@@ -44,7 +48,8 @@ def self_contained(spec: str) -> str:
     if not text.startswith("{") and (text.endswith(".json") or (text[:1] not in "+-" and is_regular_file(text))):
         content = read_text(text, "CPU template", MAX_TEMPLATE)
         parse_firecracker_template_text(content, text)  # refuse a bad one here, naming the file
-        return json.dumps(json.loads(content), separators=(",", ":"))
+        # Not ASCII-escaped: the stored text stays within the template's own size.
+        return json.dumps(json.loads(content), separators=(",", ":"), ensure_ascii=False)
     return spec
 
 
@@ -111,10 +116,9 @@ def _register(name: str, spec: str) -> str:
 
 
 def _number(text: str, spec: str, what: str, hex_default: bool = False) -> int:
-    try:
-        value = int(text, 16) if hex_default and not text.lower().startswith("0x") else int(text, 0)
-    except ValueError:
-        raise MinivmmError(f"CPUID mask '{spec}': {what} '{text}' is not a number") from None
+    value = digits.number(text, hex_default)
+    if value is None:
+        raise MinivmmError(f"CPUID mask '{spec}': {what} '{text}' is not a number (decimal, or hex after 0x)")
     if not 0 <= value <= FULL:
         raise MinivmmError(f"CPUID mask '{spec}': {what} {text} is out of range")
     return value
@@ -136,6 +140,8 @@ def parse_firecracker(spec: str) -> Mask:
 def _firecracker_modifier(bitmap: str, spec: str, offset: int) -> RegisterMask:
     # Firecracker: '_' separates groups; a short string is padded with 'x' on the left.
     bits = bitmap.replace("_", "")
+    if not bits:
+        raise MinivmmError(f"Firecracker mask '{spec}': no bits after 0b (at position {offset + 1})")
     if len(bits) > 32:
         raise MinivmmError(f"Firecracker mask '{spec}': {len(bits)} bits, a register has 32")
     stripped_offsets = [offset + i for i, ch in enumerate(bitmap) if ch != "_"]
@@ -173,10 +179,10 @@ def parse_firecracker_template_text(text: str, origin: str = "CPU template") -> 
         raise MinivmmError(f"{origin}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise MinivmmError(f"{origin}: JSON nested too deeply for a CPU template") from None
-    if not isinstance(data, dict) or not isinstance(data.get("cpuid_modifiers", []), list):
+    if not isinstance(data, dict) or not isinstance(data.get("cpuid_modifiers"), list):
         raise MinivmmError(f"{origin}: a Firecracker CPU template is an object with a 'cpuid_modifiers' list")
     registers = {}
-    for i, entry in enumerate(data.get("cpuid_modifiers", [])):
+    for i, entry in enumerate(data["cpuid_modifiers"]):
         where = f"{origin}: cpuid_modifiers[{i}]"
         try:
             leaf = _number(_json_number(entry["leaf"]), where, "leaf")

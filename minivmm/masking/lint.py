@@ -81,7 +81,7 @@ def explain(specs, host, evc: str | None = None) -> list[Change]:
     """Each bit the guest sees differently from the host, with the rule that changed it."""
     from .evc import evc_mode
     layers = []  # (mask, fixed reason or None, spec) in the order they apply
-    if evc:
+    if evc is not None:
         layers.append((evc_mode(evc).mask, f"EVC mode {evc} does not include it", None))
     for spec in specs:
         layers.append((parse_mask(spec), None, spec))

@@ -26,7 +26,7 @@ def build_mask(host, evc: str | None = None, masks=()) -> Mask:
     """The VM's mask: the EVC mode's, then each user mask in order. Refused, as VMware
     refuses to power on, if the host cannot run the mode or fails a T/F mark."""
     parts = [m if isinstance(m, Mask) else parse_mask(m) for m in masks]
-    if evc:
+    if evc is not None:
         mode = evc_mode(evc)
         require_supported(mode, host)
         parts.insert(0, mode.mask)

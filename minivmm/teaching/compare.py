@@ -122,7 +122,7 @@ def compare(guests, hosts, evc: str | None = None, masks=(), migrate_to: str | N
     if not guests or not hosts:
         raise MinivmmError("compare needs at least one guest and one host")
     profiles = [load_profile(h) for h in hosts]
-    destination = load_profile(migrate_to) if migrate_to else None
+    destination = load_profile(migrate_to) if migrate_to is not None else None
     names = catalogue()
     cells, runs, migrated_runs = [], {}, {}
     for guest in guests:

@@ -75,7 +75,7 @@ class Cell:
 
 
 def _evc_modes(evc) -> list[str | None]:
-    if evc is None or evc in ("none", ""):
+    if evc is None or evc == "none":
         return [None]
     if isinstance(evc, str):
         evc = [e.strip() for e in evc.split(",")]

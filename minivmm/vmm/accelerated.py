@@ -88,4 +88,5 @@ def run_on_kvm(vm, timeout: float | None, console, boot) -> RunResult:
                      hosts=[vm.host.name], evc=vm.evc, instructions=None, cpuid_log=[], checkpoints=io.checkpoints,
                      unknown_port_writes=dict(io.unknown_writes), engine_model="", memory=vm.memory, ram=ram,
                      view_features=catalogue().decode(vm.view.table), accel="kvm", notes=[NOT_VISIBLE],
-                     left_out={"cpuid_exits": 0, "exceptions": 0, "console": io.console_left_out, "stderr": 0})
+                     left_out={"cpuid_exits": 0, "cpuid_exit_counts": 0, "exceptions": 0,
+                               "console": io.console_left_out, "stderr": 0})

@@ -32,7 +32,7 @@ class Trigger:
 
     @classmethod
     def parse(cls, text: str, where: str) -> Trigger:
-        m = re.fullmatch(r"(checkpoint|insn|ms|syscall):(\d{1,20})", text.strip())
+        m = re.fullmatch(r"(checkpoint|insn|ms|syscall):([0-9]{1,20})", text.strip())  # not \d: ASCII only
         if not m:
             raise MinivmmError(f"{where}: WHEN must be checkpoint:N, insn:N, ms:N or syscall:N, not '{text}'")
         count = int(m[2])

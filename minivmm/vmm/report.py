@@ -59,11 +59,11 @@ class RunResult:
     memory: int = 0
     ram: object = field(default=None, repr=False, compare=False)   # guest RAM at the end, for the digest
     view_features: frozenset[str] = frozenset()   # what the guest's CPUID view shows, at the end
-    # Exact totals of every exit, and how many the bounded samples above left out.
+    # Exact totals of every exit (of the first 1000 CPUID keys), and how many the bounds left out.
     cpuid_totals: dict[tuple[int, int], int] = field(default_factory=dict)
     exception_totals: dict[int, int] = field(default_factory=dict)
-    left_out: dict[str, int] = field(default_factory=lambda: {"cpuid_exits": 0, "exceptions": 0, "console": 0,
-                                                              "stderr": 0})
+    left_out: dict[str, int] = field(default_factory=lambda: {"cpuid_exits": 0, "cpuid_exit_counts": 0,
+                                                              "exceptions": 0, "console": 0, "stderr": 0})
     unreached: list[dict] = field(default_factory=list)   # migration and snapshot points never reached
     snapshots: list[dict] = field(default_factory=list)   # snapshots written: when, file, host
     syscalls: dict | None = None     # a Linux program's: total, counts by name, unknown numbers

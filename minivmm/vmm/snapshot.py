@@ -14,7 +14,8 @@ Sections: ``meta`` and ``regs`` (JSON), ``cpuid`` (JSON), ``console`` (bytes),
 ``memory`` (zstandard: twenty times zlib's speed on RAM), and for a Linux program
 ``process`` (JSON: its kernel state, :mod:`minivmm.linux.state`). Every length is checked
 against the file and against limits before anything is allocated, every CRC before
-anything is used, and every metadata field by type and range: a damaged or hostile file
+anything is used, the lists and values of a JSON section before it is parsed, and every
+field by type and by the bound of what minivmm writes there: a damaged or hostile file
 is refused with a clear error and nothing runs. Memory is decompressed only when a VM
 resumes, straight into its RAM and never past the length the header declares, so
 ``inspect`` reads a snapshot of any size in the space of its file.
@@ -23,6 +24,7 @@ resumes, straight into its RAM and never past the length the header declares, so
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -30,19 +32,29 @@ from dataclasses import dataclass, field
 import unicorn.x86_const as x86
 import zstandard
 
-from ..cpu.table import CpuidTable
+from ..cpu.table import MAX_ENTRIES, CpuidTable
 from ..errors import MinivmmError
 from ..files import MiB, read_bytes, write_atomically
-from ..linux.state import validate as validate_process
-from . import MAX_MEMORY, MIN_MEMORY
+from ..linux import state as process_state
+from ..linux.vfs import PATH_MAX, Mount
+from ..masking.formats import MAX_MASK
+from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
+from .exits.io import CONSOLE_KEPT
 
 MAGIC = b"MINIVMM\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sHH")
 SECTION = struct.Struct("<8sBQQI")
-MAX_SECTION = {"meta": 1 << 20, "regs": 1 << 20, "cpuid": 4 << 20, "console": 64 << 20, "memory": MAX_MEMORY,
-               "process": 96 << 20}
+# Each section, list and string is bounded by what minivmm writes there; ``save``
+# refuses a snapshot past a bound, so every snapshot minivmm writes, it reads.
+MAX_SECTION = {"meta": 8 << 20,                       # masks stored by content: templates of up to 1 MiB
+               "regs": 1 << 20,                       # about 200 registers of at most 512 bits
+               "cpuid": 1 << 20,                      # MAX_ENTRIES leaves of six 32-bit numbers: 300 KB
+               "console": CONSOLE_KEPT,               # the console keeps no more
+               "memory": MAX_MEMORY, "process": process_state.MAX_STATE}
 MAX_FILE = MAX_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
+MAX_HOSTS = 4096                  # hosts a VM ran on, one more per migration and resume
+MAX_NAME = len("file:") + PATH_MAX  # a guest or host: a name, a path or file:PATH
 REQUIRED = ("meta", "regs", "cpuid", "console", "memory")
 POLICIES = ("live", "offline", "disabled")
 CHUNK = 1 << 20                   # memory is decompressed this much at a time
@@ -74,6 +86,15 @@ OPTIONAL = frozenset(YMM + ZMM + OPMASK)
 SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in range(8)},
           **{f"XMM{i}": (1, 128) for i in range(16)}, **{name: (1, 256) for name in YMM},
           **{name: (1, 512) for name in ZMM}}
+# (lists and objects, values) json.loads may build of each JSON section of a snapshot
+# within those bounds: counted before it parses one, since a few bytes such as "[],"
+# make a hundred bytes of Python objects.
+JSON_BOUNDS = {"meta": (3, 64 + MAX_MASKS + MAX_HOSTS), "regs": (1 + len(SHAPES), 4 * len(REGISTERS)),
+               "cpuid": (2 + MAX_ENTRIES, 2 + 7 * MAX_ENTRIES),
+               "process": (process_state.JSON_CONTAINERS, process_state.JSON_VALUES)}
+# A string, or what opens a list or an object or separates values: at most three of
+# these (a comma, a key, a value) for each value JSON holds.
+JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{,]', re.DOTALL)
 
 
 def read_registers(uc, wide: bool = False) -> dict:
@@ -107,8 +128,9 @@ class Snapshot:
     console: bytes
     memory: bytes | None       # None when read from a file: see ``load_memory``
     extra: dict = field(default_factory=dict)
-    stored_memory: tuple[int, bytes] | None = None   # (compression, stored bytes) as read
+    stored_memory: tuple[int, memoryview] | None = None   # (compression, stored bytes) in the file read
     process: dict | None = None    # a Linux program's kernel state
+    origin: str = "snapshot"       # its file, for errors
 
     def load_memory(self, ram) -> None:
         """Fill ``ram`` (a writable buffer of ``meta.memory`` bytes) with the guest's
@@ -141,11 +163,15 @@ class Snapshot:
 
     @property
     def view_table(self) -> CpuidTable:
-        return CpuidTable({(e[0], e[1]): tuple(e[2:6]) for e in self.cpuid["leaves"]}, "snapshot")
+        return CpuidTable({(e[0], e[1]): tuple(e[2:6]) for e in self.cpuid["leaves"]}, self.origin)
 
     # ---- the file format -------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        return _pack(self._sections())
+
+    def _sections(self) -> list[tuple[str, bytes, int]]:
+        """(name, payload, compression) of each section."""
         assert self.memory is not None, "a snapshot read from a file is not written again"
         sections = [("meta", json.dumps(self.meta, sort_keys=True).encode(), 0),
                     ("regs", json.dumps(self.regs, sort_keys=True).encode(), 0),
@@ -154,13 +180,7 @@ class Snapshot:
                     ("memory", bytes(self.memory), 1)]
         if self.process is not None:
             sections.append(("process", json.dumps(self.process, sort_keys=True).encode(), 0))
-        out = [HEADER.pack(MAGIC, VERSION, len(sections))]
-        for name, payload, compress in sections:
-            stored = zstandard.ZstdCompressor(level=1, threads=-1).compress(payload) if compress else payload
-            out.append(SECTION.pack(name.encode().ljust(8, b"\0"), compress, len(stored), len(payload),
-                                    zlib.crc32(stored)))
-            out.append(stored)
-        return b"".join(out)
+        return sections
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str = "snapshot") -> Snapshot:
@@ -174,8 +194,9 @@ class Snapshot:
             bad("wrong magic number (not a snapshot file)")
         if version != VERSION:
             bad(f"format version {version}, this minivmm reads version {VERSION}")
-        if count > 64:
+        if count > len(MAX_SECTION):
             bad(f"{count} sections is more than any snapshot has")
+        data = memoryview(data)  # sections are read where they lie, never copied whole
         offset, sections = HEADER.size, {}
         for i in range(count):
             if offset + SECTION.size > len(data):
@@ -205,23 +226,16 @@ class Snapshot:
         missing = [n for n in REQUIRED if n not in sections]
         if missing:
             bad(f"missing section(s) {', '.join(missing)}")
-        try:
-            meta, regs, cpuid = (json.loads(sections[n][1]) for n in ("meta", "regs", "cpuid"))
-            process = json.loads(sections["process"][1]) if "process" in sections else None
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            bad(f"a JSON section does not parse ({str(e)[:80]})")
+        meta, regs, cpuid, process = (_parse_json(n, sections[n][1], bad) if n in sections else None
+                                      for n in ("meta", "regs", "cpuid", "process"))
         compression, body, length = sections["memory"]
-        snapshot = cls(meta, regs, cpuid, sections["console"][1], None, stored_memory=(compression, body),
-                       process=process)
+        snapshot = cls(meta, regs, cpuid, bytes(sections["console"][1]), None, stored_memory=(compression, body),
+                       process=process, origin=origin)
         snapshot._validate(bad, length)
-        if process is not None:
-            try:
-                validate_process(process, length)
-            except ValueError as e:
-                bad(f"process: {e}")
         return snapshot
 
     def _validate(self, bad, memory_length: int) -> None:
+        """Every field by type and bound (``bad(message)`` raises)."""
         if not isinstance(self.meta, dict) or not isinstance(self.regs, dict) or not isinstance(self.cpuid, dict):
             bad("meta, regs and cpuid must be JSON objects")
         meta = self.meta
@@ -232,17 +246,22 @@ class Snapshot:
         fields = {"guest": str, "host": str, "entry": int, "evc": (str, type(None)), "masks": list,
                   "policy": str, "checkpoints": int, "xcr0": (int, type(None)), "hosts": list}
         for key, kind in fields.items():
-            if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-                bad(f"meta.{key} is {json.dumps(meta.get(key))[:40]}, not a {_kind_name(kind)}")
+            if key not in meta:
+                bad(f"meta.{key} is missing")
+            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+                bad(f"meta.{key} is {json.dumps(meta[key])[:40]}, not a {_kind_name(kind)}")
+        for key in ("guest", "host", "evc"):
+            if len(meta[key] or "") > MAX_NAME:
+                bad(f"meta.{key} is longer than {MAX_NAME} characters")
         if not 0 <= meta["entry"] < memory:
             bad(f"meta.entry {meta['entry']:#x} is outside the guest's RAM")
         if meta["policy"] not in POLICIES:
             bad(f"meta.policy '{meta['policy'][:20]}' is not one of {', '.join(POLICIES)}")
         if meta["checkpoints"] < 0 or (meta["xcr0"] is not None and not 0 <= meta["xcr0"] < 1 << 64):
             bad("meta.checkpoints or meta.xcr0 is out of range")
-        for key in ("masks", "hosts"):
-            if not all(isinstance(item, str) and len(item) < 4096 for item in meta[key]) or len(meta[key]) > 256:
-                bad(f"meta.{key} must be a list of strings")
+        for key, most, longest in (("masks", MAX_MASKS, MAX_MASK), ("hosts", MAX_HOSTS, MAX_NAME)):
+            if len(meta[key]) > most or not all(isinstance(item, str) and len(item) <= longest for item in meta[key]):
+                bad(f"meta.{key} must be a list of at most {most} strings of at most {longest} characters")
         unknown, missing = set(self.regs) - set(REGISTERS), set(REGISTERS) - OPTIONAL - set(self.regs)
         if unknown or missing:
             bad(f"register set differs from this format's ({sorted(unknown or missing)[:3]})")
@@ -253,14 +272,49 @@ class Snapshot:
                 bad(f"register {name} must be {'a list of ' + str(count) if count > 1 else 'one'} "
                     f"{bits}-bit number{'s' if count > 1 else ''}")
         leaves = self.cpuid.get("leaves")
-        if not isinstance(leaves, list) or not leaves or len(leaves) > 4096 or not all(
+        if not isinstance(leaves, list) or not leaves or len(leaves) > MAX_ENTRIES or not all(
                 isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)
                 for e in leaves):
             bad("the CPUID view is malformed")
+        if self.process is not None:
+            try:
+                process_state.validate(self.process, memory_length)
+            except ValueError as e:
+                bad(f"process: {e}")
 
     def summary(self) -> dict:
+        """What inspect shows, with the --mount a Linux program's resume needs."""
+        mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]]} if self.process is not None else {}
         return {**self.meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
-                "console_bytes": len(self.console), "rip": self.regs.get("RIP")}
+                "console_bytes": len(self.console), "rip": self.regs.get("RIP"), **mounts}
+
+
+def _pack(sections) -> bytes:
+    out = [HEADER.pack(MAGIC, VERSION, len(sections))]
+    for name, payload, compress in sections:
+        stored = zstandard.ZstdCompressor(level=1, threads=-1).compress(payload) if compress else payload
+        out.append(SECTION.pack(name.encode().ljust(8, b"\0"), compress, len(stored), len(payload),
+                                zlib.crc32(stored)))
+        out.append(stored)
+    return b"".join(out)
+
+
+def _parse_json(name: str, body, bad):
+    """A JSON section, refused before json.loads builds anything when it holds more lists,
+    objects or values than minivmm writes there (JSON_BOUNDS): counted a token at a
+    time, in constant memory, and no further than the bound."""
+    most_containers, most_values = JSON_BOUNDS[name]
+    containers = tokens = 0
+    for token in JSON_TOKEN.finditer(body):
+        containers += body[token.start()] in b"[{"
+        tokens += 1
+        if containers > most_containers or tokens > 3 * most_values:
+            bad(f"section '{name}' holds more lists, objects or values than minivmm writes there "
+                f"(at most {most_containers} lists and objects, {most_values} values)")
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        bad(f"section '{name}' does not parse as JSON ({str(e)[:80]})")
 
 
 def _is_int(value) -> bool:
@@ -274,7 +328,17 @@ def _kind_name(kind) -> str:
 
 
 def save(snapshot: Snapshot, path: str) -> None:
-    write_atomically(path, snapshot.to_bytes(), "snapshot")
+    """Write ``snapshot`` to ``path``, refusing one past the format's bounds, as resume
+    would: minivmm writes no snapshot it cannot read."""
+    def bad(msg):
+        raise MinivmmError(f"cannot save a snapshot to {path}: {msg}")
+
+    sections = snapshot._sections()
+    for name, payload, _ in sections:
+        if len(payload) > MAX_SECTION[name]:
+            bad(f"its {name} section would be {len(payload)} bytes, more than the limit {MAX_SECTION[name]}")
+    snapshot._validate(bad, len(snapshot.memory))
+    write_atomically(path, _pack(sections), "snapshot")
 
 
 def load(path: str) -> Snapshot:

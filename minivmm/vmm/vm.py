@@ -36,12 +36,13 @@ from ..linux.calls import RETURNED
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
 from ..linux.state import capture as capture_process
+from ..linux.state import check_grants
 from ..linux.state import restore as restore_process
 from ..masking.compat import compatibility
 from ..masking.evc import evc_mode
 from ..masking.formats import format_mask, self_contained
 from ..masking.view import CR4_OSXSAVE, GuestCpuidView
-from . import MAX_MEMORY, MIN_MEMORY
+from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
 from . import engine as engine_module
 from .accelerated import ACCELERATORS, check_view, run_on_kvm
 from .audit import Audit
@@ -78,10 +79,11 @@ UNTIL_STOPPED = 1 << 62           # a count no run reaches: counting on, no limi
 
 
 def parse_size(text: str | int) -> int:
-    """``64M``, ``1G``, ``512K``, ``16MiB`` or a byte count."""
+    """``64M``, ``1G``, ``512K``, ``16MiB`` or a byte count, in ASCII digits with the unit
+    right after them ([0-9], not \\d, which reads '１６M' too)."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*(\d{1,20})\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
+    m = re.fullmatch(r"([0-9]{1,20})([kKmMgG]?)(i?[bB])?", str(text))
     if not m:
         raise MinivmmError(f"malformed size '{text}': use bytes or a number with K, M or G (e.g. 64M)")
     return int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[m[2].lower()]
@@ -209,8 +211,10 @@ class VM:
         self.host = load_profile(host) if isinstance(host, str) else host
         # RAM: as asked, else what the guest declares, else 16 MiB.
         self.memory = parse_size(memory if memory is not None else self.image.memory or DEFAULT_MEMORY)
-        self.evc = evc_mode(evc).key if evc else None
+        self.evc = evc_mode(evc).key if evc is not None else None
         self.masks = tuple(masks)
+        if len(self.masks) > MAX_MASKS:
+            raise MinivmmError(f"{len(self.masks)} CPUID masks: at most {MAX_MASKS}")
         self.policy = policy
         self.snapshot = snapshot
         self.view = GuestCpuidView.for_host(self.host, self.evc, masks)
@@ -229,12 +233,15 @@ class VM:
                **options) -> VM:
         """The VM saved in ``snapshot``, on ``host`` (default: the host it was saved on):
         refused, like a migration, if the host cannot run the view the VM was powered on
-        with (unless forced)."""
+        with (unless forced), or if a Linux program had mounts or files of the machine
+        that ``mounts=`` (``HOST[:GUEST]``, as for a run) does not grant."""
         meta = snapshot.meta
         kind = "linux" if snapshot.process is not None else "snapshot"
-        vm = cls(GuestImage(meta["guest"], kind, (), meta["entry"]), host or meta["host"], meta["memory"],
-                 evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
+        vm = cls(GuestImage(meta["guest"], kind, (), meta["entry"]), meta["host"] if host is None else host,
+                 meta["memory"], evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
                  snapshot=snapshot, **options)
+        if snapshot.process is not None:
+            check_grants(snapshot.process, vm.linux.mounts, snapshot.origin)
         vm.view = GuestCpuidView.frozen(snapshot.view_table, vm.view.mask)
         missing, _ = compatibility(vm.view, vm.host, vm.host)
         if missing and not force:
@@ -888,9 +895,8 @@ class _Run:
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
         if snapshot.process is not None:
-            options = self.vm.linux
             self.kernel = restore_process(snapshot.process, self.engine.ram, self.engine.host, self.engine.view,
-                                          self.io.console_write, options.stdin, options.terminal)
+                                          self.io.console_write, self.vm.linux, snapshot.origin)
             self._attach(self.kernel)
 
     def _syscall_report(self) -> dict | None:
@@ -909,8 +915,9 @@ class _Run:
             guest=vm.image.name, stop=stop, console=self.io.console.decode("latin-1"), host=self.engine.host.name,
             hosts=self.hosts, evc=vm.evc, instructions=self.executed if counted else None,
             cpuid_log=self.cpuid_log.entries, exceptions=self.exceptions.entries, migrations=self.migrations,
-            cpuid_totals=dict(self.cpuid_log.totals()), exception_totals=dict(self.exceptions.totals()),
-            left_out={"cpuid_exits": self.cpuid_log.left_out, "exceptions": self.exceptions.left_out,
+            cpuid_totals=dict(self.cpuid_log.counts), exception_totals=dict(self.exceptions.counts),
+            left_out={"cpuid_exits": self.cpuid_log.left_out, "cpuid_exit_counts": self.cpuid_log.other_keys,
+                      "exceptions": self.exceptions.left_out,
                       "console": self.io.console_left_out,
                       "stderr": self.kernel.p.stderr_left_out if self.kernel else 0},
             snapshots=self.snapshots, syscalls=self._syscall_report(),

@@ -36,11 +36,12 @@ class CpuidExitHandler:
         values, in_ids, in_pointers = inputs.values, inputs.ids, inputs.pointers
         read, write = engine.reg_read_batch, engine.reg_write_batch
         cache, view, host = self._cache, self.view, self.host
-        sample, append, limit, beyond = self.log.entries, self.log.entries.append, self.log.limit, self.log.beyond
+        log = self.log
+        sample, append, limit, count = log.entries, log.entries.append, log.limit, log.count
         indexed, live, live_bits = view.indexed_leaves, view.LIVE_LEAVES, view.LIVE_CR4_BITS
 
         # Per exit: one batch read, one dict lookup, one batch write, one log entry
-        # (ExitLog.add, inlined: this is the hot path).
+        # (ExitLog.add, its sample inlined: this is the hot path).
         def on_cpuid(_h, _ud):
             try:
                 read(handle, in_ids, in_pointers, 3)
@@ -55,7 +56,8 @@ class CpuidExitHandler:
                 if len(sample) < limit:
                     append((entry[2], entry[3], host))
                 else:
-                    beyond[entry[2]] += 1
+                    log.left_out += 1
+                count(entry[2])
             except BaseException as e:  # never let an exception vanish inside ctypes
                 self._on_error(e)
             return 1  # skip the engine's own CPUID
