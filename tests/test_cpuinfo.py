@@ -1,5 +1,7 @@
 """/proc/cpuinfo as the kernel builds it: a flag only from a leaf the maximum leaf covers."""
 
+import os
+import shutil
 from importlib import resources
 
 import pytest
@@ -8,6 +10,7 @@ from minivmm.cpu.features import catalogue
 from minivmm.cpu.profiles import builtin_profiles, load_profile
 from minivmm.linux.cpuinfo import cpuinfo
 from minivmm.masking.view import GuestCpuidView
+from minivmm.vmm.vm import VM
 
 DUMPS = sorted(p.name[len("x86_64-cpuid-"):-len(".xml")]
                for p in resources.files("minivmm").joinpath("data", "cpuid-dumps").iterdir() if p.name.endswith(".xml"))
@@ -34,3 +37,25 @@ def test_penryn_lists_neither_xsavec_nor_sgx():
     data (the fault this guards against; a program trusting cpuinfo then ran XSAVEC)."""
     flags = _flags(load_profile("penryn"))
     assert "sse4_1" in flags and not {"xsavec", "sgx2", "xgetbv1"} & set(flags)
+
+
+def test_model_name_is_the_brand_string_as_the_kernel_keeps_it():
+    """get_model_name trims the ends and keeps the blanks inside; no brand string is
+    "unknown" (show_cpuinfo), never a profile's own name."""
+    from minivmm.linux.cpuinfo import model_name
+    view = lambda name: GuestCpuidView.for_host(load_profile(name), None, ())  # noqa: E731
+    assert model_name(view("penryn")) == "Intel(R) Xeon(R) CPU           X5460  @ 3.16GHz"
+    assert model_name(view("epyc")) == "AMD EPYC 7601 32-Core Processor"
+    assert model_name(view("icelake-server")) == "unknown"
+
+
+@pytest.mark.skipif(not shutil.which("lscpu"), reason="lscpu (util-linux) is not installed")
+def test_lscpu_sees_one_thread_one_core_one_socket():
+    """lscpu counts from /sys/devices/system/cpu/cpu0/topology (it showed 0/0/0)."""
+    lscpu = os.path.realpath(shutil.which("lscpu"))
+    result = VM(lscpu, "haswell", linux=True, mounts=["/"]).run(timeout=60)
+    assert result.stop.reason == "exited", result.stop.message
+    lines = dict(line.split(":", 1) for line in result.console.splitlines() if ":" in line)
+    counts = {key: lines[key].strip() for key in ("Thread(s) per core", "Core(s) per socket", "Socket(s)")}
+    assert counts == dict.fromkeys(counts, "1")
+    assert lines["Model name"].strip() == "Intel(R) Xeon(R) CPU E5-2650 v3 @ 2.30GHz"

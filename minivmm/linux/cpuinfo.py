@@ -25,6 +25,17 @@ def _flags(view) -> list[str]:
     return [f.name for f in shown]
 
 
+def model_name(view) -> str:
+    """The brand string of leaves 0x80000002-4, as the kernel keeps it (get_model_name:
+    leading and trailing blanks trimmed, the ones inside kept), or "unknown" without one
+    (show_cpuinfo)."""
+    if not view.table.in_range(0x80000004):
+        return "unknown"
+    raw = b"".join(r.to_bytes(4, "little") for leaf in (0x80000002, 0x80000003, 0x80000004)
+                   for r in view.answer(leaf, 0, 0))
+    return raw.split(b"\0", 1)[0].decode("latin-1").strip() or "unknown"
+
+
 def cpuinfo(host, view) -> str:
     eax, ebx, _, _ = view.answer(1, 0, 0)
     base_family, base_model, stepping = eax >> 8 & 0xF, eax >> 4 & 0xF, eax & 0xF
@@ -35,7 +46,7 @@ def cpuinfo(host, view) -> str:
     clflush = (ebx >> 8 & 0xFF) * 8
     lines = [
         ("processor", "0"), ("vendor_id", VENDORS.get(host.vendor, host.vendor)), ("cpu family", str(family)),
-        ("model", str(model)), ("model name", host.description), ("stepping", str(stepping)),
+        ("model", str(model)), ("model name", model_name(view)), ("stepping", str(stepping)),
         ("physical id", "0"), ("siblings", "1"), ("core id", "0"), ("cpu cores", "1"), ("apicid", "0"),
         ("initial apicid", "0"), ("fpu", "yes"), ("fpu_exception", "yes"),
         ("cpuid level", str(view.answer(0, 0, 0)[0])), ("wp", "yes"), ("flags", " ".join(_flags(view))),
