@@ -143,7 +143,7 @@ def test_proc_cpuinfo_is_linux_s_format_from_the_view():
     nehalem = load_profile("nehalem")
     text = cpuinfo(nehalem, GuestCpuidView.for_host(nehalem, "intel-penryn"))
     lines = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
-    assert lines["model name"] == ": Intel(R) Xeon(R) CPU W3520 @ 2.67GHz"
+    assert lines["model name"] == ": Intel(R) Xeon(R) CPU           W3520  @ 2.67GHz"  # the brand string's blanks
     assert lines["cpu family"] == ": 6" and lines["model"] == "\t: 26" and lines["stepping"] == ": 5"
     flags = lines["flags"].split(": ", 1)[1].split()
     assert "sse4_1" in flags and "sse4_2" not in flags and "popcnt" not in flags and "hypervisor" in flags
