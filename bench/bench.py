@@ -317,6 +317,35 @@ LINUX_SYSCALLS = r"""
 int main(void) { for (int i = 0; i < 200000; i++) syscall(SYS_getpid); return 0; }
 """
 LINUX_HELLO = "#include <stdio.h>\nint main(void) { puts(\"hello\"); return 0; }\n"
+MAPS = 100_000
+LINUX_MAPS = r"""
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    unsigned long sum = 0;
+    for (int i = 0; i < %d; i++) {              /* each below the last, each touched */
+        char *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (page == MAP_FAILED) return 1;
+        page[i %% 4096] = 1;
+        sum += (unsigned long)page >> 12;
+    }
+    printf("%%lu\n", sum);
+    return 0;
+}
+""" % MAPS
+SIGNALS = 300_000
+LINUX_SIGNALS = r"""
+#include <signal.h>
+#include <stdio.h>
+static volatile long handled;
+static void on_usr1(int signo) { handled++; }
+int main(void) {
+    signal(SIGUSR1, on_usr1);
+    for (int i = 0; i < %d; i++) raise(SIGUSR1);
+    printf("%%ld\n", handled);
+    return handled != %d;
+}
+""" % (SIGNALS, SIGNALS)
 
 
 def _timed_command(command: list[str], repeats: int) -> float:
@@ -355,6 +384,25 @@ def linux_rows(tmp: str, repeats: int) -> None:
           "(measured)"))
     emit(("Linux: start-up of a static glibc hello (whole command)", f"qemu-x86_64 {base_q * 1e3:.0f} ms",
           f"{base_m * 1e3:.0f} ms", "", "<= 500 ms"))
+
+
+def cost_rows(tmp: str, repeats: int) -> None:
+    """Work that must cost the same the 100,000th time as the first: address-space
+    look-ups and inserts, a signal's delivery and rt_sigreturn (whole commands)."""
+    import shutil
+    if not (shutil.which("gcc") and shutil.which("qemu-x86_64")):
+        emit(("Linux costs", "needs gcc and qemu-user", "skipped", "", ""))
+        return
+    for name, source, memory in ((f"{MAPS:,} 4 KiB mmaps", LINUX_MAPS, "1G"),
+                                 (f"{SIGNALS:,} self-signals (raise(SIGUSR1))", LINUX_SIGNALS, None)):
+        program = os.path.join(tmp, "cost")
+        Path(f"{program}.c").write_text(source)
+        subprocess.run(["gcc", "-static", "-O1", "-o", program, f"{program}.c"], check=True)
+        ours = [sys.executable, "-m", "minivmm", "run", program, "--host", "nehalem", *(["--memory", memory] if memory
+                                                                                        else [])]
+        theirs, mine = (_timed_command(c, min(repeats, 3)) for c in (["qemu-x86_64", "-cpu", "Nehalem", program], ours))
+        emit((f"Linux: {name} (whole command)", f"qemu-x86_64 {theirs * 1e3:.0f} ms", f"{mine * 1e3:.0f} ms",
+              f"{mine / theirs:.1f}x qemu-user", "(measured)"))
 
 
 def native_rows(tmp: str, repeats: int) -> None:
@@ -414,9 +462,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 7")
     parser.add_argument("--linux", action="store_true", help="only the rows of Linux programs (and native AVX2)")
     parser.add_argument("--native", action="store_true", help="only the rows of instructions run by the machine's CPU")
+    parser.add_argument("--costs", action="store_true", help="only the rows of Linux work repeated 100,000 times")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
+    if args.costs:
+        with tempfile.TemporaryDirectory() as tmp:
+            cost_rows(tmp, repeats)
+        return
     if args.linux or args.native:
         with tempfile.TemporaryDirectory() as tmp:
             if args.linux:
@@ -475,6 +528,7 @@ def main():
         matrix_rows(repeats)
         migration_rows(tmp, repeats)
         linux_rows(tmp, repeats)
+        cost_rows(tmp, repeats)
         native_rows(tmp, repeats)
     kvm_rows(repeats)
 

@@ -64,7 +64,6 @@ class Kernel:
         self.random = random.Random(seed ^ 0x5EED)
         self.clock = Clock(realtime)
         self.signals = Signals(process, xsave)
-        self.killed: int | None = None   # a signal the program sent itself and dies of
         self.terminal = terminal
         self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up
         self._input = stdin if isinstance(stdin, int) else bytearray(stdin or b"")

@@ -7,7 +7,17 @@ The fpstate is what the CPU's save instruction writes (arch/x86/kernel/fpu/signa
 FXSAVE's 512 bytes without XSAVE; with XSAVE, the standard (non-compacted) XSAVE
 layout of what XCR0 enables (x87, SSE, the upper halves of YMM at CPUID.0xD.2's
 offset), sw_reserved saying so (FP_XSTATE_MAGIC1, the sizes, the features) and
-FP_XSTATE_MAGIC2 after it."""
+FP_XSTATE_MAGIC2 after it.
+
+What Linux refuses, minivmm refuses. A frame that cannot be written (no room on the
+stack or the alternate stack, no restorer) is force_sigsegv (signal_setup_done). A
+frame rt_sigreturn cannot read, or whose fpstate FXRSTOR or XRSTOR would refuse
+(misaligned, reserved MXCSR bits, a bad XSAVE header), is signal_fault: force_sig
+(SIGSEGV), the registers already restored. CS and SS come from the frame with RPL 3
+(restore_sigcontext); what IRET then refuses (a selector that is no user segment, a
+non-canonical RIP) is the #GP of the return to user mode, SIGSEGV with the frame's
+registers. force_sig runs the program's SIGSEGV handler where it has one and has not
+blocked it, and kills the process otherwise."""
 
 from __future__ import annotations
 
@@ -17,12 +27,23 @@ from dataclasses import dataclass
 import unicorn.x86_const as x86
 
 from ..cpu import xstate
-from .errno import EFAULT, SyscallError
+from ..cpu.registers import RegisterBlock
+from ..errors import MinivmmError
+from .errno import SyscallError
+from .process import USER_CS, USER_DS
 
 SIG_DFL, SIG_IGN = 0, 1
 SA_SIGINFO, SA_ONSTACK, SA_RESTORER, SA_NODEFER, SA_RESETHAND = 0x4, 0x08000000, 0x04000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
-UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x2, 0x4
+UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x1, 0x2, 0x4
+SIGSEGV = 11
+UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
+USER32_CS = 0x23                    # __USER32_CS: 32-bit compatibility mode
+# what a frame may change of RFLAGS (arch/x86/kernel/signal.c FIX_EFLAGS): AC OF DF TF
+# SF ZF AF PF CF RF, not IF, IOPL, NT or VM
+FIX_EFLAGS = 0x40000 | 0x800 | 0x400 | 0x100 | 0x80 | 0x40 | 0x10 | 0x4 | 0x1 | 0x10000
+# cleared for the handler (handle_signal): TF, DF, RF
+HANDLER_CLEARS = 0x100 | 0x400 | 0x10000
 FRAME_SIZE = 8 + 304 + 128      # pretcode, struct ucontext, struct siginfo
 FPSTATE_SIZE = 512              # FXSAVE format
 XSAVE_HEADER = 64               # XSTATE_BV, XCOMP_BV, reserved (SDM Vol. 1, 13.4.2)
@@ -31,6 +52,7 @@ FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
 SIGCONTEXT = ("R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15", "RDI", "RSI", "RBP", "RBX", "RDX", "RAX",
               "RCX", "RSP", "RIP", "EFLAGS")
 REG = {name: getattr(x86, f"UC_X86_REG_{'RFLAGS' if name == 'EFLAGS' else name}") for name in SIGCONTEXT}
+RSP_AT, RIP_AT, FLAGS_AT = SIGCONTEXT.index("RSP"), SIGCONTEXT.index("RIP"), SIGCONTEXT.index("EFLAGS")
 # vector -> (signal, si_code) as the trap handlers set them (arch/x86/kernel/traps.c)
 ILL_ILLOPN, FPE_INTDIV, SEGV_MAPERR, TRAP_BRKPT, SI_KERNEL = 2, 1, 1, 1, 0x80
 
@@ -68,16 +90,20 @@ def _carried(opmasks) -> list[int]:
     return [i for i in CARRIED if i == xstate.YMM_COMPONENT or opmasks is not None]
 
 
+def _xsave_size(xcr0: int, layout: dict[int, tuple[int, int, bool]]) -> int:
+    """The XSAVE area of XCR0's components (the kernel's fpstate->user_size)."""
+    return max([FPSTATE_SIZE + XSAVE_HEADER] + [at + size for i, (at, size, _) in layout.items() if xcr0 >> i & 1])
+
+
 def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]], opmasks=None) -> bytes:
     """The standard-format XSAVE image of x87, SSE, YMM and (AVX-512 hosts) the opmask
     and ZMM components: what the engine and the native executor hold."""
-    components = [i for i in layout if xcr0 >> i & 1]
-    size = max([FPSTATE_SIZE + XSAVE_HEADER] + [layout[i][0] + layout[i][1] for i in components])
+    size = _xsave_size(xcr0, layout)
     area = bytearray(size + 4)
     area[:FPSTATE_SIZE] = xstate.fxsave_image(uc)
     present = xcr0 & 0x3
     for i in _carried(opmasks):
-        if i in components:
+        if i in layout and xcr0 >> i & 1:
             data = xstate.component(uc, i, opmasks)
             area[layout[i][0]:layout[i][0] + len(data)] = data
             present |= 1 << i
@@ -85,6 +111,23 @@ def _xsave(uc, xcr0: int, layout: dict[int, tuple[int, int, bool]], opmasks=None
     struct.pack_into("<IIQI", area, 464, FP_XSTATE_MAGIC1, size + 4, xcr0, size)      # sw_reserved
     struct.pack_into("<I", area, size, FP_XSTATE_MAGIC2)
     return bytes(area)
+
+
+def _canonical(address: int) -> bool:
+    return address >> 47 in (0, 0x1FFFF)
+
+
+def _iret_refuses(cs: int, ss: int, rip: int) -> tuple[int, str] | None:
+    """What IRETQ to CPL 3 refuses with #GP, and its error code, checking the return CS,
+    then SS, then RIP (SDM Vol. 2A, IRET): Linux's GDT has the user code segments
+    __USER32_CS and __USER_CS and one user data segment, __USER_DS."""
+    if cs not in (USER_CS, USER32_CS):
+        return cs & 0xFFFC, f"CS {cs:#x} is no user code segment"
+    if ss != USER_DS:
+        return ss & 0xFFFC, f"SS {ss:#x} is no user data segment"
+    if not _canonical(rip):
+        return 0, f"RIP {rip:#x} is not canonical"
+    return None
 
 
 class Signals:
@@ -99,81 +142,173 @@ class Signals:
         self.layout = layout or {}
         self.read_xcr0 = lambda: None     # the VMM's: XCR0 now, or None while CR4.OSXSAVE is clear
         self.opmasks = None               # the VMM's holder of K0-7 on an AVX-512 host (opmasks(), set_opmasks())
+        self.xsaves = False               # the view has XSAVES: Linux's initial state is compacted (XRSTORS)
+        self.fatal: tuple[int, str | None] | None = None   # the signal the process dies of, and why Linux forced it
+        registers = tuple(REG[name] for name in SIGCONTEXT)
+        self._context = RegisterBlock(registers + (x86.UC_X86_REG_CS, x86.UC_X86_REG_SS))
+        self._restored = RegisterBlock(registers[:RIP_AT] + registers[RIP_AT + 1:])
+        self._entry = RegisterBlock((x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RAX,
+                                     x86.UC_X86_REG_RSP, x86.UC_X86_REG_RFLAGS))
+        self._stack = RegisterBlock((x86.UC_X86_REG_RSP, x86.UC_X86_REG_RFLAGS))
 
-    def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0) -> bool:
-        """Run the program's handler for a synchronous signal; False when Linux would
-        kill the process instead (no handler, SIG_IGN or the signal blocked: force_sig)."""
+    # -- delivery ---------------------------------------------------------------------------
+
+    def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0,
+                segments: tuple[int, int] | None = None) -> bool:
+        """Run the program's handler for a synchronous signal; False when the process
+        dies of it instead: no handler, SIG_IGN or the signal blocked (force_sig), or a
+        frame that cannot be written (force_sigsegv, ``fatal`` saying so). ``segments``:
+        the CS and SS to save where they are not the engine's (a refused rt_sigreturn:
+        the engine's stay Linux's user segments, as setup_rt_frame sets them for the
+        handler)."""
         action = self.actions.get(signo, Action())
         if action.handler in (SIG_DFL, SIG_IGN) or self.blocked >> (signo - 1) & 1:
             return False
-        rsp = uc.reg_read(x86.UC_X86_REG_RSP)
-        sp, flags, size = self.altstack
-        on_alt = sp and not flags & SS_DISABLE and sp < rsp <= sp + size
-        if action.flags & SA_ONSTACK and sp and not flags & SS_DISABLE and not on_alt:
-            top = sp + size
-        else:
-            top = rsp - 128  # below the red zone
+        context = self._context.read(uc)
+        if segments:
+            context[-2:] = segments
         xcr0 = self.read_xcr0() if self.layout else None
         image = _xsave(uc, xcr0, self.layout, self.opmasks) if xcr0 is not None else xstate.fxsave_image(uc)
-        fpstate = (top - len(image)) & ~63
-        frame = ((fpstate - FRAME_SIZE) & ~15) - 8  # at entry (RSP + 8) is 16-byte aligned
+        place = self._frame(context[RSP_AT], len(image), action)
         try:
-            self._write_frame(uc, frame, fpstate, image, signo, code, address, trapno, error, action)
+            if place is None or not action.flags & SA_RESTORER:  # x86-64 Linux requires a restorer
+                raise SyscallError(0)
+            frame, fpstate = place
+            self.p.write(fpstate, image)
+            self.p.write(frame, self._frame_bytes(context, fpstate, signo, code, address, trapno, error, action,
+                                                  UC_FP_XSTATE if xcr0 is not None else 0))
         except SyscallError:
-            return False  # no room for the frame: Linux kills the process (SIGSEGV)
+            where = f"at {place[0]:#x}" if place else "on its alternate stack"
+            return self._force_sigsegv(uc, signo, trapno, error, f"no room for the frame of signal {signo} {where}")
         self.blocked |= action.mask
         if not action.flags & SA_NODEFER:
             self.blocked |= 1 << (signo - 1)
         if action.flags & SA_RESETHAND:
             self.actions[signo] = Action()
-        uc.reg_write(x86.UC_X86_REG_RDI, signo)
-        uc.reg_write(x86.UC_X86_REG_RSI, frame + 8 + 304)
-        uc.reg_write(x86.UC_X86_REG_RDX, frame + 8)
-        uc.reg_write(x86.UC_X86_REG_RAX, 0)
-        uc.reg_write(x86.UC_X86_REG_RSP, frame)
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~((1 << 8) | (1 << 10)))  # TF, DF
-        uc.reg_write(x86.UC_X86_REG_RIP, action.handler)
+        self._entry.write(uc, (signo, frame + 8 + 304, frame + 8, 0, frame, context[FLAGS_AT] & ~HANDLER_CLEARS))
+        uc.reg_write(x86.UC_X86_REG_RIP, action.handler)  # a single write of RIP: the engine resumes there
         return True
 
-    def _write_frame(self, uc, frame, fpstate, image, signo, code, address, trapno, error, action) -> None:
-        p = self.p
-        p.write(fpstate, image)
-        regs = [uc.reg_read(REG[name]) for name in SIGCONTEXT]
-        segs = struct.pack("<HHHH", uc.reg_read(x86.UC_X86_REG_CS), 0, 0, uc.reg_read(x86.UC_X86_REG_SS))
-        sigcontext = struct.pack("<18Q", *regs) + segs + struct.pack("<QQQQQ", error, trapno, self.blocked,
-                                                                      address, fpstate) + bytes(64)
+    def _force_sigsegv(self, uc, signo: int, trapno: int, error: int, why: str) -> bool:
+        """signal_setup_done of a frame that could not be written (kernel/signal.c
+        force_sigsegv): SIGSEGV to its handler, fatal if SIGSEGV was the signal."""
+        if signo != SIGSEGV and self.deliver(uc, SIGSEGV, SI_KERNEL, 0, trapno, error):
+            return True
+        self.fatal = (SIGSEGV, why)
+        return False
+
+    def _altstack(self) -> tuple[int, int] | None:
         sp, flags, size = self.altstack
-        stack = struct.pack("<QiiQ", sp, flags, 0, size)
-        ucontext = struct.pack("<QQ", UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, 0) + stack + sigcontext \
-            + struct.pack("<Q", self.blocked)
+        return None if flags & SS_DISABLE or not size else (sp, size)
+
+    def _on_altstack(self, sp: int) -> bool:
+        """__on_sig_stack (include/linux/sched/signal.h)."""
+        stack = self._altstack()
+        return stack is not None and stack[0] < sp <= stack[0] + stack[1]
+
+    def _frame(self, rsp: int, fpstate_size: int, action: Action) -> tuple[int, int] | None:
+        """Where get_sigframe (arch/x86/kernel/signal.c) puts the frame and its fpstate:
+        below the red zone, or at the top of the alternate stack for SA_ONSTACK; the
+        fpstate 64-byte aligned, the frame below it so that RSP + 8 is 16-byte aligned at
+        the handler's entry. None where it would overflow the alternate stack."""
+        sp = rsp - 128
+        stack, nested = self._altstack(), self._on_altstack(rsp)
+        entering = bool(action.flags & SA_ONSTACK) and stack is not None and not self._on_altstack(sp)
+        if entering:
+            sp = stack[0] + stack[1]
+        fpstate = (sp - fpstate_size) & ~63
+        frame = ((fpstate - FRAME_SIZE) & ~15) - 8
+        return None if (nested or entering) and not self._on_altstack(frame) else (frame, fpstate)
+
+    def _frame_bytes(self, context, fpstate, signo, code, address, trapno, error, action, fp_flag) -> bytes:
+        """pretcode, the ucontext (flags, link, the alternate stack, the sigcontext, the
+        mask) and, for SA_SIGINFO, the siginfo (setup_rt_frame)."""
+        cs, ss = context[-2:]
+        sigcontext = struct.pack("<18Q", *context[:-2]) + struct.pack("<HHHH", cs, 0, 0, ss) \
+            + struct.pack("<QQQQQ", error, trapno, self.blocked, address, fpstate) + bytes(64)
+        sp, flags, size = self.altstack
+        ucontext = struct.pack("<QQ", fp_flag | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, 0) \
+            + struct.pack("<QiiQ", sp, flags, 0, size) + sigcontext + struct.pack("<Q", self.blocked)
         siginfo = struct.pack("<iiiiQ", signo, 0, code, 0, address).ljust(128, b"\0")
-        if not action.flags & SA_RESTORER:
-            raise SyscallError(EFAULT)  # x86-64 Linux requires a restorer (glibc always sets one)
-        p.write(frame, struct.pack("<Q", action.restorer) + ucontext + siginfo)
+        return struct.pack("<Q", action.restorer) + ucontext + (siginfo if action.flags & SA_SIGINFO else b"")
+
+    # -- rt_sigreturn ------------------------------------------------------------------------
 
     def sigreturn(self, uc) -> None:
-        """rt_sigreturn: the registers, mask and FPU state from the frame at RSP - 8."""
-        frame = uc.reg_read(x86.UC_X86_REG_RSP) - 8
-        data = self.p.read(frame, FRAME_SIZE)
-        context = data[8 + 40:8 + 40 + 256]
-        regs = struct.unpack_from("<18Q", context, 0)
-        fpstate = struct.unpack_from("<Q", context, 184)[0]
-        self.blocked = struct.unpack_from("<Q", data, 8 + 296)[0]
-        for name, value in zip(SIGCONTEXT, regs):
-            uc.reg_write(REG[name], value)
-        if fpstate:
-            legacy = self.p.read(fpstate, FPSTATE_SIZE)
-            xstate.fxrstor_image(uc, legacy)
-            magic, extended, features, size = struct.unpack_from("<IIQI", legacy, 464)
-            if magic == FP_XSTATE_MAGIC1 and FPSTATE_SIZE + XSAVE_HEADER <= size <= 1 << 16:
-                self._restore_extended(uc, self.p.read(fpstate, size), features)
+        """rt_sigreturn (arch/x86/kernel/signal_64.c): the mask, the registers and the
+        FPU state from the frame at RSP - 8, CS and SS with RPL 3; SIGSEGV for a frame
+        Linux refuses (signal_fault) or for what the return to user mode then refuses."""
+        rsp, rflags = self._stack.read(uc)
+        frame = rsp - 8
+        try:
+            ucontext = self.p.read(frame + 8, 304)
+        except SyscallError:
+            return self._refused(uc, f"rt_sigreturn: its frame at {frame:#x} cannot be read")
+        flags = struct.unpack_from("<Q", ucontext, 0)[0]
+        self.blocked = struct.unpack_from("<Q", ucontext, 296)[0] & ~UNBLOCKABLE
+        regs = list(struct.unpack_from("<18Q", ucontext, 40))
+        cs, _, _, ss = (value | 3 for value in struct.unpack_from("<HHHH", ucontext, 40 + 144))
+        fpstate = struct.unpack_from("<Q", ucontext, 40 + 184)[0]
+        regs[FLAGS_AT] = rflags & ~FIX_EFLAGS | regs[FLAGS_AT] & FIX_EFLAGS
+        self._restored.write(uc, regs[:RIP_AT] + regs[RIP_AT + 1:])
+        uc.reg_write(x86.UC_X86_REG_RIP, regs[RIP_AT])
+        if not flags & UC_STRICT_RESTORE_SS and cs == USER_CS:
+            ss = USER_DS  # force_valid_ss: Linux has one user data segment
+        why = self._restore_fpu(uc, fpstate)
+        if why:
+            return self._refused(uc, f"rt_sigreturn: {why}")
+        refusal = _iret_refuses(cs, ss, regs[RIP_AT])
+        if refusal:
+            error, why = refusal
+            return self._refused(uc, f"returning from a signal handler: {why} (IRET's #GP)", error, (cs, ss))
+        if cs == USER32_CS:
+            raise MinivmmError("rt_sigreturn to 32-bit compatibility mode (CS 0x23): minivmm runs 64-bit code only")
+        return None
 
-    def _restore_extended(self, uc, area: bytes, features: int) -> None:
-        """YMM's upper halves (and the AVX-512 components) from the frame, in order (ZMM
-        after YMM), or their initial configuration where XSTATE_BV says so."""
-        present = struct.unpack_from("<Q", area, FPSTATE_SIZE)[0]
-        for i in _carried(self.opmasks):
-            if i in self.layout and features >> i & 1:
-                at, size = self.layout[i][0], self.layout[i][1]
-                xstate.set_component(uc, i, area[at:at + size] if present >> i & 1 and at + size <= len(area)
-                                     else None, self.opmasks)
+    def _refused(self, uc, why: str, error: int = 0, segments: tuple[int, int] | None = None) -> None:
+        """force_sig(SIGSEGV) (signal_fault, or the #GP of a refused IRET): the program's
+        handler with the registers restored so far, or death."""
+        if not self.deliver(uc, SIGSEGV, SI_KERNEL, 0, 13, error, segments):
+            self.fatal = (SIGSEGV, why)
+
+    def _restore_fpu(self, uc, fpstate: int) -> str | None:
+        """fpu__restore_sig (arch/x86/kernel/fpu/signal.c): FXRSTOR of the fpstate, or
+        with XSAVE, XRSTOR of the features its sw_reserved names and the rest of XCR0 in
+        its initial configuration; the legacy state alone where the magic numbers or sizes
+        are wrong (check_xstate_in_sigframe). No fpstate is the initial configuration.
+        Why it fails (the state then initial, as fpu__clear_user_states leaves it), or None."""
+        xcr0 = self.read_xcr0() if self.layout else None
+        held = 0x7 | (0xE0 if self.opmasks is not None else 0)   # what the engine and the native executor hold
+        everything = xcr0 if xcr0 is not None else 0x3
+
+        def initial(mask: int) -> None:   # fpu__clear_user_states, restore_fpregs_from_init_fpstate
+            xstate.restore_initial(uc, mask, xcr0, self.layout, held, self.opmasks, self.xsaves)
+        try:
+            if not fpstate:
+                initial(everything)
+                return None
+            features = self._xstate_features(fpstate, xcr0) if xcr0 is not None else None
+            if features is None:
+                xstate.fxrstor(uc, fpstate, self.p.read)
+                rest = everything & ~0x3
+            else:
+                xstate.xrstor(uc, fpstate, self.p.read, xcr0, xcr0 & features & held, self.layout, held, self.opmasks)
+                rest = everything & ~features
+            if rest:
+                initial(rest)
+            return None
+        except SyscallError:
+            why = f"its fpstate at {fpstate:#x} cannot be read"
+        except xstate.Refused as e:
+            why = f"its fpstate at {fpstate:#x}: {e}"
+        initial(everything)
+        return why
+
+    def _xstate_features(self, fpstate: int, xcr0: int) -> int | None:
+        """check_xstate_in_sigframe: the features sw_reserved names, or None (the legacy
+        state only) for a wrong FP_XSTATE_MAGIC1, sizes or FP_XSTATE_MAGIC2."""
+        magic, extended, features, size = struct.unpack("<IIQI", self.p.read(fpstate + 464, 20))
+        if magic != FP_XSTATE_MAGIC1 or not FPSTATE_SIZE + XSAVE_HEADER <= size <= min(
+                _xsave_size(xcr0, self.layout), extended):
+            return None
+        return features if struct.unpack("<I", self.p.read(fpstate + size, 4))[0] == FP_XSTATE_MAGIC2 else None

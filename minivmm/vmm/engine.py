@@ -12,25 +12,13 @@ import ctypes
 from unicorn import UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
+from ..cpu.registers import RegisterBlock, reg_read_batch, reg_write_batch  # noqa: F401 (the exits' batches)
+
 _lib = ctypes.CDLL(uclib._name)
-reg_read_batch = _lib.uc_reg_read_batch
-reg_write_batch = _lib.uc_reg_write_batch
 # uc_reg_write(handle, id, pointer): unlike a batch, a write of RIP here ends the
 # engine's block, so that it resumes at the new address
 reg_write = _lib.uc_reg_write
 INSN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-
-
-class RegisterBlock:
-    """Preallocated values and pointers for one batch register transfer."""
-
-    def __init__(self, regs: tuple[int, ...], values: tuple[int, ...] | None = None):
-        self.count = len(regs)
-        self.initial = tuple(values or ())
-        self.ids = (ctypes.c_int * self.count)(*regs)
-        self.values = (ctypes.c_uint64 * self.count)(*(values or ()))
-        base = ctypes.addressof(self.values)
-        self.pointers = (ctypes.c_void_p * self.count)(*(base + 8 * i for i in range(self.count)))
 
 
 def add_insn_hook(uc, insn: int, callback) -> tuple:

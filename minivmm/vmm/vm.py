@@ -21,7 +21,7 @@ import threading
 import time
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Mnemonic
+from iced_x86 import Code, Decoder, Mnemonic
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
                      UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, Uc, UcError)
 
@@ -68,6 +68,7 @@ GDT_BASE = 0x1000
 VMM_AREA = (0x1000, 0x2000)       # reserved for the VMM's tables (docs/abi.md)
 BOOT_STUB = 0x1800                # inside the VMM area: sets XCR0 before the guest runs
 GDT = struct.pack("<QQQ", 0, 0x00209A0000000000, 0x0000920000000000)  # null, 64-bit code, data
+IRETQ, SYSCALL = bytes.fromhex("48cf"), bytes.fromhex("0f05")
 CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
 CR0_BOOT = 0x33                   # PE | MP | ET | NE; not EM, not TS
 CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE op is #UD
@@ -76,6 +77,9 @@ XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX sta
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
 MS_CHUNK = 2_000_000              # instructions between clock checks while an ms: point is pending
 UNTIL_STOPPED = 1 << 62           # a count no run reaches: counting on, no limit
+# Translated code kept at most (then it is all dropped and translated again as it runs):
+# unicorn reserves 1 GiB, and code run once (a stack that ran over the program) fills it.
+TRANSLATION_BUFFER = 64 << 20
 
 
 def parse_size(text: str | int) -> int:
@@ -321,9 +325,11 @@ class VM:
                 else:
                     needs = isa.needed_features(instr)
                     action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
-                    if linux and action != "ud" and (instr.is_privileged or instr.mnemonic in IOPL_SENSITIVE):
-                        action = "gp"  # CPL 0 only, and a Linux program runs at CPL 3 (the engine's CPL is 0)
-                    elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES):
+                    if linux and action != "ud" and (instr.mnemonic in PORT_IO or
+                                                     action is not None and instr.is_privileged):
+                        action = "gp"  # what the engine at CPL 3 does not refuse itself, or an exit would carry out
+                    elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES) \
+                            and not (linux and instr.mnemonic == Mnemonic.SYSCALL):  # the engine's hook (_Engine)
                         action = "privileged"
                     result = (action, needs - shown - isa.hinted(instr.mnemonic) if audit else frozenset())
                 cache[instr.code] = result
@@ -333,11 +339,11 @@ class VM:
 
 
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
-# #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, CLI, STI, IN,
-# OUT). (INS and OUTS too; their opcodes are ASCII letters, common in any code, and
-# no program uses them: they are not planted.)
-IOPL_SENSITIVE = frozenset((Mnemonic.CLI, Mnemonic.STI, Mnemonic.IN, Mnemonic.OUT))
-PORT_IO = IOPL_SENSITIVE - {Mnemonic.CLI, Mnemonic.STI}   # the engine checks no I/O permission at any CPL
+# Port I/O is #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, IN,
+# OUT), and the engine checks no I/O permission at any CPL. (INS and OUTS too; their
+# opcodes are ASCII letters, common in any code, and no program uses them: they are not
+# planted.) CLI, STI and what needs CPL 0 the engine refuses at CPL 3 itself.
+PORT_IO = frozenset((Mnemonic.IN, Mnemonic.OUT))
 
 
 class _Engine:
@@ -351,6 +357,7 @@ class _Engine:
         self.limit: int | None = None
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.ctl_set_cpu_model(getattr(x86, f"UC_CPU_X86_{host.engine_model}"))
+        uc.ctl_set_tcg_buffer_size(TRANSLATION_BUFFER)
         # Guest RAM is a host buffer the engine maps: the VMM reads it without the engine.
         try:
             self.ram = mmap.mmap(-1, vm.memory)
@@ -385,7 +392,9 @@ class _Engine:
                 if self.faults.xsave is not None:
                     self.faults.xsave.hold_avx512(native)
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
-            self.privileged.on_syscall = run._syscall
+            # SYSCALL is no planted exit but the engine's own hook: the engine walks every
+            # planted exit each time one fires, and a system call must not cost that.
+            self.syscall_hook = engine_module.add_insn_hook(uc, x86.UC_X86_INS_SYSCALL, run._on_syscall)
             self.faults.signals = True
             self.faults.on_signal = run._signal
 
@@ -412,9 +421,10 @@ class _Engine:
         uc.reg_write(x86.UC_X86_REG_RSP, vm.memory & ~0xF)
         uc.reg_write(x86.UC_X86_REG_RIP, vm.image.entry)
 
-    # XCR0 is reachable only through XGETBV/XSETBV: run them from the VMM's own area,
-    # leaving registers, memory and the page's decode as they were.
-    def _stub(self, code: bytes, setup: dict) -> dict:
+    # XCR0 is reachable only through XGETBV/XSETBV, and CPL 3 only through IRETQ: run
+    # them from the VMM's own area, leaving registers, memory and the page's decode as
+    # they were.
+    def _stub(self, code: bytes, setup: dict, what: str = "XCR0 access") -> dict:
         uc = self.uc
         # Not context_save/restore: the saved context holds XCR0 too, and would undo XSETBV.
         clobbered = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RIP,
@@ -441,8 +451,20 @@ class _Engine:
         for reg, value in context.items():
             uc.reg_write(reg, value)
         if out is None:
-            raise MinivmmError(f"the {self.host.engine_model} engine model refused XCR0 access")
+            raise MinivmmError(f"the {self.host.engine_model} engine model refused {what}")
         return out
+
+    def enter_user_mode(self) -> None:
+        """CPL 3, as the kernel's return to user mode (IRETQ) gives a Linux program. The
+        engine takes its CPL from the descriptor an SS load brings, and a register write
+        loads the selector alone: the program would run at CPL 0, its HLT, CLI, OUT,
+        LGDT, MOV CR ... carried out, its POPF changing IOPL (SDM Vol. 3A, 5.5; Vol. 2A,
+        IRET). At CPL 3 the engine raises their #GP itself."""
+        uc = self.uc
+        frame = [uc.reg_read(reg) for reg in (x86.UC_X86_REG_RIP, x86.UC_X86_REG_CS, x86.UC_X86_REG_RFLAGS,
+                                              x86.UC_X86_REG_RSP, x86.UC_X86_REG_SS)]
+        self._stub(IRETQ.ljust(16, b"\x90") + struct.pack("<5Q", *frame), {x86.UC_X86_REG_RSP: BOOT_STUB + 16},
+                   "IRETQ to CPL 3")
 
     def read_xcr0(self) -> int | None:
         if not self.uc.reg_read(x86.UC_X86_REG_CR4) & CR4_OSXSAVE:
@@ -547,11 +569,15 @@ class _Run:
         self._syscall_registers = (
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
                                          x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,
-                                         x86.UC_X86_REG_R9, x86.UC_X86_REG_RFLAGS)),
+                                         x86.UC_X86_REG_R9, x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RIP)),
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
-                                         x86.UC_X86_REG_RIP), (0, 0, 0, 0)))
-        kernel.signals.read_xcr0 = lambda: self.engine.read_xcr0()
+                                         x86.UC_X86_REG_RIP)),
+            engine_module.RegisterBlock((x86.UC_X86_REG_RIP,)))
+        self.engine.enter_user_mode()
+        xcr0 = self.engine.read_xcr0()  # fixed from now on: XSETBV and MOV CR4 are #GP at CPL 3
+        kernel.signals.read_xcr0 = lambda: xcr0
         kernel.signals.opmasks = self.engine.opmasks
+        kernel.signals.xsaves = self.engine.view.has(catalogue()["xsaves"])
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)
@@ -583,28 +609,48 @@ class _Run:
             self.engine.faults.native.forget(start, end)
 
     def _signal(self, uc, signo: int, code: int, address: int, vector: int, error: int) -> bool:
-        return self.kernel.signals.deliver(uc, signo, code, address, vector, error)
+        # The engine remembers its last exception and would raise the next as #DF (SDM
+        # Vol. 3A, Table 6-5): the kernel's trap handler has returned, as a delivery does.
+        engine_module.forget_exception(uc)
+        delivered = self.kernel.signals.deliver(uc, signo, code, address, vector, error)
+        if not delivered and self.kernel.signals.fatal:
+            self._killed()  # force_sigsegv: the process dies of SIGSEGV, not of the fault's signal
+        return delivered
 
-    def _syscall(self, uc, next_rip: int) -> None:
+    def _killed(self) -> None:
+        """The process dies of the signal its kernel chose (one it sent itself, or
+        SIGSEGV forced by a frame Linux could not write or refused)."""
+        signo, why = self.kernel.signals.fatal
+        name = SIGNALS.get(signo, f"signal {signo}")
+        self._end(Stop("signaled", 128 + signo, signal=name, rip=self.engine.rip(),
+                       message=f"{name}: {why}" if why else f"{name} raised by the program itself"))
+
+    def _on_syscall(self, _handle, _user_data) -> int:
+        try:
+            self._syscall(self.uc)
+        except BaseException as e:  # an exception inside a hook must not vanish
+            self._fail(e)
+        return 0
+
+    def _syscall(self, uc) -> None:
         """SYSCALL, as the kernel's entry sees it: the number and arguments in, the
-        result in RAX, RCX and R11 clobbered (the next RIP, RFLAGS), in two batch
-        register transfers (a system call's cost is mostly register access)."""
-        inputs, outputs = self._syscall_registers
-        engine_module.reg_read_batch(uc._uch, inputs.ids, inputs.pointers, inputs.count)
-        values = inputs.values
-        # A single write of RIP is what makes the engine resume there (the batch write
-        # does not end the translated block); a signal the call raises returns past it too.
-        uc.reg_write(x86.UC_X86_REG_RIP, next_rip)
+        result in RAX, RCX and R11 clobbered (the next RIP, RFLAGS), in batch register
+        transfers (a system call's cost is mostly register access). The engine's
+        SYSCALL hook runs with RIP at the instruction and adds its length after it (so
+        its block ends there, and a batch write of RIP takes effect)."""
+        inputs, outputs, rip_block = self._syscall_registers
+        values = inputs.read(uc)
+        rip = values[8]
+        size = len(SYSCALL) if self.engine.ram[rip:rip + len(SYSCALL)] == SYSCALL else \
+            Decoder(64, bytes(self.engine.ram[rip:rip + 15]), ip=rip).decode().len  # prefixed
+        rip_block.write(uc, (rip + size,))  # where a signal the call raises returns to
         result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
         if result is not RETURNED:
-            outputs.values[0], outputs.values[1], outputs.values[2], outputs.values[3] = \
-                result, next_rip, values[7], next_rip
-            engine_module.reg_write_batch(uc._uch, outputs.ids, outputs.pointers, outputs.count)
-        if self.kernel.killed:
-            signo = self.kernel.killed
-            name = SIGNALS.get(signo, f"signal {signo}")
-            self._end(Stop("signaled", 128 + signo, signal=name, rip=next_rip,
-                           message=f"{name} raised by the program itself"))
+            outputs.write(uc, (result, rip + size, values[7], rip))
+        else:  # rt_sigreturn or a handler: where it left RIP, less what the engine adds
+            rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))
+        if self.kernel.signals.fatal:
+            self._killed()
             return
         status = self.kernel.p.exit_status
         if status is not None:

@@ -128,7 +128,7 @@ def sys_madvise(k, uc, address, length, advice, *_):
         raise SyscallError(EINVAL)
     if advice == MADV_DONTNEED and length:  # private anonymous pages read as zeros again
         end = min(address + page_up(length), k.p.memory.size)
-        for m in k.p.memory.maps:
+        for m in k.p.memory.overlapping(address, end):
             lo, hi = max(m.start, address), min(m.end, end)
             if lo < hi and not m.name.startswith("/") and not m.shared:
                 k.p.memory.zero(lo, hi)

@@ -9,12 +9,11 @@ import struct
 import unicorn.x86_const as x86
 
 from ..errno import EINVAL, ESRCH, SyscallError
-from ..signals import SIG_DFL, SIG_IGN, Action, read_action, write_action
+from ..signals import SIG_DFL, SIG_IGN, UNBLOCKABLE, Action, read_action, write_action
 from .base import RETURNED, signed32
 
 FATAL_BY_DEFAULT = frozenset(range(1, 32)) - {17, 18, 20, 21, 22, 23, 28}  # not SIGCHLD, SIGCONT, SIGTSTP ...
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
-UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 SI_TKILL, SI_USER = -6, 0
 
 
@@ -72,7 +71,7 @@ def _raise(k, uc, target: int, signo: int, code: int):
     uc.reg_write(x86.UC_X86_REG_RAX, 0)
     if handler != SIG_DFL and k.signals.deliver(uc, signo, code, 0, 0):
         return RETURNED
-    k.killed = signo
+    k.signals.fatal = k.signals.fatal or (signo, None)  # or the SIGSEGV its frame ended in
     return 0
 
 

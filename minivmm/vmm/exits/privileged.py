@@ -12,12 +12,16 @@ AMD APM Vol. 3 (SYSENTER) and Vol. 2 (EFER).
 from __future__ import annotations
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Mnemonic, Register
+from iced_x86 import Code, Mnemonic, Register, RegisterExt
+from unicorn import UcError
 
+from ...cpu import isa
 from ...cpu.features import catalogue
+from .emulate import memory_address
 
 CHECKED_MNEMONICS = frozenset({Mnemonic.RDMSR, Mnemonic.WRMSR, Mnemonic.SYSCALL, Mnemonic.SYSENTER, Mnemonic.RDPMC,
-                               Mnemonic.XSETBV})  # XSETBV: the engine runs it; the VMM notes XCR0 changed
+                               Mnemonic.XSETBV,  # XSETBV: the engine runs it; the VMM notes XCR0 changed
+                               Mnemonic.WRFSBASE, Mnemonic.WRGSBASE, Mnemonic.LDMXCSR})  # at any CPL, below
 CHECKED_CODES = frozenset({Code.MOV_CR_R64})     # mov crN, r64 (reads of CRs cannot fault at CPL 0)
 
 EFER, STAR, LSTAR, CSTAR, FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
@@ -39,6 +43,8 @@ CR4_WITH = {0: "vme", 1: "vme", 2: "tsc", 3: "de", 4: "pse", 5: "pae", 6: "mce",
             10: "sse", 11: "umip", 12: "la57", 13: "vmx", 14: "smx", 16: "fsgsbase", 17: "pcid", 18: "xsave",
             20: "smep", 21: "smap", 22: "pku", 23: ("shstk", "ibt"), 24: "pks"}
 CR0_PE, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 29, 1 << 30, 1 << 31
+CR4_PCE = 1 << 8
+CONTROL_REGISTERS = frozenset({Register.CR0, Register.CR2, Register.CR3, Register.CR4, Register.CR8})
 RFLAGS_RF, RFLAGS_IF, RFLAGS_VM = 1 << 16, 1 << 9, 1 << 17
 GPR64 = {getattr(Register, name): getattr(x86, f"UC_X86_REG_{name}")
          for name in ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", *(f"R{i}" for i in range(8, 16)))}
@@ -61,7 +67,6 @@ class PrivilegedExits:
         self.cr4_valid = sum(1 << bit for bit, needs in CR4_WITH.items()
                              if needs is None or any(has(n) for n in (needs if isinstance(needs, tuple) else (needs,))))
         self.max_phys = (view.answer(0x80000008, 0, 0)[0] & 0xFF or 36) if view.table.in_range(0x80000008) else 36
-        self.on_syscall = None  # a Linux program's SYSCALLs go to its kernel: (uc, next_rip) -> None
 
     def check(self, uc, address: int, size: int, instr) -> None:
         fault = self._fault(uc, address, size, instr)
@@ -71,19 +76,49 @@ class PrivilegedExits:
 
     def _fault(self, uc, address, size, instr) -> tuple[int, str] | None:
         mnemonic = instr.mnemonic
+        if mnemonic == Mnemonic.SYSCALL:
+            return self._syscall(uc, address + size)
+        if mnemonic == Mnemonic.SYSENTER:
+            return self._sysenter(uc)
+        if instr.code == Code.MOV_CR_R64 and instr.op0_register not in CONTROL_REGISTERS:
+            return 6, f"{CR_NAMES.get(instr.op0_register, 'that control register')} does not exist"  # at any CPL
+        if mnemonic in (Mnemonic.WRFSBASE, Mnemonic.WRGSBASE, Mnemonic.LDMXCSR):
+            return self._operand(uc, instr)
+        cpl = uc.reg_read(x86.UC_X86_REG_CS) & 3
+        if cpl:
+            return self._user_mode(uc, address + size, instr, cpl)
         if instr.code == Code.MOV_CR_R64 or mnemonic == Mnemonic.XSETBV:
             self.faults.forget_control()  # what the guest enabled may change (the engine carries it out)
         if mnemonic in (Mnemonic.RDMSR, Mnemonic.WRMSR):
             return self._msr(uc, mnemonic == Mnemonic.WRMSR)
         if instr.code == Code.MOV_CR_R64:
             return self._mov_cr(uc, instr)
-        if mnemonic == Mnemonic.SYSCALL:
-            return self._syscall(uc, address + size)
-        if mnemonic == Mnemonic.SYSENTER:
-            return self._sysenter(uc)
         if mnemonic == Mnemonic.RDPMC:
             return self._rdpmc(uc, address + size)
         return None
+
+    def _user_mode(self, uc, next_rip: int, instr, cpl: int):
+        """Above CPL 0 (a Linux program runs at CPL 3) RDMSR, WRMSR, MOV to a control
+        register and XSETBV are #GP(0), and so is RDPMC unless CR4.PCE allows it (SDM
+        Vol. 2B, each instruction's exceptions): never carried out."""
+        if instr.mnemonic == Mnemonic.RDPMC and uc.reg_read(x86.UC_X86_REG_CR4) & CR4_PCE:
+            return self._rdpmc(uc, next_rip)
+        return 13, f"{isa.disassemble(instr)} at CPL {cpl}: it needs CPL 0"
+
+    @staticmethod
+    def _operand(uc, instr):
+        """The engine takes these without the check the CPU makes: #GP(0) for a
+        non-canonical base (SDM Vol. 2D, WRFSBASE/WRGSBASE) and for MXCSR's reserved bits
+        (Vol. 2A, LDMXCSR; every x86-64 CPU's MXCSR_MASK is 0xFFFF: DAZ exists)."""
+        if instr.mnemonic == Mnemonic.LDMXCSR:
+            try:
+                value = int.from_bytes(uc.mem_read(memory_address(uc, instr), 4), "little")
+            except UcError:
+                return None  # the engine's own access faults
+            return (13, f"MXCSR value {value:#x} sets reserved bits") if value >> 16 else None
+        base = uc.reg_read(GPR64[RegisterExt.full_register(instr.op0_register)])
+        base &= 0xFFFFFFFF if RegisterExt.is_gpr32(instr.op0_register) else (1 << 64) - 1
+        return None if canonical(base) else (13, f"base {base:#x} is not canonical")
 
     # -- MSRs ---------------------------------------------------------------------------
 
@@ -124,18 +159,13 @@ class PrivilegedExits:
         elif cr == Register.CR8:
             if value >> 4:
                 return 13, "CR8 bits 63:4 are reserved"
-        elif cr != Register.CR2:
-            return 6, f"{CR_NAMES.get(cr, 'that control register')} does not exist"
         return None
 
     # -- fast system calls --------------------------------------------------------------
 
     def _syscall(self, uc, next_rip: int):
         """SDM Vol. 2B, SYSCALL: #UD while EFER.SCE is clear; otherwise done here. (A
-        Linux program's kernel set SCE, and ring 3 cannot clear it: no MSR read per call.)"""
-        if self.on_syscall:
-            self.on_syscall(uc, next_rip)
-            return None
+        Linux program's SYSCALL goes to its kernel through the engine's own hook.)"""
         if not uc.reg_read(x86.UC_X86_REG_MSR, EFER) & 1:
             return 6, "SYSCALL with EFER.SCE clear"
         rflags = uc.reg_read(x86.UC_X86_REG_RFLAGS)

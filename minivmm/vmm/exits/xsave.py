@@ -32,16 +32,12 @@ from ...cpu import xstate
 from .emulate import memory_address
 from .native import Fault, check_span
 
-MXCSR_MASK = 0xFFFF             # FXSAVE's MXCSR_MASK with DAZ: bits 31:16 are reserved
 HELD = 0x7                       # x87 | SSE | AVX: what the engine's state has
 AVX512 = 0xE0                    # opmask | ZMM_Hi256 | Hi16_ZMM: with a wide native executor
 EXTENDED = (2, 5, 6, 7)          # the components past the legacy region minivmm carries
-COMPACTED = 1 << 63
 SAVES = {Mnemonic.XSAVE: "xsave", Mnemonic.XSAVE64: "xsave", Mnemonic.XSAVEOPT: "xsaveopt",
          Mnemonic.XSAVEOPT64: "xsaveopt", Mnemonic.XSAVEC: "xsavec", Mnemonic.XSAVEC64: "xsavec"}
 CARRIED_OUT = frozenset(SAVES) | {Mnemonic.XRSTOR, Mnemonic.XRSTOR64, Mnemonic.VLDMXCSR, Mnemonic.VSTMXCSR}
-X87_INIT_FCW, X87_EMPTY_TAGS = 0x37F, 0xFFFF
-MXCSR_INIT = 0x1F80
 
 
 class XsaveUnit:
@@ -84,7 +80,7 @@ class XsaveUnit:
         address = memory_address(uc, instr)
         check_span(self.memory, self.protection, address, 4, False)
         value = struct.unpack_from("<I", self.ram, address)[0]
-        if value & ~MXCSR_MASK:
+        if value & ~xstate.MXCSR_MASK:
             raise Fault(13, 0, detail=f"VLDMXCSR of reserved bits ({value:#x})")
         uc.reg_write(x86.UC_X86_REG_MXCSR, value)
         uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
@@ -104,7 +100,7 @@ class XsaveUnit:
         """The FXSAVE image, components 2 and up (their bytes), and XINUSE."""
         image = xstate.fxsave_image(uc)
         extended = {i: xstate.component(uc, i, self.opmasks) for i in EXTENDED if rfbm >> i & 1}
-        x87_init = struct.unpack_from("<HHB", image, 0) == (X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
+        x87_init = struct.unpack_from("<HHB", image, 0) == (xstate.X87_INIT_FCW, 0, 0) and not any(image[6:24]) \
             and not any(image[32:160])
         in_use = (0 if x87_init else 1) | (2 if any(image[160:416]) else 0)
         return image, extended, in_use | sum(1 << i for i, data in extended.items() if any(data))
@@ -122,7 +118,7 @@ class XsaveUnit:
         size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
         address = self._area(uc, instr, size, True)
         image, extended, in_use = self._state(uc, rfbm)
-        if compacted and struct.unpack_from("<I", image, 24)[0] != MXCSR_INIT:
+        if compacted and struct.unpack_from("<I", image, 24)[0] != xstate.MXCSR_INIT:
             in_use |= 2    # XSAVEC saves SSE, and sets its bit, for an MXCSR not 1F80H
         written = rfbm if form == "xsave" else rfbm & in_use
         legacy = bytearray(self.ram[address:address + xstate.LEGACY])
@@ -135,7 +131,7 @@ class XsaveUnit:
         self.ram[address:address + xstate.LEGACY] = legacy
         header = address + xstate.LEGACY
         if compacted:
-            struct.pack_into("<QQ", self.ram, header, rfbm & in_use, COMPACTED | rfbm)  # XSTATE_BV, XCOMP_BV
+            struct.pack_into("<QQ", self.ram, header, rfbm & in_use, xstate.COMPACTED | rfbm)  # XSTATE_BV, XCOMP_BV
         else:  # XSTATE_BV's bits of RFBM say what is in use; the others and XCOMP_BV stay
             old = struct.unpack_from("<Q", self.ram, header)[0]
             struct.pack_into("<Q", self.ram, header, old & ~rfbm | rfbm & in_use)
@@ -148,59 +144,16 @@ class XsaveUnit:
     # -- restoring ----------------------------------------------------------------------------
 
     def _restore(self, uc, rip: int, instr) -> bool:
-        """XRSTOR m of either form (SDM Vol. 1, 13.8); False when RFBM or the area
-        holds state the engine does not."""
-        address = memory_address(uc, instr)
-        if address % 64:
-            raise Fault(13, 0, detail=f"XSAVE area at {address:#x} is not 64-byte aligned")
-        check_span(self.memory, self.protection, address, xstate.LEGACY + xstate.HEADER, False)
-        xstate_bv, xcomp_bv = struct.unpack_from("<QQ", self.ram, address + xstate.LEGACY)
-        xcr0, rfbm = self.read_xcr0() or 0, self._rfbm(uc)
-        if xcomp_bv & COMPACTED:
-            reserved = bytes(self.ram[address + xstate.LEGACY + 16:address + xstate.LEGACY + xstate.HEADER])
-            if xcomp_bv & ~COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv & ((1 << 63) - 1) or any(reserved):
-                raise Fault(13, 0, detail="XRSTOR of a compacted area with a bad header (SDM Vol. 1, 13.8.2)")
-            present = xcomp_bv & ~COMPACTED
-            offsets = xstate.compacted_offsets(self.components, present)
-        else:
-            if xstate_bv & ~xcr0 or any(self.ram[address + xstate.LEGACY + 8:address + xstate.LEGACY + 24]):
-                raise Fault(13, 0, detail="XRSTOR of a standard area with a bad header (SDM Vol. 1, 13.8.1)")
-            present = rfbm
-            offsets = {i: self.components[i][0] for i in self.components if rfbm >> i & 1}
-        if rfbm & ~self.held or xstate_bv & rfbm & ~self.held:
-            return False
-        size = max([xstate.LEGACY + xstate.HEADER] + [at + self.components[i][1] for i, at in offsets.items()])
-        check_span(self.memory, self.protection, address, size, False)
-        legacy = bytes(self.ram[address:address + xstate.LEGACY])
-        # MXCSR: the compacted form loads it with SSE and initializes it with SSE; the
-        # standard form loads it whenever RFBM asks for SSE or AVX (SDM Vol. 1, 13.8)
-        mxcsr = struct.unpack_from("<I", legacy, 24)[0]
-        if xcomp_bv & COMPACTED:
-            mxcsr = (mxcsr if xstate_bv & 2 else MXCSR_INIT) if rfbm & 2 else None
-        elif not rfbm & 6:
-            mxcsr = None
-        if mxcsr is not None and mxcsr & ~MXCSR_MASK:
-            raise Fault(13, 0, detail="XRSTOR of reserved MXCSR bits")
-        if rfbm & 1:
-            if xstate_bv & 1:
-                xstate.fxrstor_image(uc, legacy, x87=True, sse=False)
-            else:
-                uc.reg_write(x86.UC_X86_REG_FPCW, X87_INIT_FCW)
-                uc.reg_write(x86.UC_X86_REG_FPSW, 0)
-                uc.reg_write(x86.UC_X86_REG_FPTAG, X87_EMPTY_TAGS)
-                for i in range(8):
-                    uc.reg_write(getattr(x86, f"UC_X86_REG_FP{i}"), (0, 0))
-        if rfbm & 2:
-            xstate.fxrstor_image(uc, legacy if xstate_bv & 2 else bytes(xstate.LEGACY), x87=False, sse=True)
-        if mxcsr is not None:
-            uc.reg_write(x86.UC_X86_REG_MXCSR, mxcsr)
-
-        def component(i: int) -> bytes | None:  # None: its initial configuration
-            if not (xstate_bv >> i & 1 and present >> i & 1):
-                return None
-            return bytes(self.ram[address + offsets[i]:address + offsets[i] + self.components[i][1]])
-        for i in EXTENDED:  # in order: ZMM_Hi256 after YMM, whose bits it keeps
-            if rfbm >> i & 1:
-                xstate.set_component(uc, i, component(i), self.opmasks)
-        uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
-        return True
+        """XRSTOR m of either form (:func:`minivmm.cpu.xstate.xrstor`); False when RFBM
+        or the area holds state the engine does not."""
+        def read(address: int, size: int) -> bytes:
+            check_span(self.memory, self.protection, address, size, False)
+            return bytes(self.ram[address:address + size])
+        try:
+            done = xstate.xrstor(uc, memory_address(uc, instr), read, self.read_xcr0() or 0, self._rfbm(uc),
+                                 self.components, self.held, self.opmasks)
+        except xstate.Refused as e:
+            raise Fault(13, 0, detail=str(e)) from None
+        if done:
+            uc.reg_write(x86.UC_X86_REG_RIP, rip + instr.len)
+        return done
