@@ -585,3 +585,47 @@ def test_the_oracle_catches_a_gate_that_is_wrong_negative_control():
     wrong = dataclasses.replace(native, physical=native.physical - {"popcnt"})
     assert machine_verdict("popcnt rax, rbx") == "runs"
     assert outcome(VM(image("popcnt rax, rbx"), wrong).run(timeout=10)) == "#UD"
+
+
+def test_the_engine_keeps_upper_halves_after_every_legacy_sse_form_but_those_it_exits_on():
+    """A legacy SSE instruction leaves bits 511:128 of its destination unchanged (SDM
+    Vol. 1, 14.1.3). The engine writes a whole register from a 16-byte result after two
+    forms, leaving its own stack contents there (host pointers a guest could read): those
+    exit where YMM exists (isa.UPPER_CLOBBERED) and run on the machine's CPU."""
+    import iced_x86 as iced
+    from iced_x86 import Code, EncodingKind, Encoder, Instruction, OpCodeInfo, Register
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc, UcError
+    from unicorn import x86_const as x86
+
+    kinds = {v: k for k, v in vars(iced.OpCodeOperandKind).items() if k.isupper()}
+    names = {v: k for k, v in vars(iced.CpuidFeature).items() if k.isupper()}
+    sse = {"SSE", "SSE2", "SSE3", "SSSE3", "SSE4_1", "SSE4_2", "AES", "PCLMULQDQ", "SHA", "GFNI"}
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x20000)
+    uc.reg_write(x86.UC_X86_REG_CR4, 0x40600)   # OSFXSR, OSXMMEXCPT, OSXSAVE
+    clobbering, tried = set(), 0
+    for code in (c for n, c in vars(Code).items() if n.isupper() and c != Code.INVALID):
+        info = OpCodeInfo(code)
+        form = [kinds[info.op_kind(i)] for i in range(info.op_count)]
+        features = {names[f] for f in Instruction.create(code).cpuid_features()}
+        if not (info.mode64 and info.encoding == EncodingKind.LEGACY and features and features <= sse
+                and form and form[0].startswith("XMM") and all(k.startswith("XMM") or k == "IMM8" for k in form)):
+            continue
+        operands = [Register.XMM5 if i == 0 else Register.XMM9 + i if k.startswith("XMM") else 0x1B
+                    for i, k in enumerate(form)]
+        pattern = "_".join("reg" if k.startswith("XMM") else "u32" for k in form)
+        encoder = Encoder(64)
+        encoder.encode(getattr(Instruction, f"create_{pattern}")(code, *operands), 0x1000)
+        body = encoder.take_buffer()
+        uc.mem_write(0x1000, body)
+        for r in range(16):
+            uc.reg_write(getattr(x86, f"UC_X86_REG_ZMM{r}"), int.from_bytes(bytes([0xA0 + r]) * 64, "little"))
+        try:
+            uc.emu_start(0x1000, 0x1000 + len(body), count=1)
+        except UcError:  # beyond the engine's model: it never runs the form
+            continue
+        tried += 1
+        if uc.reg_read(x86.UC_X86_REG_ZMM5).to_bytes(64, "little")[16:] != b"\xa5" * 48:
+            clobbering.add(code)
+    assert tried > 200
+    assert clobbering == isa.UPPER_CLOBBERED

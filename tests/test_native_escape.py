@@ -19,17 +19,29 @@ needs_avx2 = pytest.mark.skipif(not {"avx2", "bmi2"} <= machine_features(), reas
 needs_fsgsbase = pytest.mark.skipif("fsgsbase" not in machine_features(), reason="this machine has no FSGSBASE")
 
 
-def outcomes(sequence, host="haswell", seed=1, tmp_path=None):
+@pytest.fixture(scope="module")
+def workers():
+    """minivmm in child processes, one per host: a regression that kills the VMM fails
+    its test instead of the test session."""
+    started = {}
+    yield lambda host: started.setdefault(host, nativefuzz._Worker(host))
+    for worker in started.values():
+        worker.stop()
+
+
+def outcomes(sequence, workers, tmp_path, host="haswell", seed=1):
     """The sequence natively and under minivmm: (native, guest) Outcomes."""
     rng = random.Random(seed)
     path = tmp_path / "case"
     path.write_bytes(nativefuzz.program(sequence, rng, wide=False))
     path.chmod(0o755)
-    return nativefuzz.native(str(path)), nativefuzz.guest(str(path), host)
+    guest = workers(host).run(str(path))
+    assert guest is not None, "the VMM died"
+    return nativefuzz.native(str(path)), guest
 
 
-def assert_as_native(sequence, tmp_path, host="haswell", signal=None):
-    native, guest = outcomes(sequence, host, tmp_path=tmp_path)
+def assert_as_native(sequence, workers, tmp_path, host="haswell", signal=None):
+    native, guest = outcomes(sequence, workers, tmp_path, host)
     assert not guest.vmm, guest.vmm
     assert native.signal == signal, f"natively: {native.signal}"
     assert guest.signal == native.signal
@@ -48,63 +60,63 @@ VPADDD = "vpaddd ymm0, ymm1, ymm1"   # takes what follows into a native run
     ["lea rax, [rsp - 8]", "vmovq xmm0, rax", "vmovq rsp, xmm0"],
     [VPADDD, "lea rax, [rsp + 16]", "mov esp, eax"],
 ], ids=["bzhi-reads-rsp", "vmovq-reads-rsp", "bzhi-writes-rsp", "vmovq-writes-rsp", "esp-after-avx"])
-def test_the_stack_pointer_is_the_guests(sequence, tmp_path):
-    assert_as_native(sequence, tmp_path)
+def test_the_stack_pointer_is_the_guests(sequence, workers, tmp_path):
+    assert_as_native(sequence, workers, tmp_path)
 
 
 @needs_avx2
 @needs_fsgsbase
-def test_fs_and_gs_bases_are_the_guests(tmp_path):
-    assert_as_native([VPADDD, "rdfsbase rax", "rdgsbase rcx"], tmp_path)
-    assert_as_native([VPADDD, "wrfsbase rsi", "rdfsbase rdx"], tmp_path)
+def test_fs_and_gs_bases_are_the_guests(workers, tmp_path):
+    assert_as_native([VPADDD, "rdfsbase rax", "rdgsbase rcx"], workers, tmp_path)
+    assert_as_native([VPADDD, "wrfsbase rsi", "rdfsbase rdx"], workers, tmp_path)
 
 
 @needs_avx2
 @pytest.mark.parametrize("instruction", ["wbinvd", "swapgs", "lgdt [rsi]", "invlpg [rsi]", "cli", "hlt", "rdmsr"])
-def test_privileged_instructions_after_avx_are_the_guests_sigsegv(instruction, tmp_path):
-    assert_as_native([VPADDD, instruction], tmp_path, signal="SIGSEGV")
+def test_privileged_instructions_after_avx_are_the_guests_sigsegv(instruction, workers, tmp_path):
+    assert_as_native([VPADDD, instruction], workers, tmp_path, signal="SIGSEGV")
 
 
 @needs_avx2
-def test_a_misaligned_legacy_sse_operand_in_a_run_is_the_guests_sigsegv(tmp_path):
+def test_a_misaligned_legacy_sse_operand_in_a_run_is_the_guests_sigsegv(workers, tmp_path):
     """SDM Vol. 1, 10.4.1.1: a 16-byte legacy SSE memory operand must be aligned (#GP)."""
-    assert_as_native([VPADDD, "movaps xmm2, xmmword ptr [rsi + 1]"], tmp_path, signal="SIGSEGV")
-    assert_as_native([VPADDD, "addps xmm2, xmmword ptr [rsi + 4]"], tmp_path, signal="SIGSEGV")
-    assert_as_native([VPADDD, "movups xmm2, xmmword ptr [rsi + 4]"], tmp_path)
+    assert_as_native([VPADDD, "movaps xmm2, xmmword ptr [rsi + 1]"], workers, tmp_path, signal="SIGSEGV")
+    assert_as_native([VPADDD, "addps xmm2, xmmword ptr [rsi + 4]"], workers, tmp_path, signal="SIGSEGV")
+    assert_as_native([VPADDD, "movups xmm2, xmmword ptr [rsi + 4]"], workers, tmp_path)
 
 
 @needs_avx2
-def test_lock_where_it_is_not_allowed_is_sigill(tmp_path):
+def test_lock_where_it_is_not_allowed_is_sigill(workers, tmp_path):
     """SDM Vol. 2A, LOCK: #UD on an instruction that cannot take it (the engine ran it)."""
-    assert_as_native([VPADDD, bytes.fromhex("f089c0")], tmp_path, signal="SIGILL")
-    assert_as_native([bytes.fromhex("f089c0")], tmp_path, signal="SIGILL")
-    assert_as_native(["lock add qword ptr [rsp], rax"], tmp_path)
+    assert_as_native([VPADDD, bytes.fromhex("f089c0")], workers, tmp_path, signal="SIGILL")
+    assert_as_native([bytes.fromhex("f089c0")], workers, tmp_path, signal="SIGILL")
+    assert_as_native(["lock add qword ptr [rsp], rax"], workers, tmp_path)
 
 
 @needs_avx2
 @pytest.mark.parametrize("operand", ["[r8d]", "[r8d - 16]", "[r8d + r9d*2]", "fs:[r9 + 8]", "gs:[r9]"])
-def test_address_size_and_segment_overrides_address_what_the_cpu_does(operand, tmp_path):
+def test_address_size_and_segment_overrides_address_what_the_cpu_does(operand, workers, tmp_path):
     """67h: the effective address wraps at 32 bits (R8 holds junk above bit 31);
     FS/GS: based on the guest's own bases (thread-local AVX code)."""
     assert_as_native([VPADDD, f"vmovdqu ymm3, ymmword ptr {operand}", f"vpaddd ymm4, ymm3, ymmword ptr {operand}"],
-                     tmp_path)
+                     workers, tmp_path)
 
 
 @needs_avx2
-def test_a_stack_segment_access_to_a_non_canonical_address_is_sigbus(tmp_path):
+def test_a_stack_segment_access_to_a_non_canonical_address_is_sigbus(workers, tmp_path):
     """SDM Vol. 3A, 6.15: a non-canonical address through SS (RSP or RBP based) is #SS,
     which Linux sends as SIGBUS; through DS it is #GP, SIGSEGV."""
-    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rbp + r14]"], tmp_path, signal="SIGBUS")
-    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rsi + r14]"], tmp_path, signal="SIGSEGV")
+    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rbp + r14]"], workers, tmp_path, signal="SIGBUS")
+    assert_as_native([VPADDD, "vmovdqu ymm3, ymmword ptr [rsi + r14]"], workers, tmp_path, signal="SIGSEGV")
 
 
 @needs_avx2
-def test_the_vmms_mxcsr_and_x87_control_word_survive_whatever_the_guest_loads(tmp_path):
-    """A guest's MXCSR with reserved bits reached the thunk's LDMXCSR: #GP in the VMM."""
-    before = nativefuzz.host_state()
+def test_the_vmms_mxcsr_and_x87_control_word_survive_whatever_the_guest_loads(workers, tmp_path):
+    """A guest's MXCSR with reserved bits reached the thunk's LDMXCSR: #GP in the VMM.
+    The worker compares its own MXCSR and x87 control word before and after (``vmm``)."""
     native, guest = outcomes(["mov dword ptr [rsp], 0xffffffff", "ldmxcsr dword ptr [rsp]", VPADDD,
-                              "mov word ptr [rsp], 0", "fldcw word ptr [rsp]", VPADDD], tmp_path=tmp_path)
-    assert not guest.vmm and nativefuzz.host_state() == before
+                              "mov word ptr [rsp], 0", "fldcw word ptr [rsp]", VPADDD], workers, tmp_path)
+    assert not guest.vmm, guest.vmm
     assert native.signal == "SIGSEGV"   # (the engine accepts LDMXCSR's reserved bits: README, Limits)
 
 
@@ -165,3 +177,33 @@ def test_the_native_executor_fuzzer_finds_no_escape_and_no_unexplained_differenc
     assert tally.vmm_deaths == tally.vmm_troubles == tally.host_values == 0, tally.unexplained
     assert not tally.unexplained, tally.unexplained
     assert tally.agreed > tally.cases // 2
+
+
+# ---- checks the engine leaves out --------------------------------------------------------
+
+@needs_fsgsbase
+@pytest.mark.parametrize("sequence, signal", [
+    (["wrfsbase r14"], "SIGSEGV"),                      # R14: a non-canonical value (SDM Vol. 2D, WRFSBASE)
+    (["wrgsbase rsi"], None),
+    (["mov dword ptr [rsp], 0x10000", "ldmxcsr dword ptr [rsp]"], "SIGSEGV"),   # a reserved MXCSR bit
+    (["mov dword ptr [rsp], 0xffbf", "ldmxcsr dword ptr [rsp]", "stmxcsr dword ptr [rsp + 8]"], None),
+], ids=["wrfsbase-noncanonical", "wrgsbase", "ldmxcsr-reserved", "ldmxcsr"])
+def test_what_the_engine_takes_unchecked_faults_as_on_the_cpu(sequence, signal, workers, tmp_path):
+    assert_as_native(sequence, workers, tmp_path, signal=signal)
+
+
+SNAN = ["mov word ptr [rsp], 0x40", "fldcw word ptr [rsp]", "mov dword ptr [rsp + 8], 0x7fa00000"]
+
+
+@needs_avx2
+@pytest.mark.parametrize("sequence, signal", [
+    ([VPADDD, "mov word ptr [rsp], 0", "fldcw word ptr [rsp]", *SNAN[2:], "fld dword ptr [rsp + 8]",
+      "fld dword ptr [rsp + 8]"], "SIGFPE"),                                                # #MF at the second FLD
+    ([*SNAN, "fld dword ptr [rsp + 8]", "fnclex", "fldz"], None),                            # cleared in between
+    ([*SNAN, "fld dword ptr [rsp + 8]", "fnclex", "fld dword ptr [rsp + 8]", "fldz"], "SIGFPE"),
+    (["mov dword ptr [rsp + 8], 0x7fa00000", "fld dword ptr [rsp + 8]", "fld dword ptr [rsp + 8]"], None),  # masked
+], ids=["after-avx", "cleared", "raised-again", "masked"])
+def test_an_unmasked_x87_exception_is_the_guests_sigfpe(sequence, signal, workers, tmp_path):
+    """SDM Vol. 1, 8.6: an unmasked x87 exception is raised (#MF) at the next waiting x87
+    instruction; the engine records it and raises nothing; the VMM's own FPU never sees it."""
+    assert_as_native(sequence, workers, tmp_path, signal=signal)

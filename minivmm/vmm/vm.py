@@ -55,6 +55,8 @@ from .exits.emulate import bit_scan
 from .exits.native import NativeExecutor
 from .exits.xsave import XsaveUnit
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
+from .exits import x87 as x87_exits
+from .exits.x87 import X87Exceptions
 from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
 from .ram import touched_pages
 from .report import SIGNALS, RunResult, Stop
@@ -73,6 +75,9 @@ CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
 CR0_BOOT = 0x33                   # PE | MP | ET | NE; not EM, not TS
 CR4_BOOT = 0x600                  # OSFXSR | OSXMMEXCPT: without them every SSE op is #UD
 MXCSR_RESET = 0x1F80              # SDM Vol. 1, 10.2.3: every exception masked (the engine starts at 0)
+# x87 as firmware hands it over (UEFI's x64 hand-off: FNINIT's 0x37F, every exception
+# masked, extended precision); the engine starts at 0, all unmasked in single precision.
+FCW_HANDOFF = 0x37F
 XCR0_BOOT = 0x3                   # x87 | SSE; the engine cannot execute AVX state
 NEVER = 1 << 63                   # a non-canonical "until" address: run until stopped
 MS_CHUNK = 2_000_000              # instructions between clock checks while an ms: point is pending
@@ -305,8 +310,9 @@ class VM:
         cr4 = boot_cr4(self.view)
         return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, cr4, XCR0_BOOT, MXCSR_RESET))
 
-    def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool):
-        """What an exit at each instruction does on this host (cached per opcode)."""
+    def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool, x87: X87Exceptions | None = None):
+        """What an exit at each instruction does on this host (cached per opcode, until
+        ``x87`` starts or stops checking waiting x87 instructions)."""
         physical = host.physical
         shown = catalogue().decode(view.table) if audit else frozenset()
         actions = {isa.Verdict.RUN: None, isa.Verdict.UD: "ud", isa.Verdict.UNSUPPORTED: "unsupported",
@@ -317,20 +323,30 @@ class VM:
         linux = self.image.kind == "linux"
         exit_mnemonics = {} if linux else EXIT_MNEMONICS
 
+        x87 = x87 or X87Exceptions()
+        seen = [x87.generation]
+
         def classify(instr):
+            if seen[0] != x87.generation:
+                cache.clear()
+                seen[0] = x87.generation
             result = cache.get(instr.code)
             if result is None:
                 if instr.code == Code.INVALID:
                     result = (None, frozenset())
                 else:
                     needs = isa.needed_features(instr)
-                    action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical)]
+                    action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical, instr.code)]
                     if linux and action != "ud" and (instr.mnemonic in PORT_IO or
                                                      action is not None and instr.is_privileged):
                         action = "gp"  # what the engine at CPL 3 does not refuse itself, or an exit would carry out
                     elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES) \
                             and not (linux and instr.mnemonic == Mnemonic.SYSCALL):  # the engine's hook (_Engine)
                         action = "privileged"
+                    elif action is None and instr.mnemonic in x87_exits.CONTROL_LOADS:
+                        action = "x87 control"
+                    elif action is None and x87.checking and x87_exits.waiting(instr):
+                        action = "x87"
                     result = (action, needs - shown - isa.hinted(instr.mnemonic) if audit else frozenset())
                 cache[instr.code] = result
             return result
@@ -365,8 +381,8 @@ class _Engine:
             raise MinivmmError(f"cannot allocate {vm.memory >> 20} MiB of guest RAM on this machine: "
                                f"{e.strerror}") from None
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
-        self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None), run._on_exit,
-                                      run._fail)
+        self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None, run.x87),
+                                      run._on_exit, run._fail)
         self.exits.install(uc)
         self.cpuid = CpuidExitHandler(view, host.name, run._fail, run.cpuid_log)
         self.cpuid.install(uc)
@@ -418,6 +434,7 @@ class _Engine:
                 uc.reg_write(x86.UC_X86_REG_CR4, CR4_BOOT)  # the engine model has no XSAVE
         uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
         uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_RESET)
+        uc.reg_write(x86.UC_X86_REG_FPCW, FCW_HANDOFF)
         uc.reg_write(x86.UC_X86_REG_RSP, vm.memory & ~0xF)
         uc.reg_write(x86.UC_X86_REG_RIP, vm.image.entry)
 
@@ -544,6 +561,8 @@ class _Run:
         self.hosts = [vm.host.name]
         self.executed, self.exact, self.counting, self.max_insns = 0, True, False, None
         self.quieten: set[int] = set()   # audit exits to remove at the next stop
+        self.x87 = X87Exceptions()
+        self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
@@ -691,6 +710,18 @@ class _Run:
                 self.engine.privileged.check(uc, address, size, instr)
             elif action == "gp" and address != BOOT_STUB:  # (the VMM's own XSETBV runs there)
                 self.engine.faults.deliver(uc, 13, address, 0, instr=instr, detail="privileged at CPL 3")
+            elif action == "x87 control":
+                fcw = self.x87.loaded_control_word(uc, instr)
+                if fcw is not None and x87_exits.unmasked(fcw) != self.x87.checking:
+                    self.x87_wanted = x87_exits.unmasked(fcw)
+                    uc.emu_stop()  # before it executes: from the next start, checked or not
+            elif action == "x87":
+                pending = self.x87.pending(uc)
+                if pending:
+                    self.engine.faults.deliver(uc, 16, address, instr=instr, si_code=self.x87.signal_code(pending),
+                                               detail=f"unmasked x87 exception pending (FSW flags {pending:#x})")
+                else:
+                    self.x87.record(uc, instr)
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
         except BaseException as e:  # an exception inside a hook must not vanish
@@ -789,7 +820,16 @@ class _Run:
             self._count_started()
         for address in self.quieten:
             self.engine.exits.quieten(address)
-        self.resumable = bool(self.quieten) and not (self.stop or self.errors or self.pending_fault or self.fired)
+        # the control word, however it was loaded (FLDCW, a signal frame, a snapshot),
+        # decides whether waiting x87 instructions exit
+        wanted = x87_exits.unmasked(self.uc.reg_read(x86.UC_X86_REG_FPCW)) if self.x87_wanted is None \
+            else self.x87_wanted
+        switched, self.x87_wanted = wanted != self.x87.checking, None
+        if switched:
+            self.x87.switch(wanted)
+            self.engine.exits.forget_all()
+        self.resumable = bool(self.quieten or switched) and not (self.stop or self.errors or self.pending_fault
+                                                                 or self.fired)
         self.quieten.clear()
 
     def _count_started(self) -> None:

@@ -10,7 +10,7 @@ execute exactly ends the run as ``unsupported``; a fault that cannot be delivere
 from __future__ import annotations
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Decoder, Mnemonic, Register
+from iced_x86 import Code, Decoder, Register
 from unicorn import UcError
 
 from ...cpu import isa

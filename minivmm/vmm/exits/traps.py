@@ -263,13 +263,24 @@ class InstructionExits:
             del self.pages[address & ~(PAGE - 1)][address]
             self._unhook(address)
 
+    def forget_all(self) -> None:
+        """Decode every page again before its code next runs, and translate it again
+        (call between engine starts): what is an exit has changed."""
+        for page in list(self.pages):
+            self.forget(page)
+        self.flush_tlb()
+        self._uc.ctl_flush_tb()
+
     def forget(self, address: int) -> None:
         """Drop a page's decode (after the VMM itself rewrote it)."""
         page = address & ~(PAGE - 1)
         if self.on_code_change:
             self.on_code_change(page - MAX_INSN, page + PAGE + MAX_INSN)
-        for traps_at in self.pages.pop(page, {}):
+        # The engine may fill its TLB while it deletes a hook: the page stays known until
+        # its hooks are gone.
+        for traps_at in list(self.pages.get(page, {})):
             self._unhook(traps_at)
+        self.pages.pop(page, None)
         self._seen.pop(page, None)
         self._stale.discard(page)
 
