@@ -207,3 +207,77 @@ def test_an_unmasked_x87_exception_is_the_guests_sigfpe(sequence, signal, worker
     """SDM Vol. 1, 8.6: an unmasked x87 exception is raised (#MF) at the next waiting x87
     instruction; the engine records it and raises nothing; the VMM's own FPU never sees it."""
     assert_as_native(sequence, workers, tmp_path, signal=signal)
+
+
+# ---- found by an adversarial review ------------------------------------------------------
+
+SIGFPE_HANDLER = ("lea rax, [rip + h]; mov [rsp - 64], rax; mov qword ptr [rsp - 56], 0x04000000; mov [rsp - 48], rax; "
+                  "mov qword ptr [rsp - 40], 0; mov eax, 13; mov edi, 8; lea rsi, [rsp - 64]; xor edx, edx; "
+                  "mov r10d, 8; syscall; ")   # rt_sigaction(SIGFPE, handler = restorer = h: go on at h)
+RWX_CODE = "mov eax, 10; mov edi, 0x400000; mov esi, 0x1000; mov edx, 7; syscall; "   # mprotect(code, RWX)
+
+
+@needs_avx2
+@pytest.mark.parametrize("sequence, signal", [
+    ([VPADDD, "mov rcx, 0x4000000000000000", "bts qword ptr [rsi], rcx"], "SIGSEGV"),  # a bit 2^62 further
+    ([VPADDD, "mov rcx, 70", "bts qword ptr [rsi], rcx", "bt qword ptr [rsi], rcx"], None),
+    ([VPADDD, "mov eax, 0", "mov fs, eax", "mov ecx, gs"], None),                       # MOV Sreg: the VMM's own
+    ([VPADDD, "mov rax, qword ptr [rsi]", bytes.fromhex("48a1") + (0x601000).to_bytes(8, "little")], None),  # moffs
+    (["mov eax, 0x601000", "wrfsbase rax", "mov rdi, 0xfffffffffffff100", "vpcmpeqd xmm1, xmm1, xmm1",
+      bytes.fromhex("64c5f9f7c1")], None),                                              # fs: vmaskmovdqu, wrapping
+    ([RWX_CODE + "lea rax, [rip + t + 2]; mov ecx, 0; vpaddd ymm0, ymm1, ymm1; mov byte ptr [rax], 5; "
+      "t: add ecx, 1"], None),                                                          # a run rewriting itself
+], ids=["bts-far", "bts-near", "mov-sreg", "moffs", "vmaskmovdqu-fs", "run-rewrites-itself"])
+def test_what_an_adversary_tried_runs_as_natively(sequence, signal, workers, tmp_path):
+    assert_as_native(sequence, workers, tmp_path, signal=signal)
+
+
+@needs_avx2
+def test_a_store_before_an_unmasked_simd_exception_in_a_run_happens_once(workers, tmp_path):
+    """ADD [rbx] then VDIVPS by zero with ZE unmasked: the handler (SIGFPE) sees [rbx] = 1.
+    (The frames themselves differ: the machine's holds its own components.)"""
+    counter = 4096 + 0x2800   # [rbx] in the dump: the data pages follow the registers' page
+    native, guest = outcomes([SIGFPE_HANDLER + "mov rbx, 0x602800; mov qword ptr [rbx], 0; vpxor xmm4, xmm4, xmm4; "
+                              "mov dword ptr [rbx + 8], 0x1d80; ldmxcsr [rbx + 8]; vpaddd ymm0, ymm1, ymm1; "
+                              "add qword ptr [rbx], 1; vdivps xmm2, xmm3, xmm4; h: nop"], workers, tmp_path)
+    assert native.signal is guest.signal is None and not guest.vmm
+    assert native.dump[counter:counter + 8] == guest.dump[counter:counter + 8] == (1).to_bytes(8, "little")
+
+
+@needs_avx2
+def test_a_gather_with_a_32_bit_address_stops_as_unsupported_in_one_line(workers, tmp_path):
+    """67h on a vector-indexed operand: each element's address wraps at 32 bits, which no
+    rebased thunk does; refused, never run (README, Limits)."""
+    _, guest = outcomes(["mov eax, 0x600010", "vmovd xmm1, eax", "vpbroadcastd ymm1, xmm1", "vpcmpeqd ymm2, ymm2, ymm2",
+                         bytes.fromhex("67c4e26d90040df0ffffff")], workers, tmp_path)
+    assert guest.vmm.startswith("stopped: vpgatherdd") and "cannot execute it exactly" in guest.vmm
+
+
+@needs_avx2
+def test_runs_compiled_before_xcr0_changed_are_not_reused():
+    """XSETBV taking AVX state away makes the next VPADDD #UD (SDM Vol. 1, 13.3), even
+    where a run over it was compiled while XCR0 allowed it."""
+    source = "\n".join(["mov eax, 1", "cpuid", "mov r8d, 2", "mov edi, 7", "again:", "xor ecx, ecx", "xor edx, edx",
+                        "mov eax, edi", "xsetbv", "pdep rax, rbx, rsi", "vpaddd ymm0, ymm1, ymm1", "mov edi, 3",
+                        "dec r8d", "jnz again", "xor eax, eax", "out 0xf4, al"])
+    image = GuestImage("xcr0", "asm", ((0x100000, assemble(source, "xcr0.asm")),), 0x100000)
+    result = VM(image, "haswell").run(timeout=30)
+    assert (result.stop.reason, result.stop.vector) == ("crashed", 6), result.stop.message
+
+
+@needs_avx2
+@pytest.mark.parametrize("host, wide", [("haswell", False), ("native", True)])
+def test_a_signal_handler_starts_with_the_initial_fpu_state(host, wide, workers, tmp_path):
+    """handle_signal's fpu__clear_user_states: MXCSR 0x1F80, FCW 0x37F, vectors zero in
+    the handler (the frame keeps the program's). The registers' page of the dump only:
+    the frames themselves differ in the components the machine has."""
+    rng = random.Random(1)
+    path = tmp_path / "case"
+    path.write_bytes(nativefuzz.program([SIGFPE_HANDLER + "mov rbx, 0x602800; vpxor xmm4, xmm4, xmm4; "
+                                         "mov dword ptr [rbx + 8], 0x1d80; ldmxcsr [rbx + 8]; "
+                                         "vdivps xmm2, xmm3, xmm4; h: xor edx, edx; xor esi, esi; "
+                                         "mov rsp, 0x601800"], rng, wide))
+    path.chmod(0o755)
+    native, guest = nativefuzz.native(str(path)), workers(host).run(str(path))
+    assert guest is not None and not guest.vmm and native.signal is guest.signal is None
+    assert guest.dump[:4096] == native.dump[:4096]

@@ -49,10 +49,13 @@ NOT_CONFINED = frozenset(getattr(Mnemonic, m) for m in (
 _FEATURES = {v: k for k, v in vars(iced_x86.CpuidFeature).items() if k.isupper()}
 _BASELINE = frozenset(("INTEL8086", "INTEL186", "INTEL286", "INTEL386", "INTEL486", "X64", "CMOV"))
 _SEGMENTS = frozenset((Register.FS, Register.GS))   # an operand's override: rebased on the guest's base
+# A bit string: with a register offset the bit lies anywhere within +-2^63 bits of the
+# operand (SDM Vol. 2A, BT), far outside the bytes its operand names.
+BIT_STRING = frozenset((Mnemonic.BT, Mnemonic.BTS, Mnemonic.BTR, Mnemonic.BTC))
 
 
 def _register_allowed(register: int, wide: bool) -> bool:
-    if RegisterExt.is_gpr(register) or register in _SEGMENTS or register == Register.RIP:
+    if RegisterExt.is_gpr(register) or register == Register.RIP:
         return True
     if RegisterExt.is_xmm(register) or RegisterExt.is_ymm(register) or RegisterExt.is_zmm(register):
         return RegisterExt.number(register) < (32 if wide else 16)
@@ -81,19 +84,33 @@ def refusal(instr, wide: bool) -> str | None:
     if why:
         return why
     info = InstructionInfoFactory().info(instr)
-    for used in info.used_registers():
-        if not _register_allowed(used.register, wide):
-            return "it uses a register the context does not hold"
     explicit = [i for i in range(instr.op_count) if instr.op_kind(i) == OpKind.MEMORY]
+    for used in info.used_registers():
+        # FS/GS only as the override of the memory operand (rebased), never loaded or read (MOV Sreg)
+        override = used.register in _SEGMENTS and used.register == instr.memory_segment \
+            and (explicit or instr.mnemonic == Mnemonic.VMASKMOVDQU) \
+            and not any(instr.op_kind(i) == OpKind.REGISTER and instr.op_register(i) == used.register
+                        for i in range(instr.op_count))
+        if not (override or _register_allowed(used.register, wide)):
+            return "it uses a register the context does not hold"
+    if instr.mnemonic in BIT_STRING and explicit and instr.op1_kind == OpKind.REGISTER:
+        return "a bit string with a register offset reaches beyond its operand"
     accesses = [u for u in info.used_memory() if u.access != OpAccess.NO_MEM_ACCESS]
     if accesses and not explicit and instr.mnemonic != Mnemonic.VMASKMOVDQU:
         return "it accesses memory no operand names"
-    if instr.is_vsib and instr.memory_base != Register.NONE and RegisterExt.is_gpr32(instr.memory_base):
+    if instr.is_vsib and address32(instr):
         return "a vector-indexed operand with a 32-bit address"
     named = names_rsp(instr) or RegisterExt.full_register(instr.memory_base) == Register.RSP and explicit
     if not named and any(RegisterExt.full_register(u.register) == Register.RSP for u in info.used_registers()):
         return "it uses the stack"
     return None
+
+
+def address32(instr) -> bool:
+    """An address-size prefix (67h): the effective address is computed in 32 bits (a
+    32-bit base or index, EIP, or a bare 32-bit displacement)."""
+    return instr.memory_displ_size == 4 or any(
+        r == Register.EIP or RegisterExt.is_gpr32(r) for r in (instr.memory_base, instr.memory_index))
 
 
 def names_rsp(instr) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import unicorn.x86_const as x86
 
 from ..cpu import xstate
-from ..cpu.registers import RegisterBlock
+from ..cpu.registers import ImageBlock, RegisterBlock
 from ..errors import MinivmmError
 from .errno import SyscallError
 from .process import USER_CS, USER_DS
@@ -150,6 +150,7 @@ class Signals:
         self._entry = RegisterBlock((x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RAX,
                                      x86.UC_X86_REG_RSP, x86.UC_X86_REG_RFLAGS))
         self._stack = RegisterBlock((x86.UC_X86_REG_RSP, x86.UC_X86_REG_RFLAGS))
+        self._fresh: dict[int, ImageBlock] = {}   # vector width -> the initial FPU state of a handler
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -180,6 +181,7 @@ class Signals:
         except SyscallError:
             where = f"at {place[0]:#x}" if place else "on its alternate stack"
             return self._force_sigsegv(uc, signo, trapno, error, f"no room for the frame of signal {signo} {where}")
+        self._start_fpu(uc, xcr0)
         self.blocked |= action.mask
         if not action.flags & SA_NODEFER:
             self.blocked |= 1 << (signo - 1)
@@ -188,6 +190,24 @@ class Signals:
         self._entry.write(uc, (signo, frame + 8 + 304, frame + 8, 0, frame, context[FLAGS_AT] & ~HANDLER_CLEARS))
         uc.reg_write(x86.UC_X86_REG_RIP, action.handler)  # a single write of RIP: the engine resumes there
         return True
+
+    def _start_fpu(self, uc, xcr0: int | None) -> None:
+        """A handler starts with the initial FPU state, its frame holding the program's
+        (handle_signal's fpu__clear_user_states): FCW 0x37F, MXCSR 0x1F80, every tag
+        empty, vectors and opmasks zero, as wide as the enabled state."""
+        width, count = (64, 32) if self.opmasks is not None and xcr0 and xcr0 & 0xE0 else \
+            (32, 16) if xcr0 and xcr0 & 4 else (16, 16)
+        block = self._fresh.get(width)
+        if block is None:
+            name = {64: "ZMM", 32: "YMM", 16: "XMM"}[width]
+            layout = ((x86.UC_X86_REG_FPCW, 0), (x86.UC_X86_REG_FPSW, 2), (x86.UC_X86_REG_FPTAG, 4),
+                      (x86.UC_X86_REG_MXCSR, 8), *((getattr(x86, f"UC_X86_REG_{name}{i}"), 64 + width * i)
+                                                  for i in range(count)))
+            block = self._fresh[width] = ImageBlock(layout, 64 + width * count)
+            block.image = struct.pack("<HHHxxI", 0x37F, 0, 0xFFFF, 0x1F80).ljust(block.size, b"\0")
+        block.write(uc, block.image)
+        if width == 64:
+            self.opmasks.set_opmasks({})
 
     def _force_sigsegv(self, uc, signo: int, trapno: int, error: int, why: str) -> bool:
         """signal_setup_done of a frame that could not be written (kernel/signal.c

@@ -208,6 +208,8 @@ class FaultExits:
     def forget_control(self) -> None:
         self._controls = None
         self._enabled.clear()
+        if self.native is not None:  # runs were compiled with what the old controls allowed
+            self.native.forget()
 
     def _os_disabled(self, uc, instr) -> str | None:
         """Why CR4/XCR0 make ``instr`` #UD, or None; None is remembered per instruction

@@ -39,9 +39,9 @@ import struct
 
 import unicorn.x86_const as x86
 from iced_x86 import (Code, Decoder, EncodingKind, Encoder, FlowControl, Instruction, InstructionInfoFactory, MemoryOperand,
-                      MemorySizeExt, Mnemonic, OpAccess, OpKind, Register, RegisterExt)
+                      MemorySizeExt, Mnemonic, OpAccess, OpCodeOperandKind, OpKind, Register, RegisterExt)
 
-from ...cpu.confined import names_rsp, refusal
+from ...cpu.confined import address32, names_rsp, refusal
 from ...cpu.isa import needed_features as isa_needs
 from .. import engine
 
@@ -94,6 +94,10 @@ def _register_name(register: int) -> str:
 
 def _full(register: int) -> int:
     return RegisterExt.full_register(register)
+
+
+class _RewritesItself(Exception):
+    """A store of a run overwrites the run's own code."""
 
 
 class Fault(Exception):
@@ -250,6 +254,10 @@ class NativeExecutor:
         engine.reg_read_batch(uc._uch, *thunk.transfer)
         slots, words = self._slots, self._words
         guest_flags, guest_mxcsr = slots[RFLAGS >> 3], words[MXCSR >> 2]
+        if thunk.count > 1 and ~(guest_mxcsr >> 7) & MXCSR_FLAGS:
+            # a SIMD exception the guest unmasked could come after a store of the run,
+            # which no context restore undoes: one instruction at a time
+            return self.run(uc, address, instr, cr4, single=True)
         saved, written = {}, []
         if thunk.memory:
             saved = {scratch: slots[SLOT[scratch] >> 3] for _, scratch in thunk.memory}
@@ -259,6 +267,10 @@ class NativeExecutor:
                     slots[(SCRATCH >> 3) + k] = (self.ram_base + at) & (1 << 64) - 1
                     if m["writes"]:
                         written += spans
+                        if thunk.count > 1 and any(at < thunk.end and at + size > address for at, size in spans):
+                            raise _RewritesItself
+            except _RewritesItself:  # the later instructions were compiled from the old bytes
+                return self.run(uc, address, instr, cr4, single=True)
             except Fault as fault:
                 if m["member"]:  # a later instruction of the run: those before it run, then it faults
                     self.run(uc, address, instr, cr4, allowed=allowed, most=m["member"])
@@ -302,18 +314,19 @@ class NativeExecutor:
                       for r in (instr.op1_register, instr.op2_register))
         rdi = uc.reg_read(x86.UC_X86_REG_RDI) & (0xFFFFFFFF if instr.op0_kind == OpKind.MEMORY_SEG_EDI else (1 << 64) - 1)
         segment = {Register.FS: x86.UC_X86_REG_FS_BASE, Register.GS: x86.UC_X86_REG_GS_BASE}.get(instr.memory_segment)
-        rdi += uc.reg_read(segment) if segment else 0
+        rdi = (rdi + (uc.reg_read(segment) if segment else 0)) & (1 << 64) - 1
         chosen = [i for i in range(16) if mask[i] & 0x80]
         for i in chosen:
             self._check_span((rdi + i) & (1 << 64) - 1, 1, True, False)
         for i in chosen:
-            self.ram[rdi + i] = data[i]
+            self.ram[(rdi + i) & (1 << 64) - 1] = data[i]
         if chosen:
             self.on_write(rdi + chosen[0], chosen[-1] - chosen[0] + 1)
         uc.reg_write(x86.UC_X86_REG_RIP, address + instr.len)
 
-    def forget(self, first: int, last: int) -> None:
-        """Drop the runs over [first, last) (their code or page protections changed)."""
+    def forget(self, first: int = 0, last: int = 1 << 64) -> None:
+        """Drop the runs over [first, last) (their code or page protections changed;
+        everything: the control registers that allowed their instructions changed)."""
         for key in [key for key, t in self._runs.items() if t.start < last and t.end > first]:
             del self._runs[key]
         self._refused = {a for a in self._refused if not first <= a < last}
@@ -464,8 +477,8 @@ class NativeExecutor:
         instr = Decoder(64, bytes(self.ram[address:address + MAX_INSN]), ip=address).decode()
         if instr.code == Code.INVALID or instr.flow_control != FlowControl.NEXT or refusal(instr, self.wide) \
                 or instr.has_rep_prefix or instr.has_repne_prefix or instr.is_string_instruction \
-                or instr.op0_kind == OpKind.MEMORY and instr.memory_displ_size == 8:
-            return None   # (a 64-bit absolute address, MOV's moffs form, cannot be rebased)
+                or any(instr.op_code().op_kind(i) == OpCodeOperandKind.MEM_OFFS for i in range(instr.op_count)):
+            return None   # (MOV's moffs form, a 64-bit absolute address, cannot be rebased)
         info = InstructionInfoFactory().info(instr)
         if {_full(r.register) for r in info.used_registers()} & {Register.RSP, Register.RIP}:
             return None
@@ -490,7 +503,7 @@ class NativeExecutor:
              "reads": access in (OpAccess.READ, OpAccess.READ_WRITE, OpAccess.COND_READ, OpAccess.READ_COND_WRITE),
              "writes": access in (OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE),
              "aligned": _aligned(instr), "vsib": instr.is_vsib,
-             "address_mask": 0xFFFFFFFF if _address32(instr) else (1 << 64) - 1,
+             "address_mask": 0xFFFFFFFF if address32(instr) else (1 << 64) - 1,
              "stack": instr.memory_segment == Register.SS,
              "element": MemorySizeExt.element_size(instr.memory_size), "mask": None, "opmask": None}
         m["registers"] = {_full(r) for r in (base, instr.memory_index) if r not in (Register.NONE, Register.RIP)}
@@ -536,11 +549,6 @@ def _aligned(instr) -> bool:
     return instr.encoding == EncodingKind.LEGACY and MemorySizeExt.size(instr.memory_size) == 16 \
         and instr.mnemonic not in UNALIGNED_LEGACY and any(
             instr.op_kind(i) == OpKind.REGISTER and RegisterExt.is_xmm(instr.op_register(i)) for i in range(instr.op_count))
-
-
-def _address32(instr) -> bool:
-    """An address-size prefix (67h): the effective address is computed in 32 bits."""
-    return any(r == Register.EIP or RegisterExt.is_gpr32(r) for r in (instr.memory_base, instr.memory_index))
 
 
 def _rebase(code, scratch: int, vsib: bool) -> None:
