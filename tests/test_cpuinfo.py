@@ -59,3 +59,16 @@ def test_lscpu_sees_one_thread_one_core_one_socket():
     counts = {key: lines[key].strip() for key in ("Thread(s) per core", "Core(s) per socket", "Socket(s)")}
     assert counts == dict.fromkeys(counts, "1")
     assert lines["Model name"].strip() == "Intel(R) Xeon(R) CPU E5-2650 v3 @ 2.30GHz"
+
+
+def test_flags_follow_the_kernels_words_names_and_power_line():
+    """cpufeatures.h: constant_tsc and nonstop_tsc are word 3 (from the invariant TSC bit,
+    after lm), CPUID.6:EAX[1] is "ida", ""-named bits and AMD's copies of leaf 1 are not
+    flags; 0x80000007 EDX is the power management line (proc.c x86_power_flags)."""
+    haswell, epyc = _flags(load_profile("haswell")), _flags(load_profile("epyc"))
+    assert haswell[haswell.index("lm") + 1:haswell.index("lm") + 3] == ["constant_tsc", "nonstop_tsc"]
+    assert "ida" in haswell and not {"turbo_boost", "zero_fcs_fds", "fdp_excptn_only"} & set(haswell)
+    assert not [f for f in epyc if f.startswith("e_")] and "cpb" in epyc
+    host = load_profile("epyc")
+    power = cpuinfo(host, GuestCpuidView.for_host(host, None, ())).splitlines()[-2]
+    assert power == "power management: ts ttp tm hwpstate cpb eff_freq_ro [13] [14]"

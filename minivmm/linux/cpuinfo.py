@@ -16,13 +16,42 @@ WORDS = {(1, 0, "edx"): 0, (0x80000001, 0, "edx"): 1, (1, 0, "ecx"): 4, (0x80000
          (0x8000001F, 0, "eax"): 19, (0x80000021, 0, "eax"): 20}
 
 
+# Flags the kernel names otherwise, or not at all (a "" name in cpufeatures.h; AMD's
+# copies of leaf 1's EDX bits in 0x80000001, which word 1 leaves undefined).
+RENAMED = {"turbo_boost": "ida"}
+HIDDEN = frozenset(("zero_fcs_fds", "fdp_excptn_only"))
+COPIES = "e_"
+POWER = (0x80000007, 0, "edx")      # x86_power: the "power management" line, not flags
+# ...but for the capabilities the kernel derives from it (early_init_intel/amd):
+# invariant TSC -> constant_tsc and nonstop_tsc (word 3), core performance boost -> cpb (word 7).
+DERIVED = {8: (("constant_tsc", 3, 8), ("nonstop_tsc", 3, 24)), 9: (("cpb", 7, 2),)}
+# arch/x86/kernel/cpu/proc.c x86_power_flags; "" where the bit is a flag above
+POWER_FLAGS = ("ts", "fid", "vid", "ttp", "tm", "stc", "100mhzsteps", "hwpstate", "", "cpb", "eff_freq_ro",
+               "proc_feedback", "acc_power")
+
+
 def _flags(view) -> list[str]:
     """Linux's names of the view's set bits, in the order the kernel prints them:
     capability word by word, then bit; bits of other leaves after, in CPUID order."""
-    shown = [f for f in catalogue() if view.has(f)]
-    shown.sort(key=lambda f: (WORDS.get((f.leaf, f.subleaf, f.register), 100), f.leaf, f.subleaf,
-                              REGISTERS.index(f.register), f.bit))
-    return [f.name for f in shown]
+    shown = [(WORDS.get((f.leaf, f.subleaf, f.register), 100), f.leaf, f.subleaf, REGISTERS.index(f.register), f.bit,
+              RENAMED.get(f.name, f.name))
+             for f in catalogue() if view.has(f) and (f.leaf, f.subleaf, f.register) != POWER and f.name not in HIDDEN
+             and not f.name.startswith(COPIES)]
+    power = _power(view)
+    shown += [(word, 0, 0, 0, bit, name) for source, flags in DERIVED.items() if power >> source & 1
+              for name, word, bit in flags]
+    return [entry[-1] for entry in sorted(shown)]
+
+
+def _power(view) -> int:
+    return view.answer(0x80000007, 0, 0)[3] if view.table.in_range(0x80000007) else 0
+
+
+def _power_line(view) -> str:
+    """show_cpuinfo's power management flags: a name, nothing, or [bit]."""
+    power = _power(view)
+    names = (POWER_FLAGS[i] if i < len(POWER_FLAGS) else f"[{i}]" for i in range(32) if power >> i & 1)
+    return "".join(f" {name}" for name in names if name)
 
 
 def model_name(view) -> str:
@@ -55,4 +84,4 @@ def cpuinfo(host, view) -> str:
     ]
     # show_cpuinfo's names are followed by tabs to the second tab stop, then ": ".
     return "".join(f"{name}\t{'' if len(name) >= 8 else chr(9)}: {value}".rstrip(" ") + "\n"
-                   for name, value in lines) + "power management:\n\n"
+                   for name, value in lines) + f"power management:{_power_line(view)}\n\n"
