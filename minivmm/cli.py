@@ -224,6 +224,8 @@ def _report(vm, as_json, **options):
         emit_json(result.to_dict())
     else:
         sys.stdout.flush()
+        if result.console and not result.console.endswith("\n") and sys.stdout.isatty() and sys.stderr.isatty():
+            sys.stderr.write("\n")  # one terminal: the lines below start a line of their own
         if result.stderr:
             sys.stderr.write(result.stderr)
         for entry in result.audit:

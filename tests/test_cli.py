@@ -202,3 +202,30 @@ def test_the_report_schema_rejects_a_report_missing_a_key():
     del report["stop"]["reason"]
     with pytest.raises(jsonschema.ValidationError):
         report_validator().validate(report)
+
+
+def test_on_a_terminal_the_stop_line_starts_a_line_of_its_own():
+    """A console without a final newline (hello stopped after 10 instructions prints "H")
+    is not glued to the stop line when both go to one terminal; pipes get the bytes as
+    they are."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    controller, terminal = pty.openpty()
+    done = subprocess.run([sys.executable, "-m", "minivmm", "run", "hello", "--max-insns", "10"], stdin=subprocess.DEVNULL,
+                          stdout=terminal, stderr=terminal, timeout=60)
+    os.close(terminal)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert done.returncode == 124
+    assert b"H\r\nminivmm: limit:" in out
+    piped = minivmm_cli("run", "hello", "--max-insns", "10")
+    assert piped.stdout == "H" and piped.stderr.startswith("minivmm: limit:")
