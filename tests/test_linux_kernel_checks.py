@@ -5,8 +5,11 @@ machine's own kernel: refusals.c prints the same lines, and dies of the same sig
 natively and under minivmm. Costs grow with the work: the address space's structure
 is checked against brute force, and a runaway ABI guest stays small."""
 
+import os
 import random
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import measured_cli
@@ -177,3 +180,32 @@ def test_the_address_space_is_what_brute_force_says(seed, monkeypatch):
             assert space.find_free(count * memory.PAGE, top * memory.PAGE, bottom * memory.PAGE) == fits[-1]
         except SyscallError:
             assert not fits
+
+
+# ---- system calls single-process programs make -----------------------------------------
+
+@needs_gcc
+def test_sysinfo_prctl_getgroups_fadvise_and_xattrs_answer_as_linux_does(tmp_path):
+    """glibc's sysconf(_SC_PHYS_PAGES) reads sysinfo (0 before, so sort failed), prctl
+    keeps the name, the rest answer as for an unprivileged process on a file system
+    without extended attributes. The same binary natively prints the same, but for the
+    machine's number of processes."""
+    program = tmp_path / "calls"
+    source = Path(__file__).parent / "data" / "linux" / "single_process_calls.c"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(program), str(source)], check=True)
+    native = subprocess.run([str(program)], capture_output=True, text=True, timeout=30).stdout
+    result = VM(str(program), "haswell").run(timeout=60)
+    assert result.stop.reason == "exited", result.stop.message
+    procs = lambda text: re.sub(r"procs \d+", "procs N", text)  # noqa: E731
+    assert procs(result.console) == procs(native)
+    assert "procs 1 " in result.console
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/sort"), reason="coreutils' sort is not installed")
+def test_sort_of_a_file_runs_on_haswell(tmp_path):
+    """sort sizes its buffer from sysconf(_SC_AVPHYS_PAGES), which reads sysinfo, and
+    sorts a file under the mounted machine."""
+    data = tmp_path / "words.txt"
+    data.write_text("pear\napple\nfig\n")
+    result = VM("/usr/bin/sort", "haswell", linux=True, argv=[str(data)], mounts=["/"]).run(timeout=120)
+    assert (result.stop.reason, result.console) == ("exited", "apple\nfig\npear\n"), result.stop.message

@@ -8,7 +8,7 @@ import struct
 
 import unicorn.x86_const as x86
 
-from ..errno import EINVAL, EPERM, SyscallError
+from ..errno import EINVAL, ENODATA, EPERM, SyscallError
 from .base import sys_enosys, sys_zero
 
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
@@ -58,6 +58,48 @@ def sys_uname(k, uc, buf, *_):
     fields = (b"Linux", b"minivmm", b"6.1.0-minivmm", b"#1 SMP", b"x86_64", b"(none)")
     k.p.write(buf, b"".join(f.ljust(65, b"\0") for f in fields))
     return 0
+
+
+def sys_sysinfo(k, uc, buf, *_):
+    """struct sysinfo of the VM: its RAM, what no mapping holds free, one process, no
+    swap, no load (kernel/sys.c do_sysinfo)."""
+    memory = k.p.memory
+    free = memory.pages.count(0) * 4096
+    k.p.write(buf, struct.pack("<q3Q6QHH4xQQI", k.clock.now_ns(monotonic=True) // 10**9, 0, 0, 0, memory.size, free,
+                               0, 0, 0, 0, 1, 0, 0, 0, 1).ljust(112, b"\0"))
+    return 0
+
+
+def sys_capget(k, uc, header, data, *_):
+    """No capabilities (a process of an unprivileged user): two zero sets of v3."""
+    if data:
+        k.p.write(data, bytes(24))
+    return 0
+
+
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 2, 3, 4
+PR_SET_NAME, PR_GET_NAME, PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 15, 16, 38, 39
+
+
+def sys_prctl(k, uc, option, arg2, *_):
+    """The options programs ask of a process they run in (kernel/sys.c): its name (16
+    bytes, comm), dumpable, no_new_privs, the parent-death signal; others EINVAL."""
+    if option == PR_SET_NAME:
+        k.p.comm = k.p.read(arg2, 16).split(b"\0", 1)[0][:15]
+    elif option == PR_GET_NAME:
+        k.p.write(arg2, getattr(k.p, "comm", b"").ljust(16, b"\0"))
+    elif option == PR_GET_PDEATHSIG:
+        k.p.write(arg2, bytes(4))
+    elif option == PR_GET_DUMPABLE:
+        return 1
+    elif option not in (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS):
+        raise SyscallError(EINVAL)
+    return 0
+
+
+def sys_no_xattr(k, uc, *_):
+    """getxattr and its kin: no attribute is there (minivmm's files have none)."""
+    raise SyscallError(ENODATA)
 
 
 LIMITS = {3: (8 << 20, INFINITY), 7: (1024, 4096)}  # RLIMIT_STACK, RLIMIT_NOFILE; the rest unlimited
@@ -160,6 +202,9 @@ TABLE = {
     218: ("set_tid_address", sys_set_tid_address), 228: ("clock_gettime", sys_clock_gettime),
     229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),
     231: ("exit_group", sys_exit), 273: ("set_robust_list", sys_zero), 302: ("prlimit64", sys_prlimit64),
-    318: ("getrandom", sys_getrandom), 322: ("execveat", sys_enosys), 334: ("rseq", sys_enosys),
+    318: ("getrandom", sys_getrandom), 99: ("sysinfo", sys_sysinfo), 115: ("getgroups", sys_zero),
+    125: ("capget", sys_capget), 157: ("prctl", sys_prctl), 221: ("fadvise64", sys_zero),
+    191: ("getxattr", sys_no_xattr), 192: ("lgetxattr", sys_no_xattr), 193: ("fgetxattr", sys_no_xattr),
+    194: ("listxattr", sys_zero), 195: ("llistxattr", sys_zero), 196: ("flistxattr", sys_zero), 322: ("execveat", sys_enosys), 334: ("rseq", sys_enosys),
     435: ("clone3", sys_enosys),
 }
