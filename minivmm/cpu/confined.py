@@ -63,7 +63,8 @@ def _register_allowed(register: int, wide: bool) -> bool:
 
 
 @functools.cache
-def _kind_refusal(code: int, mnemonic: int, features: tuple[int, ...], wide: bool) -> str | None:
+def _kind_refusal(code: int, mnemonic: int, features: tuple[int, ...]) -> str | None:
+    """By the form's features and mnemonic (cached per form: ``code`` determines both)."""
     names = {_FEATURES.get(f, "") for f in features}
     if mnemonic in NOT_CONFINED:
         return "it loads or stores MXCSR"
@@ -80,7 +81,7 @@ def refusal(instr, wide: bool) -> str | None:
     if instr.encoding not in (EncodingKind.LEGACY, EncodingKind.VEX) and not (
             wide and instr.encoding == EncodingKind.EVEX):
         return "its encoding is not held by the context"
-    why = _kind_refusal(instr.code, instr.mnemonic, tuple(instr.cpuid_features()), wide)
+    why = _kind_refusal(instr.code, instr.mnemonic, tuple(instr.cpuid_features()))
     if why:
         return why
     info = InstructionInfoFactory().info(instr)

@@ -62,6 +62,18 @@ def rdtsc() -> int:
     return fn()
 
 
+# void control_words(uint32_t out[2]): this process's MXCSR and x87 control word
+_CONTROL_WORDS = bytes.fromhex("0fae1f" "d97f04" "c3")  # stmxcsr [rdi]; fnstcw [rdi+4]; ret
+
+
+def control_words() -> tuple[int, int]:
+    """This process's MXCSR and x87 control word (what no guest may change)."""
+    fn, _page = _executable(_CONTROL_WORDS, None, ctypes.c_void_p)
+    out = (ctypes.c_uint32 * 2)()
+    fn(out)
+    return out[0], out[1] & 0xFFFF
+
+
 @functools.cache
 def _cpuid_function():
     return _executable(_CODE, None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))

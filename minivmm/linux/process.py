@@ -45,6 +45,11 @@ class Process:
     tid: int = 1000
     auxv: bytes = b""                 # as on the initial stack: /proc/self/auxv
     argv: list = field(default_factory=list)                # /proc/self/cmdline
+    comm: bytes | None = None         # PR_SET_NAME's (None: the program file's name, as execve sets it)
+
+    def name(self) -> bytes:
+        """comm: at most 15 bytes (TASK_COMM_LEN 16 with its NUL)."""
+        return (self.comm if self.comm is not None else self.exe.rsplit("/", 1)[-1].encode("utf-8", "replace"))[:15]
 
     @property
     def ram(self):

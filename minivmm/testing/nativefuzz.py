@@ -16,9 +16,7 @@ value that is an address of the worker's own mappings is a host value seen by th
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import mmap
 import multiprocessing
 import os
 import random
@@ -238,28 +236,16 @@ def native(path: str) -> Outcome:
     return Outcome(signal.Signals(-done.returncode).name if done.returncode < 0 else None, done.stdout)
 
 
-_HOST_STATE = bytes.fromhex("0fae1f" "d97f04" "c3")   # stmxcsr [rdi]; fnstcw [rdi+4]; ret
-
-
-def host_state() -> tuple[int, int]:
-    """This process's MXCSR and x87 control word."""
-    global _host_page
-    if "_host_page" not in globals():
-        _host_page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        _host_page.write(_HOST_STATE)
-    out = (ctypes.c_uint32 * 2)()
-    ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(_host_page)))(out)
-    return out[0], out[1] & 0xFFFF
-
-
 def guest(path: str, host: str) -> Outcome:
+    from ..cpu.native import control_words
     from ..vmm.vm import VM
-    before = host_state()
+    before = control_words()
     try:
         result = VM(path, host, linux=True).run(timeout=20)
     except Exception:
         return Outcome(None, b"", "VMM error: " + traceback.format_exc(limit=3).strip().splitlines()[-1])
-    trouble = "" if host_state() == before else f"host MXCSR/FCW changed: {before} -> {host_state()}"
+    after = control_words()
+    trouble = "" if after == before else f"host MXCSR/FCW changed: {before} -> {after}"
     if result.stop.reason == "signaled":
         return Outcome(result.stop.signal, b"", trouble)
     if result.stop.reason != "exited":

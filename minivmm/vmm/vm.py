@@ -324,12 +324,13 @@ class VM:
         exit_mnemonics = {} if linux else EXIT_MNEMONICS
 
         x87 = x87 or X87Exceptions()
-        seen = [x87.generation]
+        seen = x87.generation
 
         def classify(instr):
-            if seen[0] != x87.generation:
+            nonlocal seen
+            if seen != x87.generation:
                 cache.clear()
-                seen[0] = x87.generation
+                seen = x87.generation
             result = cache.get(instr.code)
             if result is None:
                 if instr.code == Code.INVALID:

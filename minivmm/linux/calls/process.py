@@ -87,7 +87,7 @@ def sys_prctl(k, uc, option, arg2, *_):
     if option == PR_SET_NAME:
         k.p.comm = k.p.read(arg2, 16).split(b"\0", 1)[0][:15]
     elif option == PR_GET_NAME:
-        k.p.write(arg2, getattr(k.p, "comm", b"").ljust(16, b"\0"))
+        k.p.write(arg2, k.p.name().ljust(16, b"\0"))
     elif option == PR_GET_PDEATHSIG:
         k.p.write(arg2, bytes(4))
     elif option == PR_GET_DUMPABLE:

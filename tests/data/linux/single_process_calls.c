@@ -8,6 +8,8 @@
 int main(void) {
     struct sysinfo si;
     char name[16] = {0};
+    prctl(PR_GET_NAME, name);
+    printf("name %s\n", name);
     int r = sysinfo(&si);
     printf("sysinfo %d procs %d unit %u ram>0 %d free<=ram %d\n", r, si.procs, si.mem_unit, si.totalram > 0, si.freeram <= si.totalram);
     printf("phys_pages>0 %d avphys>0 %d\n", sysconf(_SC_PHYS_PAGES) > 0, sysconf(_SC_AVPHYS_PAGES) > 0);
@@ -17,6 +19,8 @@ int main(void) {
     printf("dumpable %d\n", prctl(PR_GET_DUMPABLE));
     int fd = open("/proc/self/cmdline", O_RDONLY);
     printf("fadvise %d\n", posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL));
-    errno = 0; printf("lgetxattr %zd %d\n", lgetxattr("/proc/self/cmdline", "user.x", name, sizeof name), errno == ENODATA || errno == EOPNOTSUPP);
+    errno = 0;
+    ssize_t got = lgetxattr("/proc/self/cmdline", "user.x", name, sizeof name);
+    printf("lgetxattr %zd none %d\n", got, errno == ENODATA || errno == EOPNOTSUPP);
     return 0;
 }
