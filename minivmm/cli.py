@@ -620,8 +620,13 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
     used; with --migrate-to, what happened to that choice after a live migration.
 
     Guests report through detection lines (FEATURE: cpuid=.. probe=.. uses=..).
-    Highlighted: features masked but executable (yellow), advertised but #UD and
-    crashes after migration (red), refused migrations (orange).
+
+    \b
+    Highlighted cells end with a mark, so they read without colour too:
+      *  masked but executable: CPUID hides what the host runs (yellow)
+      !  advertised but #UD: CPUID shows it, the probe faulted (red)
+      +  advertised but absent: CPUID shows what the host lacks (red)
+    After a migration: crashes in red, refused migrations in orange.
 
     \b
     Examples:
@@ -647,18 +652,19 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
 
 def _print_comparison(comparison) -> None:
     """One table per guest: a row per feature, a cell per host reading
-    "physical cpuid probe uses" (then "-> outcome" after a migration)."""
+    "physical cpuid probe uses" (then "-> outcome" after a migration). A highlighted
+    cell also ends with a mark, so the table reads the same without colour."""
     from rich.console import Console
     from rich.table import Table
 
-    from .teaching.compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE
-    mark = {True: "✓", False: "✗", None: "·"}
-    outcome_styles = {"crash": "white on red", "refused": "black on dark_orange"}
-    alarm = {MASKED_BUT_EXECUTABLE: "black on yellow", ADVERTISED_BUT_UD: "white on red"}
+    from .teaching.compare import ADVERTISED_BUT_ABSENT, ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE
+    alarms = {MASKED_BUT_EXECUTABLE: ("*", "black on yellow", "CPUID hides what the host runs", "yellow"),
+              ADVERTISED_BUT_UD: ("!", "white on red", "CPUID shows it, the probe faulted", "red"),
+              ADVERTISED_BUT_ABSENT: ("+", "white on red", "CPUID shows what the host lacks", "red")}
     console = Console()
     for guest in comparison.guests:
         features = comparison.features(guest)
-        cells = {(feature, host): _cell_text(comparison.cell(guest, feature, host), mark, alarm, outcome_styles)
+        cells = {(feature, host): _cell_text(comparison.cell(guest, feature, host), alarms)
                  for feature in features for host in comparison.hosts}
         # As many host columns as fit the terminal, then another table for the rest:
         # host names are never cut.
@@ -676,21 +682,30 @@ def _print_comparison(comparison) -> None:
             if not features:
                 table.caption = "this guest printed no detection lines (FEATURE: cpuid=.. probe=.. uses=..)"
             console.print(table)
-    console.print("cell: physical, cpuid, probe (✓ yes, ✗ no, · not probed), path the guest took"
-                  + (f"; → after migrating to {comparison.migrate_to} at checkpoint 1" if comparison.migrate_to else ""))
-    console.print("[black on yellow]masked but executable[/]  [white on red]advertised but #UD, "
-                  "or crashed after migrating[/]  [black on dark_orange]migration refused[/]")
+    console.print("cell: physical, cpuid, probe (✓ yes, ✗ no, · not probed), path the guest took")
+    shown = {cell.disagreement for cell in comparison.cells}
+    for kind, (mark, style, meaning, colour) in alarms.items():
+        if kind in shown:
+            console.print(f"[{style}]{mark}[/] {kind}: {meaning} ({colour})")
+    if comparison.migrate_to:
+        console.print(f"→ after migrating to {comparison.migrate_to} at checkpoint 1; "
+                      "[white on red]crashes[/] red, [black on dark_orange]refusals[/] orange")
 
 
-def _cell_text(cell, mark, alarm, outcome_styles) -> str:
+def _cell_text(cell, alarms) -> str:
     from .teaching.compare import outcome_kind
-    text = f"{mark[cell.physical]} {mark[cell.cpuid]} {mark[cell.probe]} {cell.uses or '-'}"
+    text = f"{MARKS[cell.physical]} {MARKS[cell.cpuid]} {MARKS[cell.probe]} {cell.uses or '-'}"
     if cell.disagreement:
-        text = f"[{alarm[cell.disagreement]}]{text}[/]"
+        mark, style, _, _ = alarms[cell.disagreement]
+        text = f"[{style}]{text} {mark}[/]"
     if cell.after:
-        style = outcome_styles.get(outcome_kind(cell.after), "")
+        style = OUTCOME_STYLES.get(outcome_kind(cell.after), "")
         text += "\n→ " + (f"[{style}]{cell.after}[/]" if style else cell.after)
     return text
+
+
+MARKS = {True: "✓", False: "✗", None: "·"}
+OUTCOME_STYLES = {"crash": "white on red", "refused": "black on dark_orange"}
 
 
 def _plain_lines(markup: str) -> list[str]:

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from helpers import minivmm_cli, png_colours
 
-from minivmm.teaching.compare import MASKED_BUT_EXECUTABLE, compare
+from minivmm.teaching.compare import ADVERTISED_BUT_ABSENT, ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, compare
 from minivmm.teaching.html import comparison_page
 
 HOSTS = ["core2", "penryn", "nehalem"]
@@ -33,17 +33,46 @@ def test_negative_control_without_evc_nothing_is_masked():
     assert (cell.physical, cell.cpuid, cell.probe, cell.disagreement) == (True, True, True, None)
 
 
-def test_cli_table_and_json():
+def test_cli_table_and_json(monkeypatch):
+    """Without colour, on 80 columns, a highlighted cell still says what it is: it ends
+    with its kind's mark, and the legend names each mark shown."""
+    for name, value in (("NO_COLOR", "1"), ("TERM", "dumb"), ("COLUMNS", "80")):
+        monkeypatch.setenv(name, value)
     args = ("compare", "guests/detect_both.asm", "--hosts", ",".join(HOSTS), "--evc", "intel-merom")
     shown = minivmm_cli(*args)
     assert shown.returncode == 0, shown.stderr
     row = next(line for line in shown.stdout.splitlines() if "sse4_1" in line)
     cells = [c.strip() for c in row.strip("│ ").split("│")]
-    assert cells == ["sse4_1", "✗ ✗ ✗ generic", "✓ ✗ ✓ generic", "✓ ✗ ✓ generic"]
+    assert cells == ["sse4_1", "✗ ✗ ✗ generic", "✓ ✗ ✓ generic *", "✓ ✗ ✓ generic *"]
+    assert "* masked but executable: CPUID hides what the host runs (yellow)" in shown.stdout.splitlines()
+    assert "advertised" not in shown.stdout  # the legend names the marks shown, no others
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 80
     report = json.loads(minivmm_cli(*args, "--json").stdout)
     penryn = next(c for c in report["cells"] if (c["feature"], c["host"]) == ("sse4_1", "penryn"))
     assert (penryn["physical"], penryn["cpuid"], penryn["probe"]) == (True, False, True)
     assert penryn["disagreement"] == "masked but executable"
+
+
+def test_advertised_but_ud_and_advertised_but_absent_are_kinds_of_their_own(monkeypatch):
+    """Sandy Bridge has AVX and CPUID says so, yet detect_ud's VADDPS raises #UD (the boot
+    state enables no AVX state in XCR0): advertised but #UD. A mask that shows SSE4.2 on
+    a Penryn, which lacks it: advertised but absent. Both in the table and the JSON."""
+    for name, value in (("NO_COLOR", "1"), ("TERM", "dumb"), ("COLUMNS", "80")):
+        monkeypatch.setenv(name, value)
+    args = ("compare", "detect_ud", "--hosts", "sandybridge,penryn", "--cpuid-mask=+sse4_2")
+    report = json.loads(minivmm_cli(*args, "--json").stdout)
+    cells = {(c["feature"], c["host"]): c for c in report["cells"]}
+    avx, sse4_2 = cells["avx", "sandybridge"], cells["sse4_2", "penryn"]
+    assert (avx["physical"], avx["cpuid"], avx["probe"], avx["disagreement"]) == (True, True, False, ADVERTISED_BUT_UD)
+    assert (sse4_2["physical"], sse4_2["cpuid"], sse4_2["disagreement"]) == (False, True, ADVERTISED_BUT_ABSENT)
+    assert cells["sse4_1", "sandybridge"]["disagreement"] is None  # negative control: all three agree
+    lines = minivmm_cli(*args).stdout.splitlines()
+    avx_row = [c.strip() for c in next(line for line in lines if "│ avx " in line).strip("│ ").split("│")]
+    sse4_2_row = [c.strip() for c in next(line for line in lines if "sse4_2" in line).strip("│ ").split("│")]
+    assert avx_row == ["avx", "✓ ✓ ✗ generic !", "✗ ✗ ✗ generic"]
+    assert sse4_2_row == ["sse4_2", "✓ ✓ ✓ sse4_2", "✗ ✓ ✗ generic +"]
+    assert "! advertised but #UD: CPUID shows it, the probe faulted (red)" in lines
+    assert "+ advertised but absent: CPUID shows what the host lacks (red)" in lines
 
 
 def test_migration_outcomes_per_guest():

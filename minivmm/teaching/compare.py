@@ -4,7 +4,9 @@ For each guest and host: what the host physically has, what the guest's CPUID vi
 says, what the guest's probe found and which path it took (its detection lines, docs/abi.md),
 and, when asked, what became of that choice after a live migration at the guest's
 first checkpoint. The cells where those disagree are the point of minivmm: a feature
-masked but executable is what a probing guest finds and later loses.
+masked but executable is what a probing guest finds and later loses; one advertised
+but absent, or advertised while its probe raises #UD, is what a CPUID-guided guest
+trusts and crashes on.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from ..errors import MinivmmError
 from ..vmm.report import RunResult
 from ..vmm.vm import VM
 
-MASKED_BUT_EXECUTABLE = "masked but executable"
-ADVERTISED_BUT_UD = "advertised but #UD"
+MASKED_BUT_EXECUTABLE = "masked but executable"   # the host runs it, CPUID hides it
+ADVERTISED_BUT_ABSENT = "advertised but absent"   # CPUID shows it, the host lacks it
+ADVERTISED_BUT_UD = "advertised but #UD"          # CPUID shows it, the host has it, the probe faulted
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Cell:
         if self.physical and not self.cpuid:
             return MASKED_BUT_EXECUTABLE
         if self.cpuid and not self.physical:
+            return ADVERTISED_BUT_ABSENT
+        if self.cpuid and self.probe is False:
+            # The silicon is there and still faults: AVX, say, whose state XCR0 does not enable.
             return ADVERTISED_BUT_UD
         return None
 

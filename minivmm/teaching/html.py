@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from html import escape
 
-from .compare import ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, Cell, Comparison, migration_outcome, outcome_kind
+from .compare import (ADVERTISED_BUT_ABSENT, ADVERTISED_BUT_UD, MASKED_BUT_EXECUTABLE, Cell, Comparison,
+                      migration_outcome, outcome_kind)
 
 STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 24px; color: #1d2330; background: #fff; }
@@ -43,8 +44,10 @@ def _cells(cell: Cell, migrating: bool) -> list[str]:
         cpuid_class = "masked"
         if cell.probe:
             probe_class = "masked"
-    elif cell.disagreement == ADVERTISED_BUT_UD:
+    elif cell.disagreement == ADVERTISED_BUT_ABSENT:
         cpuid_class = "advertised"
+    elif cell.disagreement == ADVERTISED_BUT_UD:
+        probe_class = "advertised"
     out = [f'<td class="{physical_class}">{physical}</td>', f'<td class="{cpuid_class}">{cpuid}</td>',
            f'<td class="{probe_class}">{probe}</td>', f"<td>{escape(cell.uses or '-')}</td>"]
     if migrating:
@@ -84,7 +87,7 @@ def comparison_page(comparison: Comparison) -> str:
         f"<div class='sub'>Hosts {escape(', '.join(comparison.hosts))}; {escape(what)}"
         + (f"; migrating to {escape(comparison.migrate_to)} at checkpoint 1" if migrating else "") + "</div>",
         "<div class='legend'><span class='masked' style='background:#ffd84d'>masked but executable</span>"
-        "<span style='background:#d7263d;color:#fff'>advertised but #UD / crash after migration</span>"
+        "<span style='background:#d7263d;color:#fff'>advertised but #UD or absent / crash after migration</span>"
         "<span style='background:#f4a259'>migration refused</span></div>",
     ]
     for guest in comparison.guests:
