@@ -25,7 +25,7 @@ INSTRUCTIONS = [
     ("rdrand eax", "rdrand"), ("rdseed eax", "rdseed"), ("rdtscp", "rdtscp"), ("xgetbv", "xsave"),
     ("xsaveopt [rsp - 4096]", "xsaveopt"), ("clflushopt [rsp - 64]", "clflushopt"), ("clwb [rsp - 64]", "clwb"),
     ("lahf", "lahf_lm"), ("cmpxchg16b [rsp - 64]", "cx16"), ("extrq xmm0, xmm1", "sse4a"),
-    ("pfadd mm0, mm1", "3dnow"), ("vaddps xmm0, xmm1, xmm2", "avx"),
+    ("prefetchw byte ptr [rsp - 64]", "3dnowprefetch"), ("pfadd mm0, mm1", "3dnow"), ("vaddps xmm0, xmm1, xmm2", "avx"),
     ("vpaddd ymm0, ymm1, ymm2", "avx2"), ("vfmadd132ps xmm0, xmm1, xmm2", "fma"),
     ("vcvtph2ps xmm0, xmm1", "f16c"), ("sha1rnds4 xmm0, xmm1, 0", "sha_ni"),
     ("vaddps zmm0, zmm1, zmm2", "avx512f"), ("vprotb xmm0, xmm1, xmm2", "xop"),

@@ -72,6 +72,26 @@ def physical_features(table: CpuidTable) -> frozenset[str]:
     return catalogue().decode(table) - STATE_BITS
 
 
+def executed_unreported(vendor: str, family: int, physical: frozenset[str]) -> frozenset[str]:
+    """Features a CPU executes although its CPUID never reports them, by vendor and
+    generation. One today: PREFETCH/PREFETCHW (0F 0D /0, /1 and the /3-/7 hints,
+    Linux's ``3dnowprefetch``).
+
+    AMD defines them wherever long mode or 3DNow! is (AMD64 APM Vol. 3, PREFETCH/PREFETCHW:
+    "supported if CPUID Fn8000_0001_ECX[3DNowPrefetch] OR Fn8000_0001_EDX[LM] OR
+    Fn8000_0001_EDX[3DNow] = 1"; Linux's init_amd: "3DNow or LM implies PREFETCHW").
+    Intel reports PRFCHW only from Broadwell (SDM Vol. 2B, PREFETCHW), yet its opcode
+    map gives 0F 0D /1 to PREFETCHW with no model condition (SDM Vol. 2D, Table A-3), and
+    the Core microarchitecture and every family-6 successor execute it as the hint it is:
+    64-bit Windows 8.1 requires PREFETCHW and installs on Core 2, where it is never
+    reported. NetBurst (family 15, up to Prescott) raised #UD, and so does this model.
+    """
+    if vendor in ("amd", "hygon") and physical & {"lm", "3dnow"} or vendor == "intel" and family == 6 \
+            and "lm" in physical:
+        return frozenset({"3dnowprefetch"})
+    return frozenset()
+
+
 # ---- libvirt/QEMU model definitions ---------------------------------------------------
 
 @functools.cache
@@ -175,6 +195,7 @@ def builtin_names() -> list[str]:
 def _from_table(name: str, table: CpuidTable, source: str, engine_model: str | None = None,
                 physical: frozenset[str] | None = None) -> HostProfile:
     physical = physical_features(table) if physical is None else physical
+    physical |= executed_unreported(table.vendor, table.signature.family, physical)
     return HostProfile(name, table, physical, engine_model or closest_engine_model(physical, table.vendor), source)
 
 

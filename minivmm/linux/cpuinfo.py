@@ -26,6 +26,8 @@ POWER = (0x80000007, 0, "edx")      # x86_power: the "power management" line, no
 # invariant TSC -> constant_tsc and nonstop_tsc (word 3), core performance boost -> cpb (word 7).
 DERIVED = {8: (("constant_tsc", 3, 8), ("nonstop_tsc", 3, 24)), 9: (("cpb", 7, 2),)}
 # arch/x86/kernel/cpu/proc.c x86_power_flags; "" where the bit is a flag above
+# init_amd: "3DNow or LM implies PREFETCHW": the kernel sets 3dnowprefetch itself on AMD.
+AMD_IMPLIED = ("3dnowprefetch", ("lm", "3dnow"))
 POWER_FLAGS = ("ts", "fid", "vid", "ttp", "tm", "stc", "100mhzsteps", "hwpstate", "", "cpb", "eff_freq_ro",
                "proc_feedback", "acc_power")
 
@@ -37,10 +39,15 @@ def _flags(view) -> list[str]:
               RENAMED.get(f.name, f.name))
              for f in catalogue() if view.has(f) and (f.leaf, f.subleaf, f.register) != POWER and f.name not in HIDDEN
              and not f.name.startswith(COPIES)]
+    implied, sources = AMD_IMPLIED
+    if view.table.vendor == "amd" and any(view.has(catalogue()[name]) for name in sources):
+        feature = catalogue()[implied]
+        shown.append((WORDS[(feature.leaf, feature.subleaf, feature.register)], feature.leaf, feature.subleaf,
+                      REGISTERS.index(feature.register), feature.bit, implied))
     power = _power(view)
     shown += [(word, 0, 0, 0, bit, name) for source, flags in DERIVED.items() if power >> source & 1
               for name, word, bit in flags]
-    return [entry[-1] for entry in sorted(shown)]
+    return [entry[-1] for entry in sorted(set(shown))]
 
 
 def _power(view) -> int:

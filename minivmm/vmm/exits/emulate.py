@@ -10,6 +10,10 @@
   leaves LAHF_LM out): AH <-> SF:ZF:0:AF:0:PF:1:CF.
 * CLFLUSHOPT and CLWB likewise (QEMU's Skylake-Client model leaves them out): cache
   write-back hints with no architectural effect on emulated memory.
+* RTM (XBEGIN, XEND, XABORT, XTEST) on hosts that have it: no engine model does. A
+  transaction may abort at any time for any reason (Intel SDM Vol. 1, 16.3.8 "RTM
+  Abort Processing"), so every XBEGIN aborts at once and RTM code takes its fallback
+  path: the behaviour of a CPU whose transactions never commit, exactly.
 """
 
 from __future__ import annotations
@@ -92,6 +96,37 @@ def cache_hint(uc, address: int, size: int) -> None:
     uc.reg_write(x86.UC_X86_REG_RIP, address + size)
 
 
+RFLAGS_ARITHMETIC = 0x8D5  # OF SF ZF AF PF CF
+GP = 13
+
+
+# RTM, outside any transaction; each returns the exception to raise instead, or None.
+def xbegin(uc, address: int, size: int, instr) -> int | None:
+    # The abort: state as at XBEGIN, EAX the abort status (0: no retry hint, no reason
+    # bit), execution at the fallback address (SDM Vol. 2, XBEGIN).
+    uc.reg_write(x86.UC_X86_REG_RAX, uc.reg_read(x86.UC_X86_REG_RAX) & ~0xFFFFFFFF)
+    uc.reg_write(x86.UC_X86_REG_RIP, instr.near_branch_target)
+    return None
+
+
+def xtest(uc, address: int, size: int, instr) -> int | None:
+    # ZF = 1 (not in a transaction); CF, OF, SF, PF and AF cleared (SDM Vol. 2, XTEST).
+    uc.reg_write(x86.UC_X86_REG_RFLAGS, uc.reg_read(x86.UC_X86_REG_RFLAGS) & ~RFLAGS_ARITHMETIC | ZF)
+    uc.reg_write(x86.UC_X86_REG_RIP, address + size)
+    return None
+
+
+def xabort(uc, address: int, size: int, instr) -> int | None:
+    uc.reg_write(x86.UC_X86_REG_RIP, address + size)  # a NOP outside a transaction (SDM Vol. 2, XABORT)
+    return None
+
+
+def xend(uc, address: int, size: int, instr) -> int | None:
+    return GP  # #GP(0) outside a transaction (SDM Vol. 2, XEND)
+
+
 # Instructions with an emulation, for hosts that have them and engine models that do not.
 EMULATED = {Mnemonic.RDTSCP: rdtscp, Mnemonic.CLFLUSHOPT: cache_hint, Mnemonic.CLWB: cache_hint,
             Mnemonic.LAHF: lahf, Mnemonic.SAHF: sahf}
+# ...and for hosts that have them, where no engine model does.
+TRANSACTIONAL = {Mnemonic.XBEGIN: xbegin, Mnemonic.XTEST: xtest, Mnemonic.XEND: xend, Mnemonic.XABORT: xabort}

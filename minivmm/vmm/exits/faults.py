@@ -17,7 +17,7 @@ from ...cpu import isa
 from .. import engine, idt
 from ..log import ExitLog
 from ..report import SIGNALS, Stop
-from .emulate import EMULATED
+from .emulate import EMULATED, TRANSACTIONAL
 from .native import Fault
 from .xsave import CARRIED_OUT
 
@@ -153,6 +153,11 @@ class FaultExits:
         reason = self._os_disabled(uc, instr)
         if reason:
             self.deliver(uc, 6, rip, instr=instr, detail=reason)
+            return
+        if instr.mnemonic in TRANSACTIONAL:
+            vector = TRANSACTIONAL[instr.mnemonic](uc, rip, instr.len, instr)
+            if vector is not None:
+                self.deliver(uc, vector, rip, 0, instr=instr, detail="outside a transaction")
             return
         if self.xsave is not None and instr.mnemonic in CARRIED_OUT:
             try:
