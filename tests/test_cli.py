@@ -79,6 +79,12 @@ def elf_header_only():
     (["cpuid", "nosuchcpu"], {}, "unknown host profile"),
     (["mask", "convert", "-nosuch", "--to", "xen"], {}, "unknown CPU feature 'nosuch'"),
     (["run"], {}, "Missing argument 'GUEST'"),
+    (["run", "{hello.c}"], {"hello.c": "int main(void) { return 0; }\n"}, "hello.c: not a guest: a text file; "
+     "minivmm runs assembly source (.asm, .s, .S), ELF64 executables"),
+    (["run", "{passwd}"], {"passwd": "root:x:0:0:root:/root:/bin/bash\n"}, "passwd: not a guest: a text file"),
+    (["run", "{empty}"], {"empty": b""}, "empty: not a guest: an empty file; minivmm runs assembly source"),
+    (["compare", "{notes.txt}", "--hosts", "core2"], {"notes.txt": "x\n"}, "notes.txt: not a guest: a text file"),
+    (["matrix", "{notes.txt}", "--hosts", "core2"], {"notes.txt": "x\n"}, "notes.txt: not a guest: a text file"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, files, fragment):
     for name, content in files.items():

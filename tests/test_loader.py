@@ -66,6 +66,19 @@ def test_flat_binary_loads_at_the_load_address(tmp_path):
     assert result.stop.reason == "exited" and result.stop.status == 42
 
 
+def test_a_text_file_is_not_a_guest_but_machine_code_is_whatever_its_name(tmp_path):
+    """Machine code loads as a flat binary with or without .bin; text is refused unless
+    its name says it is a flat binary (code that reads as text: push 0x5a; pop rax)."""
+    code = assemble("mov al, 42\nout 0xf4, al\n")
+    for name, data in (("guest", code), ("guest.bin", code), ("ascii.bin", b"jZX")):
+        (tmp_path / name).write_bytes(data)
+        assert load_guest(str(tmp_path / name)).kind == "flat"
+    for name, data in (("ascii", b"jZX"), ("notes", "café\tcrème\r\n\x1b[1mbold\x1b[0m\n".encode())):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(MinivmmError, match=f"{name}: not a guest: a text file"):
+            load_guest(str(tmp_path / name))
+
+
 def elf64(segments, entry, e_type=2, machine=62):
     """A minimal static ELF64: header, program headers, then segment bodies."""
     phoff, phnum = 64, len(segments)

@@ -85,9 +85,29 @@ def load_guest(spec: str, linux: bool | None = None) -> GuestImage:
         return load_elf(data, spec, str(path), linux)
     if linux:
         raise MinivmmError(f"{path}: --linux needs an ELF executable")
-    if not data:
-        raise MinivmmError(f"{path}: empty guest image")
+    if not data or (path.suffix != FLAT_SUFFIX and is_text(data)):
+        raise MinivmmError(f"{path}: not a guest: {'an empty file' if not data else 'a text file'}; "
+                           f"{ACCEPTED}")
     return GuestImage(spec, "flat", ((LOAD_ADDRESS, data, len(data)),), LOAD_ADDRESS, str(path))
+
+
+FLAT_SUFFIX = ".bin"
+ACCEPTED = ("minivmm runs assembly source (.asm, .s, .S), ELF64 executables (static guests, which "
+            "'minivmm cc' builds from C, and Linux programs) and flat binaries of machine code")
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")   # all but tab, line breaks and ESC
+
+
+def is_text(data: bytes) -> bool:
+    """Readable text: UTF-8 without control bytes but line breaks, tabs and escapes.
+    Machine code is almost never that (a zero byte, a ModRM or an immediate above 0x7F
+    that starts no UTF-8 sequence): a C source, /etc/passwd or a README given as a
+    guest is refused instead of executed. Code that does read as text (alphanumeric
+    shellcode) runs as a flat binary when its name ends in .bin."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _CONTROL.search(data) is None
 
 
 _MEMORY_PRAGMA = re.compile(r"^\s*;\s*minivmm:\s*memory\s+(\S+)\s*$", re.MULTILINE)
