@@ -27,6 +27,13 @@ from .vmm.vm import MAX_TIMEOUT, VM, boot_cr4, check_budgets
 class OneLineErrors(click.Group):
     """Every error is one line on stderr and exit status 2, never a traceback."""
 
+    def parse_args(self, ctx, args):
+        # "minivmm -h run" is help on run, as "minivmm help run" (click would show the
+        # top-level help and ignore the command named after it).
+        if len(args) > 1 and args[0] in ctx.help_option_names:
+            args = ["help", *args[1:]]
+        return super().parse_args(ctx, args)
+
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
@@ -128,7 +135,31 @@ def cli():
       minivmm cpuid nehalem --format raw       what a guest's CPUID would return
       minivmm compare detect_both --hosts core2,penryn,nehalem --evc intel-merom
       minivmm matrix my_guest.elf --hosts all --junit out.xml
+      minivmm help run                         a command's options, with examples
     """
+
+
+@cli.command("help")
+@click.argument("names", nargs=-1, metavar="[COMMAND]...")
+@click.pass_context
+def help_command(ctx, names):
+    """Show the help of COMMAND (a group's command too), or of minivmm itself.
+    The same as COMMAND --help, or -h.
+
+    \b
+    Examples:
+      minivmm help run
+      minivmm help mask convert
+      minivmm -h run
+    """
+    target = ctx.find_root()
+    for name in names:
+        command = target.command.get_command(target, name) if isinstance(target.command, click.Group) else None
+        if command is None:
+            raise click.UsageError(f"no command '{' '.join([target.command_path, name])}' (see 'minivmm help"
+                                   f"{target.command_path.removeprefix('minivmm')}')", ctx)
+        target = click.Context(command, info_name=name, parent=target, **command.context_settings)
+    click.echo(target.get_help())
 
 
 @cli.command()

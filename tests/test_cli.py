@@ -184,6 +184,35 @@ def test_a_group_alone_prints_its_help(args):
     assert out.returncode == 0 and out.stdout.startswith("Usage: minivmm") and "Commands:" in out.stdout
 
 
+def _commands(group, path=()):
+    import click
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_help_on_a_command_three_ways_and_dash_h_everywhere():
+    """"minivmm help COMMAND", "minivmm -h COMMAND" and "COMMAND -h" all print that
+    command's help, for every command and every group's command."""
+    from click.testing import CliRunner
+
+    from minivmm.cli import cli
+    runner = CliRunner()
+    commands = list(_commands(cli))
+    assert ("mask", "convert") in commands and ("help",) in commands
+    for path in commands:
+        expected = runner.invoke(cli, [*path, "--help"], prog_name="minivmm").output
+        assert expected.startswith(f"Usage: minivmm {' '.join(path)} "), path
+        for args in ([*path, "-h"], ["help", *path], ["-h", *path], ["--help", *path]):
+            done = runner.invoke(cli, args, prog_name="minivmm")
+            assert (done.exit_code, done.output) == (0, expected), args
+    assert runner.invoke(cli, ["help"], prog_name="minivmm").output.startswith("Usage: minivmm [OPTIONS] COMMAND")
+    for wrong in (["help", "nosuch"], ["help", "mask", "nosuch"], ["-h", "nosuch"]):
+        done = minivmm_cli(*wrong)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no command 'minivmm" in done.stderr
+
+
 @pytest.mark.parametrize("command", ["convert", "lint", "msr", "explain"])
 def test_dash_h_is_help_on_mask_commands_and_masks_stay_masks(command):
     out = minivmm_cli("mask", command, "-h")
