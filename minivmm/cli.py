@@ -414,19 +414,22 @@ def evc():
 @evc.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def evc_list(as_json):
-    """List the EVC modes (VMware's keys) in order, per vendor.
+    """List the EVC modes (VMware's keys) in order, per vendor: each one's features
+    (its parent mode's and what it adds) and the source they rest on, documented by
+    VMware or inferred from a real CPU's dump (dump:NAME, also a --host).
 
     \b
-    Example:
+    Examples:
       minivmm evc list
+      minivmm evc list --json      # with the sources' addresses and every feature
     """
     modes = list(evc_mod.evc_modes().values())
     if as_json:
         emit_json([_mode_dict(m) for m in modes])
         return
-    print_table("EVC modes", ("mode", "vendor", "order", "parent", "adds", "confidence"),
-                [(m.key, m.vendor, str(m.order), m.parent or "", " ".join(sorted(m.added)), m.confidence)
-                 for m in modes])
+    print_table("EVC modes", ("mode", "features", "source"),
+                [(m.key, " ".join([f"{m.parent} +"] * bool(m.parent) + sorted(m.added)),
+                  f"{m.confidence}: {m.source_name}") for m in modes])
 
 
 @evc.command("show")
@@ -453,7 +456,7 @@ def evc_show(mode, as_json):
 def _mode_dict(m):
     return {"mode": m.key, "vendor": m.vendor, "order": m.order, "parent": m.parent,
             "added": sorted(m.added), "features": sorted(m.features), "source": m.source,
-            "confidence": m.confidence}
+            "source_name": m.source_name, "confidence": m.confidence}
 
 
 @cli.group()

@@ -220,6 +220,24 @@ def test_dash_h_is_help_on_mask_commands_and_masks_stay_masks(command):
     assert minivmm_cli("mask", "lint", "-shstk").stdout.startswith("no problems")
 
 
+def test_evc_list_reads_whole_at_80_columns_with_its_sources(monkeypatch):
+    """Nothing cut ("intel-mer…"): every mode, parent, feature and source word whole, in
+    80 columns; each source a real dump usable as a host, a QEMU model or VMware's page."""
+    from minivmm.cpu.profiles import load_profile
+    monkeypatch.setenv("COLUMNS", "80")
+    shown = minivmm_cli("evc", "list").stdout
+    assert "…" not in shown and max(map(len, shown.splitlines())) <= 80
+    words = set(shown.replace("│", " ").split())
+    modes = json.loads(minivmm_cli("evc", "list", "--json").stdout)
+    for mode in modes:
+        assert {mode["mode"], mode["parent"] or mode["mode"], f"{mode['confidence']}:", *mode["added"],
+                *mode["source_name"].split()} <= words, mode["mode"]
+    names = {m["mode"]: m["source_name"] for m in modes}
+    assert (names["intel-merom"], names["intel-penryn"], names["amd-rev-e"]) == (
+        "dump:Xeon-5110", "docs.vmware.com", "QEMU model Opteron_G1")
+    assert load_profile(names["intel-merom"]).vendor == "intel"
+
+
 def test_strategies_without_hypothesis_say_how_to_get_it():
     code = ("import sys; sys.modules['hypothesis'] = None\n"
             "try:\n    import minivmm.testing.strategies\n"

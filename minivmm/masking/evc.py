@@ -13,6 +13,7 @@ import difflib
 import functools
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlparse
 
 from ..cpu.features import catalogue
 from ..errors import MinivmmError
@@ -44,6 +45,17 @@ class EvcMode:
 
     def supported_by(self, profile) -> bool:
         return profile.vendor == self.vendor and not self.missing_on(profile)
+
+    @property
+    def source_name(self) -> str:
+        """The source in a few words: the real CPU's dump as a host name (dump:NAME),
+        the QEMU model as libvirt ships it, else the site of the documenting page."""
+        file = self.source.rsplit("/", 1)[-1].removesuffix(".xml")
+        if "/cputestdata/x86_64-cpuid-" in self.source:
+            return "dump:" + file.removeprefix("x86_64-cpuid-")
+        if "/cpu_map/x86_" in self.source:
+            return "QEMU model " + file.removeprefix("x86_")
+        return urlparse(self.source).netloc or self.source
 
 
 @functools.cache
