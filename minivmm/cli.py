@@ -178,8 +178,9 @@ def help_command(ctx, names):
                    "dynamically linked programs need for their libraries.")
 @click.option("--realtime", is_flag=True,
               help="A Linux program reads the machine's clock (default: virtual time, reproducible).")
-@click.option("--host", default="nehalem", show_default=True, metavar="PROFILE",
-              help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native.")
+@click.option("--host", metavar="PROFILE",
+              help="Host profile to start on: a built-in name, dump:NAME, file:PATH or native "
+                   "(default: nehalem; native under --accel native).")
 @click.option("--evc", metavar="MODE", help="Apply a VMware EVC mode's mask to the guest CPUID view.")
 @click.option("--cpuid-mask", multiple=True, metavar="MASK",
               help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
@@ -203,7 +204,9 @@ def help_command(ctx, names):
 @click.option("--accel", type=click.Choice(ACCELERATORS), default="tcg", show_default=True,
               help="tcg: the emulation engine runs the host profile. kvm: this machine's own CPU runs the "
                    "guest (--host native; --evc and --cpuid-mask may only hide features), CPUID answered "
-                   "from the view's table, as QEMU's -accel kvm -cpu host,-FEATURE.")
+                   "from the view's table, as QEMU's -accel kvm -cpu host,-FEATURE. native: a Linux program "
+                   "runs as a process of this machine, its CPUID, /proc/cpuinfo and AT_HWCAP answered from "
+                   "the view by a ptrace supervisor (CPUID faulting; docs/accel.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
         snapshot_at, snapshot_file, audit, memory, max_insns, timeout, accel, as_json):
@@ -226,6 +229,7 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
       minivmm run ./a.out --host penryn --evc intel-merom -- --verbose
       minivmm run /usr/bin/sha256sum --mount / --host penryn -- /etc/hostname
       minivmm run detect_extended --host native --accel kvm --cpuid-mask=-sse4a
+      minivmm run ./a.out --accel native --evc intel-penryn
     """
     for item in env:
         if "=" not in item:
@@ -777,16 +781,16 @@ def cc(sources, output):
 
 
 @cli.command()
-@click.argument("name", default="all", metavar="[evc|ud-probe|override|cold|lzcnt|avx|linux|avx2|all]")
+@click.argument("name", default="all", metavar="[NAME]")
 @click.option("--pace", is_flag=True, help="Wait for a key press between steps (for a classroom).")
 @click.option("--json", "as_json", is_flag=True, help="Print the steps and their results as JSON.")
 def demo(name, pace, as_json):
     """Narrated demos built from real runs: each step shows the command that
-    reproduces it and what the run did.
+    reproduces it and what the run did. NAME is one of:
 
     \b
       evc       a mask hides SSE4.1; a CPUID-guided guest survives migration
-      ud-probe  probing finds the hidden SSE4.1; the prober crashes after migration
+      ud-probe  probing finds the hidden SSE4.1; the prober crashes after moving
       override  without EVC the move is refused; forcing it crashes the guest
       cold      cold migration re-detects: always safe
       lzcnt     LZCNT without asking CPUID: silently BSR on older CPUs
@@ -806,8 +810,9 @@ def demo(name, pace, as_json):
     if as_json:
         emit_json([step.to_dict() for step in demo_mod.steps(name)])
         return
+    import textwrap
+
     from rich.console import Console
-    from rich.padding import Padding
     console = Console(highlight=False)
     current = None
     for i, step in enumerate(demo_mod.steps(name)):
@@ -817,13 +822,17 @@ def demo(name, pace, as_json):
             current = step.demo
             console.rule(f"[bold]{current}")
         console.print(f"[bold]{step.title}[/]")
-        console.print(f"  [cyan]$ {step.command}[/]", soft_wrap=True)
+        for command in filter(None, (step.setup, step.command)):
+            console.print(f"  [cyan]$ {command}[/]", soft_wrap=True)
         lines = step.console.splitlines()
         for line in lines[:6]:
             console.print(f"  [dim]| {line}[/]", markup=True, soft_wrap=True)
         if len(lines) > 6:
             console.print(f"  [dim]| ... ({len(lines) - 6} more lines)[/]")
-        console.print(Padding(step.narration, (0, 0, 1, 2)))
+        # Wrapped here, not by a rich Padding, which fills every line with blanks to the edge.
+        console.print(textwrap.fill(step.narration, console.width, initial_indent="  ", subsequent_indent="  ",
+                                    break_on_hyphens=False, break_long_words=False) + "\n",
+                      markup=False, soft_wrap=True)
 
 
 @cli.command()

@@ -1,12 +1,17 @@
 """minivmm demo: every demo runs, and its steps show what the story says they show."""
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import minivmm_cli
 
+from minivmm.guests import shipped_guests_dir
 from minivmm.teaching import demo
 
 
@@ -83,14 +88,22 @@ def test_avx2_probe_dies_after_migrating_to_sandybridge_and_its_twin_survives(st
     assert twin.facts["checksum"] == re.search(r"checksum: (\d+)", probe.console)[1]
 
 
-def test_each_steps_command_reproduces_it(steps):
-    """The printed command is the run: executed by the CLI it gives the same console."""
+def test_each_steps_command_reproduces_it(steps, tmp_path):
+    """The printed command is the run: in a shell where guests/ is the shipped guests (as
+    the README's examples run), after its demo's setups (the builds of the programs it
+    runs), it gives the same console. No command names a file by an absolute path: a
+    program built into the cache is ./NAME, built as a setup says."""
+    for step in (step for demo_steps in steps.values() for step in demo_steps):
+        assert not any(word.startswith("/") for word in shlex.split(f"{step.setup} {step.command}")), step.command
+    (tmp_path / "guests").symlink_to(shipped_guests_dir())
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     linux = [] if steps["linux"][0].facts.get("skipped") else [steps["linux"][3]]
     linux += [] if steps["avx2"][0].facts.get("skipped") else [steps["avx2"][1]]
     for step in (steps["ud-probe"][2], steps["override"][1], steps["avx"][0], *linux):
-        args = shlex.split(step.command)[1:]
-        done = minivmm_cli(*args, "--json")
-        assert json.loads(done.stdout)["console"] == step.console, step.command
+        setups = [s.setup for s in steps[step.demo] if s.setup]
+        done = subprocess.run(["bash", "-c", " && ".join([*setups, f"{step.command} --json"])], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(done.stdout)["console"] == step.console, (step.command, done.stderr)
 
 
 def test_cli_json_and_text():
@@ -100,8 +113,18 @@ def test_cli_json_and_text():
     assert [s["demo"] for s in report] == ["ud-probe"] * 3 and report[2]["facts"]["stop"] == "crashed"
     text = minivmm_cli("demo", "lzcnt")
     assert "$ minivmm run lzcnt_pitfall --host nehalem --audit" in text.stdout
+    assert [line for line in text.stdout.splitlines() if line.endswith(" ")] == []  # no blanks to the edge
+    assert "  On nehalem (abm absent) lzcnt(1) returned 0." in text.stdout
     bad = minivmm_cli("demo", "nosuch")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+def test_help_splits_no_word_at_80_columns(monkeypatch):
+    """No demo's name is broken at its hyphen ("ud-" / "probe") and no line is wider than 80."""
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = minivmm_cli("demo", "--help").stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and not [line for line in lines if line.endswith("-")]
+    assert lines[0] == "Usage: minivmm demo [OPTIONS] [NAME]" and any("  ud-probe  " in line for line in lines)
 
 
 def test_pace_waits_for_a_key_between_steps():

@@ -41,6 +41,11 @@ def compiler() -> str:
     return found
 
 
+def linux_build_args(sources, output, cflags=()) -> list[str]:
+    """The compiler's arguments that build a static Linux program, as anyone builds one."""
+    return ["-static", "-O1", *cflags, "-o", str(output), *map(str, sources)]
+
+
 def build_c(sources, output: str | os.PathLike | None = None, cflags=(), linux: bool = False) -> Path:
     """Compile and link C (or assembly) sources with the guest runtime into a static ELF,
     or (``linux``) into a static Linux program.
@@ -63,7 +68,7 @@ def build_c(sources, output: str | os.PathLike | None = None, cflags=(), linux: 
     # The linker writes the image in place: build beside the target, rename when complete.
     partial = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     if linux:
-        command = [compiler(), "-static", "-O1", *cflags, "-o", str(partial), *map(str, paths)]
+        command = [compiler(), *linux_build_args(paths, partial, cflags)]
     else:
         command = [compiler(), *CFLAGS, *cflags, f"-I{runtime}", "-T", str(runtime / "link.ld"), "-o", str(partial),
                    *(str(runtime / r) for r in RUNTIME), *map(str, paths), "-lgcc"]

@@ -8,6 +8,7 @@ built from the results, so a demo that stopped showing its point would say so.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -32,10 +33,11 @@ class Step:
     narration: str
     facts: dict = field(default_factory=dict)
     console: str = ""
+    setup: str = ""    # what to run before the command: the build of the program it runs
 
     def to_dict(self) -> dict:
-        return {"demo": self.demo, "title": self.title, "command": self.command, "narration": self.narration,
-                "facts": self.facts, "console": self.console}
+        return {"demo": self.demo, "title": self.title, "setup": self.setup, "command": self.command,
+                "narration": self.narration, "facts": self.facts, "console": self.console}
 
 
 def _run(guest: str, host: str, evc: str | None = None, migrate: str | None = None, force: bool = False,
@@ -183,11 +185,19 @@ def avx() -> Iterator[Step]:
                                    "naive_vaddps": ran[1] if ran else None}, result.console)
 
 
+# A built program's path in the cache -> its name in the commands shown, and how to build it there.
+_BUILT: dict[str, tuple[str, str]] = {}
+
+
 def _linux_program(source: str, cflags=()) -> str:
-    """A shipped Linux program's C source, built by the system compiler (cached)."""
+    """A shipped Linux program's C source, built by the system compiler (cached). The
+    commands shown run it as ./NAME, built from guests/linux/SOURCE (see :func:`steps`)."""
     from ..guests import shipped_guests_dir
-    from ..guests.toolchain import build_c
-    return str(build_c([shipped_guests_dir().joinpath("linux", source)], cflags=cflags, linux=True))
+    from ..guests.toolchain import build_c, linux_build_args
+    path = str(build_c([shipped_guests_dir().joinpath("linux", source)], cflags=cflags, linux=True))
+    name = source.rsplit(".", 1)[0]
+    _BUILT[path] = (f"./{name}", shlex.join(["gcc", *linux_build_args([f"guests/linux/{source}"], name, cflags)]))
+    return path
 
 
 def _columns(console: str) -> dict[str, str]:
@@ -268,10 +278,21 @@ DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "
 
 def steps(name: str = "all") -> Iterator[Step]:
     """The steps of one demo, or of all of them in teaching order."""
-    if name == "all":
-        for demo in DEMOS.values():
-            yield from demo()
-        return
-    if name not in DEMOS:
+    if name != "all" and name not in DEMOS:
         raise MinivmmError(f"unknown demo '{name}' (choose from {', '.join(DEMOS)}, all)")
-    yield from DEMOS[name]()
+    for demo in DEMOS.values() if name == "all" else [DEMOS[name]]:
+        built: set[str] = set()
+        for step in demo():
+            yield _as_shown(step, built)
+
+
+def _as_shown(step: Step, built: set[str]) -> Step:
+    """A step whose command runs a built program as a reader would: ./NAME, not its path
+    in the cache; the demo's first step that runs it has the build as its setup."""
+    for path, (name, build) in _BUILT.items():
+        if shlex.quote(path) in step.command:
+            step.command = step.command.replace(shlex.quote(path), name)
+            if name not in built:
+                built.add(name)
+                step.setup = build
+    return step
