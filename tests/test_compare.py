@@ -85,6 +85,20 @@ def test_migration_outcomes_per_guest():
     assert refused.cell("dispatch_cpuid", "sse4_1", "nehalem").after == "refused"
 
 
+def test_the_html_timeline_tells_what_happened():
+    """A guest without a checkpoint was never migrated: its timeline says so from the
+    start, not "runs to checkpoint 1" then "no checkpoint"; one with a checkpoint runs
+    to it, moves and crashes."""
+    page = comparison_page(compare(["detect_cpuid", "dispatch_ud"], ["penryn"], evc="intel-merom",
+                                   migrate_to="core2"))
+    detecting = page[page.index("<h3>detect_cpuid: migration timeline"):page.index("<h2>dispatch_ud</h2>")]
+    assert "checkpoint 1" not in detecting
+    assert "runs to its end without reaching a checkpoint" in detecting
+    assert "not migrated: no checkpoint" in detecting
+    probing = page[page.index("<h3>dispatch_ud: migration timeline"):]
+    assert "runs to checkpoint 1" in probing and "migrate to core2" in probing and "#UD crash" in probing
+
+
 @pytest.mark.parametrize("args", [("--hosts", "core2,nosuch"), ("--hosts", "core2", "--html", "/nonexistent/d/x.html"),
                                   ("--hosts", "core2", "--evc", "intel-nehalem"), ("--hosts", "penryn", "--migrate-to", "x")])
 def test_bad_input_is_one_line(args):

@@ -59,18 +59,21 @@ def _cells(cell: Cell, migrating: bool) -> list[str]:
 def _timeline(comparison: Comparison, guest: str, host: str) -> str:
     plain = comparison.runs[guest, host]
     migrated = comparison.migrated.get((guest, host))
-    outcome = migration_outcome(plain, migrated)
-    steps = [("source", f"boot on {host}", "detects, runs to checkpoint 1")]
-    if migrated is not None and migrated.migrations:
-        record = migrated.migrations[0]
-        if record["ok"]:
+    if migrated is None:  # no checkpoint: compare never tried to migrate it
+        steps = [("source", f"boot on {host}", "runs to its end without reaching a checkpoint"),
+                 ("source", "not migrated: no checkpoint", plain.stop.message)]
+    else:
+        steps = [("source", f"boot on {host}", "detects, runs to checkpoint 1")]
+        record = migrated.migrations[0] if migrated.migrations else None
+        if record is not None and record["ok"]:
             detail = f"{record.get('mode') or 'live'}, {record['rounds']} round{'' if record['rounds'] == 1 else 's'}, downtime {record['downtime_ms']} ms"
             steps.append(("move", f"migrate to {record['to']}" + (" (forced)" if record["forced"] else ""), detail))
-        else:
+        elif record is not None and record.get("refused", True):
             steps.append(("refused", f"refused: {record['to']}", "lacks " + ", ".join(record.get("missing", []))))
-    kind = outcome_kind(outcome) or "source"
-    end = migrated.stop.message if migrated is not None else plain.stop.message
-    steps.append((kind, outcome, end))
+        elif record is not None:
+            steps.append(("source", f"no move to {record['to']}", record.get("reason", "")))
+        outcome = migration_outcome(plain, migrated)
+        steps.append((outcome_kind(outcome) or "source", outcome, migrated.stop.message))
     return "".join(f'<div class="step {k}"><b>{escape(title)}</b>{escape(text)}</div>' for k, title, text in steps)
 
 
