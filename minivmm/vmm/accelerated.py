@@ -21,7 +21,7 @@ from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from .exits.io import IoExits
 from .report import RunResult, Stop
 
-ACCELERATORS = ("tcg", "kvm")
+ACCELERATORS = ("tcg", "kvm", "native")
 NOT_VISIBLE = ("CPUID executions and exceptions are not visible to the VMM under --accel kvm: the hardware "
                "answers CPUID from the installed table and delivers exceptions to the guest's IDT itself")
 

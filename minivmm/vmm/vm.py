@@ -45,6 +45,7 @@ from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
 from . import engine as engine_module
 from .accelerated import ACCELERATORS, check_view, run_on_kvm
+from . import supervised
 from .audit import Audit
 from .log import ExitLog
 from .engine import counted_so_far as engine_counter
@@ -193,7 +194,7 @@ class VM:
     True
     """
 
-    def __init__(self, guest: GuestImage | str, host: HostProfile | str = "nehalem",
+    def __init__(self, guest: GuestImage | str, host: HostProfile | str | None = None,
                  memory: int | str | None = None, evc: str | None = None, masks=(),
                  policy: str = "live", snapshot: Snapshot | None = None, linux: bool | None = None,
                  argv=(), env=None, seed: int = 0, mounts=(), stdin=None, realtime: bool = False,
@@ -209,10 +210,22 @@ class VM:
         any mask format, applied after the EVC mode's mask, in order. ``policy`` is the
         VM's migration policy (live, offline, disabled). ``snapshot`` resumes a saved VM
         (its CPUID view, frozen at its power-on, comes along). ``accel`` is ``tcg`` (the
-        emulation engine) or ``kvm`` (this machine's own CPU: ``host="native"``, a view
-        that only hides features, an ABI guest)."""
+        emulation engine), ``kvm`` (this machine's own CPU: ``host="native"``, a view
+        that only hides features, an ABI guest) or ``native`` (a Linux program as a
+        process of this machine under a ptrace supervisor, the same restrictions). The
+        host defaults to nehalem, or native under ``accel="native"``."""
         if policy not in POLICIES:
             raise MinivmmError(f"unknown migration policy '{policy}' (live, offline, disabled)")
+        if accel not in ACCELERATORS:
+            raise MinivmmError(f"unknown accelerator '{accel}' (tcg, kvm, native)")
+        if host is None:
+            host = "native" if accel == "native" else "nehalem"
+        if accel == "native":
+            linux = True   # any ELF executable runs as the machine's own process
+            for given, what in ((mounts, "--mount"), (seed, "--seed"), (memory, "--memory")):
+                if given:
+                    raise MinivmmError(f"--accel native: {what} does not apply to a process of this machine, "
+                                       f"which sees the machine's files, random numbers and memory")
         self.image = load_guest(guest, linux) if isinstance(guest, str) else guest
         if (argv or env is not None or mounts) and self.image.kind != "linux":
             raise MinivmmError(f"{self.image.name}: arguments, environment and mounts are for Linux programs (--linux)")
@@ -227,10 +240,13 @@ class VM:
         self.policy = policy
         self.snapshot = snapshot
         self.view = GuestCpuidView.for_host(self.host, self.evc, masks)
-        self._check_layout()
-        if accel not in ACCELERATORS:
-            raise MinivmmError(f"unknown accelerator '{accel}' (tcg, kvm)")
         self.accel = accel
+        if accel == "native":
+            if snapshot is not None:
+                raise MinivmmError("--accel native runs a program from its start; snapshots resume on the emulator")
+            supervised.check(self.host, self.view, self.image)
+            return
+        self._check_layout()
         if accel == "kvm":
             if self.image.kind == "linux" or snapshot is not None:
                 raise MinivmmError("--accel kvm runs guests of the guest ABI from power-on; Linux programs and "
@@ -286,8 +302,18 @@ class VM:
         (``force`` overrides a failed compatibility check); ``snapshot_at`` (a WHEN)
         writes a snapshot to ``snapshot_file`` and carries on."""
         check_budgets(max_insns, timeout)
+        if self.accel != "tcg":
+            for given, what in ((max_insns, "an exact --max-insns (the CPU counts no instructions for the VMM)"),
+                                (audit, "--audit (the CPU executes hidden features without an exit)"),
+                                (migrations, "--migrate"), (snapshot_at, "--snapshot-at")):
+                if given:
+                    raise MinivmmError(f"--accel {self.accel}: {what} is not available on the machine's own CPU; "
+                                       f"run on the emulator")
         if self.accel == "kvm":
-            return self._run_on_kvm(max_insns, timeout, console, audit, migrations, snapshot_at)
+            return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, boot_cr4(self.view), XCR0_BOOT,
+                                                       MXCSR_RESET))
+        if self.accel == "native":
+            return supervised.run_supervised(self, timeout, console)
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
@@ -300,15 +326,6 @@ class VM:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
         return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
-
-    def _run_on_kvm(self, max_insns, timeout, console, audit, migrations, snapshot_at) -> RunResult:
-        for given, what in ((max_insns, "an exact --max-insns (the hardware counts no instructions for the VMM)"),
-                            (audit, "--audit (the hardware executes hidden features without an exit)"),
-                            (migrations, "--migrate"), (snapshot_at, "--snapshot-at")):
-            if given:
-                raise MinivmmError(f"--accel kvm: {what} is not available under KVM; run on the emulator")
-        cr4 = boot_cr4(self.view)
-        return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, cr4, XCR0_BOOT, MXCSR_RESET))
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool, x87: X87Exceptions | None = None):
         """What an exit at each instruction does on this host (cached per opcode, until
