@@ -259,10 +259,10 @@ def _report(vm, as_json, **options):
         emit_json(result.to_dict())
     else:
         sys.stdout.flush()
-        if result.console and not result.console.endswith("\n") and sys.stdout.isatty() and sys.stderr.isatty():
-            sys.stderr.write("\n")  # one terminal: the lines below start a line of their own
+        _end_line(result.console, sys.stdout.isatty() and sys.stderr.isatty())  # one terminal shows both
         if result.stderr:
             sys.stderr.write(result.stderr)
+            _end_line(result.stderr, True)  # the program's standard error and minivmm's lines share stderr
         for entry in result.audit:
             click.echo(f"minivmm: audit: {entry['rip']:#x} {entry['instruction']} needs "
                        f"{', '.join(entry['features'])}, hidden from the guest's CPUID "
@@ -280,6 +280,14 @@ def _report(vm, as_json, **options):
             click.echo(f"minivmm: never reached: {what} at {point['when']} (the run ended first)", err=True)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
     sys.exit(result.exit_code)
+
+
+def _end_line(text: str, shared: bool) -> None:
+    """When ``text`` ended mid-line where minivmm's lines follow it (``shared``), end
+    that line, so that they start lines of their own ("H" then "minivmm: limit: ...").
+    A console piped elsewhere gets its bytes as they are."""
+    if shared and text and not text.endswith("\n"):
+        sys.stderr.write("\n")
 
 
 def _stream_console(data: bytes) -> None:
@@ -641,10 +649,12 @@ def _plain(key: str, value) -> str:
 
 @cli.command()
 @click.argument("guests", nargs=-1, required=True, metavar="GUEST...")
-@click.option("--hosts", default="all", show_default=True, metavar="all|A,B",
-              help="Host profiles to run on, as for matrix.")
+@click.option("--hosts", metavar="all|A,B",
+              help="Host profiles to run on, as for matrix (default: all; native under --accel kvm or native).")
 @click.option("--evc", metavar="MODE", help="Run every VM under this EVC mode.")
 @click.option("--cpuid-mask", multiple=True, metavar="MASK", help="A CPUID mask for every VM (repeatable).")
+@click.option("--accel", type=click.Choice(ACCELERATORS), default="tcg", show_default=True,
+              help="What runs each guest, as for run: native runs Linux programs on this machine's own CPU.")
 @click.option("--migrate-to", metavar="PROFILE", help="Also migrate each VM to PROFILE at its first checkpoint.")
 @click.option("--force", is_flag=True, help="Force those migrations past the compatibility check.")
 @click.option("--html", "html_file", metavar="FILE",
@@ -652,7 +662,7 @@ def _plain(key: str, value) -> str:
 @click.option("--timeout", type=SECONDS, default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeout, as_json):
+def compare(guests, hosts, evc, cpuid_mask, accel, migrate_to, force, html_file, timeout, as_json):
     """Run each GUEST on each host and compare, per feature, what the host has
     (physical), what CPUID tells the guest, what its probe found and which path it
     used; with --migrate-to, what happened to that choice after a live migration.
@@ -671,12 +681,15 @@ def compare(guests, hosts, evc, cpuid_mask, migrate_to, force, html_file, timeou
       minivmm compare detect_both --hosts core2,penryn,nehalem --evc intel-merom
       minivmm compare dispatch_cpuid dispatch_ud --hosts penryn --evc intel-merom --migrate-to core2
       minivmm compare detect_both --hosts all --html matrix.html
+      minivmm compare ./detect_both --accel native --evc intel-penryn
     """
     from .teaching.compare import compare as run_comparison
     if html_file is not None:
         check_output(html_file, "--html file", guests)
+    if hosts is None:
+        hosts = "all" if accel == "tcg" else "native"
     comparison = run_comparison(guests, profiles_mod.host_names(hosts), evc=evc, masks=cpuid_mask, migrate_to=migrate_to,
-                                timeout=timeout, force=force)
+                                timeout=timeout, force=force, accel=accel)
     if html_file is not None:
         from .teaching.html import comparison_page
         write_atomically(html_file, comparison_page(comparison), "HTML page")

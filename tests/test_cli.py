@@ -257,16 +257,12 @@ def test_the_report_schema_rejects_a_report_missing_a_key():
         report_validator().validate(report)
 
 
-def test_on_a_terminal_the_stop_line_starts_a_line_of_its_own():
-    """A console without a final newline (hello stopped after 10 instructions prints "H")
-    is not glued to the stop line when both go to one terminal; pipes get the bytes as
-    they are."""
+def on_a_terminal(*args) -> tuple[int, bytes]:
+    """The command line with stdout and stderr on one terminal: (exit status, what it shows)."""
     import os
     import pty
-    import subprocess
-    import sys
     controller, terminal = pty.openpty()
-    done = subprocess.run([sys.executable, "-m", "minivmm", "run", "hello", "--max-insns", "10"], stdin=subprocess.DEVNULL,
+    done = subprocess.run([sys.executable, "-m", "minivmm", *args], stdin=subprocess.DEVNULL,
                           stdout=terminal, stderr=terminal, timeout=60)
     os.close(terminal)
     out = b""
@@ -278,7 +274,31 @@ def test_on_a_terminal_the_stop_line_starts_a_line_of_its_own():
         if not chunk:
             break
         out += chunk
-    assert done.returncode == 124
-    assert b"H\r\nminivmm: limit:" in out
+    return done.returncode, out
+
+
+def test_on_a_terminal_the_stop_line_starts_a_line_of_its_own():
+    """A console without a final newline (hello stopped after 10 instructions prints "H")
+    is not glued to the stop line when both go to one terminal; pipes get the bytes as
+    they are."""
+    status, shown = on_a_terminal("run", "hello", "--max-insns", "10")
+    assert status == 124
+    assert b"H\r\nminivmm: limit:" in shown
     piped = minivmm_cli("run", "hello", "--max-insns", "10")
     assert piped.stdout == "H" and piped.stderr.startswith("minivmm: limit:")
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: cannot build a Linux program")
+def test_a_linux_programs_stderr_without_a_newline_is_not_glued_to_the_stop_line(tmp_path):
+    """minivmm's lines follow the program's standard error on stderr: they start a line of
+    their own there, on a terminal or not; the console keeps its bytes in a pipe."""
+    from minivmm.guests.toolchain import build_c
+    source = tmp_path / "partial.c"
+    source.write_text('#include <stdio.h>\nint main(void) { fputs("partial", stdout); fputs("oops", stderr); '
+                      'return 3; }\n')
+    program = str(build_c([source], linux=True))
+    piped = minivmm_cli("run", program)
+    assert piped.returncode == 3 and piped.stdout == "partial"
+    assert piped.stderr.startswith("oops\nminivmm: exited:"), piped.stderr
+    status, shown = on_a_terminal("run", program)
+    assert status == 3 and shown.startswith(b"partial\r\noops\r\nminivmm: exited:"), shown
