@@ -6,6 +6,7 @@ still executes. Tests that run a program skip where the CPU or kernel has no CPU
 faulting (AMD before Zen 4, most VMs); the refusals hold everywhere.
 """
 
+import json
 import os
 import re
 import shutil
@@ -201,3 +202,18 @@ def test_refusals_are_one_line():
 def test_migration_and_exact_budgets_are_refused():
     with pytest.raises(MinivmmError, match="--accel native: an exact --max-insns"):
         VM("/bin/sh", accel="native").run(max_insns=10)
+
+
+@needs_faulting
+@needs_gcc
+def test_compare_runs_on_the_machines_own_cpu(detect_both):
+    """compare --accel native: its host column is the machine, and what the mode hides
+    is highlighted as masked but executable, found by the real CPU."""
+    done = minivmm_cli("compare", detect_both, "--accel", "native", "--evc", "intel-penryn", "--json")
+    assert done.returncode == 0, done.stderr
+    cells = {c["feature"]: c for c in json.loads(done.stdout)["cells"]}
+    assert {c["host"] for c in cells.values()} == {"native"}
+    assert cells["popcnt"]["disagreement"] == "masked but executable" and cells["popcnt"]["probe"] is True
+    assert cells["sse4_1"]["disagreement"] is None     # negative control: shown by the mode
+    refused = minivmm_cli("compare", detect_both, "--accel", "native", "--migrate-to", "penryn")
+    assert one_line_error(refused)

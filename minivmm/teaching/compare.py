@@ -122,18 +122,21 @@ def _feature_outcome(feature: str, outcome: str, migrated: RunResult) -> str:
 
 
 def compare(guests, hosts, evc: str | None = None, masks=(), migrate_to: str | None = None,
-            timeout: float = 60, force: bool = False) -> Comparison:
+            timeout: float = 60, force: bool = False, accel: str = "tcg") -> Comparison:
     """Run every guest on every host (and again with a migration to ``migrate_to`` at
-    its first checkpoint) and tabulate each reported feature."""
+    its first checkpoint) and tabulate each reported feature. ``accel`` is what runs
+    each guest, as for a run (``native``: Linux programs on the machine's own CPU)."""
     if not guests or not hosts:
         raise MinivmmError("compare needs at least one guest and one host")
+    if migrate_to is not None and accel != "tcg":
+        raise MinivmmError(f"compare --migrate-to: migrations run on the emulator, not under --accel {accel}")
     profiles = [load_profile(h) for h in hosts]
     destination = load_profile(migrate_to) if migrate_to is not None else None
     names = catalogue()
     cells, runs, migrated_runs = [], {}, {}
     for guest in guests:
         for host in profiles:
-            vm = VM(guest, host, evc=evc, masks=masks)
+            vm = VM(guest, host, evc=evc, masks=masks, accel=accel)
             plain = vm.run(timeout=timeout)
             runs[guest, host.name] = plain
             migrated = None
