@@ -88,6 +88,14 @@ def test_avx2_probe_dies_after_migrating_to_sandybridge_and_its_twin_survives(st
     assert twin.facts["checksum"] == re.search(r"checksum: (\d+)", probe.console)[1]
 
 
+def test_prefetchw_is_found_by_executing_it_where_cpuid_never_reported_it(steps):
+    if steps["prefetchw"][0].facts.get("skipped"):
+        pytest.skip(steps["prefetchw"][0].facts["skipped"])
+    seen = {step.facts["host"]: (step.facts["cpuid"], step.facts["probe"]) for step in steps["prefetchw"]}
+    assert seen == {"core2": (False, True), "haswell": (False, True), "broadwell": (True, True)}
+    assert "Broadwell" in steps["prefetchw"][0].narration
+
+
 def test_each_steps_command_reproduces_it(steps, tmp_path):
     """The printed command is the run: in a shell where guests/ is the shipped guests (as
     the README's examples run), after its demo's setups (the builds of the programs it

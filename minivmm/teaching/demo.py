@@ -272,8 +272,31 @@ def avx2() -> Iterator[Step]:
                    {**_facts(moved), "checksum": checksum[1] if checksum else None}, moved.console)
 
 
+def prefetchw() -> Iterator[Step]:
+    """The other side of the story: a feature CPUID never reported, found by executing it."""
+    try:
+        probe = _linux_program("probe_prefetchw.c")
+    except MinivmmError as e:
+        yield Step("prefetchw", "PREFETCHW (skipped)", "gcc -static", f"Skipped: {e}", {"skipped": str(e)})
+        return
+    for host in ("core2", "haswell", "broadwell"):
+        result = VM(probe, host).run(timeout=60)
+        found = re.search(r"cpuid=(\d) probe=(\d)", result.console)
+        cpuid, probe_found = (found[1] == "1", found[2] == "1") if found else (None, None)
+        if cpuid is False and probe_found:
+            text = (f"On {load_profile(host).description}, CPUID does not report PREFETCHW (PRFCHW), yet the "
+                    f"probe executes it: this CPU runs it as the hint it is. Intel reported it only from "
+                    f"Broadwell on, so software that asks CPUID never uses it here.")
+        elif cpuid and probe_found:
+            text = f"On {load_profile(host).description}, CPUID reports PREFETCHW and the probe agrees."
+        else:
+            text = f"On {load_profile(host).description}: {result.console.strip() or _ending(result)}."
+        yield Step("prefetchw", f"PREFETCHW on {host}", run_command(probe, host),
+                   text, {**_facts(result), "cpuid": cpuid, "probe": probe_found}, result.console)
+
+
 DEMOS = {"evc": evc, "ud-probe": ud_probe, "override": override, "cold": cold, "lzcnt": lzcnt, "avx": avx,
-         "linux": linux, "avx2": avx2}
+         "linux": linux, "avx2": avx2, "prefetchw": prefetchw}
 
 
 def steps(name: str = "all") -> Iterator[Step]:
