@@ -195,6 +195,9 @@ def help_command(ctx, names):
 @click.option("--snapshot-at", metavar="WHEN", help="Save a snapshot at checkpoint:N, insn:N, ms:N or (Linux programs) syscall:N.")
 @click.option("--snapshot-file", metavar="FILE", help="Where --snapshot-at writes the snapshot.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
+@click.option("--syscalls", is_flag=True,
+              help="List where a Linux program's system calls fall (per name: calls, first, last), to "
+                   "choose N for syscall:N.")
 @click.option("--memory", metavar="SIZE",
               help="Guest RAM: 64M, 1G or bytes (2M to 4G). Default: what the guest declares, else 16M.")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N",
@@ -209,7 +212,7 @@ def help_command(ctx, names):
                    "the view by a ptrace supervisor (CPUID faulting; docs/accel.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
 def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
-        snapshot_at, snapshot_file, audit, memory, max_insns, timeout, accel, as_json):
+        snapshot_at, snapshot_file, audit, syscalls, memory, max_insns, timeout, accel, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -227,6 +230,7 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
       minivmm run guests/cpuid_dump.asm --host epyc --json
       minivmm run my_guest.bin --host dump:Xeon-E5-2650-v3 --timeout 5
       minivmm run ./a.out --host penryn --evc intel-merom -- --verbose
+      minivmm run ./a.out --syscalls                  # then: --migrate penryn@syscall:N
       minivmm run /usr/bin/sha256sum --mount / --host penryn -- /etc/hostname
       minivmm run detect_extended --host native --accel kvm --cpuid-mask=-sse4a
       minivmm run ./a.out --accel native --evc intel-penryn
@@ -237,7 +241,7 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
     vm = VM(guest, host, memory=memory, evc=evc, masks=cpuid_mask, policy=policy,
             linux=linux, argv=args, env=list(env) if env else None, seed=seed, mounts=mount, realtime=realtime,
             stdin=_stdin_fd(), terminal=sys.stdout.isatty() and not as_json, accel=accel)
-    _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
+    _report(vm, as_json, syscalls, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,
             precopy=PreCopy(enabled=not stop_and_copy))
@@ -251,8 +255,9 @@ def _stdin_fd() -> int | None:
         return None
 
 
-def _report(vm, as_json, **options):
-    """Run, then print the console/report the documented way (docs/cli.md) and exit with the run's code."""
+def _report(vm, as_json, syscalls=False, **options):
+    """Run, then print the console/report the documented way (docs/cli.md) and exit with the run's code;
+    ``syscalls``: and where the system calls fell."""
     sink = None if as_json else _stream_console
     result = vm.run(console=sink, **options)
     if as_json:
@@ -277,9 +282,26 @@ def _report(vm, as_json, **options):
             click.echo(f"minivmm: saved a snapshot at {saved['when']} on {saved['host']} to {saved['file']}", err=True)
         for point in result.unreached:
             what = f"migration to {point['to']}" if point["event"] == "migration" else f"snapshot to {point['file']}"
-            click.echo(f"minivmm: never reached: {what} at {point['when']} (the run ended first)", err=True)
+            made = f", after {result.syscalls['total']} system calls" if result.syscalls else ""
+            click.echo(f"minivmm: never reached: {what} at {point['when']} (the run ended first{made})", err=True)
+        if syscalls:
+            _print_syscalls(result)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
     sys.exit(result.exit_code)
+
+
+def _print_syscalls(result) -> None:
+    if result.syscalls is None:
+        click.echo("minivmm: no system calls: not a Linux program", err=True)
+        return
+    places, total = result.syscall_places, result.syscalls["total"]
+    kept = f"; the first {len(result.syscalls['sample'])} of {total}" if total > len(result.syscalls["sample"]) else ""
+    click.echo(f"minivmm: {total} system calls{kept} (syscall:N is right after call #N); per name: calls, "
+               f"#first..#last", err=True)
+    width = max((len(str(p["name"])) for p in places), default=0)
+    for p in places:
+        span = f"#{p['first']}" + (f"..#{p['last']}" if p["last"] != p["first"] else "")
+        click.echo(f"  {p['name']!s:<{width}} {p['calls']:>5}  {span}", err=True)
 
 
 def _end_line(text: str, shared: bool) -> None:
@@ -591,10 +613,11 @@ def mask_explain(specs, host, evc, as_json):
 @click.option("--force", is_flag=True, help="Resume even if the host lacks features of the VM's CPUID view.")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN", help="Live-migrate later (repeatable).")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
+@click.option("--syscalls", is_flag=True, help="List where a Linux program's system calls fall, as for run.")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N", help="Instruction budget.")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS", help="Time budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def resume(snapshot_file, host, mount, force, migrate, audit, max_insns, timeout, as_json):
+def resume(snapshot_file, host, mount, force, migrate, audit, syscalls, max_insns, timeout, as_json):
     """Resume the VM saved in SNAPSHOT on HOST, as it was (its CPUID view included).
     A Linux program sees only what --mount grants, and the snapshot is refused, naming
     the --mount it lacks, when its mounts or open files are not all granted.
@@ -607,7 +630,7 @@ def resume(snapshot_file, host, mount, force, migrate, audit, max_insns, timeout
       minivmm resume prog.snap --mount /data:/in
     """
     vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force, mounts=mount)
-    _report(vm, as_json, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
+    _report(vm, as_json, syscalls, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m) for m in migrate])
 
 
@@ -857,7 +880,8 @@ def demo(name, pace, as_json):
 @click.option("--migrate", default="none", show_default=True, metavar="none|all-pairs|A:B[,C:D]",
               help="Migrations: each host to each other, or the listed pairs SOURCE:DESTINATION.")
 @click.option("--at", default="checkpoint:1", show_default=True, metavar="WHEN|random",
-              help="Where to migrate: checkpoint:N, insn:N, or random (an instruction count drawn from --seed).")
+              help="Where to migrate: checkpoint:N, insn:N, syscall:N (a Linux program's; 'run --syscalls' "
+                   "lists them), or random (an instruction count drawn from --seed).")
 @click.option("--arg", "args", multiple=True, metavar="ARG",
               help="An argument of every Linux program (repeatable, in order).")
 @click.option("--mount", multiple=True, metavar="HOST[:GUEST]",

@@ -220,6 +220,33 @@ def test_dash_h_is_help_on_mask_commands_and_masks_stay_masks(command):
     assert minivmm_cli("mask", "lint", "-shstk").stdout.startswith("no problems")
 
 
+@pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: cannot build a Linux program")
+def test_where_a_linux_programs_system_calls_fall_to_choose_syscall_n():
+    """The report's syscalls.where and run --syscalls: per name, in the order first
+    called, the calls and the first and last, numbered as syscall:N counts (from 1, in
+    the sample of calls in order); a point never reached says how many calls there were."""
+    import re
+
+    from minivmm.guests import shipped_guests_dir
+    from minivmm.guests.toolchain import build_c
+    program = str(build_c([shipped_guests_dir() / "linux" / "probe_popcnt.c"], cflags=("-mno-popcnt",), linux=True))
+    syscalls = json.loads(minivmm_cli("run", program, "--json").stdout)["syscalls"]
+    sample, where = syscalls["sample"], syscalls["where"]
+    assert [p["name"] for p in where] == list(dict.fromkeys(sample)) and "write" in sample
+    for p in where:
+        assert sample[p["first"] - 1] == sample[p["last"] - 1] == p["name"] and sample.count(p["name"]) == p["calls"]
+    assert sum(p["calls"] for p in where) == syscalls["total"] == len(sample)
+    shown = minivmm_cli("run", program, "--syscalls", "--migrate", "penryn@syscall:100000")
+    assert f"(the run ended first, after {syscalls['total']} system calls)" in shown.stderr
+    assert f"minivmm: {syscalls['total']} system calls (syscall:N is right after call #N)" in shown.stderr
+    write = next(p for p in where if p["name"] == "write")
+    assert re.search(rf"^  write +{write['calls']}  #{write['first']}\.\.#{write['last']}$", shown.stderr, re.M)
+    assert "not a Linux program" in minivmm_cli("run", "hello", "--syscalls").stderr
+    assert json.loads(minivmm_cli("run", "hello", "--json").stdout)["syscalls"] is None
+    at = minivmm_cli("matrix", "--help").stdout
+    assert "syscall:N" in " ".join(at[at.index("--at"):at.index("--arg")].split())
+
+
 def test_evc_list_reads_whole_at_80_columns_with_its_sources(monkeypatch):
     """Nothing cut ("intel-mer…"): every mode, parent, feature and source word whole, in
     80 columns; each source a real dump usable as a host, a QEMU model or VMware's page."""

@@ -99,6 +99,21 @@ class RunResult:
                 found[m["feature"]] = Detection(m["feature"], m["cpuid"] == "1", probe, m["uses"])
         return found
 
+    @property
+    def syscall_places(self) -> list[dict] | None:
+        """Where a Linux program's system calls fall, to choose N for a ``syscall:N``
+        point: per name (an unknown call by its number), in the order first called, how
+        many times and the first and last call, numbered from 1 as ``syscall:N`` counts
+        (a point right after that call). Of the first 10000 calls, the sample kept."""
+        if self.syscalls is None:
+            return None
+        places: dict = {}
+        for n, name in enumerate(self.syscalls["sample"], 1):
+            place = places.setdefault(name, {"name": name, "calls": 0, "first": n, "last": n})
+            place["calls"] += 1
+            place["last"] = n
+        return list(places.values())
+
     def cpuid_leaves(self) -> list[tuple[int, int]]:
         return list(dict.fromkeys(key for key, _, _ in self.cpuid_log))
 
@@ -116,6 +131,7 @@ class RunResult:
             "exception_counts": [{"vector": v, "count": n} for v, n in sorted(self.exception_totals.items())],
             "truncated": dict(self.left_out),
             "unreached": list(self.unreached),
-            "snapshots": list(self.snapshots), "syscalls": self.syscalls, "stderr": self.stderr,
+            "snapshots": list(self.snapshots),
+            "syscalls": self.syscalls and {**self.syscalls, "where": self.syscall_places}, "stderr": self.stderr,
             "accel": self.accel, "notes": list(self.notes),
         }
