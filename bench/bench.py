@@ -440,6 +440,56 @@ def native_rows(tmp: str, repeats: int) -> None:
           f"+{(isolated - plain) / VECTOR_ITERATIONS * 1e6:.2f} us", "<= 5 us"))
 
 
+CPUID_PROGRAM = r"""
+#include <cpuid.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    unsigned a, b, c, d, sum = 0;
+    for (long i = 0, n = atol(argv[1]); i < n; i++) { __cpuid(1, a, b, c, d); sum += c; }
+    printf("%u\n", sum);
+    return 0;
+}
+"""
+
+
+def supervised_rows(tmp: str, repeats: int) -> None:
+    """--accel native: a CPU-bound program under the ptrace supervisor against the program
+    alone, and one CPUID's round trip through the supervisor (in-process runs: Python's
+    start-up is not in them)."""
+    import shutil
+    from minivmm.vmm.supervised import unusable_reason
+    reason = unusable_reason()
+    if reason or not shutil.which("gcc"):
+        emit(("--accel native", "skipped", reason.split(" (")[0] if reason else "needs gcc", "", ""))
+        return
+    programs = {}
+    for name, source in (("loop", LINUX_LOOP), ("cpuid", CPUID_PROGRAM)):
+        Path(tmp, f"{name}.c").write_text(source)
+        programs[name] = os.path.join(tmp, name)
+        subprocess.run(["gcc", "-static", "-O1", "-o", programs[name], f"{programs[name]}.c"], check=True)
+
+    def supervised(name: str, *argv: str) -> float:
+        vm = VM(programs[name], argv=argv, accel="native")
+        start = time.perf_counter()
+        result = vm.run()
+        elapsed = time.perf_counter() - start
+        assert result.exit_code == 0, result.stop
+        return elapsed
+
+    alone = lambda *command: _timed(lambda: subprocess.run(command, check=True, capture_output=True))  # noqa: E731
+    bare, ours = interleaved(repeats, lambda: alone(programs["loop"]), lambda: supervised("loop"))
+    emit(("--accel native: static C loop, 100 M iterations (fork to exit)", f"the program alone {bare * 1e3:.0f} ms",
+          f"{ours * 1e3:.0f} ms", f"{ours / bare:.2f}x", "(measured)"))
+    count = 100_000
+    none, many, plain_none, plain_many = interleaved(
+        repeats, lambda: supervised("cpuid", "0"), lambda: supervised("cpuid", str(count)),
+        lambda: alone(programs["cpuid"], "0"), lambda: alone(programs["cpuid"], str(count)))
+    per, machine = (many - none) / count * 1e6, (plain_many - plain_none) / count * 1e6
+    emit(("--accel native: one CPUID through the supervisor (100k CPUIDs, over a run without)",
+          f"the machine's CPUID {machine:.2f} us", f"{per:.1f} us", f"{per / max(machine, 1e-9):.0f}x", "(measured)"))
+
+
 def kvm_rows(repeats: int) -> None:
     """The compute loop on the machine's own CPU (--accel kvm) against the emulator, start-up included."""
     from minivmm.accel.kvm import unusable_reason
@@ -463,8 +513,14 @@ def main():
     parser.add_argument("--linux", action="store_true", help="only the rows of Linux programs (and native AVX2)")
     parser.add_argument("--native", action="store_true", help="only the rows of instructions run by the machine's CPU")
     parser.add_argument("--costs", action="store_true", help="only the rows of Linux work repeated 100,000 times")
+    parser.add_argument("--supervised", action="store_true", help="only the rows of --accel native")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
+
+    if args.supervised:
+        with tempfile.TemporaryDirectory() as tmp:
+            supervised_rows(tmp, repeats)
+        return
 
     if args.costs:
         with tempfile.TemporaryDirectory() as tmp:
@@ -530,6 +586,7 @@ def main():
         linux_rows(tmp, repeats)
         cost_rows(tmp, repeats)
         native_rows(tmp, repeats)
+        supervised_rows(tmp, repeats)
     kvm_rows(repeats)
 
 
