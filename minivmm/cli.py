@@ -136,6 +136,7 @@ def cli():
       minivmm compare detect_both --hosts core2,penryn,nehalem --evc intel-merom
       minivmm matrix my_guest.elf --hosts all --junit out.xml
       minivmm help run                         a command's options, with examples
+      minivmm docs                             the reference: ABI, CLI, Python API
     """
 
 
@@ -160,6 +161,30 @@ def help_command(ctx, names):
                                    f"{target.command_path.removeprefix('minivmm')}')", ctx)
         target = click.Context(command, info_name=name, parent=target, **command.context_settings)
     click.echo(target.get_help())
+
+
+@cli.command()
+@click.argument("topic", required=False)
+def docs(topic):
+    """Print the reference that comes with minivmm: the page of TOPIC, or without one
+    the topics (the guest ABI, the command line, the Python API, masks ...). The pages
+    are Markdown, the docs/ directory of the source.
+
+    \b
+    Examples:
+      minivmm docs
+      minivmm docs cli
+      minivmm docs api | less
+    """
+    from . import reference
+    if topic is not None:
+        click.echo(reference.text(topic), nl=False)
+        return
+    found = reference.topics()
+    width = max(map(len, found))
+    click.echo("minivmm docs TOPIC prints one of:")
+    for name, title in found.items():
+        click.echo(f"  {name:<{width}}  {title}")
 
 
 @cli.command()

@@ -7,6 +7,7 @@ passed through the VM's mask, then normalised as a hypervisor presents a virtual
 
 from __future__ import annotations
 
+from ..cpu.features import catalogue
 from ..cpu.table import EXTENDED, CpuidTable, Regs
 from ..errors import MinivmmError
 from .evc import evc_mode, require_supported
@@ -76,10 +77,13 @@ class GuestCpuidView:
         return cls(host.cpuid, build_mask(host, evc, masks))
 
     def has(self, feature) -> bool:
-        """The view shows ``feature``: its bit is set in a leaf the maximum leaf covers.
+        """The view shows ``feature`` (a name or a catalogue entry): its bit is set in a
+        leaf the maximum leaf covers.
         Above it, Intel CPUs answer with the highest basic leaf's data (SDM Vol. 2A,
         CPUID), which names no feature: Linux and every careful program check the
         maximum first (arch/x86/kernel/cpu/common.c, get_cpu_cap)."""
+        if isinstance(feature, str):
+            feature = catalogue()[feature]
         return self.table.in_range(feature.leaf) and feature.is_set(self.table.query(feature.leaf, feature.subleaf))
 
     def answer(self, leaf: int, subleaf: int, cr4: int) -> Regs:

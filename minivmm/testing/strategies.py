@@ -26,6 +26,10 @@ from ..masking.evc import evc_modes, levelled_features
 from ..masking.formats import format_mask
 from ..masking.mask import Mask, RegisterMask, feature_mask
 
+__all__ = ["FEATURE_REGISTERS", "FORMATS", "cells", "clusters", "evc_mode_keys", "feature_masks", "feature_names",
+           "feature_sets", "hiding_masks", "mask_strings", "masks", "masks_for_format", "migration_schedules",
+           "profile_names", "profiles", "register_masks", "triggers"]
+
 # The registers where features live (leaf, subleaf, register), as masks touch them.
 FEATURE_REGISTERS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
                      (0xD, 1, "eax"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
