@@ -128,7 +128,7 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
     program's arguments and mounts."""
     if at != "random" and Trigger.parse(at, "--at").kind == "ms":
         raise MinivmmError(f"--at {at}: a wall-time point would make cells irreproducible; "
-                           f"use checkpoint:N, insn:N or random")
+                           f"use checkpoint:N, insn:N, syscall:N or random")
     for guest in guests:
         if guest is not None:
             load_guest(guest)       # a missing file or an assembler error fails here, once
