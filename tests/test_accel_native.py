@@ -217,3 +217,14 @@ def test_compare_runs_on_the_machines_own_cpu(detect_both):
     assert cells["sse4_1"]["disagreement"] is None     # negative control: shown by the mode
     refused = minivmm_cli("compare", detect_both, "--accel", "native", "--migrate-to", "penryn")
     assert one_line_error(refused)
+
+
+@needs_faulting
+def test_the_command_line_reports_as_for_an_emulated_run():
+    """One JSON report of the schema's shape (minivmm_cli validates it), the program's
+    exit status as the command's, its stdin passed through."""
+    done = minivmm_cli("run", "/bin/sh", "--accel", "native", "--json", "--", "-c", "read line; echo $line; exit 3",
+                       input="through\n")
+    report = json.loads(done.stdout)
+    assert done.returncode == 3 and report["accel"] == "native" and report["console"] == "through\n"
+    assert report["stop"]["reason"] == "exited" and report["host"] == "native" and report["syscalls"] is None

@@ -18,9 +18,9 @@ _libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c
 _libc.syscall.restype = ctypes.c_long
 
 # requests
-PTRACE_CONT, PTRACE_SINGLESTEP, PTRACE_GETREGS, PTRACE_SETREGS = 7, 9, 12, 13
+PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 7, 12, 13
 PTRACE_SYSCALL, PTRACE_GETEVENTMSG, PTRACE_GETSIGINFO = 24, 0x4201, 0x4202
-PTRACE_GETREGSET, PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4204, 0x4206, 0x4207, 0x4208
+PTRACE_SEIZE, PTRACE_LISTEN = 0x4206, 0x4208
 # options
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 0x1, 0x2, 0x4, 0x8
 PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP, PTRACE_O_EXITKILL = 0x10, 0x80, 0x100000
@@ -28,7 +28,6 @@ PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP, PTRACE_O_EXITKILL = 0x10, 0x80, 0x100
 EVENT_FORK, EVENT_VFORK, EVENT_CLONE, EVENT_EXEC, EVENT_SECCOMP, EVENT_STOP = 1, 2, 3, 4, 7, 128
 WALL = 0x40000000                     # __WALL: threads and clone children too
 SYSCALL_STOP = 0x80 | 5               # SIGTRAP | 0x80 under PTRACE_O_TRACESYSGOOD
-NT_X86_XSTATE = 0x202
 
 # arch_prctl(2)
 SYS_ARCH_PRCTL, SYS_TGKILL = 158, 234
@@ -57,10 +56,6 @@ class SigInfo(ctypes.Structure):
     """The head of siginfo_t: number, errno, code, then the union (si_addr first for faults)."""
     _fields_ = [("signo", ctypes.c_int), ("errno", ctypes.c_int), ("code", ctypes.c_int), ("pad", ctypes.c_int),
                 ("addr", ctypes.c_ulonglong), ("rest", ctypes.c_byte * 112)]
-
-
-class IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def _check(result: int, what: str) -> int:
@@ -108,15 +103,6 @@ def event_message(tid: int) -> int:
     value = ctypes.c_ulong()
     ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
     return value.value
-
-
-def xstate(tid: int, size: int = 1 << 14) -> bytes:
-    """The tracee's XSAVE area (PTRACE_GETREGSET NT_X86_XSTATE): the standard format,
-    its components those of the machine's XCR0."""
-    buffer = ctypes.create_string_buffer(size)
-    vec = IoVec(ctypes.cast(buffer, ctypes.c_void_p), size)
-    ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vec))
-    return buffer.raw[:vec.len]
 
 
 def tgkill(tgid: int, tid: int, signo: int) -> None:
