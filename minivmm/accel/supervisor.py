@@ -240,8 +240,11 @@ class Supervisor:
                 continue
             try:
                 self._stopped(tid, task, os.WSTOPSIG(status), status >> 16)
-            except ProcessLookupError:
-                pass    # killed while stopped (SIGKILL wakes a tracee): its exit is the next event
+            except OSError:
+                # Killed while stopped (by the deadline, or SIGKILL from elsewhere, which wakes
+                # a tracee): its exit is the next event. Anything else is the supervisor's.
+                if not self.expired and _alive(tid):
+                    raise
 
     def _adopt(self, tid: int) -> _Task:
         self.tasks[tid] = task = _Task(_tgid(tid))
@@ -476,6 +479,15 @@ class Supervisor:
 def _signed(value: int, bits: int = 64) -> int:
     value &= (1 << bits) - 1
     return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _alive(tid: int) -> bool:
+    """The task exists and is not a zombie (/proc/TID/stat's state)."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
 
 
 def _tgid(tid: int) -> int:
