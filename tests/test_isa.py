@@ -629,3 +629,13 @@ def test_the_engine_keeps_upper_halves_after_every_legacy_sse_form_but_those_it_
             clobbering.add(code)
     assert tried > 200
     assert clobbering == isa.UPPER_CLOBBERED
+
+
+@pytest.mark.parametrize("instruction", ["fnstsw ax", "fstsw ax", ".byte 0xdb, 0xe4"], ids=["fnstsw", "fstsw", "fnsetpm"])
+def test_the_287s_additions_run_everywhere(instruction):
+    """FNSTSW AX came with the 287 and every x86-64 CPU has it (glibc's long double
+    printf reads the FXAM result with it); FNSETPM is a no-op since the 387 (SDM Vol. 2A,
+    FSTSW; Vol. 1, 8.3.13). The machine runs both; so do the oldest and an AMD profile."""
+    assert machine_verdict(instruction) == "runs"
+    for host in ("core2", "opteron-g1"):
+        assert outcome(VM(image(instruction), host).run(timeout=10)) == "runs", host

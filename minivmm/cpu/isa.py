@@ -34,7 +34,7 @@ ICED_TO_LINUX = {
 # instruction needing one raises #UD on every host, which is what those CPUs would do.
 DELIBERATELY_UNMAPPED = {
     **dict.fromkeys(("INTEL8086_ONLY", "INTEL286_ONLY", "INTEL386_ONLY", "INTEL386_A0_ONLY", "INTEL486_A_ONLY",
-                     "FPU287", "FPU287XL_ONLY", "FPU387SL_ONLY", "MOV_TR", "UMOV"),
+                     "FPU287XL_ONLY", "FPU387SL_ONLY", "MOV_TR", "UMOV"),
                     "only on pre-x86-64 processors"),
     **dict.fromkeys(("CYRIX_D3NOW", "CYRIX_DDI", "CYRIX_DMI", "CYRIX_EMMI", "CYRIX_FPU", "CYRIX_SHR", "CYRIX_SMINT",
                      "CYRIX_SMINT_0F7E", "CYRIX_SMM"), "Cyrix processors, none of them x86-64"),
@@ -51,6 +51,7 @@ BASELINE = frozenset({
     "INTEL8086", "INTEL186", "INTEL286", "INTEL386", "INTEL486", "X64", "CPUID", "FPU", "FPU387",
     "MULTIBYTENOP", "PAUSE", "MSR", "TSC", "CMOV", "CX8", "SEP", "FXSR", "SSE", "SSE2", "MMX",
     "SYSCALL", "SMM", "RDPMC",   # RDPMC: every P6 and later CPU, no CPUID bit (SDM Vol. 2B)
+    "FPU287",   # iced-x86's "287 and later": FNSTSW AX, and FNSETPM, which the 387 on made a no-op
 })
 _FEATURE_NAMES = {v: k for k, v in vars(iced_x86.CpuidFeature).items() if k.isupper()}
 _FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
