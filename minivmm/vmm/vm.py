@@ -23,7 +23,8 @@ import time
 import unicorn.x86_const as x86
 from iced_x86 import Code, Decoder, Mnemonic
 from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
-                     UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, Uc, UcError)
+                     UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, UC_PROT_WRITE, Uc,
+                     UcError)
 
 from ..cpu import isa, xstate
 from ..cpu.features import catalogue
@@ -363,7 +364,8 @@ class VM:
                         action = "privileged"
                     elif action is None and instr.mnemonic in x87_exits.CONTROL_LOADS:
                         action = "x87 control"
-                    elif action is None and x87.checking and x87_exits.waiting(instr):
+                    elif action is None and (instr.mnemonic in x87_exits.CARRIED_OUT
+                                             or x87.checking and x87_exits.waiting(instr)):
                         action = "x87"
                     result = (action, needs - shown - isa.hinted(instr.mnemonic) if audit else frozenset())
                 cache[instr.code] = result
@@ -739,11 +741,23 @@ class _Run:
                     self.engine.faults.deliver(uc, 16, address, instr=instr, si_code=self.x87.signal_code(pending),
                                                detail=f"unmasked x87 exception pending (FSW flags {pending:#x})")
                 else:
-                    self.x87.record(uc, instr)
+                    self.x87.carry_out(uc, address, size, instr, self._store)
             elif action in ("bsr", "bsf"):
                 bit_scan(uc, address, size, instr, reverse=action == "bsr")
         except BaseException as e:  # an exception inside a hook must not vanish
             self._fail(e)
+
+    def _store(self, address: int, data: bytes) -> bool:
+        """Write guest memory for an instruction the VMM carries out, where the guest's
+        own store would not fault (beyond RAM, a page its protections make read-only);
+        written pages are dirty and their code decoded again."""
+        end, protection = address + len(data), self.engine.exits.protection
+        if end > self.vm.memory or protection is not None and any(
+                not protection[page] & UC_PROT_WRITE for page in range(address // PAGE, (end - 1) // PAGE + 1)):
+            return False
+        self.engine.ram[address:end] = data
+        self.engine.exits.note_write(address, len(data))
+        return True
 
     def _unmapped(self, uc, access, address, size, value, _ud):
         kind = {UC_MEM_FETCH_UNMAPPED: "fetch from", UC_MEM_READ_UNMAPPED: "read of",

@@ -31,8 +31,10 @@ MAPPED = 8                   # a Linux program's protection byte: some mapping i
 # #DB/#BP SIGTRAP, #UD SIGILL, #NP/#SS/#AC SIGBUS, #GP/#PF and the rest SIGSEGV.
 VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 17: 7, 19: 8}
 # vector -> (si_code, si_addr; None: the faulting RIP, or CR2 for #PF): ILL_ILLOPN,
-# FPE_INTDIV, SEGV_MAPERR; others SI_KERNEL without an address.
-SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None)}
+# FPE_INTDIV, SEGV_MAPERR; #MF's code is the pending exception's (the exit gives it)
+# and its address the waiting instruction (math_error); others SI_KERNEL without an
+# address.
+SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None), 16: (0x80, None)}
 
 
 def _name(vector: int) -> str:

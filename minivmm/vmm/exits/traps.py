@@ -37,12 +37,13 @@ PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(ran
 # The opcode of every instruction an exit is planted on: an instruction that needs a
 # CPUID feature lies behind the 0F escape or a VEX, EVEX or XOP prefix (C4, C5, 62, 8F),
 # or is one of the few one-byte opcodes that need one (x87's D8-DF: FISTTP is SSE3's,
-# FCMOV and FCOMI CMOV's; LAHF/SAHF; RTM's XABORT C6 F8 and XBEGIN C7 F8); then HLT,
+# FCMOV and FCOMI CMOV's; LAHF/SAHF; RTM's XABORT C6 F8 and XBEGIN C7 F8); WAIT (9B),
+# which raises a pending x87 exception (x87.py); then HLT,
 # OUT and IN (#GP at a Linux program's CPL 3 with IOPL 0, which the engine does not
 # check); and the LOCK prefix, which the engine accepts where the CPU raises #UD.
 # (Tested over the whole one-byte opcode map, and against decoding every offset of
 # real binaries.)
-OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\xf0]"
+OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9b\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\xf0]"
                      rb"|[\xc6\xc7]\xf8")
 
 

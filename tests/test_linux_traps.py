@@ -1,0 +1,40 @@
+"""Traps and kernel entries as Linux takes them: the x87 exception flags the engine
+leaves out (FCOMI, FUCOMI, FISTTP) and the #MF an unmasked one raises. The oracle is
+the machine's own kernel and CPU: each program prints the same lines, and ends the
+same way, natively and under minivmm."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_linux import needs_gcc
+from test_linux_kernel_checks import native, under_minivmm
+
+DATA = Path(__file__).parent / "data" / "linux"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """program name -> its static binary, built once."""
+    out = tmp_path_factory.mktemp("traps")
+
+    def build(name: str) -> str:
+        target = out / name
+        if not target.exists():
+            done = subprocess.run(["gcc", "-static", "-O1", "-o", str(target), str(DATA / f"{name}.c")],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode:
+                pytest.skip(f"gcc -static failed (no static glibc?): {done.stderr.strip()[:200]}")
+        return str(target)
+    return build
+
+
+@needs_gcc
+def test_x87_exception_flags_and_their_mf_are_the_machines(built):
+    """Masked: FCOMI's #IA for any NaN, FUCOMI's for a signalling one, both for an
+    unsupported format or an empty register (#IS), #D for a denormal; FISTTP's #P when
+    it truncates, #IA and the integer indefinite when the value does not fit. Unmasked:
+    SIGFPE at the next FWAIT with the exception's si_code, the compare's EFLAGS set but
+    no pop, FISTTP neither storing nor popping (SDM Vol. 2A, FCOMI, FISTTP; Vol. 1, 8.6)."""
+    program = built("x87_flags")
+    assert under_minivmm(program, "haswell") == native(program)
