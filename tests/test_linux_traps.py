@@ -1,7 +1,8 @@
 """Traps and kernel entries as Linux takes them: the x87 exception flags the engine
-leaves out (FCOMI, FUCOMI, FISTTP) and the #MF an unmasked one raises. The oracle is
-the machine's own kernel and CPU: each program prints the same lines, and ends the
-same way, natively and under minivmm."""
+leaves out (FCOMI, FUCOMI, FISTTP) and the #MF an unmasked one raises; INT n through
+the kernel's IDT, the 32-bit system calls (INT $0x80, SYSENTER), SYSCALL whatever RSP
+holds. The oracle is the machine's own kernel and CPU: each program prints the same
+lines, and ends the same way, natively and under minivmm."""
 
 import subprocess
 from pathlib import Path
@@ -38,3 +39,15 @@ def test_x87_exception_flags_and_their_mf_are_the_machines(built):
     no pop, FISTTP neither storing nor popping (SDM Vol. 2A, FCOMI, FISTTP; Vol. 1, 8.6)."""
     program = built("x87_flags")
     assert under_minivmm(program, "haswell") == native(program)
+
+
+@needs_gcc
+def test_int_n_int_0x80_sysenter_and_syscall_are_the_kernels(built):
+    """INT n through a gate of DPL 0 is #GP(n * 8 + 2) at the INT, SIGSEGV (INT $6
+    included, which the engine reports as #UD); INT3, INT $3 and INT $4 trap after it
+    (arch/x86/kernel/idt.c); INT $0x80 is the 32-bit write, getpid, brk, and ENOSYS for
+    what the table lacks; SYSENTER, on the machine's vendor, is the 32-bit call with its
+    return faulting in 32-bit code at the vDSO's landing pad (Intel) or #UD (AMD); SYSCALL
+    needs no user stack. On the "native" host, whose vendor is the machine's."""
+    program = built("gates")
+    assert under_minivmm(program, "native") == native(program)

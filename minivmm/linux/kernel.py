@@ -14,7 +14,8 @@ import time
 
 from .calls import RETURNED, TABLE
 from .calls.base import sys_enosys
-from .errno import EINTR, SyscallError
+from .compat import COMPAT
+from .errno import EINTR, ENOSYS, SyscallError
 from .files import Descriptors, Stream
 from .process import SAMPLE
 from .signals import Signals
@@ -90,6 +91,17 @@ class Kernel:
         kept = max(STDERR_KEPT - len(self.p.stderr), 0)
         self.p.stderr += data[:kept]
         self.p.stderr_left_out += len(data) - len(data[:kept])
+
+    def dispatch_compat(self, uc, number: int, args: tuple[int, ...]):
+        """A 32-bit system call (:mod:`minivmm.linux.compat`): the number and
+        arguments as 32-bit values. Its 64-bit twin answers; any other returns ENOSYS,
+        counted in ``unknown_others`` only (its number is the 32-bit table's, which the
+        report's numbers and ``syscall:N`` points do not count)."""
+        native = COMPAT.get(number)
+        if native is not None:
+            return self.dispatch(uc, native, args)
+        self.p.unknown_others += 1
+        return -ENOSYS & (1 << 64) - 1
 
     def dispatch(self, uc, number: int, args: tuple[int, ...]):
         """One system call, its registers already read by the VMM (RAX the number, RDI

@@ -33,6 +33,7 @@ from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError
 from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
+from ..linux import compat
 from ..linux.calls import RETURNED
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
@@ -433,6 +434,8 @@ class _Engine:
             self.syscall_hook = engine_module.add_insn_hook(uc, x86.UC_X86_INS_SYSCALL, run._on_syscall)
             self.faults.signals = True
             self.faults.on_signal = run._signal
+            self.faults.on_compat_call = run._int80
+            self.privileged.compat_entry = run._sysenter
 
     def power_on(self, vm: VM) -> None:
         """The machine state of docs/abi.md."""
@@ -688,6 +691,18 @@ class _Run:
             outputs.write(uc, (result, rip + size, values[7], rip))
         else:  # rt_sigreturn or a handler: where it left RIP, less what the engine adds
             rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))
+        self._returned(uc)
+
+    def _int80(self, uc) -> None:
+        compat.int80(self.kernel, uc)
+        self._returned(uc)
+
+    def _sysenter(self, uc) -> None:
+        compat.sysenter(self.kernel, uc)
+        self._returned(uc)
+
+    def _returned(self, uc) -> None:
+        """After a system call: the process killed, exited, or at a syscall:N point."""
         if self.kernel.signals.fatal:
             self._killed()
             return

@@ -10,7 +10,7 @@ execute exactly ends the run as ``unsupported``; a fault that cannot be delivere
 from __future__ import annotations
 
 import unicorn.x86_const as x86
-from iced_x86 import Code, Decoder, Register
+from iced_x86 import Code, Decoder, Mnemonic, Register
 from unicorn import UcError
 
 from ...cpu import isa
@@ -37,6 +37,14 @@ VECTOR_SIGNALS = {0: 8, 1: 5, 3: 5, 6: 4, 11: 7, 12: 7, 13: 11, 14: 11, 16: 8, 1
 SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None), 16: (0x80, None)}
 
 
+# The gates of Linux's IDT a program may use (arch/x86/kernel/idt.c: SYSG, DPL 3): #BP
+# (INT3, INT $3), #OF (INT $4) and the 32-bit system call (IA32_SYSCALL_VECTOR, with
+# IA32 emulation); every other vector's gate has DPL 0, so INT n there is #GP (SDM Vol.
+# 3A, 6.12.1.1).
+COMPAT_VECTOR = 0x80
+USER_GATES = frozenset((3, 4, COMPAT_VECTOR))
+
+
 def _name(vector: int) -> str:
     return VECTOR_NAMES.get(vector, f"vector {vector}")
 
@@ -53,6 +61,7 @@ class FaultExits:
         self.exceptions = ExitLog(lambda entry: entry["vector"]) if exceptions is None else exceptions
         self.signals = False         # a Linux program: faults become the signals Linux sends
         self.on_signal = None        # (uc, signo, si_code, si_addr, vector, error) -> bool: its handler ran
+        self.on_compat_call = None   # (uc): a Linux program's INT $0x80, RIP after it
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
         self.xsave = None              # an XsaveUnit where the host has XSAVE
@@ -193,6 +202,10 @@ class FaultExits:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         instr = self._instruction(uc, rip)
         missing = []
+        # The engine reports INT 6 as the #UD it raises, at the INT
+        if self.signals and instr is not None and instr.mnemonic == Mnemonic.INT \
+                and self._linux_gate(uc, instr.immediate8, rip, instr.next_ip):
+            return True
         if instr is not None:
             needs = isa.needed_features(instr)
             if needs and needs <= self.host.physical and not self._os_disabled(uc, instr):
@@ -232,18 +245,38 @@ class FaultExits:
     def on_interrupt(self, uc, vector: int, _ud) -> None:
         rip = uc.reg_read(x86.UC_X86_REG_RIP)
         software = self._software_interrupt(uc, rip, vector)
+        if self.signals and software == "int n" and self._linux_gate(uc, vector, rip - 2, rip):
+            return
         error = 0 if vector in idt.ERROR_CODE_VECTORS and not software else None
         self.deliver(uc, vector, rip, error, instr=None if software else self._instruction(uc, rip),
                      external=not software)
 
+    def _linux_gate(self, uc, vector: int, at: int, after: int) -> bool:
+        """INT n in a Linux program, through its kernel's IDT: the 32-bit system call, or
+        #GP(vector * 8 + 2) (IDT, not EXT) at the INT where the gate's DPL is 0 (SDM Vol.
+        3A, 6.12.1.1); False for the gates a program may use, which deliver as the CPU
+        raised them."""
+        if vector == COMPAT_VECTOR:
+            uc.reg_write(x86.UC_X86_REG_RIP, after)
+            self.on_compat_call(uc)
+            return True
+        if vector in USER_GATES:
+            return False
+        uc.reg_write(x86.UC_X86_REG_RIP, at)
+        self.deliver(uc, 13, at, vector * 8 + 2, detail=f"INT {vector:#x} through a DPL 0 gate", external=False)
+        return True
+
     @staticmethod
-    def _software_interrupt(uc, rip: int, vector: int) -> bool:
-        """INT n, INT3, INTO and INT1 report RIP after themselves and push no error code."""
+    def _software_interrupt(uc, rip: int, vector: int) -> str | None:
+        """Which of INT n, INT3, INTO and INT1 raised ``vector`` (they report RIP after
+        themselves and push no error code), or None: an exception."""
         try:
             before = bytes(uc.mem_read(max(rip - 2, 0), 2))
         except UcError:
-            return False
-        return before == bytes([0xCD, vector]) or (vector, before[1]) in ((3, 0xCC), (4, 0xCE), (1, 0xF1))
+            return None
+        if before == bytes([0xCD, vector]):
+            return "int n"
+        return {(3, 0xCC): "int3", (4, 0xCE): "into", (1, 0xF1): "int1"}.get((vector, before[1]))
 
     def _fetching(self, uc, block: int, address: int) -> int:
         """The instruction whose fetch reached ``address``: the engine reports the start

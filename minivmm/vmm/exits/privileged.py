@@ -67,6 +67,7 @@ class PrivilegedExits:
         self.cr4_valid = sum(1 << bit for bit, needs in CR4_WITH.items()
                              if needs is None or any(has(n) for n in (needs if isinstance(needs, tuple) else (needs,))))
         self.max_phys = (view.answer(0x80000008, 0, 0)[0] & 0xFF or 36) if view.table.in_range(0x80000008) else 36
+        self.compat_entry = None   # (uc): a Linux program's SYSENTER, which its kernel takes (Intel)
 
     def check(self, uc, address: int, size: int, instr) -> None:
         fault = self._fault(uc, address, size, instr)
@@ -179,10 +180,14 @@ class PrivilegedExits:
         return None
 
     def _sysenter(self, uc):
-        """APM Vol. 3, SYSENTER: #UD in long mode on AMD. SDM Vol. 2B: #GP(0) if
-        IA32_SYSENTER_CS[15:2] is 0; otherwise done here."""
-        if self.host.vendor == "amd":
+        """APM Vol. 3, SYSENTER: #UD in long mode on AMD (and Hygon's, AMD's Zen). SDM
+        Vol. 2B: #GP(0) if IA32_SYSENTER_CS[15:2] is 0; otherwise done here, or a Linux
+        program's kernel takes it."""
+        if self.host.vendor in ("amd", "hygon"):
             return 6, "SYSENTER is invalid in long mode on AMD processors"
+        if self.compat_entry is not None:
+            self.compat_entry(uc)
+            return None
         selector = uc.reg_read(x86.UC_X86_REG_MSR, SYSENTER_CS) & 0xFFFC
         if not selector:
             return 13, "IA32_SYSENTER_CS is 0"
