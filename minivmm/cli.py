@@ -860,6 +860,8 @@ def demo(name, pace, as_json):
                 SIGILL-probing program dies after migration (needs gcc)
       avx2      the same one generation later: AVX2 probed on a Haswell under the
                 Sandy Bridge baseline, run by this machine's CPU (needs gcc, AVX2)
+      prefetchw the other side: PREFETCHW, never reported by Intel CPUs before
+                Broadwell, found by executing it on a Core 2 (needs gcc)
       all       all of them, in that order (the default)
 
     \b
