@@ -1,7 +1,8 @@
 """Traps and kernel entries as Linux takes them: the x87 exception flags the engine
 leaves out (FCOMI, FUCOMI, FISTTP) and the #MF an unmasked one raises; INT n through
 the kernel's IDT, the 32-bit system calls (INT $0x80, SYSENTER), SYSCALL whatever RSP
-holds. The oracle is the machine's own kernel and CPU: each program prints the same
+holds; the XSAVE features arch_prctl reports and permits, and sigaltstack's checks. The
+oracle is the machine's own kernel and CPU: each program prints the same
 lines, and ends the same way, natively and under minivmm."""
 
 import subprocess
@@ -51,3 +52,18 @@ def test_int_n_int_0x80_sysenter_and_syscall_are_the_kernels(built):
     needs no user stack. On the "native" host, whose vendor is the machine's."""
     program = built("gates")
     assert under_minivmm(program, "native") == native(program)
+
+
+@needs_gcc
+def test_xsave_permissions_and_sigaltstack_are_the_kernels(built):
+    """ARCH_GET_XCOMP_SUPP/PERM and their guest forms from the view as Linux computes
+    them (arch/x86/kernel/fpu/xstate.c); ARCH_REQ_XCOMP_PERM: EOPNOTSUPP but for AMX's
+    tile data where the CPU has it, EINVAL past the last feature, ENOSPC while the
+    alternate stack would not hold the frame. sigaltstack: ENOMEM below MINSIGSTKSZ (and,
+    with AMX permitted, up to the frame), EINVAL for an unknown mode, EPERM on it; a frame
+    that does not fit is SIGSEGV. On the "native" host: the machine's own features."""
+    program = built("xstate_perm")
+    expected = native(program)
+    if expected[0].startswith("this kernel predates"):
+        pytest.skip("this machine's kernel predates ARCH_GET_XCOMP_SUPP (Linux 5.16)")
+    assert under_minivmm(program, "native") == expected

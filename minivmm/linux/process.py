@@ -24,6 +24,15 @@ AT_SECURE, AT_RANDOM, AT_HWCAP2, AT_EXECFN, AT_MINSIGSTKSZ = 23, 25, 26, 31, 51
 SAMPLE = 10_000                   # system calls kept in order in the report
 DEFAULT_ENV = ("PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/", "LANG=C", "TERM=dumb")
 
+# The XSAVE state components and the CPUID feature each needs (arch/x86/kernel/fpu/xstate.c,
+# xsave_cpuid_features), of those Linux supports for user mode (XFEATURE_MASK_USER_SUPPORTED):
+# x87, SSE, AVX, MPX's two, AVX-512's three, PKRU, AMX's tile configuration and data. (APX's,
+# since 6.16, is not in the catalogue.)
+XSTATE_FEATURES = {0: "fpu", 1: "sse", 2: "avx", 3: "mpx", 4: "mpx", 5: "avx512f", 6: "avx512f", 7: "avx512f",
+                   9: "pku", 17: "amx_tile", 18: "amx_tile"}
+XFEATURES_LEGACY = 0x3          # x87 and SSE, which FXSAVE holds
+XFEATURES_DYNAMIC = 1 << 18     # AMX's tile data: in use only once asked for (XFD, ARCH_REQ_XCOMP_PERM)
+
 
 @dataclass
 class Process:
@@ -46,10 +55,21 @@ class Process:
     auxv: bytes = b""                 # as on the initial stack: /proc/self/auxv
     argv: list = field(default_factory=list)                # /proc/self/cmdline
     comm: bytes | None = None         # PR_SET_NAME's (None: the program file's name, as execve sets it)
+    # The XSAVE features Linux supports on the VM's CPU (ARCH_GET_XCOMP_SUPP; the VMM sets
+    # it from the view), and those the process may use (ARCH_GET_XCOMP_PERM), for itself
+    # and for the guests a VMM in it would run (None until the VMM sets them: xcomp_perms).
+    xfeatures: int = XFEATURES_LEGACY
+    xcomp_perm: int | None = None
+    xcomp_guest_perm: int | None = None
 
     def name(self) -> bytes:
         """comm: at most 15 bytes (TASK_COMM_LEN 16 with its NUL)."""
         return (self.comm if self.comm is not None else self.exe.rsplit("/", 1)[-1].encode("utf-8", "replace"))[:15]
+
+    def aux(self, key: int) -> int | None:
+        """An entry of the auxiliary vector execve gave it."""
+        words = struct.unpack(f"<{len(self.auxv) // 8}Q", self.auxv)
+        return dict(zip(words[::2], words[1::2])).get(key)
 
     @property
     def ram(self):
@@ -90,6 +110,24 @@ def hwcap(view) -> int:
 def hwcap2(view) -> int:
     """AT_HWCAP2: bit 1 FSGSBASE, which Linux enables whenever the CPU has it."""
     return 2 if view.has(catalogue()["fsgsbase"]) else 0
+
+
+def xfeatures(view) -> tuple[int, int]:
+    """The XSAVE features Linux enables on the view (fpu__init_system_xstate): those
+    CPUID.(0DH,0) lists whose feature the view has, the dynamic one only with XFD; and
+    those a new process may use (fpstate_reset: all but the dynamic). Without XSAVE, x87
+    and SSE (fpu_user_cfg.legacy_features), and no permission at all."""
+    has = lambda name: view.has(catalogue()[name])  # noqa: E731
+    if not has("xsave") or not view.table.in_range(0xD):
+        return XFEATURES_LEGACY, 0
+    eax, _, _, edx = view.answer(0xD, 0, 0)
+    listed = eax | edx << 32
+    supported = sum(1 << i for i, feature in XSTATE_FEATURES.items() if listed >> i & 1 and has(feature))
+    if not has("xfd"):
+        supported &= ~XFEATURES_DYNAMIC
+    if supported & XFEATURES_LEGACY != XFEATURES_LEGACY:   # no FP/SSE state: XSAVE is not used
+        return XFEATURES_LEGACY, 0
+    return supported, supported & ~XFEATURES_DYNAMIC
 
 
 def min_sigstack(view) -> int:

@@ -37,6 +37,7 @@ from ..linux import compat
 from ..linux.calls import RETURNED
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
+from ..linux.process import xfeatures
 from ..linux.state import capture as capture_process
 from ..linux.state import check_grants
 from ..linux.state import restore as restore_process
@@ -620,6 +621,9 @@ class _Run:
         kernel.signals.read_xcr0 = lambda: xcr0
         kernel.signals.opmasks = self.engine.opmasks
         kernel.signals.xsaves = self.engine.view.has(catalogue()["xsaves"])
+        kernel.p.xfeatures, permitted = xfeatures(self.engine.view)
+        if kernel.p.xcomp_perm is None:   # a new process: what fpstate_reset permits
+            kernel.p.xcomp_perm = kernel.p.xcomp_guest_perm = permitted
         memory = kernel.p.memory
         memory.ram = self.engine.ram
         memory.on_write = lambda address, size: self.engine.exits.note_write(address, size)

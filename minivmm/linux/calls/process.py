@@ -8,10 +8,15 @@ import struct
 
 import unicorn.x86_const as x86
 
-from ..errno import EINVAL, ENODATA, EPERM, SyscallError
+from ..errno import EINVAL, ENODATA, ENOSPC, EOPNOTSUPP, EPERM, SyscallError
+from ..process import AT_MINSIGSTKSZ
 from .base import sys_enosys, sys_zero
 
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
+ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
+ARCH_GET_XCOMP_GUEST_PERM, ARCH_REQ_XCOMP_GUEST_PERM = 0x1024, 0x1025
+XFEATURE_MAX = 20                      # enum xfeature's count, APX's included (6.16)
+XFEATURE_XTILE_DATA = 18
 UID = 1000
 CLOCK_MONOTONIC_KINDS = (1, 4, 6, 7)   # MONOTONIC, MONOTONIC_RAW, MONOTONIC_COARSE, BOOTTIME
 INFINITY = (1 << 64) - 1               # RLIM_INFINITY
@@ -27,7 +32,37 @@ def sys_arch_prctl(k, uc, code, address, *_):
         value = uc.reg_read(x86.UC_X86_REG_FS_BASE if code == ARCH_GET_FS else x86.UC_X86_REG_GS_BASE)
         k.p.write(address, struct.pack("<Q", value))
         return 0
-    raise SyscallError(EINVAL)
+    return _xstate_prctl(k, code, address)
+
+
+def _xstate_prctl(k, code: int, argument: int) -> int:
+    """fpu_xstate_prctl (arch/x86/kernel/fpu/xstate.c): the XSAVE features Linux supports,
+    those the process (or a guest of a VMM in it) may use, and asking for a dynamic one:
+    AMX's tile data is the only one, by its number, XFEATURE_XTILE_DATA
+    (xstate_request_perm): EINVAL past the last feature, EOPNOTSUPP for any other or where
+    the CPU lacks it, ENOSPC where the process's alternate stack would not hold a frame
+    with it (validate_sigaltstack; not asked of a guest's)."""
+    p = k.p
+    values = {ARCH_GET_XCOMP_SUPP: p.xfeatures, ARCH_GET_XCOMP_PERM: p.xcomp_perm,
+              ARCH_GET_XCOMP_GUEST_PERM: p.xcomp_guest_perm}
+    if code in values:
+        p.write(argument, struct.pack("<Q", values[code]))
+        return 0
+    if code not in (ARCH_REQ_XCOMP_PERM, ARCH_REQ_XCOMP_GUEST_PERM):
+        raise SyscallError(EINVAL)
+    if argument >= XFEATURE_MAX:
+        raise SyscallError(EINVAL)
+    wanted = 1 << XFEATURE_XTILE_DATA
+    if argument != XFEATURE_XTILE_DATA or not p.xfeatures & wanted:
+        raise SyscallError(EOPNOTSUPP)
+    if code == ARCH_REQ_XCOMP_GUEST_PERM:
+        p.xcomp_guest_perm |= wanted
+        return 0
+    size = k.signals.altstack[2]
+    if not p.xcomp_perm & wanted and size and size < p.aux(AT_MINSIGSTKSZ):   # the frame with the tiles
+        raise SyscallError(ENOSPC)
+    p.xcomp_perm |= wanted
+    return 0
 
 
 def sys_getpid(k, uc, *_):

@@ -8,12 +8,16 @@ import struct
 
 import unicorn.x86_const as x86
 
-from ..errno import EINVAL, ESRCH, SyscallError
-from ..signals import SIG_DFL, SIG_IGN, UNBLOCKABLE, Action, read_action, write_action
+from ..errno import EINVAL, ENOMEM, EPERM, ESRCH, SyscallError
+from ..process import AT_MINSIGSTKSZ, XFEATURES_DYNAMIC
+from ..signals import (SIG_DFL, SIG_IGN, SS_DISABLE, SS_ONSTACK, UNBLOCKABLE, Action, read_action,
+                       write_action)
 from .base import RETURNED, signed32
 
 FATAL_BY_DEFAULT = frozenset(range(1, 32)) - {17, 18, 20, 21, 22, 23, 28}  # not SIGCHLD, SIGCONT, SIGTSTP ...
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
+MINSIGSTKSZ = 2048                     # arch/x86/include/uapi/asm/signal.h
+SS_AUTODISARM = 1 << 31                # SS_FLAG_BITS: a mode's flag, not a mode
 SI_TKILL, SI_USER = -6, 0
 
 
@@ -43,12 +47,30 @@ def sys_rt_sigprocmask(k, uc, how, new, old, size, *_):
 
 
 def sys_sigaltstack(k, uc, new, old, *_):
+    """do_sigaltstack (kernel/signal.c): EPERM while running on the alternate stack,
+    EINVAL for an unknown mode, ENOMEM below MINSIGSTKSZ, and, once the process may use
+    AMX's tiles, for a stack no larger than their frame (sigaltstack_size_valid). The old
+    one, as it was, says whether RSP is on it."""
+    wanted = struct.unpack("<Qi4xQ", k.p.read(new, 24)) if new else None   # ss_flags signed, as uc_stack packs it
+    sp, flags, size = k.signals.altstack
+    rsp = uc.reg_read(x86.UC_X86_REG_RSP)
+    on_it = not flags & SS_AUTODISARM and size and sp < rsp <= sp + size   # on_sig_stack
+    if wanted:
+        if on_it:
+            raise SyscallError(EPERM)
+        new_sp, new_flags, new_size = wanted
+        mode = new_flags & 0xFFFFFFFF & ~SS_AUTODISARM
+        if mode not in (0, SS_ONSTACK, SS_DISABLE):
+            raise SyscallError(EINVAL)
+        if wanted != (sp, flags, size):   # what is asked is what it has: nothing is checked
+            if mode == SS_DISABLE:
+                new_sp = new_size = 0
+            elif new_size < MINSIGSTKSZ or k.p.xcomp_perm & XFEATURES_DYNAMIC and new_size <= k.p.aux(AT_MINSIGSTKSZ):
+                raise SyscallError(ENOMEM)
+            k.signals.altstack = (new_sp, new_flags, new_size)
     if old:
-        sp, flags, size = k.signals.altstack
-        k.p.write(old, struct.pack("<QiiQ", sp, flags, 0, size))
-    if new:
-        sp, flags, _, size = struct.unpack("<QiiQ", k.p.read(new, 24))
-        k.signals.altstack = (sp, flags, size)
+        k.p.write(old, struct.pack("<QI4xQ", sp, (SS_ONSTACK if on_it else 0 if size else SS_DISABLE)
+                                   | flags & SS_AUTODISARM, size))
     return 0
 
 
