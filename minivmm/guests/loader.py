@@ -83,8 +83,12 @@ def load_guest(spec: str, linux: bool | None = None) -> GuestImage:
     data = read_bytes(path, "guest", MAX_IMAGE)
     if data[:4] == b"\x7fELF":
         return load_elf(data, spec, str(path), linux)
+    if data[:2] == b"#!" and (linux or linux is None and path.suffix != FLAT_SUFFIX):
+        # A Linux script: its interpreter is found in the program's file system when it starts.
+        info = {"script": True, "execfn": spec, "exe": os.path.abspath(path)}
+        return GuestImage(spec, "linux", (), 0, str(path), LINUX_MEMORY, info)
     if linux:
-        raise MinivmmError(f"{path}: --linux needs an ELF executable")
+        raise MinivmmError(f"{path}: --linux needs an ELF executable or a #! script")
     if not data or (path.suffix != FLAT_SUFFIX and is_text(data)):
         raise MinivmmError(f"{path}: not a guest: {'an empty file' if not data else 'a text file'}; "
                            f"{ACCEPTED}")

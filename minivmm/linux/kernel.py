@@ -62,6 +62,8 @@ class Kernel:
         self.fds = Descriptors()
         self.cwd = "/"
         self.umask = 0o022
+        self.view = None                  # the VM's CPUID view: what an execve's auxiliary vector says
+        self.on_exec = lambda: None       # the VMM's: an execve replaced the image (what it knew of the code is stale)
         self.random = random.Random(seed ^ 0x5EED)
         self.clock = Clock(realtime)
         self.signals = Signals(process, xsave)

@@ -18,9 +18,11 @@ TOPOLOGY = {**dict.fromkeys(("physical_package_id", "die_id", "cluster_id", "cor
 
 def own_trees(process, cpuinfo: str) -> dict[str, MemoryNode]:
     """Files whose contents are made when they are opened (as procfs does) read the
-    process at that moment: /proc/self/maps lists the mappings of now."""
-    cmdline = b"".join(arg.encode("utf-8", "surrogateescape") + b"\0" for arg in process.argv)
-    me = directory({"exe": link(process.exe), "auxv": file(lambda: process.auxv), "cmdline": file(cmdline),
+    process at that moment: /proc/self/maps lists the mappings of now, and after an
+    execve exe, cmdline and auxv are the new image's."""
+    def cmdline() -> bytes:
+        return b"".join(arg.encode("utf-8", "surrogateescape") + b"\0" for arg in process.argv)
+    me = directory({"exe": link(lambda: process.exe), "auxv": file(lambda: process.auxv), "cmdline": file(cmdline),
                     "maps": file(lambda: process.memory.text().encode())})
     cpu = directory({**{name: file(ONE_CPU) for name in ("online", "possible", "present")},
                      "cpu0": directory({"topology": directory({k: file(v) for k, v in TOPOLOGY.items()})})})

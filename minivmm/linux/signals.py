@@ -332,3 +332,15 @@ class Signals:
                 _xsave_size(xcr0, self.layout), extended):
             return None
         return features if struct.unpack("<I", self.p.read(fpstate + size, 4))[0] == FP_XSTATE_MAGIC2 else None
+
+    # -- execve -------------------------------------------------------------------------------
+
+    def exec(self, uc) -> None:
+        """What an execve does to signals and the FPU (fs/exec.c begin_new_exec): every
+        handler back to SIG_DFL but ignored signals stay ignored, flags, restorers and
+        masks cleared (flush_signal_handlers), no alternate stack (sas_ss_reset), the
+        FPU in its initial state (fpu_flush_thread); the blocked mask and pending
+        signals stay."""
+        self.actions = {signo: Action(SIG_IGN) for signo, action in self.actions.items() if action.handler == SIG_IGN}
+        self.altstack = (0, SS_DISABLE, 0)
+        self._restore_fpu(uc, 0)

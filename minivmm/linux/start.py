@@ -14,15 +14,13 @@ import unicorn.x86_const as x86
 
 from ..cpu.features import catalogue
 from ..errors import MinivmmError
-from ..files import read_bytes
-from ..guests.loader import MAX_IMAGE, load_elf
+from .binfmt import MAX_REWRITES, Program, find_program, fits, load_program, read_interpreter
+from .binfmt import ARG_ROOM, arguments_size
 from .cpuinfo import cpuinfo
-from .errno import SyscallError
+from .errno import EACCES, ELOOP, ENOENT, ENOEXEC, SyscallError
 from .kernel import Kernel
-from .memory import MMAP_MIN, PAGE, PROT_READ, PROT_WRITE, AddressSpace, page_up
-from .process import (AT_BASE, AT_CLKTCK, AT_EGID, AT_ENTRY, AT_EUID, AT_FLAGS, AT_GID, AT_HWCAP, AT_HWCAP2,
-                      AT_MINSIGSTKSZ, AT_PAGESZ, AT_PHDR, AT_PHENT, AT_PHNUM, AT_SECURE, AT_UID, DEFAULT_ENV,
-                      STACK_SIZE, USER_CS, USER_DS, Process, build_stack, hwcap, hwcap2, min_sigstack)
+from .memory import MMAP_MIN, AddressSpace
+from .process import DEFAULT_ENV, STACK_SIZE, USER_CS, USER_DS, Process
 from .proc import own_trees
 from .signals import xsave_layout
 from .vfs import MAX_MOUNTS, FileSystem, HostNode, Mount, is_dir
@@ -36,7 +34,6 @@ EFER_SCE = 1
 CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_FSGSBASE, CR4_OSXSAVE = 1 << 9, 1 << 10, 1 << 16, 1 << 18
 XCR0_X87_SSE, XCR0_AVX, XCR0_AVX512 = 0x3, 0x4, 0xE0
 FCW_INIT, MXCSR_INIT = 0x37F, 0x1F80   # arch/x86/kernel/fpu/init.c: every exception masked
-ARG_ROOM = STACK_SIZE // 4             # bytes of argv and envp strings and pointers (fs/exec.c)
 
 
 @dataclass(frozen=True)
@@ -62,9 +59,8 @@ class Options:
 
 
 def check_arguments(program: str, strings: list[str]) -> None:
-    """Arguments and environment, with a pointer to each, fit in a quarter of the stack
-    (fs/exec.c: past it execve fails with E2BIG)."""
-    size = sum(len(s.encode("utf-8", "surrogateescape")) + 1 + 8 for s in strings)
+    """Arguments and environment fit in a quarter of the stack (Linux's E2BIG)."""
+    size = arguments_size(strings)
     if size > ARG_ROOM:
         raise MinivmmError(f"{program}: its arguments and environment take {size} bytes, more than a quarter "
                            f"of the {STACK_SIZE >> 20} MiB stack (Linux's E2BIG)")
@@ -83,55 +79,75 @@ def linux_xcr0(view) -> int:
     return XCR0_X87_SSE | (XCR0_AVX if has("avx") else 0) | (XCR0_AVX512 if has("avx512f") else 0)
 
 
-def map_image(process: Process, image, base: int = 0) -> None:
-    """PT_LOAD segments, each a mapping of its file (from its page-aligned offset) with
-    its protections; a page two segments share gets both (fs/binfmt_elf.c elf_map)."""
-    info = image.linux
-    segments = [(address + base, data, size) for address, data, size in image.segments]
-    owner: dict[int, tuple[int, int]] = {}   # page -> (first segment on it, protections)
-    for i, ((address, _, size), prot) in enumerate(zip(segments, info["prot"])):
-        for page in range(address & ~(PAGE - 1), page_up(address + size), PAGE):
-            first, had = owner.get(page, (i, 0))
-            owner[page] = (first, had | prot)
-    runs: list[list[int]] = []
-    for page in sorted(owner):
-        if runs and runs[-1][1] == page and (runs[-1][2], runs[-1][3]) == owner[page]:
-            runs[-1][1] += PAGE
-        else:
-            runs.append([page, page + PAGE, *owner[page]])
-    for start, end, i, prot in runs:
-        offset = (info["offset"][i] & ~(PAGE - 1)) + start - (segments[i][0] & ~(PAGE - 1))
-        process.memory.map(start, end - start, prot, info["exe"], offset)
-    for address, data, _ in segments:
-        process.fill(address, data)
-
-
-def load_interpreter(fs, path: str, program: str):
-    """The dynamic loader named by PT_INTERP, read from the program's file system."""
+def load_interpreter(fs, cwd: str, path: str, program: str):
+    """The dynamic loader named by PT_INTERP, read from the program's file system, as
+    execve reads it (:func:`minivmm.linux.binfmt.read_interpreter`)."""
     try:
-        _, node = fs.resolve(path)
+        return read_interpreter(fs, cwd, path)
     except SyscallError as e:
-        raise MinivmmError(f"{program}: its interpreter {path} is not in the program's file system "
-                           f"(error {e.errno}): mount it, e.g. --mount / to see this machine's libraries") from None
-    if is_dir(node) or not isinstance(node, HostNode):
-        raise MinivmmError(f"{program}: its interpreter {path} is not a regular file")
-    image = load_elf(read_bytes(node.host, "interpreter", MAX_IMAGE), path, node.host, linux=True, base=0)
-    if image.linux["interp"] or not image.linux["dynamic"]:
-        raise MinivmmError(f"{program}: its interpreter {path} is not a shared object (ld.so is ET_DYN "
-                           f"without an interpreter of its own)")
-    return image
+        if e.errno == ENOENT:
+            raise MinivmmError(f"{program}: its interpreter {path} is not in the program's file system: mount "
+                               f"it, e.g. --mount / to see this machine's libraries") from None
+        raise MinivmmError(f"{program}: its interpreter {path} cannot run ({os.strerror(e.errno)}): it must be "
+                           f"an executable ELF shared object without an interpreter of its own") from None
+
+
+def run_script(fs, cwd: str, image, argv: list[str]) -> Program:
+    """The program a ``#!`` script minivmm was given runs (fs/binfmt_script.c): its
+    interpreter reads the script by its path in the program's file system, so the
+    script must be there; nested scripts and the interpreter as execve finds them."""
+    filename = visible_as(fs, cwd, image.name, image.path)
+    if filename is None:
+        folder = os.path.dirname(os.path.abspath(image.path))
+        raise MinivmmError(f"{image.name}: a #! script is read by its interpreter from the program's file "
+                           f"system, which does not show it: mount it, e.g. --mount {folder}")
+    try:
+        return find_program(fs, cwd, filename, argv)
+    except SyscallError as e:
+        why = {ENOENT: "a file its #! lines name is not in the program's file system: mount it, e.g. --mount /",
+               EACCES: "it, or a file its #! lines name, is not executable (EACCES)",
+               ENOEXEC: "a #! line names no interpreter, or one that is neither ELF nor a script (ENOEXEC)",
+               ELOOP: f"more than {MAX_REWRITES} #! scripts in a row (ELOOP)"}
+        raise MinivmmError(f"{image.name}: cannot run it as Linux would: "
+                           f"{why.get(e.errno, os.strerror(e.errno))}") from None
+
+
+def visible_as(fs, cwd: str, name: str, host_path: str) -> str | None:
+    """The path at which the program's file system shows the machine's file
+    ``host_path``: as it was named, else under the mount that holds it; None if none."""
+    target = os.stat(host_path)
+    candidates = [name]
+    for mount in fs.mounts:
+        inside = os.path.relpath(os.path.abspath(host_path), mount.host)
+        if inside != ".." and not inside.startswith("../"):
+            candidates.append(mount.guest if inside == "." else mount.guest.rstrip("/") + "/" + inside)
+    for candidate in candidates:
+        try:
+            _, node = fs.resolve(candidate, cwd)
+        except SyscallError:
+            continue
+        if isinstance(node, HostNode) and os.path.samestat(node.stat, target):
+            return candidate
+    return None
 
 
 def execve(uc, ram, image, host, view, options: Options, write_xcr0, console) -> Kernel:
     """A new process of ``image`` and the kernel that serves it; ``console`` gets what
     it writes to standard output."""
     fs = FileSystem(list(options.mounts), {})
-    process = start_process(uc, ram, image, view, options, write_xcr0, fs)
+    cwd = visible_directory(fs, os.getcwd())
+    argv = [image.linux["execfn"], *options.argv]
+    if image.linux.get("script"):
+        program = run_script(fs, cwd, image, argv)
+    else:
+        interp = image.linux["interp"]
+        program = Program(image, load_interpreter(fs, cwd, interp, image.name) if interp else None, argv,
+                          image.linux["execfn"])
+    process = start_process(uc, ram, program, view, options, write_xcr0)
     process.stdout_sink = console
-    process.argv = [image.linux["execfn"], *options.argv]
     fs.own = own_trees(process, cpuinfo(host, view))
     kernel = Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view))
-    kernel.cwd = visible_directory(fs, os.getcwd())
+    kernel.cwd, kernel.view = cwd, view
     return kernel
 
 
@@ -145,9 +161,9 @@ def visible_directory(fs, path: str) -> str:
     return canonical if is_dir(node) else "/"
 
 
-def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Process:
-    info = image.linux
-    interpreter = load_interpreter(fs, info["interp"], image.name) if info["interp"] else None
+def start_process(uc, ram, program: Program, view, options: Options, write_xcr0) -> Process:
+    """The CPU as Linux hands it to a new process, and the program loaded."""
+    image = program.image
     ram[GDT_BASE:GDT_BASE + len(GDT)] = GDT
     uc.reg_write(x86.UC_X86_REG_GDTR, (0, GDT_BASE, len(GDT) - 1, 0))
     uc.reg_write(x86.UC_X86_REG_CR0, 0x33)
@@ -158,34 +174,15 @@ def start_process(uc, ram, image, view, options: Options, write_xcr0, fs) -> Pro
             write_xcr0(linux_xcr0(view))
         except Exception:  # the engine model refuses the wider state: what it can hold
             write_xcr0(XCR0_X87_SSE)
-    end = page_up(max(address + size for address, _, size in image.segments))
-    stack_top = len(ram) - PAGE
-    stack_bottom = stack_top - STACK_SIZE
-    process = Process(AddressSpace(ram), end, end, stack_bottom - PAGE, stack_bottom, info["exe"])
-    if min(address for address, _, _ in image.segments) < MMAP_MIN or end > stack_bottom - PAGE:
+    if not fits(program, len(ram)):
         raise MinivmmError(f"{image.name}: its segments do not fit between {MMAP_MIN:#x} and the stack "
                            f"({len(ram) >> 20} MiB of RAM; raise --memory)")
-    map_image(process, image)
-    process.memory.map(stack_bottom, STACK_SIZE, PROT_READ | PROT_WRITE, "[stack]")
-    base, entry = 0, image.entry
-    if interpreter:
-        extent = page_up(max(address + size for address, _, size in interpreter.segments))
-        base = process.memory.find_free(extent, process.mmap_top, end + PAGE)
-        map_image(process, interpreter, base)
-        entry = base + interpreter.entry
-    auxv = [(AT_PHDR, info["phdr"]), (AT_PHENT, 56), (AT_PHNUM, info["phnum"]), (AT_PAGESZ, PAGE),
-            (AT_BASE, base), (AT_FLAGS, 0), (AT_ENTRY, image.entry), (AT_UID, 1000), (AT_EUID, 1000),
-            (AT_GID, 1000), (AT_EGID, 1000), (AT_HWCAP, hwcap(view)), (AT_HWCAP2, hwcap2(view)),
-            (AT_CLKTCK, 100), (AT_SECURE, 0), (AT_MINSIGSTKSZ, min_sigstack(view))]
     env = list(options.env if options.env is not None else DEFAULT_ENV)
-    check_arguments(image.name, [info["execfn"], *options.argv, *env])
-    rsp = build_stack(process, stack_top, [info["execfn"], *options.argv], env, auxv, options.seed, info["execfn"])
-    for reg in (x86.UC_X86_REG_DS, x86.UC_X86_REG_ES, x86.UC_X86_REG_SS):
-        uc.reg_write(reg, USER_DS)
+    check_arguments(image.name, [program.filename, *program.argv, *env])
+    process = Process(AddressSpace(ram), 0, 0, 0, 0, image.linux["exe"])
+    uc.reg_write(x86.UC_X86_REG_SS, USER_DS)
     uc.reg_write(x86.UC_X86_REG_CS, USER_CS)
-    uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x202)
     uc.reg_write(x86.UC_X86_REG_FPCW, FCW_INIT)   # as fpstate_init gives a new process
     uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_INIT)
-    uc.reg_write(x86.UC_X86_REG_RSP, rsp)
-    uc.reg_write(x86.UC_X86_REG_RIP, entry)
+    load_program(uc, process, program, env, options.seed, view)
     return process

@@ -253,6 +253,7 @@ def restore(state: dict, ram, host, view, console, options, origin: str) -> Kern
     p.stdout_sink = console
     kernel = Kernel(p, fs, 0, options.stdin, state["clock"]["realtime"], options.terminal, xsave_layout(view))
     fs.own = own_trees(p, cpuinfo(host, view))
+    kernel.view = view
     kernel.random.setstate((3, tuple(state["random"]), None))
     kernel.clock.calls, kernel.clock.slept_ns = state["clock"]["calls"], state["clock"]["slept_ns"]
     kernel.cwd, kernel.umask = state["cwd"], state["umask"]

@@ -75,11 +75,12 @@ class HostNode:
 @dataclass(frozen=True)
 class MemoryNode:
     """A synthesized file (``data`` is bytes, or a callable made at open time), a
-    directory (``entries``: name -> node), a symbolic link, or a character device."""
+    directory (``entries``: name -> node), a symbolic link (``target``: a path, or a
+    callable that says it when the link is read), or a character device."""
     mode: int
     data: object = b""
     entries: dict | None = None
-    target: str = ""
+    target: object = ""
     device: str = ""            # null, zero, random
 
     def contents(self) -> bytes:
@@ -213,4 +214,4 @@ class FileSystem:
                 return os.readlink(node.host)
             except OSError as e:
                 raise SyscallError(e.errno or ENOENT) from None
-        return node.target
+        return node.target() if callable(node.target) else node.target

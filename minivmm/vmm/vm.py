@@ -588,6 +588,7 @@ class _Run:
         self.x87 = X87Exceptions()
         self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
+        self.execed = False   # the last start ended at an execve: the code is another program's
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
         self.kernel = None
@@ -621,6 +622,7 @@ class _Run:
         kernel.signals.read_xcr0 = lambda: xcr0
         kernel.signals.opmasks = self.engine.opmasks
         kernel.signals.xsaves = self.engine.view.has(catalogue()["xsaves"])
+        kernel.on_exec = self._new_image
         kernel.p.xfeatures, permitted = xfeatures(self.engine.view)
         if kernel.p.xcomp_perm is None:   # a new process: what fpstate_reset permits
             kernel.p.xcomp_perm = kernel.p.xcomp_guest_perm = permitted
@@ -647,6 +649,13 @@ class _Run:
 
     def _fail(self, error: BaseException) -> None:
         self.errors.append(error)
+        self.uc.emu_stop()
+
+    def _new_image(self) -> None:
+        """An execve replaced the program (from the SYSCALL hook): stop after it, and
+        before the next start forget every exit planted, every block translated and
+        every native run of the old code (:meth:`_start`)."""
+        self.execed = True
         self.uc.emu_stop()
 
     def _protections_changed(self, start: int, end: int) -> None:
@@ -878,9 +887,13 @@ class _Run:
         switched, self.x87_wanted = wanted != self.x87.checking, None
         if switched:
             self.x87.switch(wanted)
+        if switched or self.execed:   # what is an exit changed, or the code is a new image's
             self.engine.exits.forget_all()
-        self.resumable = bool(self.quieten or switched) and not (self.stop or self.errors or self.pending_fault
-                                                                 or self.fired)
+        if self.execed and self.engine.faults.native is not None:
+            self.engine.faults.native.forget()
+        self.resumable = bool(self.quieten or switched or self.execed) and not (
+            self.stop or self.errors or self.pending_fault or self.fired)
+        self.execed = False
         self.quieten.clear()
 
     def _count_started(self) -> None:
@@ -893,7 +906,7 @@ class _Run:
             self.exact = False
             return
         ended_by_exit = self.fired or bool(self.stop and self.stop[0].reason in ("exited", "halted"))
-        self.executed += begun - (0 if ended_by_exit else 1)
+        self.executed += begun - (0 if ended_by_exit or self.execed else 1)   # (an execve: a SYSCALL)
 
     def _fire(self) -> None:
         self.fired = False

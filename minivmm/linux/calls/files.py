@@ -4,11 +4,13 @@ read-only answers, EROFS for anything that would change it."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import stat as st
 import struct
 
-from ..errno import (EACCES, EBADF, EINVAL, EISDIR, ELOOP, ENOENT, ENOTDIR, ENOTTY, ENXIO, ERANGE, EROFS,
+from ..errno import (EACCES, EBADF, EINVAL, EIO, EISDIR, ELOOP, ENOENT, ENOTDIR, ENOTTY, ENXIO, ERANGE, EROFS,
                      SyscallError)
 from ..files import (MAX_IO, O_ACCMODE, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_NOFOLLOW, O_PATH, O_TRUNC, O_WRONLY,
                      Device, Directory, HostFile, MemoryFile, OpenFile, Stream, pack_stat, pack_statx, stat_of)
@@ -212,6 +214,59 @@ def sys_statx(k, uc, dirfd, path_at, flags, mask, buf, *_):
     return 0
 
 
+# struct statfs (include/uapi/asm-generic/statfs.h on x86-64): f_type, f_bsize, f_blocks,
+# f_bfree, f_bavail, f_files, f_ffree, f_fsid, f_namelen, f_frsize, f_flags, f_spare[4]
+STATFS = struct.Struct("<7q2i3q4q")
+PROC_SUPER_MAGIC, SYSFS_MAGIC, TMPFS_MAGIC = 0x9FA0, 0x62656572, 0x01021994    # include/uapi/linux/magic.h
+DEVPTS_SUPER_MAGIC, PIPEFS_MAGIC = 0x1CD1, 0x50495045
+# the file system of minivmm's own trees (/dev is devtmpfs, which says TMPFS_MAGIC), and
+# of the directories on the way to a mount point
+MAGIC = {"/proc": PROC_SUPER_MAGIC, "/dev": TMPFS_MAGIC, "/sys": SYSFS_MAGIC}
+ST_RDONLY, ST_VALID, ST_RELATIME = 0x1, 0x20, 0x1000    # f_flags (fs/statfs.c calculate_f_flags)
+OWN_DEVICE = 0x16                                        # st_dev of minivmm's own files (files.stat_of)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statfs.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
+def _machine_statfs(call, target) -> bytes:
+    """The machine's own statfs of a mounted file, read-only as every mount is."""
+    buf = ctypes.create_string_buffer(STATFS.size)
+    if call(target, buf) != 0:
+        raise SyscallError(ctypes.get_errno() or EIO)
+    fields = list(STATFS.unpack(buf.raw))
+    fields[11] |= ST_RDONLY
+    return STATFS.pack(*fields)
+
+
+def _statfs(k, path: str, node, entry: OpenFile | None = None) -> bytes:
+    """What statfs says of a file: for the machine's, the machine's file system; for
+    minivmm's own, procfs, sysfs or devtmpfs as Linux mounts them, read-only; the
+    standard streams are a terminal's (devpts) or a pipe's."""
+    if isinstance(entry, HostFile):
+        return _machine_statfs(_libc.fstatfs, entry.fd)
+    if isinstance(node, HostNode):
+        return _machine_statfs(_libc.statfs, os.fsencode(node.host))
+    if isinstance(entry, Stream):
+        magic = DEVPTS_SUPER_MAGIC if k.terminal else PIPEFS_MAGIC
+    else:
+        magic = next((m for top, m in MAGIC.items() if path == top or path.startswith(top + "/")), TMPFS_MAGIC)
+    return STATFS.pack(magic, 4096, 0, 0, 0, 0, 0, OWN_DEVICE, 0, 255, 4096, ST_RDONLY | ST_VALID | ST_RELATIME,
+                       0, 0, 0, 0)
+
+
+def sys_statfs(k, uc, path_at, buf, *_):
+    path, node = _lookup(k, AT_FDCWD, path_at)
+    k.p.write(buf, _statfs(k, path, node))
+    return 0
+
+
+def sys_fstatfs(k, uc, fd, buf, *_):
+    entry = k.fds.get(fd)
+    k.p.write(buf, _statfs(k, entry.path, entry.node, entry))
+    return 0
+
+
 def sys_faccessat2(k, uc, dirfd, path_at, mode, flags=0, *_):
     _, node = _lookup(k, dirfd, path_at, not flags & AT_SYMLINK_NOFOLLOW)
     if mode & W_OK and not st.S_ISCHR(node.mode):
@@ -302,6 +357,24 @@ def sys_dup2(k, uc, old, new, *_):
     return sys_dup3(k, uc, old, new, 0)
 
 
+CLOSE_RANGE_UNSHARE, CLOSE_RANGE_CLOEXEC = 0x2, 0x4
+
+
+def sys_close_range(k, uc, first, last, flags, *_):
+    """Close, or mark close-on-exec, the open descriptors from ``first`` to ``last``
+    (fs/open.c, fs/file.c __close_range; unsigned ints). CLOSE_RANGE_UNSHARE unshares a
+    table no other process shares here."""
+    first, last, flags = first & 0xFFFFFFFF, last & 0xFFFFFFFF, flags & 0xFFFFFFFF
+    if flags & ~(CLOSE_RANGE_UNSHARE | CLOSE_RANGE_CLOEXEC) or first > last:
+        raise SyscallError(EINVAL)
+    for fd in sorted(fd for fd in k.fds.table if first <= fd <= last):
+        if flags & CLOSE_RANGE_CLOEXEC:
+            k.fds.cloexec.add(fd)
+        else:
+            k.fds.close(fd)
+    return 0
+
+
 def sys_getcwd(k, uc, buf, size, *_):
     path = k.cwd.encode() + b"\0"
     if size < len(path):
@@ -390,6 +463,7 @@ TABLE = {
     217: ("getdents64", sys_getdents64), 257: ("openat", sys_openat), 262: ("newfstatat", sys_newfstatat),
     267: ("readlinkat", sys_readlinkat), 269: ("faccessat", sys_faccessat), 271: ("ppoll", sys_poll),
     292: ("dup3", sys_dup3), 332: ("statx", sys_statx), 439: ("faccessat2", sys_faccessat2),
+    137: ("statfs", sys_statfs), 138: ("fstatfs", sys_fstatfs), 436: ("close_range", sys_close_range),
     **{number: (name, sys_erofs) for number, name in (
         (76, "truncate"), (77, "ftruncate"), (82, "rename"), (83, "mkdir"), (84, "rmdir"), (86, "link"),
         (87, "unlink"), (88, "symlink"), (90, "chmod"), (91, "fchmod"), (92, "chown"), (93, "fchown"),
