@@ -43,6 +43,17 @@ def test_x87_exception_flags_and_their_mf_are_the_machines(built):
 
 
 @needs_gcc
+@pytest.mark.parametrize("host", ["nehalem", "haswell"])
+def test_a_handler_reads_and_changes_the_x87_stack_in_its_frame(built, host):
+    """The frame's ST(0)..ST(7) are in stack order, the abridged tag word by physical
+    register (SDM Vol. 1, Table 10-2), and the program starts with every register empty
+    (fpstate_init); what the handler writes to ST(0) is ST(0) after rt_sigreturn. On
+    FXSAVE (nehalem) and XSAVE (haswell) frames."""
+    program = built("x87_frame")
+    assert under_minivmm(program, host) == native(program)
+
+
+@needs_gcc
 def test_int_n_int_0x80_sysenter_and_syscall_are_the_kernels(built):
     """INT n through a gate of DPL 0 is #GP(n * 8 + 2) at the INT, SIGSEGV (INT $6
     included, which the engine reports as #UD); INT3, INT $3 and INT $4 trap after it

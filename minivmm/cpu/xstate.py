@@ -21,11 +21,12 @@ MXCSR_MASK = 0xFFFF             # FXSAVE's MXCSR_MASK with DAZ: bits 31:16 are r
 MXCSR_INIT = 0x1F80             # every SIMD exception masked (SDM Vol. 1, 10.2.3)
 X87_INIT_FCW = 0x37F
 
-# The FXSAVE image: FCW, FSW, MXCSR, ST0-7, XMM0-15 where the image holds them; the tag
-# word goes past its end (the image holds the abridged form).
-TAGS_AT = LEGACY
+# The FXSAVE image: FCW, FSW, MXCSR, the x87 registers (read physical, then put in stack
+# order: _rotate), XMM0-15 where the image holds them; the tag word goes past its end
+# (the image holds the abridged form).
+TAGS_AT, ST_AT = LEGACY, 32
 _X87 = ((x86.UC_X86_REG_FPCW, 0), (x86.UC_X86_REG_FPSW, 2), (x86.UC_X86_REG_FPTAG, TAGS_AT),
-        *((getattr(x86, f"UC_X86_REG_FP{i}"), 32 + 16 * i) for i in range(8)))
+        *((getattr(x86, f"UC_X86_REG_FP{i}"), ST_AT + 16 * i) for i in range(8)))
 _SSE = ((x86.UC_X86_REG_MXCSR, 24), *((getattr(x86, f"UC_X86_REG_XMM{i}"), 160 + 16 * i) for i in range(16)))
 _IMAGE, _X87_IMAGE, _SSE_IMAGE = ImageBlock(_X87 + _SSE, LEGACY + 2), ImageBlock(_X87, LEGACY + 2), \
     ImageBlock(_SSE, LEGACY)
@@ -38,8 +39,21 @@ class Refused(Exception):
     """What makes FXRSTOR or XRSTOR raise #GP(0) instead of loading the area."""
 
 
+def _rotate(image: bytearray, by: int) -> None:
+    """Move the eight x87 register slots ``by`` places: the engine's FP0-7 are the
+    physical registers R0-R7, the image's slots ST(0)-ST(7), ST(i) being R((TOP + i) mod
+    8) (SDM Vol. 1, 8.1.2; Table 10-2, FXSAVE's layout). The tag word stays physical."""
+    slots = [bytes(image[ST_AT + 16 * i:ST_AT + 16 * i + 16]) for i in range(8)]
+    image[ST_AT:ST_AT + 128] = b"".join(slots[(i + by) & 7] for i in range(8))
+
+
+def _top(image) -> int:
+    return struct.unpack_from("<H", image, 2)[0] >> 11 & 7
+
+
 def fxsave_image(uc) -> bytes:
     image = bytearray(_IMAGE.read(uc))
+    _rotate(image, _top(image))
     tags = struct.unpack_from("<H", image, TAGS_AT)[0]
     image[4] = sum(1 << i for i in range(8) if tags >> 2 * i & 3 != 3)  # the abridged tag word
     struct.pack_into("<I", image, 28, MXCSR_MASK)
@@ -49,6 +63,7 @@ def fxsave_image(uc) -> bytes:
 def fxrstor_image(uc, data: bytes, x87: bool = True, sse: bool = True) -> None:
     if x87:
         image = bytearray(data[:LEGACY].ljust(LEGACY + 2, b"\0"))
+        _rotate(image, -_top(image))
         struct.pack_into("<H", image, TAGS_AT, sum(3 << 2 * i for i in range(8) if not data[4] >> i & 1))
         _X87_IMAGE.write(uc, image)
     if sse:

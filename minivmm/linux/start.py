@@ -183,6 +183,7 @@ def start_process(uc, ram, program: Program, view, options: Options, write_xcr0)
     uc.reg_write(x86.UC_X86_REG_SS, USER_DS)
     uc.reg_write(x86.UC_X86_REG_CS, USER_CS)
     uc.reg_write(x86.UC_X86_REG_FPCW, FCW_INIT)   # as fpstate_init gives a new process
+    uc.reg_write(x86.UC_X86_REG_FPTAG, 0xFFFF)     # every register empty (the engine starts them valid)
     uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_INIT)
     load_program(uc, process, program, env, options.seed, view)
     return process

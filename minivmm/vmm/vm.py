@@ -459,6 +459,7 @@ class _Engine:
         uc.reg_write(x86.UC_X86_REG_RFLAGS, 0x2)
         uc.reg_write(x86.UC_X86_REG_MXCSR, MXCSR_RESET)
         uc.reg_write(x86.UC_X86_REG_FPCW, FCW_HANDOFF)
+        uc.reg_write(x86.UC_X86_REG_FPTAG, 0xFFFF)   # every register empty, as FNINIT leaves them
         uc.reg_write(x86.UC_X86_REG_RSP, vm.memory & ~0xF)
         uc.reg_write(x86.UC_X86_REG_RIP, vm.image.entry)
 
