@@ -2,8 +2,8 @@
 leaves out (FCOMI, FUCOMI, FISTTP) and the #MF an unmasked one raises; INT n through
 the kernel's IDT, the 32-bit system calls (INT $0x80, SYSENTER), SYSCALL whatever RSP
 holds; the XSAVE features arch_prctl reports and permits, and sigaltstack's checks. The
-oracle is the machine's own kernel and CPU: each program prints the same
-lines, and ends the same way, natively and under minivmm."""
+oracle is the machine's own kernel and CPU: each program prints the same lines, and
+ends the same way, natively and under minivmm."""
 
 import subprocess
 from pathlib import Path
@@ -72,7 +72,8 @@ def test_xsave_permissions_and_sigaltstack_are_the_kernels(built):
     tile data where the CPU has it, EINVAL past the last feature, ENOSPC while the
     alternate stack would not hold the frame. sigaltstack: ENOMEM below MINSIGSTKSZ (and,
     with AMX permitted, up to the frame), EINVAL for an unknown mode, EPERM on it; a frame
-    that does not fit is SIGSEGV. On the "native" host: the machine's own features."""
+    that does not fit (AVX-512's, where the machine has it) is SIGSEGV. On the "native"
+    host: the machine's own features."""
     program = built("xstate_perm")
     expected = native(program)
     if expected[0].startswith("this kernel predates"):

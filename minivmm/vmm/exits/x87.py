@@ -134,7 +134,7 @@ def _compare(uc, address, size, instr) -> None:
         return
     # Carried out here: an empty register's stale value must not be compared, and an
     # unmasked exception leaves the stack unpopped (as the machine does).
-    if invalid:
+    if invalid:   # unordered, masked or not (Intel's CPUs; the SDM's pseudocode sets them when masked)
         flags = ZF | PF | CF
     else:
         x, y = _value(*a), _value(*b)

@@ -34,9 +34,13 @@ static void on_fpe(int signo, siginfo_t *info, void *context) {
     ucontext_t *uc = context;
     greg_t *regs = uc->uc_mcontext.gregs;
     unsigned flags = regs[REG_EFL];
-    printf("  SIGFPE code=%d trapno=%lld at-fwait=%d fsw=%#x zf,pf,cf=%u%u%u\n", info->si_code, regs[REG_TRAPNO],
-           info->si_addr == (void *)regs[REG_RIP] && *(unsigned char *)regs[REG_RIP] == 0x9b, uc->uc_mcontext.fpregs->swd,
-           flags >> 6 & 1, flags >> 2 & 1, flags & 1);
+    printf("  SIGFPE code=%d trapno=%lld at-fwait=%d fsw=%#x", info->si_code, regs[REG_TRAPNO],
+           info->si_addr == (void *)regs[REG_RIP] && *(unsigned char *)regs[REG_RIP] == 0x9b, uc->uc_mcontext.fpregs->swd);
+    /* an unmasked #D leaves the compare's result in EFLAGS; after an unmasked #IA the SDM
+       says they are unchanged, where Intel's CPUs set them unordered: not compared */
+    if (info->si_code == FPE_FLTUND)
+        printf(" zf,pf,cf=%u%u%u", flags >> 6 & 1, flags >> 2 & 1, flags & 1);
+    printf("\n");
     siglongjmp(back, 1);
 }
 

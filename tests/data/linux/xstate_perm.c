@@ -3,6 +3,7 @@
    checks, which a permission for AMX's tiles tightens (build: gcc -static -O1; run:
    xstate_perm). Natively and under minivmm on the native host the output is the same. */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <errno.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -78,13 +79,19 @@ int main(void) {
     sigaction(SIGUSR1, &usr1, NULL);
     altstack(memory, 0, 1 << 16);
     raise(SIGUSR1);
-    /* the smallest stack sigaltstack takes: where the frame does not fit (AVX-512's
-       state), the signal is SIGSEGV (get_sigframe, force_sigsegv) */
-    struct sigaction segv = {.sa_sigaction = on_segv, .sa_flags = SA_SIGINFO};
-    sigaction(SIGSEGV, &segv, NULL);
-    altstack(memory, 0, 2048);
-    if (!sigsetjmp(back, 1))
-        raise(SIGUSR1);
+    /* the smallest stack sigaltstack takes, which a frame with AVX-512's state (2.7 KiB
+       of XSAVE area) overflows: the signal is SIGSEGV (get_sigframe, force_sigsegv) */
+    unsigned eax, ebx, ecx, edx, xcr0 = 0;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) && ecx >> 27 & 1)
+        __asm__ volatile("xgetbv" : "=a"(xcr0) : "c"(0) : "edx");
+    if ((xcr0 & 0xe0) == 0xe0) {
+        struct sigaction segv = {.sa_sigaction = on_segv, .sa_flags = SA_SIGINFO};
+        sigaction(SIGSEGV, &segv, NULL);
+        altstack(memory, 0, 2048);
+        if (!sigsetjmp(back, 1))
+            raise(SIGUSR1);
+        altstack(memory, 0, 1 << 16);
+    }
 
     /* AMX's tile data: refused while the alternate stack would not hold its frame */
     if (supported >> XTILE_DATA & 1) {
