@@ -358,7 +358,8 @@ class VM:
                 else:
                     needs = isa.needed_features(instr)
                     action = exit_mnemonics.get(instr.mnemonic) or actions[isa.verdict(needs, instr.mnemonic, physical, instr.code)]
-                    if linux and action is not None and action != "ud" and instr.is_privileged:
+                    if linux and action != "ud" and (instr.mnemonic in PORT_IO or
+                                                     action is not None and instr.is_privileged):
                         action = "gp"  # what the engine at CPL 3 does not refuse itself, or an exit would carry out
                     elif action is None and (instr.mnemonic in CHECKED_MNEMONICS or instr.code in CHECKED_CODES) \
                             and not (linux and instr.mnemonic == Mnemonic.SYSCALL):  # the engine's hook (_Engine)
@@ -380,6 +381,7 @@ EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
 # OUT), and the engine checks no I/O permission at any CPL. (INS and OUTS too; their
 # opcodes are ASCII letters, common in any code, and no program uses them: they are not
 # planted.) CLI, STI and what needs CPL 0 the engine refuses at CPL 3 itself.
+PORT_IO = frozenset((Mnemonic.IN, Mnemonic.OUT))
 
 
 class _Engine:
@@ -609,7 +611,6 @@ class _Run:
     def _attach(self, kernel) -> None:
         """Wire a Linux program's kernel to the current engine: its system calls, what it
         writes to memory (dirty for pre-copy, code decoded again), its page protections."""
-        self.io.on_user_io = self._port_io_at_cpl3
         self._syscall_registers = (
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
                                          x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,
@@ -867,28 +868,6 @@ class _Run:
         deliver()
         if self.kernel:  # a refused page's TLB entry leads nowhere: the next access asks again
             self.engine.exits.flush_tlb()
-
-    def _port_io_at_cpl3(self, uc, rip: int) -> int:
-        """IN, OUT, INS or OUTS in a Linux program: #GP at the instruction once the
-        engine stops, with the registers it changed put back. An IN returns what its
-        destination already holds, so that the engine's own write changes nothing."""
-        saved = [(reg, uc.reg_read(reg)) for reg in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX,
-                                                     x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDI)]
-        instr = self.engine.faults._instruction(uc, rip)
-
-        def deliver():
-            for reg, value in saved:
-                uc.reg_write(reg, value)
-            self.engine.faults.deliver(uc, 13, rip, 0, instr=instr, detail="port I/O at CPL 3")
-        self.pending_fault = deliver
-        uc.emu_stop()
-        if instr is not None and instr.mnemonic in (Mnemonic.INSB, Mnemonic.INSW, Mnemonic.INSD):
-            width = {Mnemonic.INSB: 1, Mnemonic.INSW: 2, Mnemonic.INSD: 4}[instr.mnemonic]
-            try:
-                return int.from_bytes(uc.mem_read(saved[3][1], width), "little")
-            except UcError:  # nothing there: the #GP comes first all the same
-                return 0
-        return saved[0][1] & 0xFFFFFFFF
 
     def _start(self, count) -> None:
         """One engine start, for exactly ``count`` instructions if given."""

@@ -6,12 +6,6 @@ read as all ones, like an empty ISA bus, and writes to them are counted.
 OUT is an instruction exit (planted where the page is decoded), so power-off and
 checkpoints stop the guest exactly after the OUT; the engine's own OUT hook only
 serves the string form (OUTS).
-
-A Linux program at CPL 3 with IOPL 0 gets #GP for every IN, OUT, INS and OUTS (SDM
-Vol. 1, 19.5.1), which the engine does not raise: its own IN and OUT hooks, which see
-every one executed, raise it (``on_user_io``). Planting an exit wherever those one-byte
-opcodes might start an instruction would put thousands of hooks on a large program's
-pages, and the engine checks each of them for every instruction it translates.
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ class IoExits:
         self._sink = console_sink
         self._on_power_off = on_power_off
         self._on_checkpoint = on_checkpoint
-        self.on_user_io = None   # (uc, rip) -> the value an IN leaves: port I/O a program may not do
 
     def install(self, uc) -> None:
         uc.hook_add(UC_HOOK_INSN, self._engine_out, None, 1, 0, UC_X86_INS_OUT)
@@ -79,14 +72,10 @@ class IoExits:
         return False
 
     def _engine_out(self, uc, port, size, value, _ud):
-        if self.on_user_io:
-            self.on_user_io(uc, uc.reg_read(x86.UC_X86_REG_RIP))
-        elif self.write(port, size, value):
+        if self.write(port, size, value):
             uc.emu_stop()
 
     def _in(self, uc, port, size, _ud):
-        if self.on_user_io:  # the engine's RIP is the instruction's own in its I/O hooks
-            return self.on_user_io(uc, uc.reg_read(x86.UC_X86_REG_RIP))
         return self.read(port, size)
 
     @staticmethod
