@@ -381,7 +381,8 @@ EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
 # OUT), and the engine checks no I/O permission at any CPL. (INS and OUTS too; their
 # opcodes are ASCII letters, common in any code, and no program uses them: they are not
 # planted.) CLI, STI and what needs CPL 0 the engine refuses at CPL 3 itself.
-PORT_IO = frozenset((Mnemonic.IN, Mnemonic.OUT))
+PORT_IO = frozenset((Mnemonic.IN, Mnemonic.OUT, Mnemonic.INSB, Mnemonic.INSW, Mnemonic.INSD, Mnemonic.OUTSB,
+                     Mnemonic.OUTSW, Mnemonic.OUTSD))
 
 
 class _Engine:
@@ -611,6 +612,7 @@ class _Run:
     def _attach(self, kernel) -> None:
         """Wire a Linux program's kernel to the current engine: its system calls, what it
         writes to memory (dirty for pre-copy, code decoded again), its page protections."""
+        self.io.linux = True
         self._syscall_registers = (
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDI, x86.UC_X86_REG_RSI,
                                          x86.UC_X86_REG_RDX, x86.UC_X86_REG_R10, x86.UC_X86_REG_R8,

@@ -39,11 +39,11 @@ PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(ran
 # or is one of the few one-byte opcodes that need one (x87's D8-DF: FISTTP is SSE3's,
 # FCMOV and FCOMI CMOV's; LAHF/SAHF; RTM's XABORT C6 F8 and XBEGIN C7 F8); WAIT (9B),
 # which raises a pending x87 exception (x87.py); then HLT,
-# OUT and IN (#GP at a Linux program's CPL 3 with IOPL 0, which the engine does not
-# check); and the LOCK prefix, which the engine accepts where the CPU raises #UD.
+# OUT, IN, OUTS and INS (#GP at a Linux program's CPL 3 with IOPL 0, which the engine
+# does not check); and the LOCK prefix, which the engine accepts where the CPU raises #UD.
 # (Tested over the whole one-byte opcode map, and against decoding every offset of
 # real binaries.)
-OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9b\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\xf0]"
+OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9b\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\x6c-\x6f\xf0]"
                      rb"|[\xc6\xc7]\xf8")
 
 
@@ -71,6 +71,29 @@ def misused_lock(data: bytes, offset: int, ip: int):
     instr = iced_x86.Decoder(64, data[offset:offset + MAX_INSN], iced_x86.DecoderOptions.NO_INVALID_CHECK,
                              ip=ip).decode()
     return instr if instr.code != iced_x86.Code.INVALID and instr.has_lock_prefix else None
+
+
+# A Linux program's IN, OUT, INS and OUTS (#GP at CPL 3) are one-byte opcodes (E4-E7,
+# EC-EF, 6C-6F) whose
+# bytes sit inside immediates and displacements all over a large program: exits at every
+# such byte put thousands of hooks on its pages (python3: about 11,000), and the engine
+# checks every hook for each instruction it translates, which made it minutes slower.
+# Their #GP exits go only where a linear sweep of the page starts an instruction, as a
+# compiler lays code out; one the sweep misses reaches the engine's port hooks, which for
+# a Linux program are an empty bus (IoExits.linux).
+SWEPT = frozenset(getattr(iced_x86.Mnemonic, name) for name in ("IN", "OUT", "INSB", "INSW", "INSD", "OUTSB",
+                                                                   "OUTSW", "OUTSD"))
+
+
+def linear_sweep(data: bytes, ip: int) -> set[int]:
+    """The offsets where instructions start when ``data`` is decoded from its first byte
+    to the end of its first page."""
+    decoder = iced_x86.Decoder(64, data, ip=ip)
+    starts = set()
+    while decoder.position < PAGE:
+        starts.add(decoder.position)
+        decoder.decode()
+    return starts
 
 
 # classify(instr) -> (action or None, audited features): what an exit at this instruction does.
@@ -215,6 +238,7 @@ class InstructionExits:
         decoder = iced_x86.Decoder(64, data, ip=page)
         traps = self.pages[page]
         starts = exit_candidates(data, offsets.start, offsets.stop)
+        sweep = None
         for address in [a for a in traps if offsets.start <= a - page < offsets.stop and a - page not in starts]:
             del traps[address]  # those bytes can no longer start an instruction that exits
             self._unhook(address)
@@ -227,6 +251,9 @@ class InstructionExits:
                 instr, (action, audited) = misused, ("ud", frozenset())
             else:
                 action, audited = self._classify(instr)
+            if action == "gp" and instr.mnemonic in SWEPT:
+                sweep = linear_sweep(data, page) if sweep is None else sweep
+                action = action if offset in sweep else None
             if not action and address in self._quiet:
                 audited = frozenset()
             wanted = (action, audited, instr) if (action or audited) else None
