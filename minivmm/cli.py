@@ -914,6 +914,8 @@ def demo(name, pace, as_json):
 @click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
               help="What every Linux program sees of this machine, read-only (repeatable).")
 @click.option("--seed", type=Whole(), default=0, show_default=True, help="Seed of --at random.")
+@click.option("--stop-and-copy", is_flag=True,
+              help="Migrate without pre-copy: the guest stops at the point and moves at once.")
 @click.option("--jobs", "-j", type=Whole(1, MAX_JOBS), metavar="N",
               help=f"Worker processes (default: one per core; at most {MAX_JOBS}, four per core).")
 @click.option("--timeout", type=SECONDS, default=60, show_default=True,
@@ -923,7 +925,8 @@ def demo(name, pace, as_json):
 @click.option("--report", "report_file", metavar="FILE",
               help="Write the JSON report to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
-def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, jobs, timeout, junit_file, report_file, as_json):
+def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_and_copy, jobs, timeout, junit_file,
+           report_file, as_json):
     """Run GUESTs over host profiles x EVC modes x migrations, in parallel.
 
     A cell passes when its guest powers off with status 0 and never reports a path
@@ -945,7 +948,7 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, jobs,
     if junit_file and report_file and os.path.abspath(junit_file) == os.path.abspath(report_file):
         raise MinivmmError(f"--junit and --report both name {junit_file}")
     cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed,
-                                 args=args, mounts=mount)
+                                 args=args, mounts=mount, stop_and_copy=stop_and_copy)
     if as_json or not _stderr_console().is_terminal:  # a progress bar only for a person watching
         outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
     else:

@@ -58,6 +58,18 @@ def test_a_cell_replays_with_its_printed_command():
     assert replayed["console"] == outcome.console and replayed["stop"] == outcome.report["stop"]
 
 
+def test_stop_and_copy_cells_move_without_pre_copy_and_replay_so():
+    outcome = run_cells(cells(["dispatch_ud"], hosts=MEROM, evc="intel-merom", migrate="penryn>core2",
+                              stop_and_copy=True), jobs=1)[0]
+    assert [m["mode"] for m in outcome.report["migrations"]] == ["stop-and-copy"]
+    replay = outcome.to_dict()["replay"]
+    assert "--stop-and-copy" in shlex.split(replay)
+    replayed = json.loads(minivmm_cli(*shlex.split(replay)[1:], "--json").stdout)
+    assert [m["mode"] for m in replayed["migrations"]] == ["stop-and-copy"]
+    default = run_cells(cells(["dispatch_ud"], hosts=MEROM, evc="intel-merom", migrate="penryn>core2"), jobs=1)[0]
+    assert [m["mode"] for m in default.report["migrations"]] != ["stop-and-copy"]  # the control: pre-copy
+
+
 def pytest_junit_vocabulary(tmp_path) -> dict[str, set[str]]:
     """Element -> attribute names in the JUnit XML pytest itself writes (pass, fail, skip)."""
     (tmp_path / "test_sample.py").write_text(

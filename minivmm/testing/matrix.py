@@ -40,6 +40,7 @@ class Cell:
     seed: int = 0
     args: tuple[str, ...] = ()      # a Linux program's arguments
     mounts: tuple[str, ...] = ()    # and what it sees of the machine (HOST[:GUEST])
+    stop_and_copy: bool = False     # migrate without pre-copy: stopped at the point, moved at once
 
     @property
     def id(self) -> str:
@@ -64,6 +65,9 @@ class Cell:
     def run(self, guest: str | None = None, timeout: float = 60, **options):
         """Run ``guest`` (default: the cell's) as the cell says."""
         from ..vmm.vm import VM
+        from ..vmm.migration import PreCopy
+        if self.stop_and_copy:
+            options.setdefault("precopy", PreCopy(enabled=False))
         return VM(guest or self.guest, self.host, evc=self.evc, masks=self.masks, argv=self.args,
                   mounts=self.mounts).run(migrations=self.migrations, timeout=timeout, **options)
 
@@ -71,7 +75,7 @@ class Cell:
         """The ``minivmm run`` command that replays this cell."""
         from ..vmm.vm import run_command
         return run_command(guest or self.guest or "GUEST", self.host, self.evc, self.masks, self.migrations,
-                           mounts=self.mounts, argv=self.args)
+                           mounts=self.mounts, argv=self.args, stop_and_copy=self.stop_and_copy and bool(self.migrate))
 
 
 def _evc_modes(evc) -> list[str | None]:
@@ -120,12 +124,12 @@ def _when(at: str, seed: int, key: str) -> str:
 
 
 def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate=None, masks=(),
-          at: str = "checkpoint:1", seed: int = 0, args=(), mounts=()) -> list[Cell]:
+          at: str = "checkpoint:1", seed: int = 0, args=(), mounts=(), stop_and_copy: bool = False) -> list[Cell]:
     """The cross product. ``hosts``: names or "all"; ``evc``: None, a mode, a list or
     "all"; ``migrate``: None, "all-pairs" (each host to each other) or "A:B,..." (a cell
     starts on A only); ``at``: the migration point, or "random" (an instruction count
     drawn from ``seed``, recorded in the cell); ``args`` and ``mounts``: every Linux
-    program's arguments and mounts."""
+    program's arguments and mounts; ``stop_and_copy``: migrations without pre-copy."""
     if at != "random" and Trigger.parse(at, "--at").kind == "ms":
         raise MinivmmError(f"--at {at}: a wall-time point would make cells irreproducible; "
                            f"use checkpoint:N, insn:N, syscall:N or random")
@@ -147,7 +151,8 @@ def cells(guests: Iterable[str | None] = (None,), hosts="all", evc=None, migrate
                     if pair is not None:
                         key = f"{guest}/{host}/{mode}/{pair[1]}"
                         migration = f"{pair[1]}@{_when(at, seed, key)}"
-                    out.append(Cell(guest, host, mode, tuple(masks), migration, seed, tuple(args), tuple(mounts)))
+                    out.append(Cell(guest, host, mode, tuple(masks), migration, seed, tuple(args), tuple(mounts),
+                                    stop_and_copy))
     return out
 
 
