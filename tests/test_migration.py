@@ -6,10 +6,12 @@ import os
 
 import pytest
 from helpers import minivmm_cli
+from test_linux import build, needs_gcc
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import minivmm.vmm.snapshot as snapshot_mod
+from minivmm.cpu.native import machine_features
 from minivmm.errors import MinivmmError
 from minivmm.masking.evc import highest_common_mode
 from minivmm.testing import strategies as mst
@@ -188,6 +190,38 @@ def test_precopy_converges_and_reports_rounds():
     # Pages never written are zeros on both sides and are not sent (zero-page detection):
     # the first round sends what the guest touched, not its 64 MiB.
     assert 0 < m["pages_per_round"][0] < 64 * 256 // 100
+
+
+def test_precopy_of_a_guest_that_never_converges_ends_within_its_instruction_bound():
+    """Every round dirties every page: without a bound the guest would run all 30 rounds."""
+    from minivmm.vmm.migration import precopy
+    given = []
+
+    def run_guest(insns):
+        given.append(insns)
+        return set(range(0, 100_000 * 4096, 4096))
+    params = PreCopy(switchover_goal_ms=0.001)
+    result = precopy(params, list(range(0, 100_000 * 4096, 4096)), run_guest, lambda pages: None)
+    assert sum(given) == params.max_guest_insns and result["mode"] == "stunned"
+    assert len(result["remaining"]) == 100_000
+    unbounded = PreCopy(switchover_goal_ms=0.001, max_guest_insns=10**15)  # the control: every round runs
+    given.clear()
+    assert precopy(unbounded, [0], run_guest, lambda pages: None)["rounds"] == unbounded.max_rounds
+
+
+@needs_gcc
+def test_default_precopy_moves_a_sigill_prober_before_it_finishes(tmp_path_factory):
+    """probe_avx2 finishes within its first pre-copy round's nominal time: the bound on
+    the guest's work keeps the switchover near its point, where the prober dies."""
+    if "avx2" not in machine_features():
+        pytest.skip("this machine has no AVX2: the Haswell's AVX2 cannot run")
+    probe = build(tmp_path_factory, "probe_avx2.c", "probe_avx2")
+    alone = VM(probe, "haswell", evc="intel-sandybridge").run(timeout=60)
+    point = f"sandybridge@syscall:{alone.syscalls['sample'].index('write') + 1}"
+    moved = VM(probe, "haswell", evc="intel-sandybridge").run(migrations=[point], timeout=60)
+    m = moved.migrations[0]
+    assert m["ok"] and m["mode"] == "pre-copy" and m["rounds"] >= 1
+    assert (moved.stop.reason, moved.stop.signal, moved.stop.missing_features) == ("signaled", "SIGILL", ["avx2"])
 
 
 # ---- snapshot files ----------------------------------------------------------------------

@@ -69,6 +69,11 @@ class PreCopy:
     bandwidth_bytes_per_s: float = 1.25e9      # a 10 GbE vMotion network
     guest_insns_per_s: float = 1e9             # nominal guest speed while pages are in flight
     throttle: float = 0.25                     # vMotion's stun: the guest's speed when not converging
+    # The guest's work on the source while its pages are in flight, at most: past it the
+    # switchover comes at once, as vMotion stuns a vCPU and QEMU's auto-converge throttles
+    # one. It bounds pre-copy's time for any guest, and keeps the move near its point: a
+    # short program would otherwise run to its end on the source before the switch.
+    max_guest_insns: int = 100_000
 
     def send_ms(self, pages: int) -> float:
         return pages * PAGE / self.bandwidth_bytes_per_s * 1e3
@@ -86,16 +91,20 @@ def precopy(params: PreCopy, used_pages: list[int], run_guest, copy_pages, hurry
     if not params.enabled:
         return {"rounds": 0, "pages_per_round": [], "mode": "stop-and-copy", "remaining": None}
     rounds, to_send, throttled, mode = [], used_pages, False, "pre-copy"
-    pending = len(used_pages)
+    pending, left = len(used_pages), params.max_guest_insns
     for number in range(params.max_rounds):
         copy_pages(to_send)
         rounds.append(pending)
-        dirty = run_guest(params.guest_insns(params.send_ms(pending), throttled))
+        insns = min(params.guest_insns(params.send_ms(pending), throttled), left)
+        left -= insns
+        dirty = run_guest(insns)
         if dirty is None:
             return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "stopped": True,
                     "remaining": set()}
-        if params.send_ms(len(dirty)) <= params.switchover_goal_ms or hurry():
-            return {"rounds": len(rounds), "pages_per_round": rounds, "mode": mode, "remaining": dirty}
+        converged = params.send_ms(len(dirty)) <= params.switchover_goal_ms
+        if converged or hurry() or left <= 0:
+            return {"rounds": len(rounds), "pages_per_round": rounds,
+                    "mode": mode if converged or hurry() else "stunned", "remaining": dirty}
         if number >= 1 and len(dirty) >= pending:  # not shrinking: stun the guest (vMotion SDPS)
             throttled, mode = True, "throttled"
         to_send, pending = dirty, len(dirty)
