@@ -54,7 +54,7 @@ from .log import ExitLog
 from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
-from .exits.traps import TRAP
+from .exits.traps import PORT_IO, TRAP
 from .exits.emulate import bit_scan
 from .exits.native import NativeExecutor
 from .exits.xsave import XsaveUnit
@@ -378,11 +378,8 @@ class VM:
 
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
 # Port I/O is #GP at CPL 3 with IOPL 0, which Linux keeps (SDM Vol. 1, 18.2.1; Vol. 2, IN,
-# OUT), and the engine checks no I/O permission at any CPL. (INS and OUTS too; their
-# opcodes are ASCII letters, common in any code, and no program uses them: they are not
-# planted.) CLI, STI and what needs CPL 0 the engine refuses at CPL 3 itself.
-PORT_IO = frozenset((Mnemonic.IN, Mnemonic.OUT, Mnemonic.INSB, Mnemonic.INSW, Mnemonic.INSD, Mnemonic.OUTSB,
-                     Mnemonic.OUTSW, Mnemonic.OUTSD))
+# OUT, INS, OUTS), and the engine checks no I/O permission at any CPL (the exits go where
+# traps.swept says). CLI, STI and what needs CPL 0 the engine refuses at CPL 3 itself.
 
 
 class _Engine:

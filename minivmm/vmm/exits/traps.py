@@ -73,16 +73,22 @@ def misused_lock(data: bytes, offset: int, ip: int):
     return instr if instr.code != iced_x86.Code.INVALID and instr.has_lock_prefix else None
 
 
-# A Linux program's IN, OUT, INS and OUTS (#GP at CPL 3) are one-byte opcodes (E4-E7,
-# EC-EF, 6C-6F) whose
-# bytes sit inside immediates and displacements all over a large program: exits at every
-# such byte put thousands of hooks on its pages (python3: about 11,000), and the engine
-# checks every hook for each instruction it translates, which made it minutes slower.
-# Their #GP exits go only where a linear sweep of the page starts an instruction, as a
-# compiler lays code out; one the sweep misses reaches the engine's port hooks, which for
-# a Linux program are an empty bus (IoExits.linux).
-SWEPT = frozenset(getattr(iced_x86.Mnemonic, name) for name in ("IN", "OUT", "INSB", "INSW", "INSD", "OUTSB",
+# Exits on one-byte opcodes whose bytes sit inside immediates, displacements and ModR/M
+# bytes all over a large program: a Linux program's IN, OUT, INS and OUTS (E4-E7, EC-EF,
+# 6C-6F: #GP at CPL 3) and the x87 instructions minivmm carries out or checks (D8-DF,
+# WAIT's 9B). An exit at every such byte put thousands of hooks on a large program's pages
+# (python3: about 17,000), and the engine checks every hook for each instruction it
+# translates, which made it minutes slower. These exits go only where a linear sweep of
+# the page starts an instruction, as a compiler lays code out. One the sweep misses runs
+# as the engine runs it: port I/O reaches an empty bus (IoExits.linux), an x87
+# instruction sets the engine's flags. Exits that raise #UD are never swept: a missed
+# one would run what the host lacks.
+PORT_IO = frozenset(getattr(iced_x86.Mnemonic, name) for name in ("IN", "OUT", "INSB", "INSW", "INSD", "OUTSB",
                                                                    "OUTSW", "OUTSD"))
+
+
+def swept(action: str | None, instr) -> bool:
+    return action == "x87" or action == "gp" and instr.mnemonic in PORT_IO
 
 
 def linear_sweep(data: bytes, ip: int) -> set[int]:
@@ -251,7 +257,7 @@ class InstructionExits:
                 instr, (action, audited) = misused, ("ud", frozenset())
             else:
                 action, audited = self._classify(instr)
-            if action == "gp" and instr.mnemonic in SWEPT:
+            if swept(action, instr):
                 sweep = linear_sweep(data, page) if sweep is None else sweep
                 action = action if offset in sweep else None
             if not action and address in self._quiet:
