@@ -40,9 +40,10 @@ def test_port_io_is_the_sigsegv_the_machines_kernel_sends(ports, host):
 
 
 @needs_gcc
-def test_port_opcode_bytes_inside_instructions_plant_no_exits(ports, tmp_path, monkeypatch):
-    """3,200 EC bytes (IN AL, DX) inside the immediates of code that runs: a hook for
-    each would make the engine check thousands more hooks per translated instruction."""
+def test_port_and_x87_opcode_bytes_inside_instructions_plant_no_exits(ports, tmp_path, monkeypatch):
+    """3,200 EC bytes (IN AL, DX) and 1,600 DB E8 pairs (FUCOMI) inside the immediates of
+    code that runs: a hook for each would make the engine check thousands more hooks per
+    translated instruction."""
     def hooks(program) -> int:
         planted = []
         add = engine.add_code_hook

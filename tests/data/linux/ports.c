@@ -1,6 +1,6 @@
 /* ports.c: port I/O at CPL 3 with IOPL 0 is #GP (SIGSEGV) for IN, OUT, INS and OUTS
    (SDM Vol. 1, 19.5.1); a handler reports each and skips it. The code that follows holds
-   3,200 bytes that could each start an IN, inside the immediates of MOVs that do run. */
+   bytes that could each start an IN or an FUCOMI, inside the immediates of MOVs that run. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdio.h>
@@ -32,7 +32,7 @@ int main(void) {
     length = 2; __asm__ volatile("rep outsb" : "+S"(rsi), "+c"(rcx) : "d"(0x80) : "memory");
     printf("outs: rsi moved %ld, rcx=%lu\n", (long)(rsi - (unsigned long)buffer), rcx);
 #ifndef WITHOUT_IMMEDIATES
-    __asm__ volatile(".rept 800\n\tmovl $0xecececec, %%eax\n\t.endr" : : : "eax");
+    __asm__ volatile(".rept 800\n\tmovl $0xecececec, %%eax\n\tmovl $0xdbe8dbe8, %%eax\n\t.endr" : : : "eax");
 #endif
     puts("done");
     return 0;
