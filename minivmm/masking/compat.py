@@ -29,6 +29,12 @@ def physical(profile) -> frozenset[str]:
     return profile.physical & levelled_features()
 
 
+def reportable(profile) -> frozenset[str]:
+    """The levelled features a host has and its CPUID can show: not what it executes
+    without reporting (PREFETCHW before Broadwell), which no mask can make it present."""
+    return physical(profile) & catalogue().decode(profile.cpuid)
+
+
 @dataclass(frozen=True)
 class Baseline:
     hosts: tuple[str, ...]
@@ -43,14 +49,14 @@ class Baseline:
 
 
 def baseline(profiles) -> Baseline:
-    """The features every host has, the richest EVC mode they all support, and the
+    """The features every host has and reports, the richest EVC mode they all support, and the
     per-host masks (hide what the host has beyond the baseline)."""
     profiles = list(profiles)
     if not profiles:
         raise MinivmmError("a baseline needs at least one host")
-    common = frozenset.intersection(*(physical(p) for p in profiles))
+    common = frozenset.intersection(*(reportable(p) for p in profiles))
     # Closed under dependencies, as hiding works everywhere else: hiding avx hides avx2.
-    masks = {p.name: feature_mask(hidden=hidden_closure(physical(p) - common)) for p in profiles}
+    masks = {p.name: feature_mask(hidden=hidden_closure(reportable(p) - common)) for p in profiles}
     return Baseline(tuple(p.name for p in profiles), common, highest_common_mode(profiles), masks)
 
 
