@@ -44,7 +44,9 @@ _RDTSC = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")  # rdtsc; shl rdx, 32; o
 
 
 @functools.cache
-def _executable(code: bytes, restype, *argtypes):
+def executable(code: bytes, restype, *argtypes):
+    """A function of the machine code ``code`` (System V x86-64), callable through
+    ctypes, and the page that holds it (kept alive by the cache)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise MinivmmError(f"this needs an x86-64 machine, this one is {platform.machine()}")
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
@@ -56,7 +58,7 @@ def _executable(code: bytes, restype, *argtypes):
 def rdtsc() -> int:
     """The host's time-stamp counter (the engine's RDTSC reads the same)."""
     try:
-        fn, _page = _executable(_RDTSC, ctypes.c_uint64)
+        fn, _page = executable(_RDTSC, ctypes.c_uint64)
     except MinivmmError:
         return time.perf_counter_ns()
     return fn()
@@ -68,7 +70,7 @@ _CONTROL_WORDS = bytes.fromhex("0fae1f" "d97f04" "c3")  # stmxcsr [rdi]; fnstcw 
 
 def control_words() -> tuple[int, int]:
     """This process's MXCSR and x87 control word (what no guest may change)."""
-    fn, _page = _executable(_CONTROL_WORDS, None, ctypes.c_void_p)
+    fn, _page = executable(_CONTROL_WORDS, None, ctypes.c_void_p)
     out = (ctypes.c_uint32 * 2)()
     fn(out)
     return out[0], out[1] & 0xFFFF
@@ -76,7 +78,7 @@ def control_words() -> tuple[int, int]:
 
 @functools.cache
 def _cpuid_function():
-    return _executable(_CODE, None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))
+    return executable(_CODE, None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32))
 
 
 def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
@@ -130,7 +132,7 @@ def machine_features() -> frozenset[str]:
     features = set(catalogue().decode(table))
     xcr0 = 0
     if table[(1, 0)][2] >> 27 & 1:  # OSXSAVE: XGETBV is allowed
-        fn, _page = _executable(_XGETBV, ctypes.c_uint64)
+        fn, _page = executable(_XGETBV, ctypes.c_uint64)
         xcr0 = fn()
     if xcr0 & XCR0_YMM != XCR0_YMM:
         features -= {f for f in features if f in _NEEDS_YMM or f.startswith("avx512")}

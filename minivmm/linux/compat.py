@@ -36,9 +36,13 @@ _CALL = RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RC
 
 def int80(kernel, uc) -> None:
     """INT $0x80 (do_int80_emulation): the result in RAX, every other register kept,
-    RIP after the INT (the engine left it there)."""
+    RIP after the INT (the engine left it there); then the return to user mode delivers
+    what is pending (a call a signal interrupted starts again at the INT, 2 bytes back)."""
     values = _CALL.read(uc)
-    uc.reg_write(x86.UC_X86_REG_RAX, kernel.dispatch_compat(uc, values[0] & M32, tuple(v & M32 for v in values[1:])))
+    result = kernel.dispatch_compat(uc, values[0] & M32, tuple(v & M32 for v in values[1:]))
+    uc.reg_write(x86.UC_X86_REG_RAX, result)
+    if kernel.signals.pending:
+        kernel.signals.deliver_pending(uc, (values[0] & M32, uc.reg_read(x86.UC_X86_REG_RIP) - 2, result))
 
 
 def sysenter(kernel, uc) -> None:

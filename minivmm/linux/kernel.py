@@ -14,49 +14,30 @@ import time
 
 from .calls import RETURNED, TABLE
 from .calls.base import sys_enosys
+from .clock import EPOCH, Clock
 from .compat import COMPAT
 from .errno import EINTR, ENOSYS, SyscallError
 from .files import Descriptors, Stream
 from .process import SAMPLE
-from .signals import Signals
+from .signals import ERESTARTSYS, Signals
+from .timers import Timers
 from .vfs import FileSystem, device
 
 STDERR_KEPT = 16 << 20            # stderr bytes the report keeps (the rest is counted)
 UNKNOWN_KEPT = 1000               # distinct unknown system-call numbers counted one by one
-EPOCH = 1_700_000_000             # the virtual clock starts here (seconds since 1970)
-VIRTUAL_NS_PER_SYSCALL = 1000     # and advances 1 us per system call: runs are reproducible
-
-
-class Clock:
-    """Virtual time (a fixed epoch, 1 us per system call, plus what the program slept),
-    or the machine's (``realtime``)."""
-
-    def __init__(self, realtime: bool = False):
-        self.realtime = realtime
-        self.slept_ns = 0
-        self.calls = 0
-
-    def now_ns(self, monotonic: bool = False) -> int:
-        if self.realtime:
-            return time.monotonic_ns() if monotonic else time.time_ns()
-        passed = self.calls * VIRTUAL_NS_PER_SYSCALL + self.slept_ns
-        return passed + (0 if monotonic else EPOCH * 10**9)
-
-    def sleep(self, ns: int) -> None:
-        if self.realtime:
-            time.sleep(min(ns, 10**9) / 1e9)  # at most a second per call: the run stays stoppable
-        else:
-            self.slept_ns += ns
+WAITED = 0.1                      # seconds a blocked call waits at a time: the run stays stoppable
 
 
 class Kernel:
-    """The kernel's state shared by the handlers: the process, its files, the clock."""
+    """The kernel's state shared by the handlers: the process, its files, the clock and
+    its timers."""
 
     def __init__(self, process, fs: FileSystem, seed: int, stdin=None, realtime: bool = False,
-                 terminal: bool = False, xsave: dict | None = None):
+                 terminal: bool = False, xsave: dict | None = None, epoch: int = EPOCH):
         """``stdin``: the bytes of standard input, a file descriptor of the machine's to
         pass through, or None (empty); ``terminal``: the run's output is a terminal
-        (TCGETS answers for fds 0-2); ``xsave``: the CPU's XSAVE layout (signal frames)."""
+        (TCGETS answers for fds 0-2); ``xsave``: the CPU's XSAVE layout (signal frames);
+        ``epoch``: where the virtual wall clock starts."""
         self.p = process
         self.fs = fs
         self.fds = Descriptors()
@@ -65,8 +46,9 @@ class Kernel:
         self.view = None                  # the VM's CPUID view: what an execve's auxiliary vector says
         self.on_exec = lambda: None       # the VMM's: an execve replaced the image (what it knew of the code is stale)
         self.random = random.Random(seed ^ 0x5EED)
-        self.clock = Clock(realtime)
+        self.clock = Clock(realtime, epoch)
         self.signals = Signals(process, xsave)
+        self.timers = Timers(self.clock, self.signals)
         self.terminal = terminal
         self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up
         self._input = stdin if isinstance(stdin, int) else bytearray(stdin or b"")
@@ -80,14 +62,48 @@ class Kernel:
         return self.clock.calls
 
     def _read_input(self, count: int) -> bytes:
+        """Standard input. Waiting for a terminal takes the time it takes, virtual time
+        too (as QEMU's -icount lets time pass while the CPU is idle), so a timer can
+        interrupt the read (ERESTARTSYS: restarted under SA_RESTART); other input (bytes,
+        a pipe, a file) is there at once, and reading it takes no virtual time."""
         if not isinstance(self._input, int):
             data = bytes(self._input[:count])
             del self._input[:count]
             return data
-        while not select.select([self._input], [], [], 0.1)[0]:  # stays stoppable while it waits
+        waits = self.clock.realtime or os.isatty(self._input)
+        while True:
+            began = time.monotonic_ns()
+            if select.select([self._input], [], [], WAITED)[0]:
+                break
             if self.should_stop():
                 raise SyscallError(EINTR)
+            if waits:
+                self.clock.pass_idle(time.monotonic_ns() - began)
+                self.timers.expire()
+                if self.signals.interrupting():
+                    raise SyscallError(ERESTARTSYS)
         return os.read(self._input, min(count, 1 << 20))
+
+    def wait(self, until: int | None) -> bool:
+        """Block, as a sleeping task does, until the time since boot reaches ``until``
+        (None: until a signal): True then; False when a pending signal the process acts
+        on ends the wait first, as one does already. Virtual time jumps to whichever
+        comes first, ``until`` or the next timer (nothing runs meanwhile); the machine's
+        clock is waited for. With neither, nothing can end the wait but the run's end
+        (EINTR then): Linux's process would sleep forever."""
+        while not self.signals.interrupting():
+            now = self.clock.since_boot()
+            if until is not None and now >= until:
+                return True
+            wake = min((t for t in (until, self.timers.next_wakeup()) if t is not None), default=None)
+            if wake is not None and not self.clock.realtime:
+                self.clock.pass_idle(max(wake - now, 0))
+            else:
+                time.sleep(WAITED if wake is None else min(max(wake - now, 0) / 1e9, WAITED))
+            self.timers.expire()
+            if self.should_stop():
+                raise SyscallError(EINTR)
+        return False
 
     def _stderr(self, data: bytes) -> None:
         kept = max(STDERR_KEPT - len(self.p.stderr), 0)
@@ -109,7 +125,7 @@ class Kernel:
         """One system call, its registers already read by the VMM (RAX the number, RDI
         RSI RDX R10 R8 R9 the arguments, RIP past the SYSCALL): the value for RAX, or
         RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
-        self.clock.calls += 1
+        self.clock.syscall()
         name, handler = TABLE.get(number, (None, sys_enosys))
         p = self.p
         if name is None and (number in p.unknown or len(p.unknown) < UNKNOWN_KEPT):
@@ -124,4 +140,6 @@ class Kernel:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
+        if self.clock.reached():  # the call took the time to a timer's expiry
+            self.timers.expire()
         return result if result is RETURNED else result & (1 << 64) - 1

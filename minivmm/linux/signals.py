@@ -17,7 +17,13 @@ frame rt_sigreturn cannot read, or whose fpstate FXRSTOR or XRSTOR would refuse
 (restore_sigcontext); what IRET then refuses (a selector that is no user segment, a
 non-canonical RIP) is the #GP of the return to user mode, SIGSEGV with the frame's
 registers. force_sig runs the program's SIGSEGV handler where it has one and has not
-blocked it, and kills the process otherwise."""
+blocked it, and kills the process otherwise.
+
+Signals sent rather than raised by a fault (kill, a timer) are pending until the
+return to user mode finds one the mask lets through (kernel/signal.c get_signal): the
+lowest-numbered first, every one then handled in turn, a blocked one kept until it is
+unblocked. A standard signal pending already is not queued again (legacy_queue); an
+ignored one that is not blocked is dropped when it is sent (sig_ignored)."""
 
 from __future__ import annotations
 
@@ -29,14 +35,24 @@ import unicorn.x86_const as x86
 from ..cpu import xstate
 from ..cpu.registers import ImageBlock, RegisterBlock
 from ..errors import MinivmmError
-from .errno import SyscallError
+from .errno import EAGAIN, EINTR, SyscallError
 from .process import USER_CS, USER_DS
 
 SIG_DFL, SIG_IGN = 0, 1
 SA_SIGINFO, SA_ONSTACK, SA_RESTORER, SA_NODEFER, SA_RESETHAND = 0x4, 0x08000000, 0x04000000, 0x40000000, 0x80000000
 SS_ONSTACK, SS_DISABLE = 1, 2
+SA_RESTART = 0x10000000
 UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 0x1, 0x2, 0x4
 SIGSEGV = 11
+# What a signal without a handler does (signal(7)): SIGCHLD, SIGCONT, SIGURG and SIGWINCH
+# are ignored, and with no job control SIGTSTP, SIGTTIN and SIGTTOU too; every other one,
+# the real-time signals included, ends the process.
+FATAL_BY_DEFAULT = frozenset(range(1, 65)) - {17, 18, 20, 21, 22, 23, 28}
+# A blocking call a signal interrupts (include/linux/errno.h): restarted when the
+# handler has SA_RESTART (ERESTARTSYS), or EINTR whatever the handler says (ERESTARTNOHAND,
+# ERESTART_RESTARTBLOCK: pause, sigsuspend, nanosleep) (arch/x86/kernel/signal.c handle_signal).
+ERESTARTSYS, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 514, 516
+MAX_QUEUED = 4096   # real-time signals a process sends itself pending at once (RLIMIT_SIGPENDING: EAGAIN)
 UNBLOCKABLE = (1 << 8) | (1 << 18)  # SIGKILL, SIGSTOP
 USER32_CS = 0x23                    # __USER32_CS: 32-bit compatibility mode
 # what a frame may change of RFLAGS (arch/x86/kernel/signal.c FIX_EFLAGS): AC OF DF TF
@@ -55,6 +71,17 @@ REG = {name: getattr(x86, f"UC_X86_REG_{'RFLAGS' if name == 'EFLAGS' else name}"
 RSP_AT, RIP_AT, FLAGS_AT = SIGCONTEXT.index("RSP"), SIGCONTEXT.index("RIP"), SIGCONTEXT.index("EFLAGS")
 # vector -> (signal, si_code) as the trap handlers set them (arch/x86/kernel/traps.c)
 ILL_ILLOPN, FPE_INTDIV, SEGV_MAPERR, TRAP_BRKPT, SI_KERNEL = 2, 1, 1, 1, 0x80
+SI_TIMER = -2                    # a POSIX timer's (include/uapi/asm-generic/siginfo.h)
+
+
+@dataclass
+class Queued:
+    """A pending signal: its siginfo's code and fields (the union after si_code), and the
+    POSIX timer that sent it, whose fields are made when it is delivered (the overrun)."""
+    signo: int
+    code: int
+    fields: bytes = b""
+    timer: int | None = None
 
 
 @dataclass
@@ -144,6 +171,9 @@ class Signals:
         self.opmasks = None               # the VMM's holder of K0-7 on an AVX-512 host (opmasks(), set_opmasks())
         self.xsaves = False               # the view has XSAVES: Linux's initial state is compacted (XRSTORS)
         self.fatal: tuple[int, str | None] | None = None   # the signal the process dies of, and why Linux forced it
+        self.pending: list[Queued] = []   # in the order they were sent
+        self.saved_mask: int | None = None   # sigsuspend's: what the first handler's frame saves (set_restore_sigmask)
+        self.on_dequeue = lambda entry: entry.fields   # the timers': re-arm the timer whose signal is delivered
         registers = tuple(REG[name] for name in SIGCONTEXT)
         self._context = RegisterBlock(registers + (x86.UC_X86_REG_CS, x86.UC_X86_REG_SS))
         self._restored = RegisterBlock(registers[:RIP_AT] + registers[RIP_AT + 1:])
@@ -155,13 +185,13 @@ class Signals:
     # -- delivery ---------------------------------------------------------------------------
 
     def deliver(self, uc, signo: int, code: int, address: int, trapno: int, error: int = 0,
-                segments: tuple[int, int] | None = None) -> bool:
+                segments: tuple[int, int] | None = None, fields: bytes | None = None) -> bool:
         """Run the program's handler for a synchronous signal; False when the process
         dies of it instead: no handler, SIG_IGN or the signal blocked (force_sig), or a
         frame that cannot be written (force_sigsegv, ``fatal`` saying so). ``segments``:
         the CS and SS to save where they are not the engine's (a refused rt_sigreturn:
         the engine's stay Linux's user segments, as setup_rt_frame sets them for the
-        handler)."""
+        handler). ``fields``: the siginfo's fields after si_code (default: si_addr)."""
         action = self.actions.get(signo, Action())
         if action.handler in (SIG_DFL, SIG_IGN) or self.blocked >> (signo - 1) & 1:
             return False
@@ -176,12 +206,15 @@ class Signals:
                 raise SyscallError(0)
             frame, fpstate = place
             self.p.write(fpstate, image)
-            self.p.write(frame, self._frame_bytes(context, fpstate, signo, code, address, trapno, error, action,
+            mask = self.blocked if self.saved_mask is None else self.saved_mask
+            info = struct.pack("<iiii", signo, 0, code, 0) + (struct.pack("<Q", address) if fields is None else fields)
+            self.p.write(frame, self._frame_bytes(context, fpstate, mask, info, trapno, error, address, action,
                                                   UC_FP_XSTATE if xcr0 is not None else 0))
         except SyscallError:
             where = f"at {place[0]:#x}" if place else "on its alternate stack"
             return self._force_sigsegv(uc, signo, trapno, error, f"no room for the frame of signal {signo} {where}")
         self._start_fpu(uc, xcr0)
+        self.saved_mask = None
         self.blocked |= action.mask
         if not action.flags & SA_NODEFER:
             self.blocked |= 1 << (signo - 1)
@@ -240,17 +273,92 @@ class Signals:
         frame = ((fpstate - FRAME_SIZE) & ~15) - 8
         return None if (nested or entering) and not self._on_altstack(frame) else (frame, fpstate)
 
-    def _frame_bytes(self, context, fpstate, signo, code, address, trapno, error, action, fp_flag) -> bytes:
+    def _frame_bytes(self, context, fpstate, mask, info, trapno, error, address, action, fp_flag) -> bytes:
         """pretcode, the ucontext (flags, link, the alternate stack, the sigcontext, the
-        mask) and, for SA_SIGINFO, the siginfo (setup_rt_frame)."""
+        mask to restore) and, for SA_SIGINFO, the siginfo ``info`` (setup_rt_frame)."""
         cs, ss = context[-2:]
         sigcontext = struct.pack("<18Q", *context[:-2]) + struct.pack("<HHHH", cs, 0, 0, ss) \
-            + struct.pack("<QQQQQ", error, trapno, self.blocked, address, fpstate) + bytes(64)
+            + struct.pack("<QQQQQ", error, trapno, mask, address, fpstate) + bytes(64)
         sp, flags, size = self.altstack
         ucontext = struct.pack("<QQ", fp_flag | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, 0) \
-            + struct.pack("<QiiQ", sp, flags, 0, size) + sigcontext + struct.pack("<Q", self.blocked)
-        siginfo = struct.pack("<iiiiQ", signo, 0, code, 0, address).ljust(128, b"\0")
-        return struct.pack("<Q", action.restorer) + ucontext + (siginfo if action.flags & SA_SIGINFO else b"")
+            + struct.pack("<QiiQ", sp, flags, 0, size) + sigcontext + struct.pack("<Q", mask)
+        return struct.pack("<Q", action.restorer) + ucontext + (info.ljust(128, b"\0") if action.flags & SA_SIGINFO
+                                                                 else b"")
+
+    # -- signals sent: pending until the return to user mode -----------------------------------
+
+    def ignored(self, signo: int) -> bool:
+        handler = self.actions.get(signo, Action()).handler
+        return handler == SIG_IGN or handler == SIG_DFL and signo not in FATAL_BY_DEFAULT
+
+    def _blocked(self, signo: int) -> bool:
+        return bool(self.blocked >> (signo - 1) & 1)
+
+    def send(self, signo: int, code: int, fields: bytes = b"", timer: int | None = None) -> bool:
+        """Make ``signo`` pending (kernel/signal.c __send_signal_locked); False where it is
+        dropped, ignored and not blocked (a blocked signal may have a handler by the time
+        it is unblocked). ``timer``: a POSIX timer's, queued whatever else is pending."""
+        if not self._blocked(signo) and self.ignored(signo):
+            return False
+        if timer is None and signo < 32 and any(q.signo == signo for q in self.pending):
+            return True  # legacy_queue: a standard signal is pending once
+        if timer is None and signo >= 32 and len(self.pending) >= MAX_QUEUED:
+            raise SyscallError(EAGAIN)
+        self.pending.append(Queued(signo, code, fields, timer))
+        return True
+
+    def discard(self, keep) -> None:
+        """Drop the pending signals ``keep(entry)`` refuses."""
+        self.pending = [q for q in self.pending if keep(q)]
+
+    def pending_mask(self) -> int:
+        return sum({1 << (q.signo - 1) for q in self.pending})
+
+    def _next(self) -> Queued | None:
+        """The signal to take now (next_signal): the lowest-numbered the mask lets through,
+        the first sent of that number."""
+        ready = [q for q in self.pending if not self._blocked(q.signo)]
+        return min(ready, key=lambda q: q.signo) if ready else None
+
+    def _take(self, entry: Queued) -> bytes:
+        self.pending.remove(entry)
+        return self.on_dequeue(entry)
+
+    def interrupting(self) -> bool:
+        """A pending signal ends a blocking call: one the mask lets through that is not
+        ignored (those are taken and dropped here, as get_signal drops them)."""
+        while (entry := self._next()) is not None and self.ignored(entry.signo):
+            self._take(entry)
+        return entry is not None
+
+    def deliver_pending(self, uc, syscall: tuple[int, int, int] | None = None) -> None:
+        """The return to user mode (arch_do_signal_or_restart): each pending signal the mask
+        lets through runs its handler, each on the frame of the one before, or ends the
+        process (``fatal``) where it has none. ``syscall``: the number, address and result
+        of the system call returning; a result of ERESTART* becomes EINTR, or a restart
+        of the call when the handler has SA_RESTART (handle_signal). Without a handler
+        run, sigsuspend's mask comes back (restore_saved_sigmask)."""
+        while (entry := self._next()) is not None:
+            fields = self._take(entry)
+            action = self.actions.get(entry.signo, Action())
+            if self.ignored(entry.signo):
+                continue
+            if action.handler == SIG_DFL:
+                self.fatal = (entry.signo, "its timer expired" if entry.code in (SI_KERNEL, SI_TIMER) else None)
+                return
+            if syscall is not None:
+                number, at, result = syscall
+                error = -(result - (1 << 64)) if result >> 63 else 0
+                if error == ERESTARTSYS and action.flags & SA_RESTART:
+                    uc.reg_write(x86.UC_X86_REG_RAX, number)
+                    uc.reg_write(x86.UC_X86_REG_RIP, at)
+                elif error in (ERESTARTSYS, ERESTARTNOHAND, ERESTART_RESTARTBLOCK):
+                    uc.reg_write(x86.UC_X86_REG_RAX, -EINTR & (1 << 64) - 1)
+                syscall = None
+            if not self.deliver(uc, entry.signo, entry.code, 0, 0, fields=fields):
+                return  # a frame that could not be written: fatal says how the process ends
+        if self.saved_mask is not None:
+            self.blocked, self.saved_mask = self.saved_mask, None
 
     # -- rt_sigreturn ------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from ..cpu.features import catalogue
 from ..errors import MinivmmError
 from .binfmt import MAX_REWRITES, Program, find_program, fits, load_program, read_interpreter
 from .binfmt import ARG_ROOM, arguments_size
+from .clock import boot_epoch
 from .cpuinfo import cpuinfo
 from .errno import EACCES, ELOOP, ENOENT, ENOEXEC, SyscallError
 from .kernel import Kernel
@@ -146,7 +147,8 @@ def execve(uc, ram, image, host, view, options: Options, write_xcr0, console) ->
     process = start_process(uc, ram, program, view, options, write_xcr0)
     process.stdout_sink = console
     fs.own = own_trees(process, cpuinfo(host, view))
-    kernel = Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view))
+    kernel = Kernel(process, fs, options.seed, options.stdin, options.realtime, options.terminal, xsave_layout(view),
+                    boot_epoch([image.path, *(mount.host for mount in options.mounts)]))
     kernel.cwd, kernel.view = cwd, view
     return kernel
 

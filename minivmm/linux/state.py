@@ -1,13 +1,14 @@
 """A Linux process's kernel state in a snapshot (plain JSON, validated field by field
 before anything is used): the address space, the descriptors (files by path, offsets,
 and what each file was, so that a resume re-opens them and refuses a file that
-changed), signal dispositions, the mask and alternate stack, the clock, the random
-generator, the system-call statistics, the mounts. A resume gets only the mounts it
-grants (:func:`check_grants`)."""
+changed), signal dispositions, the mask and alternate stack, the pending signals, the
+clock and its timers, the random generator, the system-call statistics, the mounts. A
+resume gets only the mounts it grants (:func:`check_grants`)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from collections import Counter
 
@@ -22,11 +23,13 @@ from .kernel import STDERR_KEPT, UNKNOWN_KEPT, Kernel
 from .memory import PAGE, AddressSpace
 from .proc import own_trees
 from .process import SAMPLE, Process
-from .signals import Action, xsave_layout
+from .signals import MAX_QUEUED, Action, Queued, xsave_layout
 from .start import ARG_ROOM
+from .timers import MAX_TIMERS, Timer
 from .vfs import MAX_MOUNTS, PATH_MAX, FileSystem, Mount
 
-FORMAT = 2                # 2: a file of the machine is known by its inode and change time too
+FORMAT = 3                # 2: a file of the machine is known by its inode and change time too; 3: timers,
+                          # pending signals, the clock's work-driven time and epoch
 STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 KINDS = ("HostFile", "MemoryFile", "Directory", "Device", "Stream", "OpenFile")  # the classes of files.py
 NAMES = frozenset(name for name, _ in TABLE.values())   # the system calls counted by name
@@ -39,15 +42,17 @@ NSIG = 64
 MAX_STATE = 64 << 20      # the whole state: stderr's 16 MiB take 22 MB of base64, the rest far less
 MAX_MAPS = 65530          # mappings: Linux's vm.max_map_count (DEFAULT_MAX_MAP_COUNT)
 MAX_AUXV = PAGE           # the auxiliary vector: build_stack writes 20 pairs, 320 bytes
+MAX_PENDING = 31 + MAX_QUEUED + MAX_TIMERS   # standard signals once, real-time ones sent, one per timer
+TIMER_FIELDS = dataclasses.fields(Timer)
 # The lists and objects, and their elements, that a state within those bounds holds:
 # snapshot.py counts them before json.loads builds any (a few bytes such as "[]," make
 # a hundred bytes of Python objects, so the section's size alone bounds too little).
 # Elements: an argument per 9 bytes of ARG_ROOM, 7 per mapping, 16 per descriptor (its
-# fields, its cloexec), 3 per mount, 5 per signal, the generator's 625 words, the
-# statistics, and the state's own fields.
-JSON_CONTAINERS = 16 + MAX_FDS + MAX_MAPS + MAX_MOUNTS + NSIG
-JSON_VALUES = (64 + ARG_ROOM // 9 + 7 * MAX_MAPS + 16 * MAX_FDS + 3 * MAX_MOUNTS + 5 * NSIG + 625 + SAMPLE
-               + len(NAMES) + UNKNOWN_KEPT)
+# fields, its cloexec), 3 per mount, 5 per signal, 5 per pending signal, one more than
+# its fields per timer, the generator's 625 words, the statistics, and the state's own fields.
+JSON_CONTAINERS = 24 + MAX_FDS + MAX_MAPS + MAX_MOUNTS + NSIG + MAX_PENDING + 3 + MAX_TIMERS
+JSON_VALUES = (80 + ARG_ROOM // 9 + 7 * MAX_MAPS + 16 * MAX_FDS + 3 * MAX_MOUNTS + 5 * NSIG + 625 + SAMPLE
+               + len(NAMES) + UNKNOWN_KEPT + 5 * MAX_PENDING + (len(TIMER_FIELDS) + 1) * (3 + MAX_TIMERS))
 BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
@@ -74,8 +79,14 @@ def capture(kernel: Kernel) -> dict:
         "umask": kernel.umask, "mounts": [[m.host, m.guest] for m in kernel.fs.mounts],
         "signals": {"actions": {str(n): [a.handler, a.flags, a.restorer, a.mask]
                                 for n, a in sorted(kernel.signals.actions.items())},
-                    "blocked": kernel.signals.blocked, "altstack": list(kernel.signals.altstack)},
-        "clock": {"calls": kernel.clock.calls, "slept_ns": kernel.clock.slept_ns, "realtime": kernel.clock.realtime},
+                    "blocked": kernel.signals.blocked, "altstack": list(kernel.signals.altstack),
+                    "pending": [[q.signo, q.code, _b64(q.fields), -1 if q.timer is None else q.timer]
+                                for q in kernel.signals.pending]},
+        "clock": {"calls": kernel.clock.calls, "code_ns": kernel.clock.counter[0], "slept_ns": kernel.clock.slept_ns,
+                  "epoch": kernel.clock.epoch, "realtime": kernel.clock.realtime},
+        "timers": {"itimers": [list(dataclasses.astuple(t)) for t in kernel.timers.itimers],
+                   "posix": [list(dataclasses.astuple(t)) for t in kernel.timers.posix.values()],
+                   "next_id": kernel.timers.next_id},
         "random": list(kernel.random.getstate()[1]),
         "stats": {"counts": dict(p.counts), "unknown": {str(n): c for n, c in p.unknown.items()},
                   "unknown_others": p.unknown_others, "sample": list(p.sample)},
@@ -142,9 +153,22 @@ def validate(state, memory: int) -> None:
          and _int(signals.get("blocked")) and isinstance(signals.get("altstack"), list)
          and len(signals["altstack"]) == 3 and all(_int(x, -(1 << 31)) for x in signals["altstack"]),
          "signals are malformed")
+    pending = signals.get("pending")
+    need(isinstance(pending, list) and len(pending) <= MAX_PENDING and all(
+        isinstance(q, list) and len(q) == 4 and _int(q[0], 1, NSIG) and _int(q[1], -(1 << 31), (1 << 31) - 1)
+        and _is_b64(q[2], 16) and _int(q[3], -1, (1 << 31) - 1) for q in pending), "pending signals are malformed")
     clock = state.get("clock")
-    need(isinstance(clock, dict) and _int(clock.get("calls")) and _int(clock.get("slept_ns"))
+    need(isinstance(clock, dict) and all(_int(clock.get(k)) for k in ("calls", "code_ns", "slept_ns", "epoch"))
          and isinstance(clock.get("realtime"), bool), "clock is malformed")
+    timers = state.get("timers")
+    need(isinstance(timers, dict) and isinstance(timers.get("itimers"), list) and len(timers["itimers"]) == 3
+         and isinstance(timers.get("posix"), list) and len(timers["posix"]) <= MAX_TIMERS
+         and all(_timer(t) for t in timers["itimers"] + timers["posix"])
+         and [t[3] for t in timers["itimers"]] == [-1] * 3 and all(t[3] >= 0 for t in timers["posix"])
+         and len({t[3] for t in timers["posix"]}) == len(timers["posix"])
+         and _int(timers.get("next_id"), 0, (1 << 31) - 1), "timers are malformed")
+    need({q[3] for q in pending} - {-1} <= {t[3] for t in timers["posix"]},
+         "a pending signal names a timer that does not exist")
     need(isinstance(state.get("random"), list) and len(state["random"]) == 625
          and all(_int(x, 0, (1 << 32) - 1) for x in state["random"][:624]) and _int(state["random"][624], 0, 624),
          "random is not the generator's state")
@@ -157,6 +181,14 @@ def validate(state, memory: int) -> None:
          and len(stats["sample"]) <= SAMPLE and all(x in NAMES if isinstance(x, str) else _int(x)
                                                     for x in stats["sample"])
          and _int(state.get("stderr_left_out")), "stats are malformed")
+
+
+def _timer(value) -> bool:
+    """A timer's fields in order (timers.Timer): a signal's number, booleans where it has
+    them, else whole numbers."""
+    return isinstance(value, list) and len(value) == len(TIMER_FIELDS) and _int(value[0], 1, NSIG) and all(
+        isinstance(v, bool) if isinstance(f.default, bool) else _int(v, -(1 << 63))
+        for v, f in zip(value, TIMER_FIELDS))
 
 
 def _validate_files(files, need) -> None:
@@ -251,15 +283,25 @@ def restore(state: dict, ram, host, view, console, options, origin: str) -> Kern
     p.stderr, p.stderr_left_out = bytearray(base64.b64decode(state["stderr"])), state["stderr_left_out"]
     fs = FileSystem(list(options.mounts), {})
     p.stdout_sink = console
-    kernel = Kernel(p, fs, 0, options.stdin, state["clock"]["realtime"], options.terminal, xsave_layout(view))
+    kernel = Kernel(p, fs, 0, options.stdin, state["clock"]["realtime"], options.terminal, xsave_layout(view),
+                    state["clock"]["epoch"])
     fs.own = own_trees(p, cpuinfo(host, view))
     kernel.view = view
     kernel.random.setstate((3, tuple(state["random"]), None))
-    kernel.clock.calls, kernel.clock.slept_ns = state["clock"]["calls"], state["clock"]["slept_ns"]
+    clock = state["clock"]
+    kernel.clock.calls, kernel.clock.counter[0], kernel.clock.slept_ns = clock["calls"], clock["code_ns"], \
+        clock["slept_ns"]
     kernel.cwd, kernel.umask = state["cwd"], state["umask"]
     signals = state["signals"]
     kernel.signals.actions = {int(n): Action(*a) for n, a in signals["actions"].items()}
     kernel.signals.blocked, kernel.signals.altstack = signals["blocked"], tuple(signals["altstack"])
+    kernel.signals.pending = [Queued(signo, code, base64.b64decode(fields), None if timer < 0 else timer)
+                              for signo, code, fields, timer in signals["pending"]]
+    timers = state["timers"]
+    kernel.timers.itimers = [Timer(*t) for t in timers["itimers"]]
+    kernel.timers.posix = {t[3]: Timer(*t) for t in timers["posix"]}
+    kernel.timers.next_id = timers["next_id"]
+    kernel.timers.arm()
     files = state["files"]
     reopened: dict[int, OpenFile] = {}
     for fd in sorted(files, key=int):

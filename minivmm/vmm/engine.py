@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from ..cpu.registers import RegisterBlock, reg_read_batch, reg_write_batch  # noqa: F401 (the exits' batches)
@@ -51,6 +51,45 @@ def add_code_hook(uc, callback, begin: int, end: int) -> tuple:
 
 def del_hook(uc, handle) -> None:
     _lib.uc_hook_del(uc._uch, handle)
+
+
+# ---- the work the guest has done, counted where the engine runs ---------------------------
+# A block hook runs at the start of every translated block the engine executes. In Python
+# it costs about 150 ns a block (a tight loop runs 10x slower); this callback, a few
+# instructions of machine code, costs nothing measurable (2.1 G instructions/s on the
+# compute loop with and without it). It adds the block's size in bytes, shifted left by
+# ``shift``, to counter[0] and, once counter[0] reaches counter[1], sets counter[3] and
+# calls uc_emu_stop(uc)
+# (the address in counter[2]): the engine then stops before the block's first
+# instruction (the exit check at each block's start sees the request), a stop the run
+# resumes from exactly, and counts the block again when it runs.
+#   void counter(uc_engine *uc, uint64_t address, uint32_t size, uint64_t *counter)
+BLOCK_COUNTER = (
+    "89d2"          # mov edx, edx                (size, zero-extended)
+    "48c1e2{shift}"  # shl rdx, shift
+    "480311"        # add rdx, [rcx]
+    "488911"        # mov [rcx], rdx
+    "483b5108"      # cmp rdx, [rcx + 8]
+    "7301"          # jae stop
+    "c3"            # ret
+    "48895118"      # stop: mov [rcx + 24], rdx   (nonzero: the counter stopped the engine)
+    "ff6110")       # jmp [rcx + 16]              (uc_emu_stop(uc), uc still in rdi)
+
+
+def add_block_counter(uc, counter, begin: int, shift: int) -> tuple:
+    """Count the bytes of every block the engine executes from ``begin`` on, times
+    2**``shift``, into ``counter`` (four uint64: the count, the count at which to stop,
+    uc_emu_stop's address, filled in here, and the flag of a stop). The caller keeps the
+    returned objects alive as long as the engine runs."""
+    from ..cpu.native import executable
+    function, page = executable(bytes.fromhex(BLOCK_COUNTER.format(shift=f"{shift:02x}")), None)
+    counter[2] = ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value
+    handle = uc_hook_h()
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK, ctypes.cast(function, ctypes.c_void_p),
+                           counter, ctypes.c_uint64(begin), ctypes.c_uint64((1 << 64) - 1))
+    if err:
+        raise RuntimeError(f"uc_hook_add failed with error {err}")
+    return function, page, counter, handle
 
 
 class TlbEntry(ctypes.Structure):

@@ -35,6 +35,7 @@ from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
 from ..linux import compat
 from ..linux.calls import RETURNED
+from ..linux.clock import CODE_NS_SHIFT
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
 from ..linux.process import xfeatures
@@ -159,6 +160,10 @@ class _Watchdog:
             wait = 0.05
             if self._deadline is not None and not self.reason:
                 wait = max(min(self._deadline - time.monotonic(), 0.05), 0)
+            clock = self._run.kernel.clock if self._run.kernel else None
+            timer = clock.realtime_wait() if clock is not None else None   # --realtime: the next timer
+            if timer is not None:
+                wait = max(min(wait, timer), 0)
             readable = []
             if self._signals:
                 readable, _, _ = select.select([self._signals[0]], [], [], wait)
@@ -166,6 +171,8 @@ class _Watchdog:
                 self._done.wait(wait)
             if self._done.is_set():
                 return
+            if clock is not None:
+                clock.wake()
             if readable:
                 os.read(self._signals[0], 64)
                 self.reason = self.reason or "interrupted"
@@ -588,6 +595,7 @@ class _Run:
         self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
         self.execed = False   # the last start ended at an execve: the code is another program's
+        self.clock_stopped = False   # the last start ended for the Linux program's clock (a timer)
         self.io = IoExits(console, self._power_off, self._checkpoint)
         self.engine = _Engine(self, vm.host, vm.view)
         self.kernel = None
@@ -635,6 +643,9 @@ class _Run:
             if unit is not None:
                 unit.protection = memory.pages
         self.engine.exits.flush_tlb()
+        # The program's clock counts its work; the VMM's own stubs are no work of its.
+        self.engine.block_counter = engine_module.add_block_counter(self.uc, kernel.clock.counter, VMM_AREA[1],
+                                                                     CODE_NS_SHIFT)
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -700,10 +711,14 @@ class _Run:
             Decoder(64, bytes(self.engine.ram[rip:rip + 15]), ip=rip).decode().len  # prefixed
         rip_block.write(uc, (rip + size,))  # where a signal the call raises returns to
         result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
-        if result is not RETURNED:
+        signals = self.kernel.signals
+        if result is not RETURNED and not signals.pending and signals.saved_mask is None:
             outputs.write(uc, (result, rip + size, values[7], rip))
-        else:  # rt_sigreturn or a handler: where it left RIP, less what the engine adds
-            rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))
+        else:  # the return to user mode delivers what is pending, from where the call returns
+            if result is not RETURNED:
+                outputs.write(uc, (result, rip + size, values[7], rip + size))
+            signals.deliver_pending(uc, (values[0], rip, result) if result is not RETURNED else None)
+            rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))  # less what the engine adds
         self._returned(uc)
 
     def _int80(self, uc) -> None:
@@ -848,6 +863,8 @@ class _Run:
                     self._fire()
                 elif self.resumable:
                     continue
+                elif self.clock_stopped:
+                    self._timers_expired()
                 elif count is None:
                     self._end(Stop("crashed", rip=self.engine.rip(),
                                    message="the engine stopped the guest for no known reason"))
@@ -856,6 +873,15 @@ class _Run:
         if self.errors:
             raise self.errors[0]
         return self._result()
+
+    def _timers_expired(self) -> None:
+        """The engine stopped for the clock, before a block: the timers whose time has
+        come send their signals, which are delivered there, as an interrupt's return to
+        user mode delivers them."""
+        self.kernel.timers.expire()
+        self.kernel.signals.deliver_pending(self.uc)
+        if self.kernel.signals.fatal:
+            self._killed()
 
     def _next_point(self) -> Trigger | None:
         return trigger_of(self.events[0]) if self.events else None
@@ -876,6 +902,7 @@ class _Run:
             if not self.pending_fault and not self.stop:
                 self._end(Stop("crashed", rip=self.engine.rip(),
                                message=f"the engine stopped the guest at {self.engine.rip():#x}: {e}"))
+        self.clock_stopped = self.kernel is not None and self.kernel.clock.stopped_engine()
         if count is not None:
             self._count_started()
         for address in self.quieten:
@@ -905,7 +932,10 @@ class _Run:
         if begun is None:
             self.exact = False
             return
-        ended_by_exit = self.fired or bool(self.stop and self.stop[0].reason in ("exited", "halted"))
+        # (The clock stops the engine before a block's first instruction, which the
+        # counter has not counted yet.)
+        ended_by_exit = self.fired or self.clock_stopped or bool(self.stop and self.stop[0].reason in ("exited",
+                                                                                                     "halted"))
         self.executed += begun - (0 if ended_by_exit or self.execed else 1)   # (an execve: a SYSCALL)
 
     def _fire(self) -> None:
@@ -1011,6 +1041,8 @@ class _Run:
         self._start(insns)
         if self.pending_fault:
             self._deliver_pending_fault()
+        elif self.clock_stopped:
+            self._timers_expired()
 
     def _cold_migrate(self, destination, record) -> None:
         """Power off, boot again on the destination: the guest re-detects its CPU."""

@@ -6,7 +6,7 @@ return (begin_new_exec): a new address space, descriptors marked close-on-exec c
 signal handlers reset, registers as ELF_PLAT_INIT and start_thread leave them, and the
 new image loaded as the first one was (:func:`minivmm.linux.binfmt.load_program`).
 The process stays the same process: its pid, descriptors, working directory, blocked
-mask and pending signals, clock and statistics."""
+mask and pending signals, clock, interval timers (not POSIX timers) and statistics."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def _replace_image(k, uc, program, env: list[str]) -> None:
     for fd in sorted(k.fds.cloexec):                      # do_close_on_exec
         k.fds.close(fd)
     k.signals.exec(uc)
+    k.timers.exec()
     p.xcomp_perm = p.xcomp_guest_perm = xfeatures(k.view)[1]   # fpu_flush_thread's fpstate_reset: none requested
     for reg in CLEARED:
         uc.reg_write(reg, 0)

@@ -8,9 +8,12 @@ import struct
 
 import unicorn.x86_const as x86
 
+from ..clock import WALL
 from ..errno import EINVAL, ENODATA, ENOSPC, EOPNOTSUPP, EPERM, SyscallError
 from ..process import AT_MINSIGSTKSZ
-from .base import sys_enosys, sys_zero
+from ..signals import ERESTART_RESTARTBLOCK, ERESTARTNOHAND
+from ..timers import clock_kind
+from .base import signed32, sys_enosys, sys_zero
 
 ARCH_SET_GS, ARCH_SET_FS, ARCH_GET_FS, ARCH_GET_GS = 0x1001, 0x1002, 0x1003, 0x1004
 ARCH_GET_XCOMP_SUPP, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM = 0x1021, 0x1022, 0x1023
@@ -18,8 +21,9 @@ ARCH_GET_XCOMP_GUEST_PERM, ARCH_REQ_XCOMP_GUEST_PERM = 0x1024, 0x1025
 XFEATURE_MAX = 20                      # enum xfeature's count, APX's included (6.16)
 XFEATURE_XTILE_DATA = 18
 UID = 1000
-CLOCK_MONOTONIC_KINDS = (1, 4, 6, 7)   # MONOTONIC, MONOTONIC_RAW, MONOTONIC_COARSE, BOOTTIME
 INFINITY = (1 << 64) - 1               # RLIM_INFINITY
+CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID = 0, 1, 2
+TIMER_ABSTIME = 1
 
 
 def sys_arch_prctl(k, uc, code, address, *_):
@@ -100,7 +104,7 @@ def sys_sysinfo(k, uc, buf, *_):
     swap, no load (kernel/sys.c do_sysinfo)."""
     memory = k.p.memory
     free = memory.pages.count(0) * 4096
-    k.p.write(buf, struct.pack("<q3Q6QHH4xQQI", k.clock.now_ns(monotonic=True) // 10**9, 0, 0, 0, memory.size, free,
+    k.p.write(buf, struct.pack("<q3Q6QHH4xQQI", k.clock.since_boot() // 10**9, 0, 0, 0, memory.size, free,
                                0, 0, 0, 0, 1, 0, 0, 0, 1).ljust(112, b"\0"))
     return 0
 
@@ -158,53 +162,71 @@ def sys_getrandom(k, uc, buf, count, flags, *_):
     return count
 
 
-def _timespec(ns: int) -> bytes:
+def timespec(ns: int) -> bytes:
     return struct.pack("<qq", ns // 10**9, ns % 10**9)
 
 
+def read_timespec(k, address: int) -> int:
+    """A struct timespec in nanoseconds; EINVAL unless it is one (timespec64_valid)."""
+    seconds, nanos = struct.unpack("<qq", k.p.read(address, 16))
+    if seconds < 0 or not 0 <= nanos < 10**9:
+        raise SyscallError(EINVAL)
+    return seconds * 10**9 + nanos
+
+
 def sys_clock_gettime(k, uc, clock, buf, *_):
-    k.p.write(buf, _timespec(k.clock.now_ns(monotonic=clock in CLOCK_MONOTONIC_KINDS)))
+    k.p.write(buf, timespec(k.clock.read(signed32(clock))))
     return 0
 
 
 def sys_clock_getres(k, uc, clock, buf, *_):
+    k.clock.read(signed32(clock))  # EINVAL for no clock
     if buf:
-        k.p.write(buf, _timespec(1))
+        k.p.write(buf, timespec(1))
     return 0
 
 
 def sys_gettimeofday(k, uc, buf, *_):
-    ns = k.clock.now_ns()
+    ns = k.clock.read(CLOCK_REALTIME)
     if buf:
         k.p.write(buf, struct.pack("<qq", ns // 10**9, ns % 10**9 // 1000))
     return 0
 
 
 def sys_time(k, uc, buf, *_):
-    seconds = k.clock.now_ns() // 10**9
+    seconds = k.clock.read(CLOCK_REALTIME) // 10**9
     if buf:
         k.p.write(buf, struct.pack("<q", seconds))
     return seconds
 
 
-def _sleep(k, request) -> int:
-    seconds, nanos = struct.unpack("<qq", k.p.read(request, 16))
-    if seconds < 0 or not 0 <= nanos < 10**9:
-        raise SyscallError(EINVAL)
-    k.clock.sleep(seconds * 10**9 + nanos)
-    return 0
-
-
-def sys_nanosleep(k, uc, request, *_):
-    return _sleep(k, request)
-
-
-def sys_clock_nanosleep(k, uc, clock, flags, request, *_):
-    if flags & 1:  # TIMER_ABSTIME: until then
-        seconds, nanos = struct.unpack("<qq", k.p.read(request, 16))
-        k.clock.sleep(max(seconds * 10**9 + nanos - k.clock.now_ns(clock in CLOCK_MONOTONIC_KINDS), 0))
+def _sleep(k, clock: int, absolute: bool, request: int, remain: int) -> int:
+    """hrtimer_nanosleep: until the time ``request`` says on ``clock``, or a signal:
+    EINTR with a handler, the time left written to ``remain`` for a relative sleep."""
+    ns = read_timespec(k, request)
+    if clock_kind(clock):   # its own CPU time, which does not move while it sleeps
+        if clock != CLOCK_PROCESS_CPUTIME_ID:
+            raise SyscallError(EINVAL)  # posix_cpu_nsleep: not on the calling thread's clock
+        until = None
+    elif absolute:
+        until = ns - (k.clock.wall_offset() if clock in WALL else 0)
+    else:
+        until = k.clock.since_boot() + ns
+    if k.wait(until):
         return 0
-    return _sleep(k, request)
+    if absolute or until is None:
+        raise SyscallError(ERESTARTNOHAND)
+    if remain:
+        k.p.write(remain, timespec(max(until - k.clock.since_boot(), 0)))
+    raise SyscallError(ERESTART_RESTARTBLOCK)
+
+
+def sys_nanosleep(k, uc, request, remain, *_):
+    return _sleep(k, CLOCK_MONOTONIC, False, request, remain)
+
+
+def sys_clock_nanosleep(k, uc, clock, flags, request, remain, *_):
+    return _sleep(k, signed32(clock), bool(flags & TIMER_ABSTIME), request, remain)
 
 
 def sys_sched_getaffinity(k, uc, pid, size, mask, *_):

@@ -1,6 +1,6 @@
 """Signal system calls (kernel/signal.c): dispositions, the blocked mask, the alternate
-stack, rt_sigreturn, and signals a program sends itself. Delivery is
-:mod:`minivmm.linux.signals`."""
+stack, rt_sigreturn, signals a program sends itself, and waiting for one (pause,
+rt_sigsuspend). Delivery is :mod:`minivmm.linux.signals`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import unicorn.x86_const as x86
 
 from ..errno import EINVAL, ENOMEM, EPERM, ESRCH, SyscallError
 from ..process import AT_MINSIGSTKSZ, XFEATURES_DYNAMIC
-from ..signals import (SIG_DFL, SIG_IGN, SS_DISABLE, SS_ONSTACK, UNBLOCKABLE, Action, read_action,
-                       write_action)
+from ..signals import ERESTARTNOHAND, SS_DISABLE, SS_ONSTACK, UNBLOCKABLE, Action, read_action, write_action
 from .base import RETURNED, signed32
+from .process import UID
 
-FATAL_BY_DEFAULT = frozenset(range(1, 32)) - {17, 18, 20, 21, 22, 23, 28}  # not SIGCHLD, SIGCONT, SIGTSTP ...
 SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
 MINSIGSTKSZ = 2048                     # arch/x86/include/uapi/asm/signal.h
 SS_AUTODISARM = 1 << 31                # SS_FLAG_BITS: a mode's flag, not a mode
@@ -28,6 +27,8 @@ def sys_rt_sigaction(k, uc, signo, act, old, size, *_):
         write_action(k.p, old, k.signals.actions.get(signo, Action()))
     if act:
         k.signals.actions[signo] = read_action(k.p, act)
+        if k.signals.ignored(signo):  # POSIX: a pending signal set to be ignored is discarded
+            k.signals.discard(lambda q: q.signo != signo)
     return 0
 
 
@@ -80,21 +81,39 @@ def sys_rt_sigreturn(k, uc, *_):
 
 
 def _raise(k, uc, target: int, signo: int, code: int):
+    """The signal is pending, the return to user mode delivers it; si_pid and si_uid
+    say who sent it (kill_pid_info): the process itself."""
     if not 0 <= signo <= 64:
         raise SyscallError(EINVAL)
     if signed32(target) not in (k.p.tid, 0, -1):
         raise SyscallError(ESRCH)  # no other process exists
-    if signo == 0:
-        return 0
-    action = k.signals.actions.get(signo)
-    handler = action.handler if action else SIG_DFL
-    if handler == SIG_IGN or (handler == SIG_DFL and signo not in FATAL_BY_DEFAULT):
-        return 0
-    uc.reg_write(x86.UC_X86_REG_RAX, 0)
-    if handler != SIG_DFL and k.signals.deliver(uc, signo, code, 0, 0):
-        return RETURNED
-    k.signals.fatal = k.signals.fatal or (signo, None)  # or the SIGSEGV its frame ended in
+    if signo:
+        k.signals.send(signo, code, struct.pack("<iI", k.p.tid, UID))
     return 0
+
+
+def sys_rt_sigpending(k, uc, out, size, *_):
+    """The pending signals the mask blocks (do_sigpending)."""
+    if size > 8:
+        raise SyscallError(EINVAL)
+    k.p.write(out, struct.pack("<Q", k.signals.pending_mask() & k.signals.blocked)[:size])
+    return 0
+
+
+def sys_pause(k, uc, *_):
+    k.wait(None)
+    raise SyscallError(ERESTARTNOHAND)
+
+
+def sys_rt_sigsuspend(k, uc, mask, size, *_):
+    """The mask for the wait; the handler's frame saves the program's own, which
+    rt_sigreturn brings back (set_restore_sigmask)."""
+    if size != 8:
+        raise SyscallError(EINVAL)
+    wanted = struct.unpack("<Q", k.p.read(mask, 8))[0] & ~UNBLOCKABLE
+    k.signals.saved_mask, k.signals.blocked = k.signals.blocked, wanted
+    k.wait(None)
+    raise SyscallError(ERESTARTNOHAND)
 
 
 def sys_kill(k, uc, pid, signo, *_):
@@ -112,5 +131,6 @@ def sys_tgkill(k, uc, tgid, tid, signo, *_):
 TABLE = {
     13: ("rt_sigaction", sys_rt_sigaction), 14: ("rt_sigprocmask", sys_rt_sigprocmask),
     15: ("rt_sigreturn", sys_rt_sigreturn), 62: ("kill", sys_kill), 131: ("sigaltstack", sys_sigaltstack),
+    34: ("pause", sys_pause), 127: ("rt_sigpending", sys_rt_sigpending), 130: ("rt_sigsuspend", sys_rt_sigsuspend),
     200: ("tkill", sys_tkill), 234: ("tgkill", sys_tgkill),
 }
