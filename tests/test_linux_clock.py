@@ -20,6 +20,7 @@ from minivmm.vmm.vm import VM
 
 SOURCE = Path(__file__).parent / "data" / "linux" / "timers.c"
 ZSTD = shutil.which("zstd")
+DD = shutil.which("dd")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,18 @@ def test_a_snapshot_keeps_the_clock_and_its_timers(timers, tmp_path):
         (tmp_path / "bad.snap").write_bytes(hostile.to_bytes())
         with pytest.raises(Exception, match="process:"):
             VM.resume(snapshot_mod.load(str(tmp_path / "bad.snap")))
+
+
+@pytest.mark.skipif(not DD, reason="no dd on this machine")
+def test_dd_reports_a_speed_its_copies_took_time_for():
+    """The kernel's copies to and from the program take time by their size: dd of 64 MiB
+    in 1 MiB blocks reports hundreds of MB/s (it reported 189 GB/s when a system call
+    took 1 us whatever it moved)."""
+    result = VM(DD, "nehalem", mounts=["/"], argv=["if=/dev/zero", "of=/dev/null", "bs=1M", "count=64"]).run(
+        timeout=60)
+    assert result.exit_code == 0, result.stop.message
+    speed, unit = re.search(r"copied, [\d.]+ s, ([\d.]+) ([kMG]?B)/s", result.stderr).groups()
+    assert unit == "MB" and 100 < float(speed) < 1000, result.stderr
 
 
 @pytest.mark.skipif(not ZSTD, reason="zstd is not installed (apt install zstd)")

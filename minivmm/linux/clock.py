@@ -6,9 +6,12 @@ Time is virtual unless ``realtime``: it advances with the program's work, as QEM
 block it executes (:func:`minivmm.vmm.engine.add_block_counter`) and each byte is 4 ns
 (CODE_NS_SHIFT, as QEMU's icount shift): about 16 ns an instruction, a 60 MIPS machine,
 the pace at which the engine runs typical code, so that virtual time keeps roughly with
-the wall clock. A system call adds 1 us, sleeping what was slept. What a program reads
-is then a function of what it executed and asked for: the same program on the same
-input reads the same times, run after run, however fast the machine running it.
+the wall clock. A system call adds 1 us, and 1 ns for each byte the kernel copies from
+or to the program's memory (a copy at 16 bytes an instruction of that machine: read and
+write take time by their size, so dd reports a plausible speed); sleeping adds what was
+slept. What a program reads is then a function of what it executed and asked for: the
+same program on the same input reads the same times, run after run, however fast the
+machine running it.
 
 The wall clock starts at the newest modification time of what the run is given (the
 program file, the mounted directories), and no earlier than EPOCH: the files a program
@@ -27,6 +30,7 @@ from .errno import EINVAL, SyscallError
 EPOCH = 1_700_000_000            # the earliest the virtual wall clock starts (2023-11-14)
 CODE_NS_SHIFT = 2                # a byte of code executed is 2**CODE_NS_SHIFT ns
 NS_PER_SYSCALL = 1000
+NS_PER_BYTE_COPIED = 1
 NEVER = (1 << 64) - 1
 # clock ids (include/uapi/linux/time.h) by what they read; TAI is the wall clock while
 # no adjtimex has set an offset (the kernel's default). 10 (CLOCK_SGI_CYCLE) is gone.
@@ -51,10 +55,11 @@ class Clock:
         # Shared with the engine's block counter: [0] nanoseconds of the code executed,
         # [1] the engine stops at the block that brings [0] there (the next timer),
         # [2] the engine's stop function (the counter fills it in), [3] nonzero when the
-        # counter stopped the engine. The rest of the time since boot, the system calls'
-        # and the sleeps', is counted here: a system call does not touch the engine's.
+        # counter stopped the engine. The rest of the time since boot, the kernel's and
+        # the sleeps', is counted here: a system call does not touch the engine's.
         self.counter = (ctypes.c_uint64 * 4)(0, NEVER, 0, 0)
         self.calls = 0
+        self.kernel_ns = 0
         self.slept_ns = 0
         self.deadline: int | None = None   # the time since boot of the next timer
 
@@ -65,7 +70,7 @@ class Clock:
 
     def cpu(self) -> int:
         """The process's CPU time: what it ran, not what it slept."""
-        return time.process_time_ns() if self.realtime else self.counter[0] + self.calls * NS_PER_SYSCALL
+        return time.process_time_ns() if self.realtime else self.counter[0] + self.kernel_ns
 
     def wall_offset(self) -> int:
         """The wall clock less the time since boot."""
@@ -83,10 +88,12 @@ class Clock:
 
     # -- moving -------------------------------------------------------------------------------
 
-    def syscall(self) -> None:
+    def syscall(self, copied: int) -> None:
+        """A system call, which copied ``copied`` bytes from and to the program's memory."""
         self.calls += 1
+        self.kernel_ns += NS_PER_SYSCALL + copied * NS_PER_BYTE_COPIED
         if self.deadline is not None and not self.realtime:
-            self._stop_engine()   # the call brought the next timer 1 us nearer
+            self._stop_engine()   # the call brought the next timer nearer
 
     def pass_idle(self, ns: int) -> None:
         """The program waited ``ns`` without running (virtual time jumps; the machine's
@@ -106,8 +113,7 @@ class Clock:
 
     def _stop_engine(self) -> None:
         """The engine's count at the deadline: the code's part of the time until then."""
-        self.counter[1] = NEVER if self.deadline is None else max(
-            self.deadline - self.calls * NS_PER_SYSCALL - self.slept_ns, 0)
+        self.counter[1] = NEVER if self.deadline is None else max(self.deadline - self.kernel_ns - self.slept_ns, 0)
 
     def realtime_wait(self) -> float | None:
         """Under realtime, the seconds until the next timer (the watchdog waits no longer)."""

@@ -125,9 +125,9 @@ class Kernel:
         """One system call, its registers already read by the VMM (RAX the number, RDI
         RSI RDX R10 R8 R9 the arguments, RIP past the SYSCALL): the value for RAX, or
         RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
-        self.clock.syscall()
         name, handler = TABLE.get(number, (None, sys_enosys))
         p = self.p
+        copied = p.copied
         if name is None and (number in p.unknown or len(p.unknown) < UNKNOWN_KEPT):
             p.unknown[number] += 1
         elif name is None:
@@ -140,6 +140,7 @@ class Kernel:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
+        self.clock.syscall(p.copied - copied)
         if self.clock.reached():  # the call took the time to a timer's expiry
             self.timers.expire()
         return result if result is RETURNED else result & (1 << 64) - 1

@@ -61,6 +61,7 @@ class Process:
     xfeatures: int = XFEATURES_LEGACY
     xcomp_perm: int | None = None
     xcomp_guest_perm: int | None = None
+    copied: int = 0                   # bytes the kernel copied from and to its memory: their time (clock.py)
 
     def name(self) -> bytes:
         """comm: at most 15 bytes (TASK_COMM_LEN 16 with its NUL)."""
@@ -79,10 +80,12 @@ class Process:
 
     def read(self, address: int, size: int) -> bytes:
         self.memory.check(address, size, PROT_READ)
+        self.copied += size
         return bytes(self.ram[address:address + size])
 
     def write(self, address: int, data: bytes) -> None:
         self.memory.check(address, len(data), PROT_WRITE)
+        self.copied += len(data)
         self.fill(address, data)
 
     def fill(self, address: int, data) -> None:

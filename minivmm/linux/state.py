@@ -82,8 +82,8 @@ def capture(kernel: Kernel) -> dict:
                     "blocked": kernel.signals.blocked, "altstack": list(kernel.signals.altstack),
                     "pending": [[q.signo, q.code, _b64(q.fields), -1 if q.timer is None else q.timer]
                                 for q in kernel.signals.pending]},
-        "clock": {"calls": kernel.clock.calls, "code_ns": kernel.clock.counter[0], "slept_ns": kernel.clock.slept_ns,
-                  "epoch": kernel.clock.epoch, "realtime": kernel.clock.realtime},
+        "clock": {"calls": kernel.clock.calls, "code_ns": kernel.clock.counter[0], "kernel_ns": kernel.clock.kernel_ns,
+                  "slept_ns": kernel.clock.slept_ns, "epoch": kernel.clock.epoch, "realtime": kernel.clock.realtime},
         "timers": {"itimers": [list(dataclasses.astuple(t)) for t in kernel.timers.itimers],
                    "posix": [list(dataclasses.astuple(t)) for t in kernel.timers.posix.values()],
                    "next_id": kernel.timers.next_id},
@@ -158,7 +158,8 @@ def validate(state, memory: int) -> None:
         isinstance(q, list) and len(q) == 4 and _int(q[0], 1, NSIG) and _int(q[1], -(1 << 31), (1 << 31) - 1)
         and _is_b64(q[2], 16) and _int(q[3], -1, (1 << 31) - 1) for q in pending), "pending signals are malformed")
     clock = state.get("clock")
-    need(isinstance(clock, dict) and all(_int(clock.get(k)) for k in ("calls", "code_ns", "slept_ns", "epoch"))
+    need(isinstance(clock, dict) and all(_int(clock.get(k)) for k in ("calls", "code_ns", "kernel_ns", "slept_ns",
+                                                                       "epoch"))
          and isinstance(clock.get("realtime"), bool), "clock is malformed")
     timers = state.get("timers")
     need(isinstance(timers, dict) and isinstance(timers.get("itimers"), list) and len(timers["itimers"]) == 3
@@ -289,8 +290,8 @@ def restore(state: dict, ram, host, view, console, options, origin: str) -> Kern
     kernel.view = view
     kernel.random.setstate((3, tuple(state["random"]), None))
     clock = state["clock"]
-    kernel.clock.calls, kernel.clock.counter[0], kernel.clock.slept_ns = clock["calls"], clock["code_ns"], \
-        clock["slept_ns"]
+    kernel.clock.calls, kernel.clock.counter[0] = clock["calls"], clock["code_ns"]
+    kernel.clock.kernel_ns, kernel.clock.slept_ns = clock["kernel_ns"], clock["slept_ns"]
     kernel.cwd, kernel.umask = state["cwd"], state["umask"]
     signals = state["signals"]
     kernel.signals.actions = {int(n): Action(*a) for n, a in signals["actions"].items()}
