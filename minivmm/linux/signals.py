@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from operator import attrgetter
 
 import unicorn.x86_const as x86
 
@@ -82,6 +83,9 @@ class Queued:
     code: int
     fields: bytes = b""
     timer: int | None = None
+
+
+SIGNO = attrgetter("signo")
 
 
 @dataclass
@@ -287,8 +291,12 @@ class Signals:
 
     # -- signals sent: pending until the return to user mode -----------------------------------
 
+    def handler(self, signo: int) -> int:
+        action = self.actions.get(signo)
+        return action.handler if action else SIG_DFL
+
     def ignored(self, signo: int) -> bool:
-        handler = self.actions.get(signo, Action()).handler
+        handler = self.handler(signo)
         return handler == SIG_IGN or handler == SIG_DFL and signo not in FATAL_BY_DEFAULT
 
     def _blocked(self, signo: int) -> bool:
@@ -317,8 +325,9 @@ class Signals:
     def _next(self) -> Queued | None:
         """The signal to take now (next_signal): the lowest-numbered the mask lets through,
         the first sent of that number."""
-        ready = [q for q in self.pending if not self._blocked(q.signo)]
-        return min(ready, key=lambda q: q.signo) if ready else None
+        blocked = self.blocked
+        ready = [q for q in self.pending if not blocked >> (q.signo - 1) & 1]
+        return min(ready, key=SIGNO) if ready else None
 
     def _take(self, entry: Queued) -> bytes:
         self.pending.remove(entry)
@@ -340,16 +349,16 @@ class Signals:
         run, sigsuspend's mask comes back (restore_saved_sigmask)."""
         while (entry := self._next()) is not None:
             fields = self._take(entry)
-            action = self.actions.get(entry.signo, Action())
-            if self.ignored(entry.signo):
-                continue
-            if action.handler == SIG_DFL:
+            handler = self.handler(entry.signo)
+            if handler == SIG_IGN or handler == SIG_DFL and entry.signo not in FATAL_BY_DEFAULT:
+                continue   # ignored
+            if handler == SIG_DFL:
                 self.fatal = (entry.signo, "its timer expired" if entry.code in (SI_KERNEL, SI_TIMER) else None)
                 return
             if syscall is not None:
                 number, at, result = syscall
                 error = -(result - (1 << 64)) if result >> 63 else 0
-                if error == ERESTARTSYS and action.flags & SA_RESTART:
+                if error == ERESTARTSYS and self.actions[entry.signo].flags & SA_RESTART:
                     uc.reg_write(x86.UC_X86_REG_RAX, number)
                     uc.reg_write(x86.UC_X86_REG_RIP, at)
                 elif error in (ERESTARTSYS, ERESTARTNOHAND, ERESTART_RESTARTBLOCK):
