@@ -88,6 +88,11 @@ class Queued:
 SIGNO = attrgetter("signo")
 
 
+def _ignores(signo: int, handler: int) -> bool:
+    """What ``handler`` does with ``signo`` is nothing (sig_handler_ignored)."""
+    return handler == SIG_IGN or handler == SIG_DFL and signo not in FATAL_BY_DEFAULT
+
+
 @dataclass
 class Action:
     handler: int = SIG_DFL
@@ -296,8 +301,7 @@ class Signals:
         return action.handler if action else SIG_DFL
 
     def ignored(self, signo: int) -> bool:
-        handler = self.handler(signo)
-        return handler == SIG_IGN or handler == SIG_DFL and signo not in FATAL_BY_DEFAULT
+        return _ignores(signo, self.handler(signo))
 
     def _blocked(self, signo: int) -> bool:
         return bool(self.blocked >> (signo - 1) & 1)
@@ -350,8 +354,8 @@ class Signals:
         while (entry := self._next()) is not None:
             fields = self._take(entry)
             handler = self.handler(entry.signo)
-            if handler == SIG_IGN or handler == SIG_DFL and entry.signo not in FATAL_BY_DEFAULT:
-                continue   # ignored
+            if _ignores(entry.signo, handler):
+                continue
             if handler == SIG_DFL:
                 self.fatal = (entry.signo, "its timer expired" if entry.code in (SI_KERNEL, SI_TIMER) else None)
                 return
