@@ -1,5 +1,5 @@
 """Virtual time that moves with the program's work (the engine counts the bytes of code
-it executes, a nanosecond each), the same run after run, and the timers that deliver
+it executes, 4 ns each), the same run after run, and the timers that deliver
 signals in it: alarm, setitimer, POSIX timers, interrupting blocking calls as Linux does.
 The oracle is the machine's kernel: timers.c prints the same natively and under minivmm."""
 
