@@ -159,6 +159,31 @@ def test_the_program_cannot_turn_the_supervisor_off():
 
 @needs_faulting
 @needs_gcc
+def test_a_seccomp_filter_of_the_programs_own_cannot_keep_faulting_off():
+    """The filter makes the supervisor's arch_prctl after execve return 0 without running:
+    the run ends as unsupported, every task killed, before the new image runs on."""
+    program = str(build_c([DATA / "seccomp_exec.c"], linux=True))
+    prober = shipped("detect_both.c")
+    result = VM(program, evc="intel-penryn", argv=[prober], accel="native").run(timeout=30)
+    assert result.stop.reason == "unsupported" and "seccomp filter" in result.stop.message
+    assert result.console == ""
+    control = VM(program, evc="intel-penryn", argv=["-", prober], accel="native").run(timeout=30)
+    assert control.exit_code == 0 and lines(control.console)["sse4_2"].startswith("cpuid=0")
+
+
+@needs_faulting
+@pytest.mark.skipif(not shutil.which("unshare"), reason="no unshare(1) on this machine")
+def test_proc_cpuinfo_of_a_procfs_mounted_in_a_new_namespace_is_the_views_too():
+    natively = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True, timeout=30)
+    if natively.returncode:
+        pytest.skip(f"unprivileged namespaces are not available here: {natively.stderr.decode().strip()[:100]}")
+    result = _sh('unshare -Urpf --mount-proc sh -c "grep -c avx2 /proc/cpuinfo"', masks=["-avx2"])
+    assert result.console == "0\n"
+    assert _sh('unshare -Urpf --mount-proc sh -c "grep -c avx2 /proc/cpuinfo"').console == "1\n"   # control
+
+
+@needs_faulting
+@needs_gcc
 def test_a_real_sigsegv_is_the_programs():
     """A write to a read-only page: the program's handler gets it (as natively); without
     a handler the run ends as the emulator ends it, SIGSEGV from #PF, 139."""

@@ -26,6 +26,7 @@ faulting, so it cannot switch the supervisor off.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -85,7 +86,8 @@ class Outcome:
 class _Task:
     tgid: int
     # arming CPUID faulting after execve: "exec" (execve returning), "call" (arch_prctl
-    # entering), "called" (arch_prctl past the filter, returning)
+    # entering), "entered" (its entry stop seen: the supervisor's filter stop must come
+    # next), "called" (arch_prctl past the filter, returning)
     arming: str | None = None
     saved: pt.Regs | None = None
     code: bytes = b""
@@ -122,6 +124,7 @@ class Supervisor:
         self._mem: dict[int, int] = {}
         self._faults: dict[int, dict] = {}   # tgid -> the last fault signal it was sent
         self._cpuinfo = os.stat("/proc/cpuinfo")
+        self._procfs: dict[int, bool] = {self._cpuinfo.st_dev: True}   # st_dev -> a procfs mount
 
     # -- start and end ------------------------------------------------------------------------
 
@@ -331,12 +334,20 @@ class Supervisor:
             task.arming = "call"
             pt.resume(tid, 0, pt.PTRACE_SYSCALL)
         elif task.arming == "call":    # its syscall-entry-stop; the filter's stop comes next
+            task.arming = "entered"
             pt.resume(tid, 0, pt.PTRACE_SYSCALL)
+        elif task.arming == "entered":
+            # The call returned without passing the supervisor's filter: a filter of the
+            # program's own (which seccomp runs first, and whose errno or allow wins over a
+            # trace) kept it from arming CPUID faulting. The program must not go on.
+            self._refuse(tid, "its own seccomp filter keeps arch_prctl(ARCH_SET_CPUID) from the supervisor, "
+                              "so CPUID faulting cannot be armed")
         elif task.arming == "called":
-            result = pt.get_regs(tid).rax
+            result = _signed(pt.get_regs(tid).rax)
             if result:
-                raise OSError(-_signed(result), f"arch_prctl(ARCH_SET_CPUID, 0) in {tid}: "
-                                                f"{os.strerror(-_signed(result))}")
+                self._refuse(tid, f"arch_prctl(ARCH_SET_CPUID, 0) failed after execve ({os.strerror(-result)}), "
+                                  f"so CPUID faulting cannot be armed")
+                return
             self._write(tid, task.saved.rip, task.code)
             pt.set_regs(tid, task.saved)
             task.arming, task.saved = None, None
@@ -346,6 +357,11 @@ class Supervisor:
             pt.resume(tid)
         else:
             pt.resume(tid)
+
+    def _refuse(self, tid: int, why: str) -> None:
+        """End the run: the program would run unsupervised from here. Every task dies."""
+        self.unsupported = f"{_exe(tid)}: {why}"
+        self._kill_all()
 
     def _auxv(self, tid: int, rsp: int) -> None:
         """AT_HWCAP and AT_HWCAP2 of the new image's stack (fs/binfmt_elf.c
@@ -370,7 +386,7 @@ class Supervisor:
     def _seccomp(self, tid: int, task: _Task) -> None:
         asked = pt.event_message(tid)
         if asked == pt.TRACE_CPUID_PRCTL:
-            if task.arming == "call":      # the supervisor's own: on to its exit
+            if task.arming == "entered":   # the supervisor's own: on to its exit
                 task.arming = "called"
                 pt.resume(tid, 0, pt.PTRACE_SYSCALL)
                 return
@@ -410,10 +426,17 @@ class Supervisor:
         working directory or the directory ``dirfd`` (their /proc/TID links)."""
         base = "root" if path.startswith(b"/") else "cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"
         try:
-            seen = os.stat(f"/proc/{tid}/{base}/".encode() + path.lstrip(b"/"), follow_symlinks=follow)
+            where = f"/proc/{tid}/{base}/".encode() + path.lstrip(b"/")
+            seen = os.stat(where, follow_symlinks=follow)
         except OSError:
             return False
-        return (seen.st_dev, seen.st_ino) == (self._cpuinfo.st_dev, self._cpuinfo.st_ino)
+        # Every procfs mount (a new one in a user namespace too) gives /proc/cpuinfo the
+        # same inode number, its proc_dir_entry's; only the device differs.
+        if seen.st_ino != self._cpuinfo.st_ino:
+            return False
+        if seen.st_dev not in self._procfs:
+            self._procfs[seen.st_dev] = _fs_type(where) == PROC_SUPER_MAGIC
+        return self._procfs[seen.st_dev]
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -474,6 +497,17 @@ class Supervisor:
                 return out + chunk[:end]
             out, address = out + chunk, address + len(chunk)
         return None
+
+
+PROC_SUPER_MAGIC = 0x9FA0   # include/uapi/linux/magic.h
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statfs.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+
+
+def _fs_type(path: bytes) -> int | None:
+    """statfs's f_type, the first field of struct statfs (asm-generic/statfs.h)."""
+    buf = ctypes.create_string_buffer(120)
+    return None if _libc.statfs(path, buf) else int.from_bytes(buf.raw[:8], "little")
 
 
 def _signed(value: int, bits: int = 64) -> int:
