@@ -110,6 +110,21 @@ def test_a_script_s_first_line_is_read_as_the_kernel_reads_it(folder, tmp_path, 
     assert got == expected
 
 
+def test_execveat_opens_a_scripts_interpreter_from_the_working_directory(folder, tmp_path):
+    """execveat(dirfd, "s"): the script is found from dirfd, its relative #! interpreter
+    from the process's working directory (open_exec in load_script), not from dirfd."""
+    (tmp_path / "sub").mkdir()
+    for where in (tmp_path, tmp_path / "sub"):
+        (where / "interp").write_bytes((folder / "execve").read_bytes())
+        (where / "interp").chmod(0o755)
+    script(tmp_path / "sub", "s", "#!interp\n")
+    fs = FileSystem([Mount(str(tmp_path), str(tmp_path))], {})
+    program = find_program(fs, str(tmp_path / "sub"), "s", ["s"], process_cwd=str(tmp_path))
+    assert program.image.linux["exe"] == str(tmp_path / "interp")
+    unchanged = find_program(fs, str(tmp_path / "sub"), "s", ["s"])   # the control: without it, dirfd's
+    assert unchanged.image.linux["exe"] == str(tmp_path / "sub" / "interp")
+
+
 def test_a_script_given_to_minivmm_runs_as_natively(folder):
     """minivmm run SCRIPT: its interpreter (five scripts deep here) reads it by its path
     in the program's file system, which must show it: else one line says to mount it."""

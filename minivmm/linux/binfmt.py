@@ -140,23 +140,27 @@ def read_interpreter(fs, cwd: str, path: str) -> GuestImage:
     return image
 
 
-def find_program(fs, cwd: str, path: str, argv: list, follow: bool = True, filename: str | None = None) -> Program:
-    """The program execve runs for ``path`` (from ``cwd``) and ``argv``; ``filename`` is
-    the path as the kernel names it (bprm->filename: /dev/fd/N/... for a descriptor;
-    default ``path``). A script's first line replaces argv[0] by the interpreter, its
-    argument and the script's path (load_script), and the interpreter is looked at in
-    turn, at most MAX_REWRITES times (ELOOP)."""
+def find_program(fs, cwd: str, path: str, argv: list, follow: bool = True, filename: str | None = None,
+                 process_cwd: str | None = None) -> Program:
+    """The program execve runs for ``path`` (from ``cwd``, execveat's directory) and
+    ``argv``; ``filename`` is the path as the kernel names it (bprm->filename:
+    /dev/fd/N/... for a descriptor; default ``path``). A script's first line replaces
+    argv[0] by the interpreter, its argument and the script's path (load_script), and
+    the interpreter is looked at in turn, at most MAX_REWRITES times (ELOOP). Interpreters,
+    a script's and PT_INTERP, are opened from the process's working directory
+    ``process_cwd`` (default ``cwd``), as open_exec and open_exec of PT_INTERP do."""
     filename = path if filename is None else filename
+    process_cwd = cwd if process_cwd is None else process_cwd
     script = filename
     for depth in itertools.count():
-        canonical, node = open_exec(fs, cwd, path, follow or depth > 0)
+        canonical, node = open_exec(fs, cwd if depth == 0 else process_cwd, path, follow or depth > 0)
         if depth > MAX_REWRITES:
             raise SyscallError(ELOOP)
         head = _read(path, node, BINPRM_BUF_SIZE)
         if head[:4] == ELF_MAGIC:
             image = load_image(path, node, canonical, filename)
             interp = image.linux["interp"]
-            return Program(image, read_interpreter(fs, cwd, interp) if interp else None, argv, filename)
+            return Program(image, read_interpreter(fs, process_cwd, interp) if interp else None, argv, filename)
         interpreter, argument = parse_script(head)
         argv = [interpreter, *([argument] if argument is not None else []), script, *argv[1:]]
         path = script = interpreter

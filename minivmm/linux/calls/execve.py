@@ -64,7 +64,8 @@ def sys_execveat(k, uc, dirfd, path_at, argv_at, envp_at, flags, *_):
     open_exec(k.fs, cwd, path, follow)
     argv = _strings(k, argv_at, ARG_ROOM)
     env = _strings(k, envp_at, ARG_ROOM - arguments_size(argv))
-    program = find_program(k.fs, cwd, path, argv or [""], follow, filename)   # an empty argv gets "" (fs/exec.c)
+    program = find_program(k.fs, cwd, path, argv or [""], follow, filename,   # an empty argv gets "" (fs/exec.c)
+                           process_cwd=k.cwd)
     if arguments_size([filename, *program.argv, *env]) > ARG_ROOM:   # a script's interpreter and argument too
         raise SyscallError(E2BIG)
     if not fits(program, k.p.memory.size):
