@@ -147,7 +147,7 @@ class Supervisor:
                 pt.install_filter(pt.supervisor_filter())
                 os.execve(self.program.path, self.program.argv, dict(e.split("=", 1) for e in self.program.env))
             except BaseException as error:  # noqa: BLE001 - whatever it is, the parent hears of it
-                os.write(failed_w, f"{self.program.path}: {error}".encode(errors="replace")[:512])
+                os.write(failed_w, f"{self.program.path}: {_why(error)}".encode(errors="replace")[:512])
             os._exit(127)
         self.root = pid
         for fd in (stdout_w, stderr_w, go_r, failed_w):
@@ -508,6 +508,15 @@ def _fs_type(path: bytes) -> int | None:
     """statfs's f_type, the first field of struct statfs (asm-generic/statfs.h)."""
     buf = ctypes.create_string_buffer(120)
     return None if _libc.statfs(path, buf) else int.from_bytes(buf.raw[:8], "little")
+
+
+def _why(error: BaseException) -> str:
+    """An execve's failure in the kernel's words (ELOOP: a #! chain too deep, or a loop)."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return str(error)
+    if error.errno == errno.ELOOP:
+        return "more than 5 #! scripts in a row, or a loop of symbolic links (ELOOP)"
+    return f"{os.strerror(error.errno)} ({errno.errorcode.get(error.errno, error.errno)})"
 
 
 def _signed(value: int, bits: int = 64) -> int:

@@ -88,7 +88,7 @@ def load_guest(spec: str, linux: bool | None = None) -> GuestImage:
         info = {"script": True, "execfn": spec, "exe": os.path.abspath(path)}
         return GuestImage(spec, "linux", (), 0, str(path), LINUX_MEMORY, info)
     if linux:
-        raise MinivmmError(f"{path}: --linux needs an ELF executable or a #! script")
+        raise MinivmmError(f"{path}: a Linux program must be an ELF executable or a #! script")
     if not data or (path.suffix != FLAT_SUFFIX and is_text(data)):
         raise MinivmmError(f"{path}: not a guest: {'an empty file' if not data else 'a text file'}; "
                            f"{ACCEPTED}")
