@@ -26,16 +26,21 @@ NOT_VISIBLE = ("CPUID executions and exceptions are not visible to the VMM under
                "answers CPUID from the installed table and delivers exceptions to the guest's IDT itself")
 
 
-def check_view(host, view: GuestCpuidView) -> None:
-    """Refuse what KVM cannot do: another host than the machine, a view that shows
-    what the machine lacks."""
+def refuse_beyond_machine(accel: str, host, view: GuestCpuidView) -> None:
+    """An accelerator on the machine's own CPU refuses another host than the machine and
+    a view that shows what the machine lacks: it cannot make the CPU lack an instruction."""
     if host.name != "native":
-        raise MinivmmError(f"--accel kvm runs on this machine's own CPU: use --host native, not {host.name} "
-                           f"(KVM cannot make the machine lack an instruction; the emulated profiles can)")
+        raise MinivmmError(f"--accel {accel} runs on this machine's own CPU: use --host native, not {host.name} "
+                           f"(the emulated profiles can make a machine lack an instruction)")
     extra = sorted(catalogue().decode(view.table) - host.physical - {"hypervisor"})  # every VMM shows that one
     if extra:
-        raise MinivmmError(f"--accel kvm: the CPUID view shows {', '.join(extra)}, which this machine lacks: a "
-                           f"mask under KVM may only hide features")
+        raise MinivmmError(f"--accel {accel}: the CPUID view shows {', '.join(extra)}, which this machine lacks: "
+                           f"a mask on the machine's own CPU may only hide features")
+
+
+def check_view(host, view: GuestCpuidView) -> None:
+    """Refuse what KVM cannot do (refuse_beyond_machine), or where KVM cannot run."""
+    refuse_beyond_machine("kvm", host, view)
     reason = unusable_reason()
     if reason:
         raise MinivmmError(f"--accel kvm: {reason}")

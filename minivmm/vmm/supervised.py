@@ -26,6 +26,7 @@ from ..linux.cpuinfo import cpuinfo
 from ..linux.process import DEFAULT_ENV, hwcap, hwcap2
 from ..linux.start import linux_cr4
 from ..masking.view import GuestCpuidView
+from .accelerated import refuse_beyond_machine
 from .exits.faults import VECTOR_NAMES
 from .log import ExitLog
 from .report import SIGNALS, RunResult, Stop
@@ -51,13 +52,7 @@ def unusable_reason() -> str | None:
 def check(host, view: GuestCpuidView, image) -> None:
     """Refuse what a native process cannot do: another host than the machine, a view
     that shows what the machine lacks, a program that is not an x86-64 ELF."""
-    if host.name != "native":
-        raise MinivmmError(f"--accel native runs on this machine's own CPU: use --host native (or no --host), not "
-                           f"{host.name} (the emulated profiles make a machine lack an instruction)")
-    extra = sorted(catalogue().decode(view.table) - host.physical - {"hypervisor"})  # every VMM shows that one
-    if extra:
-        raise MinivmmError(f"--accel native: the CPUID view shows {', '.join(extra)}, which this machine lacks: "
-                           f"a mask on the machine's own CPU may only hide features")
+    refuse_beyond_machine("native", host, view)
     if image.kind != "linux":
         raise MinivmmError(f"--accel native runs x86-64 Linux programs; {image.name} is a guest of the guest ABI "
                            f"(run it on the emulator, or with --accel kvm)")
