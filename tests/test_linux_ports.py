@@ -34,6 +34,8 @@ def ports(tmp_path_factory):
 def test_port_io_is_the_sigsegv_the_machines_kernel_sends(ports, host):
     native = subprocess.run([ports], capture_output=True, text=True, timeout=30)
     result = VM(ports, host).run(timeout=60)
+    if result.stop.reason == "unsupported":   # glibc's AVX2 string functions on a machine without AVX2
+        pytest.skip(f"this machine cannot run the {host} profile's instructions: {result.stop.message}")
     assert result.stop.reason == "exited", result.stop.message
     assert result.console == native.stdout
     assert native.stdout.count("SIGSEGV code=128 trapno=13 err=0") == 4
