@@ -21,6 +21,7 @@ _libc.syscall.restype = ctypes.c_long
 PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 7, 12, 13
 PTRACE_SYSCALL, PTRACE_GETEVENTMSG, PTRACE_GETSIGINFO = 24, 0x4201, 0x4202
 PTRACE_SEIZE, PTRACE_LISTEN = 0x4206, 0x4208
+PTRACE_GETREGSET, NT_X86_XSTATE = 0x4204, 0x202
 # options
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK, PTRACE_O_TRACECLONE = 0x1, 0x2, 0x4, 0x8
 PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP, PTRACE_O_EXITKILL = 0x10, 0x80, 0x100000
@@ -29,8 +30,10 @@ EVENT_FORK, EVENT_VFORK, EVENT_CLONE, EVENT_EXEC, EVENT_SECCOMP, EVENT_STOP = 1,
 WALL = 0x40000000                     # __WALL: threads and clone children too
 SYSCALL_STOP = 0x80 | 5               # SIGTRAP | 0x80 under PTRACE_O_TRACESYSGOOD
 
-# arch_prctl(2)
+# arch_prctl(2), and the calls a supervisor makes in a tracee
 SYS_ARCH_PRCTL, SYS_TGKILL = 158, 234
+SYS_MMAP, SYS_MUNMAP, SYS_BRK, SYS_RT_SIGACTION, SYS_GETITIMER, SYS_SIGALTSTACK = 9, 11, 12, 13, 36, 131
+ADDR_NO_RANDOMIZE = 0x0040000         # personality(2)
 ARCH_GET_CPUID, ARCH_SET_CPUID = 0x1011, 0x1012
 
 # seccomp(2) and classic BPF
@@ -105,6 +108,22 @@ def event_message(tid: int) -> int:
     return value.value
 
 
+def xstate(tid: int, size: int = 1 << 16) -> bytes:
+    """The task's extended state (PTRACE_GETREGSET NT_X86_XSTATE): the standard-format
+    XSAVE image the kernel keeps, XSTATE_BV saying which components are not initial."""
+    buffer = ctypes.create_string_buffer(size)
+    vector = (ctypes.c_void_p * 2)(ctypes.addressof(buffer), size)   # struct iovec
+    ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vector))
+    return buffer.raw[:vector[1]]
+
+
+def no_randomize() -> None:
+    """personality(ADDR_NO_RANDOMIZE) for the calling process (a child before execve):
+    its stack, brk and mmap base are where the layout puts them, as rr runs programs."""
+    current = _libc.personality(0xFFFFFFFF)
+    _check(_libc.personality(current | ADDR_NO_RANDOMIZE), "personality(ADDR_NO_RANDOMIZE)")
+
+
 def tgkill(tgid: int, tid: int, signo: int) -> None:
     _libc.syscall(ctypes.c_long(SYS_TGKILL), ctypes.c_long(tgid), ctypes.c_long(tid), ctypes.c_long(signo))
 
@@ -125,7 +144,7 @@ def cpuid_faulting_available() -> bool:
 
 
 OPEN_CALLS = (2, 257, 437)            # open, openat, openat2
-TRACE_OPEN, TRACE_CPUID_PRCTL = 1, 2  # SECCOMP_RET_DATA: what the supervisor is asked
+TRACE_OPEN, TRACE_CPUID_PRCTL, TRACE_CALL = 1, 2, 3   # SECCOMP_RET_DATA: what the supervisor is asked
 
 
 def _assemble(program: list[tuple]) -> bytes:
@@ -145,21 +164,24 @@ def _assemble(program: list[tuple]) -> bytes:
     return out
 
 
-def supervisor_filter() -> bytes:
+def supervisor_filter(every_call: bool = False) -> bytes:
     """A seccomp filter sending the supervisor (SECCOMP_RET_TRACE, seccomp(2)) the x86-64
     calls that open a file (x32's too: their numbers with X32_SYSCALL_BIT) and
-    arch_prctl's ARCH_GET_CPUID and ARCH_SET_CPUID; everything else is allowed. The
-    layout of struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half)."""
+    arch_prctl's ARCH_GET_CPUID and ARCH_SET_CPUID; everything else is allowed, or with
+    ``every_call`` sent too (TRACE_CALL: the supervisor counts them). The layout of
+    struct seccomp_data: nr at 0, arch at 4, args[0] at 16 (its low half)."""
+    rest = SECCOMP_RET_TRACE | TRACE_CALL if every_call else SECCOMP_RET_ALLOW
     return _assemble([
         (BPF_LD_W_ABS, 4),
         (BPF_JEQ_K, AUDIT_ARCH_X86_64, 0, "allow"),
         (BPF_LD_W_ABS, 0),
         (BPF_AND_K, ~X32_SYSCALL_BIT & 0xFFFFFFFF),
         *((BPF_JEQ_K, nr, "open") for nr in OPEN_CALLS),
-        (BPF_JEQ_K, SYS_ARCH_PRCTL, 0, "allow"),
+        (BPF_JEQ_K, SYS_ARCH_PRCTL, 0, "rest"),
         (BPF_LD_W_ABS, 16),
         (BPF_JEQ_K, ARCH_GET_CPUID, "prctl"),
         (BPF_JEQ_K, ARCH_SET_CPUID, "prctl"),
+        ("rest",), (BPF_RET_K, rest),
         ("allow",), (BPF_RET_K, SECCOMP_RET_ALLOW),
         ("open",), (BPF_RET_K, SECCOMP_RET_TRACE | TRACE_OPEN),
         ("prctl",), (BPF_RET_K, SECCOMP_RET_TRACE | TRACE_CPUID_PRCTL),

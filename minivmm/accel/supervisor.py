@@ -28,15 +28,24 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import select
 import signal
+import struct
+import termios
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 from iced_x86 import Decoder, Mnemonic
 
 from ..errors import MinivmmError
+from ..linux.binfmt import stack_layout
+from ..linux.process import SAMPLE, STACK_SIZE
 from . import ptrace as pt
+from .capture import Uncarried, capture
+from .placement import KERNEL_AREAS, PAGE, free_below, moved_stack, parse_maps
 
 SI_KERNEL = 0x80
 SYSCALL = b"\x0f\x05"
@@ -49,6 +58,7 @@ OPTIONS = (pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEV
            | pt.PTRACE_O_TRACEEXEC | pt.PTRACE_O_TRACESECCOMP | pt.PTRACE_O_EXITKILL)
 FAULT_SIGNALS = (signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGTRAP)
 STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+PROT_RW, MAP_PRIVATE_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE = 3, 0x22, 0x10, 0x100000
 
 
 @dataclass
@@ -67,6 +77,13 @@ class Program:
     cpuinfo: str
     on_fault: object = None
     stdin: object = None              # a file descriptor, bytes, or None (empty)
+    # A program that may move into the emulator (placement.py): the VM's RAM, and the
+    # system calls (counted from the first after execve) after which ``on_point(count,
+    # process or Uncarried, stdout and stderr so far, calls by number, the first calls)``
+    # is called; it returns True to end the native run there (the program moved).
+    keep_low: int | None = None
+    points: tuple = ()
+    on_point: object = None
 
 
 @dataclass
@@ -80,6 +97,8 @@ class Outcome:
     left_out: dict = field(default_factory=dict)
     tasks: int = 1                    # threads and processes followed
     execs: int = 0
+    calls: Counter | None = None      # the program's system calls by number, when counted
+    sample: list = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +111,7 @@ class _Task:
     saved: pt.Regs | None = None
     code: bytes = b""
     deferred: list = field(default_factory=list)   # signals that arrived while arming
+    point: int = 0                                 # at the exit of this counted call, a point
 
 
 class _Output(threading.Thread):
@@ -101,16 +121,31 @@ class _Output(threading.Thread):
     def __init__(self, fd: int, sink=None):
         super().__init__(daemon=True)
         self.fd, self.sink, self.kept, self.left_out = fd, sink, bytearray(), 0
+        self.lock = threading.Lock()     # held while bytes are read and kept
         self.start()
 
     def run(self):
-        while data := os.read(self.fd, 1 << 16):
-            room = KEPT - len(self.kept)
-            self.kept += data[:max(room, 0)]
-            self.left_out += max(len(data) - max(room, 0), 0)
+        while True:
+            select.select([self.fd], [], [])
+            with self.lock:
+                data = os.read(self.fd, 1 << 16)
+                room = KEPT - len(self.kept)
+                self.kept += data[:max(room, 0)]
+                self.left_out += max(len(data) - max(room, 0), 0)
+            if not data:
+                break
             if self.sink:
                 self.sink(data)
         os.close(self.fd)
+
+    def settled(self) -> bytes:
+        """Everything written so far (the writers are stopped): kept once the pipe is empty."""
+        while True:
+            with self.lock:
+                waiting = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
+                if not waiting:
+                    return bytes(self.kept)
+            select.select([], [], [], 0.001)
 
 
 class Supervisor:
@@ -125,6 +160,13 @@ class Supervisor:
         self._faults: dict[int, dict] = {}   # tgid -> the last fault signal it was sent
         self._cpuinfo = os.stat("/proc/cpuinfo")
         self._procfs: dict[int, bool] = {self._cpuinfo.st_dev: True}   # st_dev -> a procfs mount
+        self.counting = bool(program.keep_low)
+        self.calls: Counter = Counter()
+        self.sample: list[int] = []
+        self.moved = False
+        self.unplaced = ""           # why the program's layout cannot move into the emulator
+        self.auxv = b""              # its auxiliary vector as placed
+        self._outputs: tuple = ()
 
     # -- start and end ------------------------------------------------------------------------
 
@@ -144,7 +186,12 @@ class Supervisor:
                 os.dup2(stdout_w, 1)
                 os.dup2(stderr_w, 2)
                 os.read(go_r, 1)                # the supervisor has seized this process
-                pt.install_filter(pt.supervisor_filter())
+                # the program gets 0-2 and nothing else of minivmm's (as subprocess's close_fds)
+                os.closerange(3, failed_w)
+                os.closerange(failed_w + 1, os.sysconf("SC_OPEN_MAX"))
+                if self.program.keep_low:
+                    pt.no_randomize()
+                pt.install_filter(pt.supervisor_filter(every_call=bool(self.program.keep_low)))
                 os.execve(self.program.path, self.program.argv, dict(e.split("=", 1) for e in self.program.env))
             except BaseException as error:  # noqa: BLE001 - whatever it is, the parent hears of it
                 os.write(failed_w, f"{self.program.path}: {_why(error)}".encode(errors="replace")[:512])
@@ -152,7 +199,7 @@ class Supervisor:
         self.root = pid
         for fd in (stdout_w, stderr_w, go_r, failed_w):
             os.close(fd)
-        outputs = (_Output(stdout_r, self.console), _Output(stderr_r))
+        outputs = self._outputs = (_Output(stdout_r, self.console), _Output(stderr_r))
         if feed:
             os.close(feed[0])
             threading.Thread(target=_feed, args=(feed[1], stdin), daemon=True).start()
@@ -183,7 +230,11 @@ class Supervisor:
         out = self.outcome
         out.stdout, out.stderr = bytes(outputs[0].kept), bytes(outputs[1].kept)
         out.left_out = {"console": outputs[0].left_out, "stderr": outputs[1].left_out}
-        if failure:
+        if self.counting:
+            out.calls, out.sample = self.calls, self.sample
+        if self.moved:
+            out.how = "moved"
+        elif failure:
             out.how, out.message = "failed", failure.decode(errors="replace")
         elif self.unsupported:
             out.how, out.message = "unsupported", self.unsupported
@@ -348,15 +399,24 @@ class Supervisor:
                 self._refuse(tid, f"arch_prctl(ARCH_SET_CPUID, 0) failed after execve ({os.strerror(-result)}), "
                                   f"so CPUID faulting cannot be armed")
                 return
+            if self.program.keep_low and task.tgid == self.root:
+                self._place(tid, task)
             self._write(tid, task.saved.rip, task.code)
             pt.set_regs(tid, task.saved)
             task.arming, task.saved = None, None
             for signo in task.deferred:
                 pt.tgkill(task.tgid, tid, signo)
             task.deferred.clear()
-            pt.resume(tid)
+            self._after_call(tid, task)
         else:
-            pt.resume(tid)
+            self._after_call(tid, task)
+
+    def _after_call(self, tid: int, task: _Task) -> None:
+        """On from a syscall-exit-stop; at a point, first the program's ``on_point``."""
+        count, task.point = task.point, 0
+        if count and self._at_point(tid, count):
+            return
+        pt.resume(tid)
 
     def _refuse(self, tid: int, why: str) -> None:
         """End the run: the program would run unsupervised from here. Every task dies."""
@@ -385,11 +445,13 @@ class Supervisor:
 
     def _seccomp(self, tid: int, task: _Task) -> None:
         asked = pt.event_message(tid)
+        if asked == pt.TRACE_CPUID_PRCTL and task.arming == "entered":   # the supervisor's own: on to its exit
+            task.arming = "called"
+            pt.resume(tid, 0, pt.PTRACE_SYSCALL)
+            return
+        if self.counting and task.tgid == self.root and self.outcome.execs:
+            self._count(tid, task)
         if asked == pt.TRACE_CPUID_PRCTL:
-            if task.arming == "entered":   # the supervisor's own: on to its exit
-                task.arming = "called"
-                pt.resume(tid, 0, pt.PTRACE_SYSCALL)
-                return
             regs = pt.get_regs(tid)
             # the machine without CPUID faulting: CPUID enabled, and no way to change it
             result = 1 if regs.rdi & 0xFFFFFFFF == pt.ARCH_GET_CPUID else -errno.ENODEV
@@ -397,7 +459,114 @@ class Supervisor:
             pt.set_regs(tid, regs)
         elif asked == pt.TRACE_OPEN:
             self._open(tid)
-        pt.resume(tid)
+        elif asked == pt.TRACE_CALL and self.program.keep_low and task.tgid == self.root:
+            self._place_mmap(tid)
+        pt.resume(tid, 0, pt.PTRACE_SYSCALL if task.point else pt.PTRACE_CONT)
+
+    # -- a program that may move into the emulator ---------------------------------------------
+
+    def _count(self, tid: int, task: _Task) -> None:
+        nr = pt.get_regs(tid).orig_rax
+        self.calls[nr] += 1
+        if len(self.sample) < SAMPLE:
+            self.sample.append(nr)
+        total = sum(self.calls.values())
+        if total in self.program.points:
+            task.point = total
+
+    def _place(self, tid: int, task: _Task) -> None:
+        """At the exec stop, armed: the stack below the VM's RAM top, 8 MiB as the
+        emulator maps it, its pointers shifted; the vDSO withheld (placement.py)."""
+        top, bottom = stack_layout(self.program.keep_low)
+        with open(f"/proc/{tid}/maps") as maps:
+            areas = parse_maps(maps.read())
+        rsp = task.saved.rsp
+        stack = next(a for a in areas if a.start <= rsp < a.end)
+        for area in areas:
+            if area is not stack and area.name not in KERNEL_AREAS and area.end > bottom - PAGE:
+                self.unplaced = (f"{_exe(tid)} is mapped at {area.start:#x}, above the VM's RAM: a program moves "
+                                 f"into the emulator when it is linked at a fixed address (static, not PIE)")
+                return
+        placed = self._syscall(tid, pt.SYS_MMAP, bottom, STACK_SIZE, PROT_RW,
+                               MAP_PRIVATE_ANONYMOUS | MAP_FIXED_NOREPLACE, (1 << 64) - 1, 0)
+        if placed != bottom:
+            self.unplaced = f"its stack cannot be placed at {bottom:#x} ({os.strerror(-placed)})"
+            return
+        delta = top - stack.end
+        data, self.auxv = moved_stack(self._read(tid, stack.start, stack.end - stack.start), stack.start, rsp, delta)
+        self._write(tid, top - len(data), data)
+        for area in areas:
+            if area is stack or area.name in KERNEL_AREAS[:-1]:   # [vsyscall] is no mapping of the process's
+                self._syscall(tid, pt.SYS_MUNMAP, area.start, area.end - area.start)
+        task.saved.rsp += delta
+
+    def _place_mmap(self, tid: int) -> None:
+        """An mmap without an address gets the one the emulator would pick: top-down below
+        the stack (a hint: the kernel takes it when it is free, as it is here)."""
+        regs = pt.get_regs(tid)
+        if regs.orig_rax != pt.SYS_MMAP or regs.rdi or regs.r10 & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+            return
+        with open(f"/proc/{tid}/maps") as maps:
+            areas = parse_maps(maps.read())
+        _, bottom = stack_layout(self.program.keep_low)
+        hint = free_below(areas, regs.rsi, bottom - PAGE, 0x10000)
+        if hint is not None:
+            regs.rdi = hint
+            pt.set_regs(tid, regs)
+
+    def _syscall(self, tid: int, nr: int, *args: int) -> int:
+        """Make one system call in a task stopped at a syscall-exit-stop, its registers and
+        code as they were afterwards; signals arriving meanwhile are sent again later."""
+        saved = pt.get_regs(tid)
+        code = self._read(tid, saved.rip, len(SYSCALL))
+        self._write(tid, saved.rip, SYSCALL)
+        call = saved.copy()
+        call.rax = nr
+        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(call, name, value & ((1 << 64) - 1))
+        pt.set_regs(tid, call)
+        entered, result = False, None
+        pt.resume(tid, 0, pt.PTRACE_SYSCALL)
+        while result is None:
+            _, status = os.waitpid(tid, pt.WALL)
+            if not os.WIFSTOPPED(status):
+                raise ProcessLookupError(tid)
+            if os.WSTOPSIG(status) == pt.SYSCALL_STOP and status >> 16 == 0:
+                if entered:
+                    result = _signed(pt.get_regs(tid).rax)
+                    break
+                entered = True
+            elif status >> 16 == 0:
+                self.tasks[tid].deferred.append(os.WSTOPSIG(status))
+            pt.resume(tid, 0, pt.PTRACE_SYSCALL)
+        self._write(tid, saved.rip, code)
+        pt.set_regs(tid, saved)
+        return result
+
+    def _at_point(self, tid: int, count: int) -> bool:
+        """The program's state at a point, or why it cannot be carried; True if the
+        program moved (its process here is ended)."""
+        try:
+            if self.unplaced:
+                raise Uncarried(self.unplaced)
+            others = [t for t in self.tasks if t != tid]
+            if others:
+                raise Uncarried(f"it runs with {len(others)} more threads or processes; minivmm carries one")
+            state = capture(tid, lambda at, size: self._read(tid, at, size),
+                            lambda nr, *args: self._syscall(tid, nr, *args), self.program.keep_low)
+            state.auxv = self.auxv
+        except Uncarried as why:
+            state = why
+        task = self.tasks[tid]
+        for signo in task.deferred:
+            pt.tgkill(task.tgid, tid, signo)
+        task.deferred.clear()
+        if self.program.on_point(count, state, self._outputs[0].settled(), self._outputs[1].settled(), self.calls,
+                                 self.sample):
+            self.moved = True
+            self._kill_all()
+            return True
+        return False
 
     def _open(self, tid: int) -> None:
         regs = pt.get_regs(tid)

@@ -195,7 +195,7 @@ def map_image(process: Process, image, base: int = 0) -> None:
         process.fill(address, data)
 
 
-def _layout(ram_size: int) -> tuple[int, int]:
+def stack_layout(ram_size: int) -> tuple[int, int]:
     """The stack's top and bottom: 8 MiB below the last page of RAM."""
     stack_top = ram_size - PAGE
     return stack_top, stack_top - STACK_SIZE
@@ -206,7 +206,7 @@ def fits(program: Program, ram_size: int) -> bool:
     them (the address space is empty when it is loaded)."""
     image, interpreter = program.image, program.interpreter
     end = page_up(image.end)
-    mmap_top = _layout(ram_size)[1] - PAGE
+    mmap_top = stack_layout(ram_size)[1] - PAGE
     room = mmap_top - end - PAGE - (page_up(interpreter.end) if interpreter else 0)
     return min(address for address, _, _ in image.segments) >= MMAP_MIN and end <= mmap_top and room >= 0
 
@@ -218,7 +218,7 @@ def load_program(uc, process: Process, program: Program, env: list[str], seed: i
     and the data segments as start_thread sets them; comm from the file's name."""
     image, interpreter, info = program.image, program.interpreter, program.image.linux
     end = page_up(image.end)
-    stack_top, stack_bottom = _layout(len(process.ram))
+    stack_top, stack_bottom = stack_layout(len(process.ram))
     process.brk_start = process.brk = end
     process.mmap_top, process.stack_bottom = stack_bottom - PAGE, stack_bottom
     process.exe, process.argv = info["exe"], list(program.argv)

@@ -109,3 +109,9 @@ def precopy(params: PreCopy, used_pages: list[int], run_guest, copy_pages, hurry
             throttled, mode = True, "throttled"
         to_send, pending = dirty, len(dirty)
     return {"rounds": len(rounds), "pages_per_round": rounds, "mode": "stop-and-copy", "remaining": to_send or set()}
+
+
+def unreached(events) -> list[dict]:
+    """The report's record of migration and snapshot points a run never reached."""
+    return [{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
+            else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in events]

@@ -14,10 +14,12 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 
 from iced_x86 import Decoder
 
 from ..accel import ptrace
+from ..accel.capture import Uncarried
 from ..accel.supervisor import SI_KERNEL, Program, Supervisor
 from ..cpu import isa
 from ..cpu.features import catalogue
@@ -25,11 +27,16 @@ from ..errors import MinivmmError
 from ..linux.cpuinfo import cpuinfo
 from ..linux.process import DEFAULT_ENV, hwcap, hwcap2
 from ..linux.start import linux_cr4
+from ..masking.compat import compatibility
 from ..masking.view import GuestCpuidView
+from ..cpu.profiles import load_profile
 from .accelerated import refuse_beyond_machine
+from . import from_native
 from .exits.faults import VECTOR_NAMES
 from .log import ExitLog
+from .migration import MigrationRequest, unreached
 from .report import SIGNALS, RunResult, Stop
+from .snapshot import save as save_snapshot
 
 HWCAP2_FSGSBASE = 1 << 1
 BUS_ADRALN, TRAP_BRKPT, FPE_INTDIV, FPE_INTOVF = 1, 1, 1, 2   # si_code values (asm-generic/siginfo.h)
@@ -107,15 +114,93 @@ def describe(fault: dict) -> dict:
             "delivered": fault["handled"], "host": "native", "message": message}
 
 
-def run_supervised(vm, timeout: float | None, console) -> RunResult:
+class Moves:
+    """A supervised program's migration and snapshot points (``syscall:N``: the machine's
+    CPU counts no instructions, its kernel's system calls are counted for minivmm). At
+    each, the process is captured as the emulator's snapshot (from_native.py): written
+    to a file, or resumed on the destination host, the native process ended. A process
+    that cannot be carried, or a destination that cannot take its view, stays where it
+    is, the reason recorded, as a refused migration leaves a VM on its source."""
+
+    def __init__(self, vm, events, force: bool):
+        for event in events:
+            when = event.when if isinstance(event, MigrationRequest) else event[0]
+            if when.kind != "syscall":
+                raise MinivmmError(f"--accel native: {when} is not a point the machine's CPU can stop at; a "
+                                   f"program moves into the emulator at syscall:N")
+        if isinstance(vm.linux.stdin, bytes) and events:
+            raise MinivmmError("--accel native: standard input given as bytes does not move into the emulator; "
+                               "give it as a file descriptor, or none")
+        if vm.memory_given and not events:
+            raise MinivmmError("--accel native: --memory is the RAM of the VM the program moves into; it applies "
+                               "with --migrate or --snapshot-at only")
+        self.vm, self.force = vm, force
+        self.events = sorted(events, key=lambda e: (e.when if isinstance(e, MigrationRequest) else e[0]).count)
+        self.points = {(e.when if isinstance(e, MigrationRequest) else e[0]).count for e in events}
+        self.migrations: list[dict] = []
+        self.snapshots: list[dict] = []
+        self.moving: tuple | None = None     # (snapshot, destination) once the program moved
+        self.calls = None
+
+    def on_point(self, count: int, process, console: bytes, stderr: bytes, calls, sample) -> bool:
+        while self.events and self._count(self.events[0]) == count:
+            event = self.events.pop(0)
+            started = time.perf_counter()
+            why, snapshot, pages = None, None, 0
+            if isinstance(process, Uncarried):
+                why = f"the program cannot move into the emulator: {process}; it runs on natively"
+            else:
+                snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
+                pages = sum(len(data) for data in process.contents.values()) // 4096
+            if isinstance(event, MigrationRequest):
+                if self._migrate(event, why, snapshot, pages, started):
+                    return True
+            elif why:
+                self.snapshots.append({"when": str(event[0]), "file": event[1], "host": "native", "refused": why})
+            else:
+                save_snapshot(snapshot, event[1])
+                self.snapshots.append({"when": str(event[0]), "file": event[1], "host": "native"})
+        return False
+
+    @staticmethod
+    def _count(event) -> int:
+        return (event.when if isinstance(event, MigrationRequest) else event[0]).count
+
+    def _migrate(self, request, why, snapshot, pages: int, started: float) -> bool:
+        destination = load_profile(request.destination)
+        record = {"from": "native", "to": destination.name, "when": str(request.when), "ok": False, "forced": False,
+                  "cold": False, "missing": [], "rounds": 0, "pages_sent": 0, "pages_per_round": [],
+                  "downtime_ms": 0.0, "total_ms": 0.0, "mode": None, "refused": True}
+        self.migrations.append(record)
+        if why is None and request.cold:
+            why = "--accel native moves a running program: cold migration is for the emulator"
+        if why is None:
+            missing, marks = compatibility(self.vm.view, self.vm.host, destination)
+            record["missing"], record["marks"] = missing, marks
+            if (missing or marks) and not self.force:
+                why = f"{destination.name} lacks {', '.join(missing + marks)}: the program stays native"
+            record["forced"] = bool(missing or marks)
+        if why:
+            record["reason"] = why
+            return False
+        took = round((time.perf_counter() - started) * 1e3, 3)
+        record.update(ok=True, refused=False, mode="stop-and-copy", pages_sent=pages, downtime_ms=took, total_ms=took)
+        self.moving = (snapshot, destination.name)
+        return True
+
+
+def run_supervised(vm, timeout: float | None, console, events=(), force: bool = False) -> RunResult:
     host, view, image, linux = vm.host, vm.view, vm.image, vm.linux
+    moves = Moves(vm, events, force)
     shown = hwcap2(view)
     cpuid, exceptions = ExitLog(lambda entry: entry[0]), ExitLog(lambda entry: entry["vector"])
     program = Program(
         path=image.path, argv=[image.linux["execfn"], *linux.argv],
         env=list(linux.env if linux.env is not None else DEFAULT_ENV), answer=answers(view, cpuid), hwcap=hwcap(view),
         hwcap2=lambda machine: machine & ~HWCAP2_FSGSBASE | shown, cpuinfo=cpuinfo(host, view),
-        on_fault=lambda fault: exceptions.add(describe(fault)), stdin=linux.stdin)
+        on_fault=lambda fault: exceptions.add(describe(fault)), stdin=linux.stdin,
+        keep_low=vm.memory if events else None, points=frozenset(moves.points), on_point=moves.on_point)
+    started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="minivmm-native-")
     try:
         path = os.path.join(folder, "cpuinfo")
@@ -127,6 +212,20 @@ def run_supervised(vm, timeout: float | None, console) -> RunResult:
         shutil.rmtree(folder, ignore_errors=True)
     if outcome.how == "failed":
         raise MinivmmError(f"--accel native: cannot start {outcome.message}")
+    if outcome.how == "moved":
+        snapshot, destination = moves.moving
+        left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
+        result = vm.continue_native(snapshot, destination, moves.force, moves.events, left, console)
+        result.cpuid_log[:0] = cpuid.entries
+        result.exceptions[:0] = exceptions.entries
+        for totals, native in ((result.cpuid_totals, cpuid.counts), (result.exception_totals, exceptions.counts)):
+            for key, count in native.items():
+                totals[key] = totals.get(key, 0) + count
+        result.migrations[:0] = moves.migrations
+        result.snapshots[:0] = moves.snapshots
+        result.accel = "native"
+        result.notes = [NOTE + f" until it moved into the emulator on {destination} at {moves.migrations[-1]['when']}"]
+        return result
     if outcome.how == "exited":
         stop = Stop("exited", outcome.status, message=f"program exited with status {outcome.status}")
     elif outcome.how == "signaled":
@@ -146,4 +245,17 @@ def run_supervised(vm, timeout: float | None, console) -> RunResult:
         left_out={"cpuid_exits": cpuid.left_out, "cpuid_exit_counts": cpuid.other_keys,
                   "exceptions": exceptions.left_out, **outcome.left_out},
         stderr=outcome.stderr.decode("latin-1"), view_features=catalogue().decode(view.table), accel="native",
+        migrations=moves.migrations, snapshots=moves.snapshots, syscalls=_calls(outcome),
+        unreached=unreached(moves.events),
         notes=[NOTE, f"followed {outcome.tasks} threads and processes through {outcome.execs} execve calls"])
+
+
+def _calls(outcome) -> dict | None:
+    """The program's system calls, counted where it may move into the emulator (every
+    call then stops in the supervisor), by name as the emulator's report has them."""
+    if outcome.calls is None:
+        return None
+    counted, unknown = from_native.by_name(outcome.calls)
+    return {"total": sum(outcome.calls.values()), "counts": counted, "unknown_others": 0,
+            "sample": [from_native.NAMES.get(nr, nr) for nr in outcome.sample],
+            "unknown": [{"number": nr, "count": n} for nr, n in unknown.items()]}

@@ -38,6 +38,7 @@ from ..linux.calls import RETURNED
 from ..linux.clock import CODE_NS_SHIFT
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
+from ..linux.binfmt import stack_layout
 from ..linux.process import xfeatures
 from ..linux.state import capture as capture_process
 from ..linux.state import check_grants
@@ -49,7 +50,7 @@ from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
 from . import engine as engine_module
 from .accelerated import ACCELERATORS, check_view, run_on_kvm
-from . import supervised
+from . import from_native, supervised
 from .audit import Audit
 from .log import ExitLog
 from .engine import counted_so_far as engine_counter
@@ -62,7 +63,7 @@ from .exits.xsave import XsaveUnit
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .exits import x87 as x87_exits
 from .exits.x87 import X87Exceptions
-from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy
+from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy, unreached
 from .ram import touched_pages
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import Snapshot, read_registers
@@ -230,12 +231,13 @@ class VM:
             raise MinivmmError(f"unknown accelerator '{accel}' (tcg, kvm, native)")
         if host is None:
             host = "native" if accel == "native" else "nehalem"
+        self.memory_given = memory is not None
         if accel == "native":
             linux = True   # any ELF executable runs as the machine's own process
-            for given, what in ((mounts, "--mount"), (seed, "--seed"), (memory, "--memory")):
+            for given, what in ((mounts, "--mount"), (seed, "--seed")):
                 if given:
                     raise MinivmmError(f"--accel native: {what} does not apply to a process of this machine, "
-                                       f"which sees the machine's files, random numbers and memory")
+                                       f"which sees the machine's files and random numbers")
         self.image = load_guest(guest, linux) if isinstance(guest, str) else guest
         if (argv or env is not None or mounts) and self.image.kind != "linux":
             raise MinivmmError(f"{self.image.name}: arguments, environment and mounts are for Linux programs (--linux)")
@@ -313,17 +315,22 @@ class VM:
         writes a snapshot to ``snapshot_file`` and carries on."""
         check_budgets(max_insns, timeout)
         if self.accel != "tcg":
+            moving = () if self.accel == "native" else ((migrations, "--migrate"), (snapshot_at, "--snapshot-at"))
             for given, what in ((max_insns, "an exact --max-insns (the CPU counts no instructions for the VMM)"),
-                                (audit, "--audit (the CPU executes hidden features without an exit)"),
-                                (migrations, "--migrate"), (snapshot_at, "--snapshot-at")):
+                                (audit, "--audit (the CPU executes hidden features without an exit)"), *moving):
                 if given:
                     raise MinivmmError(f"--accel {self.accel}: {what} is not available on the machine's own CPU; "
                                        f"run on the emulator")
         if self.accel == "kvm":
             return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, boot_cr4(self.view), XCR0_BOOT,
                                                        MXCSR_RESET))
+        events = self._events(migrations, snapshot_at, snapshot_file)
         if self.accel == "native":
-            return supervised.run_supervised(self, timeout, console)
+            return supervised.run_supervised(self, timeout, console, events, force)
+        return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+
+    def _events(self, migrations, snapshot_at, snapshot_file) -> list:
+        """The migrations and the snapshot point, checked before anything runs."""
         events = [MigrationRequest.parse(m) if isinstance(m, str) else m for m in migrations]
         if bool(snapshot_at) != bool(snapshot_file):
             raise MinivmmError("--snapshot-at and --snapshot-file go together: a snapshot needs a point and a file")
@@ -335,7 +342,34 @@ class VM:
         for event in events:
             if isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
-        return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+        return events
+
+    # ---- a native process moving into the emulator (supervised.py) ------------------
+
+    def snapshot_of_native(self, process, console: bytes, stderr: bytes, calls, sample) -> Snapshot:
+        """The emulator's snapshot of a native process of this VM's program: the run
+        booted on the emulator with the same view, then given the process's memory,
+        registers and kernel state (from_native.py)."""
+        emulated = VM(self.image, self.host, memory=self.memory, evc=self.evc, masks=self.masks, policy=self.policy,
+                      argv=self.linux.argv, env=self.linux.env, mounts=["/"], realtime=True)
+        run = _Run(emulated, None, False, [], False, PreCopy())
+        ram = run.engine.ram
+        for mapping in run.kernel.p.memory.maps:   # the image the boot loaded gives way to the process's
+            ram[mapping.start:mapping.end] = bytes(mapping.end - mapping.start)
+        for start, data in process.contents.items():
+            ram[start:start + len(data)] = data
+        from_native.load_registers(run.engine, self.host, process.regs, process.xsave)
+        snapshot = run._snapshot()
+        snapshot.console = console
+        snapshot.process = from_native.process_state(snapshot.process, process, stack_layout(self.memory), stderr,
+                                                     calls, sample, list(run.kernel.p.argv))
+        return snapshot
+
+    def continue_native(self, snapshot: Snapshot, destination: str, force: bool, events, timeout, console) -> RunResult:
+        """The moved program on ``destination``, on to its end and its remaining events."""
+        vm = VM.resume(snapshot, destination, force=force, mounts=["/"], stdin=self.linux.stdin, realtime=True,
+                       terminal=self.linux.terminal)
+        return _Run(vm, console, False, list(events), force, PreCopy()).run(None, timeout)
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool, x87: X87Exceptions | None = None):
         """What an exit at each instruction does on this host (cached per opcode, until
@@ -1104,8 +1138,7 @@ class _Run:
                       "stderr": self.kernel.p.stderr_left_out if self.kernel else 0},
             snapshots=self.snapshots, syscalls=self._syscall_report(),
             stderr=self.kernel.p.stderr.decode("latin-1") if self.kernel else "",
-            unreached=[{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
-                       else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in self.events],
+            unreached=unreached(self.events),
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
             memory=vm.memory, ram=self.engine.ram,
