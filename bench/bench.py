@@ -459,6 +459,20 @@ int main(int argc, char **argv) {
 """
 
 
+BIG_PROCESS = r"""
+#include <stdlib.h>
+#include <unistd.h>
+int main(void) {
+    size_t size = 64 << 20;
+    char *memory = malloc(size);
+    for (size_t i = 0; i < size; i += 4096)
+        memory[i] = (char)(i >> 12) | 1;
+    write(1, "touched\n", 8);
+    return memory[4096] != 1;
+}
+"""
+
+
 def supervised_rows(tmp: str, repeats: int) -> None:
     """--accel native: a CPU-bound program under the ptrace supervisor against the program
     alone, and one CPUID's round trip through the supervisor (in-process runs: Python's
@@ -494,6 +508,24 @@ def supervised_rows(tmp: str, repeats: int) -> None:
     per, machine = (many - none) / count * 1e6, (plain_many - plain_none) / count * 1e6
     emit(("--accel native: one CPUID through the supervisor (100k CPUIDs, over a run without)",
           f"the machine's CPUID {machine:.2f} us", f"{per:.1f} us", f"{per / max(machine, 1e-9):.0f}x", "(measured)"))
+    python = shutil.which("python3")
+    bare, ours = interleaved(repeats, lambda: alone(python, "-c", "pass"), lambda: _timed(
+        lambda: VM(python, argv=["-c", "pass"], accel="native").run()))
+    emit(("--accel native: python3 -c pass", f"python3 alone {bare * 1e3:.0f} ms", f"{ours * 1e3:.0f} ms",
+          f"{ours / bare:.2f}x", "(measured)"))
+    Path(tmp, "big.c").write_text(BIG_PROCESS)
+    big = os.path.join(tmp, "big")
+    subprocess.run(["gcc", "-static", "-O1", "-o", big, f"{big}.c"], check=True)
+    point = VM(big, accel="native", memory="256M").run(migrations=["native@syscall:1000000"])
+    point = point.syscalls["sample"].index("write") + 1
+    moves = []
+    for _ in range(repeats):
+        moved = VM(big, accel="native", memory="256M").run(migrations=[f"native@syscall:{point}"])
+        assert moved.exit_code == 0 and moved.migrations[0]["ok"], moved.stop
+        moves.append(moved.migrations[0])
+    move = sorted(moves, key=lambda m: m["downtime_ms"])[len(moves) // 2]
+    emit(("--accel native: capture of a 64 MiB process into the emulator (its snapshot, ready to run)",
+          f"{move['pages_sent']} pages", f"{move['downtime_ms']:.0f} ms", "", "(measured)"))
 
 
 def kvm_rows(repeats: int) -> None:

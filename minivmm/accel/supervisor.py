@@ -35,6 +35,7 @@ import signal
 import struct
 import termios
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -79,8 +80,8 @@ class Program:
     stdin: object = None              # a file descriptor, bytes, or None (empty)
     # A program that may move into the emulator (placement.py): the VM's RAM, and the
     # system calls (counted from the first after execve) after which ``on_point(count,
-    # process or Uncarried, stdout and stderr so far, calls by number, the first calls)``
-    # is called; it returns True to end the native run there (the program moved).
+    # process or Uncarried, stdout and stderr so far, calls by number, the first calls,
+    # when it stopped)`` is called; it returns True to end the native run there (moved).
     keep_low: int | None = None
     points: tuple = ()
     on_point: object = None
@@ -546,6 +547,7 @@ class Supervisor:
     def _at_point(self, tid: int, count: int) -> bool:
         """The program's state at a point, or why it cannot be carried; True if the
         program moved (its process here is ended)."""
+        stopped = time.perf_counter()
         try:
             if self.unplaced:
                 raise Uncarried(self.unplaced)
@@ -562,7 +564,7 @@ class Supervisor:
             pt.tgkill(task.tgid, tid, signo)
         task.deferred.clear()
         if self.program.on_point(count, state, self._outputs[0].settled(), self._outputs[1].settled(), self.calls,
-                                 self.sample):
+                                 self.sample, stopped):
             self.moved = True
             self._kill_all()
             return True

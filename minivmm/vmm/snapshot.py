@@ -24,6 +24,7 @@ resumes, straight into its RAM and never past the length the header declares, so
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 import zlib
@@ -40,6 +41,7 @@ from ..linux.vfs import PATH_MAX, Mount
 from ..masking.formats import MAX_MASK
 from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
 from .exits.io import CONSOLE_KEPT
+from .ram import PAGE, touched_pages
 
 MAGIC = b"MINIVMM\x00"
 VERSION = 1
@@ -126,17 +128,24 @@ class Snapshot:
     regs: dict
     cpuid: dict                # the frozen guest view: {"leaves": [[leaf, sub, a, b, c, d], ...]}
     console: bytes
-    memory: bytes | None       # None when read from a file: see ``load_memory``
+    memory: bytes | None       # None when read from a file: see ``load_memory`` (or the RAM of a live VM)
     extra: dict = field(default_factory=dict)
     stored_memory: tuple[int, memoryview] | None = None   # (compression, stored bytes) in the file read
     process: dict | None = None    # a Linux program's kernel state
     origin: str = "snapshot"       # its file, for errors
 
     def load_memory(self, ram) -> None:
-        """Fill ``ram`` (a writable buffer of ``meta.memory`` bytes) with the guest's
-        memory, decompressing in place: never more than the header declared."""
+        """Fill ``ram`` (a fresh, zeroed, writable buffer of ``meta.memory`` bytes) with
+        the guest's memory, decompressing in place: never more than the header declared."""
+        if isinstance(self.memory, mmap.mmap):   # a live VM's RAM: the pages it ever wrote
+            for page in touched_pages(self.memory):
+                ram[page:page + PAGE] = self.memory[page:page + PAGE]
+            return
         if self.memory is not None:
-            ram[:] = self.memory
+            for at in range(0, len(ram), CHUNK):   # zero chunks stay untouched, unallocated
+                end = min(at + CHUNK, len(ram))
+                if self.memory.count(0, at, end) != end - at:
+                    ram[at:end] = self.memory[at:end]
             return
         compression, body = self.stored_memory
         if compression == 0:

@@ -140,12 +140,12 @@ class Moves:
         self.migrations: list[dict] = []
         self.snapshots: list[dict] = []
         self.moving: tuple | None = None     # (snapshot, destination) once the program moved
-        self.calls = None
+        self.stopped = 0.0                    # when the process stopped at the last point (perf_counter)
 
-    def on_point(self, count: int, process, console: bytes, stderr: bytes, calls, sample) -> bool:
+    def on_point(self, count: int, process, console: bytes, stderr: bytes, calls, sample, stopped: float) -> bool:
+        self.stopped = stopped
         while self.events and self._count(self.events[0]) == count:
             event = self.events.pop(0)
-            started = time.perf_counter()
             why, snapshot, pages = None, None, 0
             if isinstance(process, Uncarried):
                 why = f"the program cannot move into the emulator: {process}; it runs on natively"
@@ -153,7 +153,7 @@ class Moves:
                 snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
                 pages = sum(len(data) for data in process.contents.values()) // 4096
             if isinstance(event, MigrationRequest):
-                if self._migrate(event, why, snapshot, pages, started):
+                if self._migrate(event, why, snapshot, pages):
                     return True
             elif why:
                 self.snapshots.append({"when": str(event[0]), "file": event[1], "host": "native", "refused": why})
@@ -166,7 +166,7 @@ class Moves:
     def _count(event) -> int:
         return (event.when if isinstance(event, MigrationRequest) else event[0]).count
 
-    def _migrate(self, request, why, snapshot, pages: int, started: float) -> bool:
+    def _migrate(self, request, why, snapshot, pages: int) -> bool:
         destination = load_profile(request.destination)
         record = {"from": "native", "to": destination.name, "when": str(request.when), "ok": False, "forced": False,
                   "cold": False, "missing": [], "rounds": 0, "pages_sent": 0, "pages_per_round": [],
@@ -183,8 +183,7 @@ class Moves:
         if why:
             record["reason"] = why
             return False
-        took = round((time.perf_counter() - started) * 1e3, 3)
-        record.update(ok=True, refused=False, mode="stop-and-copy", pages_sent=pages, downtime_ms=took, total_ms=took)
+        record.update(ok=True, refused=False, mode="stop-and-copy", pages_sent=pages)
         self.moving = (snapshot, destination.name)
         return True
 
@@ -215,7 +214,10 @@ def run_supervised(vm, timeout: float | None, console, events=(), force: bool = 
     if outcome.how == "moved":
         snapshot, destination = moves.moving
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
-        result = vm.continue_native(snapshot, destination, moves.force, moves.events, left, console)
+        resumed = vm.continue_native(snapshot, destination, moves.force, moves.events, console)
+        took = round((time.perf_counter() - moves.stopped) * 1e3, 3)   # stopped natively to ready to run
+        moves.migrations[-1].update(downtime_ms=took, total_ms=took)
+        result = resumed.run(None, left)
         result.cpuid_log[:0] = cpuid.entries
         result.exceptions[:0] = exceptions.entries
         for totals, native in ((result.cpuid_totals, cpuid.counts), (result.exception_totals, exceptions.counts)):

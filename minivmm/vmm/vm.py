@@ -274,9 +274,18 @@ class VM:
         that ``mounts=`` (``HOST[:GUEST]``, as for a run) does not grant."""
         meta = snapshot.meta
         kind = "linux" if snapshot.process is not None else "snapshot"
-        vm = cls(GuestImage(meta["guest"], kind, (), meta["entry"]), meta["host"] if host is None else host,
-                 meta["memory"], evc=meta.get("evc"), masks=meta.get("masks", ()), policy=meta.get("policy", "live"),
-                 snapshot=snapshot, **options)
+
+        def on(where):
+            return cls(GuestImage(meta["guest"], kind, (), meta["entry"]), where, meta["memory"], evc=meta.get("evc"),
+                       masks=meta.get("masks", ()), policy=meta.get("policy", "live"), snapshot=snapshot, **options)
+        try:
+            vm = on(meta["host"] if host is None else host)
+        except MinivmmError:
+            if not force or host is None:
+                raise
+            # forced onto a host that could not power on the VM's EVC mode: the view is the snapshot's anyway
+            vm = on(meta["host"])
+            vm.host = load_profile(host) if isinstance(host, str) else host
         if snapshot.process is not None:
             check_grants(snapshot.process, vm.linux.mounts, snapshot.origin)
         vm.view = GuestCpuidView.frozen(snapshot.view_table, vm.view.mask)
@@ -359,17 +368,18 @@ class VM:
         for start, data in process.contents.items():
             ram[start:start + len(data)] = data
         from_native.load_registers(run.engine, self.host, process.regs, process.xsave)
-        snapshot = run._snapshot()
+        snapshot = run._snapshot(copy=False)
         snapshot.console = console
         snapshot.process = from_native.process_state(snapshot.process, process, stack_layout(self.memory), stderr,
                                                      calls, sample, list(run.kernel.p.argv))
         return snapshot
 
-    def continue_native(self, snapshot: Snapshot, destination: str, force: bool, events, timeout, console) -> RunResult:
-        """The moved program on ``destination``, on to its end and its remaining events."""
+    def continue_native(self, snapshot: Snapshot, destination: str, force: bool, events, console):
+        """The moved program on ``destination``, ready to run (``run(None, timeout)``) to its
+        end and its remaining events."""
         vm = VM.resume(snapshot, destination, force=force, mounts=["/"], stdin=self.linux.stdin, realtime=True,
                        terminal=self.linux.terminal)
-        return _Run(vm, console, False, list(events), force, PreCopy()).run(None, timeout)
+        return _Run(vm, console, False, list(events), force, PreCopy())
 
     def classifier(self, host: HostProfile, view: GuestCpuidView, audit: bool, x87: X87Exceptions | None = None):
         """What an exit at each instruction does on this host (cached per opcode, until
@@ -1093,7 +1103,9 @@ class _Run:
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, copy: bool = True) -> Snapshot:
+        """The VM now; ``copy=False`` keeps this run's RAM itself as the memory (the run
+        must not go on while the snapshot is used)."""
         vm, engine = self.vm, self.engine
         state = engine.capture()
         meta = {"guest": vm.image.name, "entry": vm.image.entry, "host": engine.host.name, "evc": vm.evc,
@@ -1101,7 +1113,8 @@ class _Run:
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
                 "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
-        return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console), bytes(engine.ram),
+        return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console),
+                        bytes(engine.ram) if copy else engine.ram,
                         process=capture_process(self.kernel) if self.kernel else None)
 
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
