@@ -304,7 +304,9 @@ def _report(vm, as_json, syscalls=False, **options):
             forced = " (forced past the compatibility check)" if m["forced"] else ""
             click.echo(f"minivmm: {verdict} {m['from']} -> {m['to']} at {m['when']}{forced}: {detail}", err=True)
         for saved in result.snapshots:
-            click.echo(f"minivmm: saved a snapshot at {saved['when']} on {saved['host']} to {saved['file']}", err=True)
+            click.echo(f"minivmm: did not save a snapshot at {saved['when']} on {saved['host']}: {saved['refused']}"
+                       if "refused" in saved else
+                       f"minivmm: saved a snapshot at {saved['when']} on {saved['host']} to {saved['file']}", err=True)
         for point in result.unreached:
             what = f"migration to {point['to']}" if point["event"] == "migration" else f"snapshot to {point['file']}"
             made = f", after {result.syscalls['total']} system calls" if result.syscalls else ""

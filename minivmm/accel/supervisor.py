@@ -479,6 +479,7 @@ class Supervisor:
         """At the exec stop, armed: the stack below the VM's RAM top, 8 MiB as the
         emulator maps it, its pointers shifted; the vDSO withheld (placement.py)."""
         top, bottom = stack_layout(self.program.keep_low)
+        self.unplaced = ""    # a new image: it may move where the last could not
         with open(f"/proc/{tid}/maps") as maps:
             areas = parse_maps(maps.read())
         rsp = task.saved.rsp

@@ -62,6 +62,7 @@ class Clock:
         self.kernel_ns = 0
         self.slept_ns = 0
         self.deadline: int | None = None   # the time since boot of the next timer
+        self.slice_end: int | None = None  # the running thread's time slice ends at this much code (threads.py)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -106,14 +107,23 @@ class Clock:
         """The engine stops at the first block that starts at or past ``since_boot``
         (None: never); under realtime, once the machine's clock gets there (:meth:`wake`)."""
         self.deadline = since_boot
-        if self.realtime:
-            self.counter[1] = NEVER
-        else:
-            self._stop_engine()
+        self._stop_engine()
+
+    def preempt_after(self, ns: int | None) -> None:
+        """The engine stops once ``ns`` more of code has run (None: never), whatever the
+        clock: a thread's time slice is work done, so preemption falls where it fell."""
+        self.slice_end = None if ns is None else self.counter[0] + ns
+        self._stop_engine()
+
+    def slice_over(self) -> bool:
+        return self.slice_end is not None and self.counter[0] >= self.slice_end
 
     def _stop_engine(self) -> None:
-        """The engine's count at the deadline: the code's part of the time until then."""
-        self.counter[1] = NEVER if self.deadline is None else max(self.deadline - self.kernel_ns - self.slept_ns, 0)
+        """The engine's count at the deadline (the code's part of the time until then),
+        or at the slice's end if that comes first."""
+        timer = NEVER if self.deadline is None or self.realtime else \
+            max(self.deadline - self.kernel_ns - self.slept_ns, 0)
+        self.counter[1] = timer if self.slice_end is None else min(timer, self.slice_end)
 
     def realtime_wait(self) -> float | None:
         """Under realtime, the seconds until the next timer (the watchdog waits no longer)."""

@@ -20,6 +20,7 @@ from .errno import EINTR, ENOSYS, SyscallError
 from .files import Descriptors, Stream
 from .process import SAMPLE
 from .signals import ERESTARTSYS, Signals
+from .threads import Thread, Threads
 from .timers import Timers
 from .vfs import FileSystem, device
 
@@ -49,6 +50,9 @@ class Kernel:
         self.clock = Clock(realtime, epoch)
         self.signals = Signals(process, xsave)
         self.timers = Timers(self.clock, self.signals)
+        self.threads = Threads(process.tid, seed)
+        self.signals.current = process.tid
+        self.on_clone = lambda thread: None   # the VMM's: a thread was created (time slices begin)
         self.terminal = terminal
         self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up
         self._input = stdin if isinstance(stdin, int) else bytearray(stdin or b"")
@@ -104,6 +108,43 @@ class Kernel:
             if self.should_stop():
                 raise SyscallError(EINTR)
         return False
+
+    def schedule(self) -> Thread | None:
+        """The thread to run next (the running one's state already saved into it): the
+        next runnable in turn; while none is, time passes (virtual time jumps) to the
+        first wait's end or timer, and a signal ends the waits of the threads that would
+        take it. None when nothing can ever run again and the run's end is asked for."""
+        threads = self.threads
+        while True:
+            now = self.clock.since_boot()
+            for thread in threads.waiting():
+                if thread.wait.until is not None and now >= thread.wait.until:
+                    threads.end_wait(thread, "timeout")
+            self._interrupt_waits()
+            chosen = threads.pick()
+            if chosen is not None:
+                return chosen
+            first = threads.earliest()
+            now = self.clock.since_boot()
+            wake = min((t for t in (first.wait.until if first else None, self.timers.next_wakeup()) if t is not None),
+                       default=None)
+            if wake is not None and not self.clock.realtime:
+                self.clock.pass_idle(max(wake - now, 0))
+            else:
+                time.sleep(WAITED if wake is None else min(max(wake - now, 0) / 1e9, WAITED))
+            self.timers.expire()
+            if first is not None and self.clock.since_boot() >= first.wait.until:
+                threads.end_wait(first, "timeout")
+            elif self.should_stop():
+                return None
+
+    def _interrupt_waits(self) -> None:
+        """A pending signal a waiting thread would take (not blocked, not ignored) wakes
+        it, its wait ended by the signal (signal_wake_up)."""
+        for thread in self.threads.waiting():
+            entry = self.signals.next_for(thread.tid, thread.blocked)
+            if entry is not None and not self.signals.ignored(entry.signo):
+                self.threads.end_wait(thread, "signal")
 
     def _stderr(self, data: bytes) -> None:
         kept = max(STDERR_KEPT - len(self.p.stderr), 0)

@@ -83,6 +83,7 @@ class Queued:
     code: int
     fields: bytes = b""
     timer: int | None = None
+    tid: int | None = None       # a thread's own (tgkill), else the process's: the first thread not blocking it
 
 
 SIGNO = attrgetter("signo")
@@ -181,6 +182,7 @@ class Signals:
         self.xsaves = False               # the view has XSAVES: Linux's initial state is compacted (XRSTORS)
         self.fatal: tuple[int, str | None] | None = None   # the signal the process dies of, and why Linux forced it
         self.pending: list[Queued] = []   # in the order they were sent
+        self.current: int | None = None   # the running thread's id (the kernel sets it)
         self.saved_mask: int | None = None   # sigsuspend's: what the first handler's frame saves (set_restore_sigmask)
         self.on_dequeue = lambda entry: entry.fields   # the timers': re-arm the timer whose signal is delivered
         registers = tuple(REG[name] for name in SIGCONTEXT)
@@ -306,17 +308,19 @@ class Signals:
     def _blocked(self, signo: int) -> bool:
         return bool(self.blocked >> (signo - 1) & 1)
 
-    def send(self, signo: int, code: int, fields: bytes = b"", timer: int | None = None) -> bool:
+    def send(self, signo: int, code: int, fields: bytes = b"", timer: int | None = None,
+             tid: int | None = None) -> bool:
         """Make ``signo`` pending (kernel/signal.c __send_signal_locked); False where it is
         dropped, ignored and not blocked (a blocked signal may have a handler by the time
-        it is unblocked). ``timer``: a POSIX timer's, queued whatever else is pending."""
+        it is unblocked). ``timer``: a POSIX timer's, queued whatever else is pending;
+        ``tid``: for that thread alone (tgkill)."""
         if not self._blocked(signo) and self.ignored(signo):
             return False
-        if timer is None and signo < 32 and any(q.signo == signo for q in self.pending):
+        if timer is None and signo < 32 and any(q.signo == signo and q.tid == tid for q in self.pending):
             return True  # legacy_queue: a standard signal is pending once
         if timer is None and signo >= 32 and len(self.pending) >= MAX_QUEUED:
             raise SyscallError(EAGAIN)
-        self.pending.append(Queued(signo, code, fields, timer))
+        self.pending.append(Queued(signo, code, fields, timer, tid))
         return True
 
     def discard(self, keep) -> None:
@@ -329,9 +333,21 @@ class Signals:
     def _next(self) -> Queued | None:
         """The signal to take now (next_signal): the lowest-numbered the mask lets through,
         the first sent of that number."""
-        blocked = self.blocked
-        ready = [q for q in self.pending if not blocked >> (q.signo - 1) & 1]
+        return self.next_for(self.current, self.blocked)
+
+    def next_for(self, tid: int | None, blocked: int) -> Queued | None:
+        """The signal a thread with mask ``blocked`` would take now."""
+        ready = [q for q in self.pending if not blocked >> (q.signo - 1) & 1 and q.tid in (None, tid)]
         return min(ready, key=SIGNO) if ready else None
+
+    # -- threads: the running thread's mask, alternate stack and sigsuspend mask are here --
+
+    def save_to(self, thread) -> None:
+        thread.blocked, thread.altstack, thread.saved_mask = self.blocked, self.altstack, self.saved_mask
+
+    def load_from(self, thread) -> None:
+        self.blocked, self.altstack, self.saved_mask = thread.blocked, thread.altstack, thread.saved_mask
+        self.current = thread.tid
 
     def _take(self, entry: Queued) -> bytes:
         self.pending.remove(entry)

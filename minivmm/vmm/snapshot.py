@@ -291,6 +291,13 @@ class Snapshot:
             except ValueError as e:
                 bad(f"process: {e}")
 
+    def check(self, what: str) -> None:
+        """Every field by type and bound, as a snapshot read from a file is checked: one
+        made in memory (of a native process) is no more trusted than a file."""
+        def bad(msg):
+            raise MinivmmError(f"{what}: {msg}")
+        self._validate(bad, len(self.memory))
+
     def summary(self) -> dict:
         """What inspect shows, with the --mount a Linux program's resume needs."""
         mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]]} if self.process is not None else {}
@@ -346,7 +353,7 @@ def save(snapshot: Snapshot, path: str) -> None:
     for name, payload, _ in sections:
         if len(payload) > MAX_SECTION[name]:
             bad(f"its {name} section would be {len(payload)} bytes, more than the limit {MAX_SECTION[name]}")
-    snapshot._validate(bad, len(snapshot.memory))
+    snapshot.check(f"cannot save a snapshot to {path}")
     write_atomically(path, _pack(sections), "snapshot")
 
 

@@ -150,8 +150,11 @@ class Moves:
             if isinstance(process, Uncarried):
                 why = f"the program cannot move into the emulator: {process}; it runs on natively"
             else:
-                snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
-                pages = sum(len(data) for data in process.contents.values()) // 4096
+                try:
+                    snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
+                    pages = sum(len(data) for data in process.contents.values()) // 4096
+                except MinivmmError as error:   # what the emulator cannot take: the program stays
+                    why = f"the program cannot move into the emulator: {error}; it runs on natively"
             if isinstance(event, MigrationRequest):
                 if self._migrate(event, why, snapshot, pages):
                     return True

@@ -372,6 +372,7 @@ class VM:
         snapshot.console = console
         snapshot.process = from_native.process_state(snapshot.process, process, stack_layout(self.memory), stderr,
                                                      calls, sample, list(run.kernel.p.argv))
+        snapshot.check("the native process's snapshot")
         return snapshot
 
     def continue_native(self, snapshot: Snapshot, destination: str, force: bool, events, console):
@@ -638,6 +639,7 @@ class _Run:
         self.x87 = X87Exceptions()
         self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
+        self.switching = False   # the running thread blocked, yielded, exited, or its slice is over
         self.execed = False   # the last start ended at an execve: the code is another program's
         self.clock_stopped = False   # the last start ended for the Linux program's clock (a timer)
         self.io = IoExits(console, self._power_off, self._checkpoint)
@@ -675,6 +677,7 @@ class _Run:
         kernel.signals.opmasks = self.engine.opmasks
         kernel.signals.xsaves = self.engine.view.has(catalogue()["xsaves"])
         kernel.on_exec = self._new_image
+        kernel.on_clone = self._cloned
         kernel.p.xfeatures, permitted = xfeatures(self.engine.view)
         if kernel.p.xcomp_perm is None:   # a new process: what fpstate_reset permits
             kernel.p.xcomp_perm = kernel.p.xcomp_guest_perm = permitted
@@ -711,6 +714,9 @@ class _Run:
         before the next start forget every exit planted, every block translated and
         every native run of the old code (:meth:`_start`)."""
         self.execed = True
+        self.kernel.threads.only_running()   # execve ended every other thread (de_thread)
+        self.kernel.signals.current = self.kernel.threads.leader
+        self.kernel.clock.preempt_after(None)
         self.uc.emu_stop()
 
     def _protections_changed(self, start: int, end: int) -> None:
@@ -785,6 +791,9 @@ class _Run:
         when = self._next_point()
         if when and when.kind == "syscall" and when.count == self.kernel.calls:
             self.fired = True  # stop right after it returned; RIP is already past it
+            uc.emu_stop()
+        if self.kernel.threads.switch_wanted:
+            self.switching = True
             uc.emu_stop()
 
     def _power_off(self, status: int) -> None:
@@ -905,6 +914,8 @@ class _Run:
                     self._deliver_pending_fault()
                 elif self.fired:
                     self._fire()
+                elif self.switching:
+                    self._switch()
                 elif self.resumable:
                     continue
                 elif self.clock_stopped:
@@ -925,6 +936,59 @@ class _Run:
         self.kernel.timers.expire()
         self.kernel.signals.deliver_pending(self.uc)
         if self.kernel.signals.fatal:
+            self._killed()
+        elif self.kernel.clock.slice_over():
+            self._switch()
+
+    # -- threads (the scheduler is linux/threads.py; here, the engine's side) -----------
+
+    def _cloned(self, thread) -> None:
+        """A new thread (from the clone hook, RIP past the call): it starts from the
+        caller's context; time slices begin."""
+        thread.context = self.uc.context_save()
+        if self.engine.opmasks is not None:
+            thread.opmasks = self.engine.opmasks.opmasks()
+        if self.kernel.clock.slice_end is None:
+            self.kernel.clock.preempt_after(self.kernel.threads.slice())
+
+    def _switch(self) -> None:
+        """Save the running thread (unless it exited), run the one the scheduler picks:
+        its context, its signal state, the result of the wait it was in; then what is
+        pending for it is delivered, as its return to user mode would."""
+        uc, kernel = self.uc, self.kernel
+        threads, self.switching = kernel.threads, False
+        threads.switch_wanted = False
+        leaving = threads.all.get(threads.current)
+        if leaving is not None:
+            leaving.context = uc.context_save()
+            if self.engine.opmasks is not None:
+                leaving.opmasks = self.engine.opmasks.opmasks()
+            kernel.signals.save_to(leaving)
+        chosen = kernel.schedule()
+        if chosen is None:
+            self._end(Stop("limit", rip=self.engine.rip(), message="every thread waits and nothing can wake them"))
+            return
+        threads.current = chosen.tid
+        kernel.signals.load_from(chosen)
+        if chosen is not leaving:
+            uc.context_restore(chosen.context)
+            if self.engine.opmasks is not None:
+                self.engine.opmasks.set_opmasks(chosen.opmasks or {})
+        if chosen.start is not None:   # a new thread: clone returns 0 on its own stack and TLS
+            stack, tls = chosen.start
+            chosen.start = None
+            if stack:
+                uc.reg_write(x86.UC_X86_REG_RSP, stack)
+            if tls is not None:
+                uc.reg_write(x86.UC_X86_REG_FS_BASE, tls)
+            uc.reg_write(x86.UC_X86_REG_RCX, uc.reg_read(x86.UC_X86_REG_RIP))
+            uc.reg_write(x86.UC_X86_REG_R11, uc.reg_read(x86.UC_X86_REG_RFLAGS))
+        if chosen.result is not None:
+            uc.reg_write(x86.UC_X86_REG_RAX, chosen.result & (1 << 64) - 1)
+            chosen.result = None
+        kernel.clock.preempt_after(threads.slice() if threads.many else None)
+        kernel.signals.deliver_pending(uc)
+        if kernel.signals.fatal:
             self._killed()
 
     def _next_point(self) -> Trigger | None:
@@ -989,8 +1053,13 @@ class _Run:
             self._migrate(event)
         else:
             when, path = event
-            save_snapshot(self._snapshot(), path)
-            self.snapshots.append({"when": str(when), "file": path, "host": self.engine.host.name})
+            record = {"when": str(when), "file": path, "host": self.engine.host.name}
+            if self.kernel and self.kernel.threads.many:
+                record["refused"] = (f"the process has {len(self.kernel.threads.all)} threads; a snapshot file "
+                                     f"carries a process of one (a migration carries them all)")
+            else:
+                save_snapshot(self._snapshot(), path)
+            self.snapshots.append(record)
 
     # -- migration -----------------------------------------------------------------------
 
@@ -1046,8 +1115,11 @@ class _Run:
             if remaining is None:  # stop-and-copy: every page written so far
                 remaining = touched_pages(source.ram)
             copy_pages(sorted(remaining))
-            if not target.restore(source.capture()):
+            running = source.capture()
+            if not target.restore(running):
                 record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
+            if self.kernel and self.kernel.threads.many:
+                self._carry_threads(source, target, running["regs"])
             self.engine = target
             if self.kernel:  # the process's memory is the new host's RAM now
                 self._attach(self.kernel)
@@ -1060,6 +1132,24 @@ class _Run:
                       downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
         self.hosts.append(destination.name)
+
+    def _carry_threads(self, source: _Engine, target: _Engine, running: dict) -> None:
+        """The contexts of the threads not running, saved by the source's engine, made
+        the destination's (an engine's saved context belongs to its model): each loaded
+        on the source, read as a snapshot's registers and written on the destination,
+        whose XCR0 and control registers the running thread's restore has set."""
+        threads = self.kernel.threads
+        wide = source.opmasks is not None
+        for thread in threads.all.values():
+            if thread.tid == threads.current or thread.context is None:
+                continue
+            source.uc.context_restore(thread.context)
+            regs = {**read_registers(source.uc, wide=wide), **(thread.opmasks or {})}
+            write_registers(target.uc, regs)
+            thread.context = target.uc.context_save()
+        write_registers(target.uc, running)
+        if target.opmasks is not None:
+            target.opmasks.set_opmasks(running)
 
     def _policy_refusal(self, request) -> str | None:
         if self.vm.policy == "disabled":

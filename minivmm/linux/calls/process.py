@@ -9,9 +9,10 @@ import struct
 import unicorn.x86_const as x86
 
 from ..clock import WALL
-from ..errno import EINVAL, ENODATA, ENOSPC, EOPNOTSUPP, EPERM, SyscallError
+from ..errno import EINTR, EINVAL, ENODATA, ENOSPC, EOPNOTSUPP, EPERM, SyscallError
 from ..process import AT_MINSIGSTKSZ
 from ..signals import ERESTART_RESTARTBLOCK, ERESTARTNOHAND
+from ..threads import Wait
 from ..timers import clock_kind
 from .base import signed32, sys_enosys, sys_zero
 
@@ -212,6 +213,11 @@ def _sleep(k, clock: int, absolute: bool, request: int, remain: int) -> int:
         until = ns - (k.clock.wall_offset() if clock in WALL else 0)
     else:
         until = k.clock.since_boot() + ns
+    if k.threads.many:   # the thread sleeps; the others run meanwhile
+        if k.signals.interrupting():
+            raise SyscallError(EINTR)
+        k.threads.block(Wait(None, until=until, finish=lambda how: _slept(k, how, absolute, until, remain)))
+        return 0
     if k.wait(until):
         return 0
     if absolute or until is None:
@@ -219,6 +225,19 @@ def _sleep(k, clock: int, absolute: bool, request: int, remain: int) -> int:
     if remain:
         k.p.write(remain, timespec(max(until - k.clock.since_boot(), 0)))
     raise SyscallError(ERESTART_RESTARTBLOCK)
+
+
+def _slept(k, how: str, absolute: bool, until: int | None, remain: int) -> int:
+    """A thread's sleep ended: 0 on time, EINTR for a signal with the time left written
+    for a relative sleep (a handler runs: ERESTART_RESTARTBLOCK and ERESTARTNOHAND are EINTR)."""
+    if how != "signal":
+        return 0
+    if remain and not absolute and until is not None:
+        try:
+            k.p.write(remain, timespec(max(until - k.clock.since_boot(), 0)))
+        except SyscallError:
+            pass
+    return -EINTR
 
 
 def sys_nanosleep(k, uc, request, remain, *_):
@@ -236,32 +255,25 @@ def sys_sched_getaffinity(k, uc, pid, size, mask, *_):
     return 8
 
 
-def sys_set_tid_address(k, uc, *_):
-    return k.p.tid
-
-
-def sys_exit(k, uc, status, *_):
+def sys_exit_group(k, uc, status, *_):
     k.p.exit_status = status & 0xFF
     return 0
 
 
 TABLE = {
-    24: ("sched_yield", sys_zero), 35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
-    56: ("clone", sys_enosys), 57: ("fork", sys_enosys), 58: ("vfork", sys_enosys),
-    60: ("exit", sys_exit), 63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
+    35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
+    57: ("fork", sys_enosys), 58: ("vfork", sys_enosys), 63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
     97: ("getrlimit", sys_getrlimit), 160: ("setrlimit", sys_zero), 102: ("getuid", sys_ids),
     104: ("getgid", sys_ids), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id), 107: ("geteuid", sys_ids),
     108: ("getegid", sys_ids), 109: ("setpgid", sys_zero), 110: ("getppid", sys_getppid),
     111: ("getpgrp", sys_getpid), 112: ("setsid", sys_getpid), 118: ("getresuid", sys_getresid),
     120: ("getresgid", sys_getresid), 121: ("getpgid", sys_getpid), 124: ("getsid", sys_getpid),
-    158: ("arch_prctl", sys_arch_prctl), 186: ("gettid", sys_getpid), 201: ("time", sys_time),
-    202: ("futex", sys_zero), 204: ("sched_getaffinity", sys_sched_getaffinity),
-    218: ("set_tid_address", sys_set_tid_address), 228: ("clock_gettime", sys_clock_gettime),
+    158: ("arch_prctl", sys_arch_prctl), 201: ("time", sys_time),
+    204: ("sched_getaffinity", sys_sched_getaffinity), 228: ("clock_gettime", sys_clock_gettime),
     229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),
-    231: ("exit_group", sys_exit), 273: ("set_robust_list", sys_zero), 302: ("prlimit64", sys_prlimit64),
+    231: ("exit_group", sys_exit_group), 302: ("prlimit64", sys_prlimit64),
     318: ("getrandom", sys_getrandom), 99: ("sysinfo", sys_sysinfo), 115: ("getgroups", sys_zero),
     125: ("capget", sys_capget), 157: ("prctl", sys_prctl), 221: ("fadvise64", sys_zero),
     191: ("getxattr", sys_no_xattr), 192: ("lgetxattr", sys_no_xattr), 193: ("fgetxattr", sys_no_xattr),
     194: ("listxattr", sys_zero), 195: ("llistxattr", sys_zero), 196: ("flistxattr", sys_zero), 334: ("rseq", sys_enosys),
-    435: ("clone3", sys_enosys),
 }

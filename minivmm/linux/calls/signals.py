@@ -80,15 +80,17 @@ def sys_rt_sigreturn(k, uc, *_):
     return RETURNED
 
 
-def _raise(k, uc, target: int, signo: int, code: int):
+def _raise(k, uc, target: int, signo: int, code: int, thread: bool = False):
     """The signal is pending, the return to user mode delivers it; si_pid and si_uid
-    say who sent it (kill_pid_info): the process itself."""
+    say who sent it (kill_pid_info): the process itself. ``thread``: ``target`` is one
+    of its threads (tkill, tgkill)."""
     if not 0 <= signo <= 64:
         raise SyscallError(EINVAL)
-    if signed32(target) not in (k.p.tid, 0, -1):
+    target = signed32(target)
+    if thread and target not in k.threads.all or not thread and target not in (k.p.tid, 0, -1):
         raise SyscallError(ESRCH)  # no other process exists
     if signo:
-        k.signals.send(signo, code, struct.pack("<iI", k.p.tid, UID))
+        k.signals.send(signo, code, struct.pack("<iI", k.p.tid, UID), tid=target if thread else None)
     return 0
 
 
@@ -121,11 +123,13 @@ def sys_kill(k, uc, pid, signo, *_):
 
 
 def sys_tkill(k, uc, tid, signo, *_):
-    return _raise(k, uc, tid, signo, SI_TKILL)
+    return _raise(k, uc, tid, signo, SI_TKILL, thread=True)
 
 
 def sys_tgkill(k, uc, tgid, tid, signo, *_):
-    return _raise(k, uc, tid, signo, SI_TKILL)
+    if signed32(tgid) != k.p.tid:
+        raise SyscallError(ESRCH)
+    return _raise(k, uc, tid, signo, SI_TKILL, thread=True)
 
 
 TABLE = {
