@@ -63,6 +63,7 @@ class Clock:
         self.slept_ns = 0
         self.deadline: int | None = None   # the time since boot of the next timer
         self.slice_end: int | None = None  # the running thread's time slice ends at this much code (threads.py)
+        self.waits_end: int | None = None  # the time since boot a waiting thread's wait runs out
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -118,12 +119,22 @@ class Clock:
     def slice_over(self) -> bool:
         return self.slice_end is not None and self.counter[0] >= self.slice_end
 
+    def wake_threads_at(self, since_boot: int | None) -> None:
+        """The engine stops when a waiting thread's time runs out (None: no such wait)."""
+        self.waits_end = since_boot
+        self._stop_engine()
+
+    def waits_over(self) -> bool:
+        return self.waits_end is not None and self.since_boot() >= self.waits_end
+
     def _stop_engine(self) -> None:
         """The engine's count at the deadline (the code's part of the time until then),
         or at the slice's end if that comes first."""
-        timer = NEVER if self.deadline is None or self.realtime else \
-            max(self.deadline - self.kernel_ns - self.slept_ns, 0)
-        self.counter[1] = timer if self.slice_end is None else min(timer, self.slice_end)
+        code = [self.slice_end]
+        if not self.realtime:
+            code += [max(when - self.kernel_ns - self.slept_ns, 0) for when in (self.deadline, self.waits_end)
+                     if when is not None]
+        self.counter[1] = min((c for c in code if c is not None), default=NEVER)
 
     def realtime_wait(self) -> float | None:
         """Under realtime, the seconds until the next timer (the watchdog waits no longer)."""

@@ -117,7 +117,7 @@ class Kernel:
         threads = self.threads
         while True:
             now = self.clock.since_boot()
-            for thread in threads.waiting():
+            for thread in sorted(threads.waiting(), key=lambda t: (t.wait.until or 0, t.wait.order)):
                 if thread.wait.until is not None and now >= thread.wait.until:
                     threads.end_wait(thread, "timeout")
             self._interrupt_waits()

@@ -937,7 +937,7 @@ class _Run:
         self.kernel.signals.deliver_pending(self.uc)
         if self.kernel.signals.fatal:
             self._killed()
-        elif self.kernel.clock.slice_over():
+        elif self.kernel.clock.slice_over() or self.kernel.clock.waits_over():
             self._switch()
 
     # -- threads (the scheduler is linux/threads.py; here, the engine's side) -----------
@@ -987,6 +987,8 @@ class _Run:
             uc.reg_write(x86.UC_X86_REG_RAX, chosen.result & (1 << 64) - 1)
             chosen.result = None
         kernel.clock.preempt_after(threads.slice() if threads.many else None)
+        first = threads.earliest()
+        kernel.clock.wake_threads_at(first.wait.until if first else None)
         kernel.signals.deliver_pending(uc)
         if kernel.signals.fatal:
             self._killed()
