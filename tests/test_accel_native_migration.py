@@ -8,6 +8,7 @@ Penryn; its CPUID-guided twin finishes with the checksum it has natively.
 import json
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import minivmm_cli
@@ -159,3 +160,44 @@ def test_maps_lines_parse_with_their_names():
     areas = parse_maps(text)
     assert [(a.name, a.prot, a.shared, a.offset) for a in areas] == [
         ("/usr/bin/a b", 5, False, 0), ("[stack]", 3, False, 0), ("", 3, True, 0x1000)]
+
+
+@pytest.fixture(scope="module")
+def carried(tmp_path_factory):
+    out = tmp_path_factory.mktemp("carried") / "carried"
+    built = subprocess.run(["gcc", "-static", "-O1", "-o", str(out), str(Path(__file__).parent / "data" / "linux" /
+                                                                       "carried.c")], capture_output=True, text=True)
+    if built.returncode:
+        pytest.skip(f"gcc -static failed: {built.stderr[:200]}")
+    return str(out)
+
+
+@needs_faulting
+@needs_gcc
+@pytest.mark.parametrize("mode", ["cpuinfo", "dup", "close"])
+def test_what_a_process_holds_moves_with_it(carried, mode):
+    """/proc/cpuinfo read across the point (the view's text), stdout under another
+    number, stdout closed: the moved program says what it says natively."""
+    alone = VM(carried, argv=[mode], accel="native").run(migrations=["native@syscall:100000"], timeout=30)
+    at = alone.syscalls["sample"].index("getppid") + 10
+    moved = VM(carried, argv=[mode], accel="native").run(migrations=[f"native@syscall:{at}"], timeout=60)
+    assert moved.migrations[0]["ok"], moved.migrations[0].get("reason")
+    assert (moved.console, moved.stderr, moved.exit_code) == (alone.console, alone.stderr, 0)
+    assert moved.hosts == ["native", "native"] and "done" in moved.stderr
+
+
+@needs_faulting
+@needs_gcc
+def test_a_file_open_for_writing_keeps_the_program_native(carried, tmp_path):
+    target = tmp_path / "written"
+    tried = VM(carried, argv=["write", str(target)], accel="native").run(migrations=["penryn@syscall:30"], timeout=30)
+    assert not tried.migrations[0]["ok"] and "open for reading" in tried.migrations[0]["reason"]
+    assert "wrote: 1" in tried.console and target.read_text() == "x"   # natively, to the end
+
+
+@needs_faulting
+@needs_gcc
+def test_the_migration_policy_holds_natively(carried):
+    tried = VM(carried, accel="native", policy="disabled").run(migrations=["penryn@syscall:30"], timeout=30)
+    assert not tried.migrations[0]["ok"] and "policy is disabled" in tried.migrations[0]["reason"]
+    assert tried.hosts == ["native"] and tried.exit_code == 0

@@ -41,6 +41,11 @@ class Area:
     def shared(self) -> bool:
         return self.perms[3] == "s"
 
+    @property
+    def anonymous(self) -> bool:
+        """No file's: shared anonymous memory shows as /dev/zero (deleted) (shmem_zero_setup)."""
+        return not self.name.startswith("/") or self.name == "/dev/zero (deleted)"
+
 
 def parse_maps(text: str) -> list[Area]:
     areas = []

@@ -123,6 +123,8 @@ class _Output(threading.Thread):
         super().__init__(daemon=True)
         self.fd, self.sink, self.kept, self.left_out = fd, sink, bytearray(), 0
         self.lock = threading.Lock()     # held while bytes are read and kept
+        self.closed = False              # every writer closed it: all is kept
+        self.inode = os.fstat(fd).st_ino
         self.start()
 
     def run(self):
@@ -133,17 +135,18 @@ class _Output(threading.Thread):
                 room = KEPT - len(self.kept)
                 self.kept += data[:max(room, 0)]
                 self.left_out += max(len(data) - max(room, 0), 0)
-            if not data:
-                break
+                if not data:
+                    self.closed = True
+                    os.close(self.fd)
+                    break
             if self.sink:
                 self.sink(data)
-        os.close(self.fd)
 
     def settled(self) -> bytes:
         """Everything written so far (the writers are stopped): kept once the pipe is empty."""
         while True:
             with self.lock:
-                waiting = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
+                waiting = 0 if self.closed else struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
                 if not waiting:
                     return bytes(self.kept)
             select.select([], [], [], 0.001)
@@ -167,6 +170,7 @@ class Supervisor:
         self.moved = False
         self.unplaced = ""           # why the program's layout cannot move into the emulator
         self.auxv = b""              # its auxiliary vector as placed
+        self.old_stack = (0, 0)      # where its stack was before it was placed
         self._outputs: tuple = ()
 
     # -- start and end ------------------------------------------------------------------------
@@ -498,14 +502,22 @@ class Supervisor:
         data, self.auxv = moved_stack(self._read(tid, stack.start, stack.end - stack.start), stack.start, rsp, delta)
         self._write(tid, top - len(data), data)
         for area in areas:
-            if area is stack or area.name in KERNEL_AREAS[:-1]:   # [vsyscall] is no mapping of the process's
+            if area.name in KERNEL_AREAS[:-1]:   # [vsyscall] is no mapping of the process's
                 self._syscall(tid, pt.SYS_MUNMAP, area.start, area.end - area.start)
+        # The old stack stays, unused, for the kernel's /proc/PID/cmdline and environ
+        # (mm->arg_start points there); a capture leaves it behind.
+        self.old_stack = (stack.start, stack.end)
         task.saved.rsp += delta
 
     def _place_mmap(self, tid: int) -> None:
         """An mmap without an address gets the one the emulator would pick: top-down below
-        the stack (a hint: the kernel takes it when it is free, as it is here)."""
+        the stack (a hint: the kernel takes it when it is free, as it is here). rseq fails
+        with ENOSYS, as under the emulator, which could not carry a registration."""
         regs = pt.get_regs(tid)
+        if regs.orig_rax == pt.SYS_RSEQ:
+            regs.orig_rax, regs.rax = (1 << 64) - 1, -errno.ENOSYS & ((1 << 64) - 1)   # skipped
+            pt.set_regs(tid, regs)
+            return
         if regs.orig_rax != pt.SYS_MMAP or regs.rdi or regs.r10 & (MAP_FIXED | MAP_FIXED_NOREPLACE):
             return
         with open(f"/proc/{tid}/maps") as maps:
@@ -520,10 +532,12 @@ class Supervisor:
         """Make one system call in a task stopped at a syscall-exit-stop, its registers and
         code as they were afterwards; signals arriving meanwhile are sent again later."""
         saved = pt.get_regs(tid)
-        code = self._read(tid, saved.rip, len(SYSCALL))
-        self._write(tid, saved.rip, SYSCALL)
+        # The call that stopped is a SYSCALL just before RIP: run that one again.
+        at = saved.rip - len(SYSCALL)
+        if self._read(tid, at, len(SYSCALL)) != SYSCALL:
+            raise Uncarried("the system call it stopped at is no SYSCALL instruction")
         call = saved.copy()
-        call.rax = nr
+        call.rip, call.rax = at, nr
         for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(call, name, value & ((1 << 64) - 1))
         pt.set_regs(tid, call)
@@ -541,7 +555,6 @@ class Supervisor:
             elif status >> 16 == 0:
                 self.tasks[tid].deferred.append(os.WSTOPSIG(status))
             pt.resume(tid, 0, pt.PTRACE_SYSCALL)
-        self._write(tid, saved.rip, code)
         pt.set_regs(tid, saved)
         return result
 
@@ -555,9 +568,12 @@ class Supervisor:
             others = [t for t in self.tasks if t != tid]
             if others:
                 raise Uncarried(f"it runs with {len(others)} more threads or processes; minivmm carries one")
-            state = capture(tid, lambda at, size: self._read(tid, at, size),
-                            lambda nr, *args: self._syscall(tid, nr, *args), self.program.keep_low)
+            streams = {output.inode: name for output, name in zip(self._outputs, ("/dev/stdout", "/dev/stderr"))}
+            state = capture(tid, self._mem_fd(tid), lambda nr, *args: self._syscall(tid, nr, *args),
+                            self.program.keep_low, streams, self.old_stack, self.cpuinfo_path)
             state.auxv = self.auxv
+            if self.tasks[tid].deferred:
+                raise Uncarried("signals came while it was captured")
         except Uncarried as why:
             state = why
         task = self.tasks[tid]

@@ -31,6 +31,7 @@ GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "
            "r15", "rip")
 LEGACY_SIZE = 512
 NAMES = {nr: name for nr, (name, _) in TABLE.items()}
+STREAMS = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
 
 
 def load_registers(engine, host, regs, xsave: bytes) -> None:
@@ -63,38 +64,43 @@ def by_name(calls: Counter) -> tuple[dict[str, int], dict[int, int]]:
 
 
 def process_state(template: dict, process, layout: tuple[int, int], stderr: bytes, calls: Counter,
-                  sample: list[int], argv: list[str]) -> dict:
+                  sample: list[int], cpuinfo: str) -> dict:
     """The kernel state of a snapshot (linux/state.py) for the native process, on the
-    emulator's ``template`` of the same program: its mappings, heap, descriptors,
-    signal dispositions, mask and alternate stack, working directory and umask; the
-    machine's file system at / (what the process saw); the machine's clock."""
-    stack_top, stack_bottom = layout
+    emulator's ``template`` of the same program: its id, arguments, mappings, heap,
+    descriptors, signal dispositions, mask and alternate stack, working directory and
+    umask; the machine's file system at / (what the process saw); the machine's clock;
+    /proc/cpuinfo the view's (``cpuinfo``), as it read it natively."""
+    _, stack_bottom = layout
     maps = []
     for area in sorted(process.areas, key=lambda a: a.start):
-        name = "[stack]" if area.start == stack_bottom else area.name
-        name = name.removesuffix(" (deleted)") if name.startswith("/") else name if name.startswith("[") else ""
+        name = "[stack]" if area.start == stack_bottom else "" if area.anonymous and not area.name.startswith("[") \
+            else area.name
+        name = name.removesuffix(" (deleted)") if name.startswith("/") else name
         maps.append([area.start, area.end, area.prot, name, area.offset if name.startswith("/") else 0, area.shared])
     files, cloexec = {}, []
     for fd, record in process.files.items():
         kept = {"path": record["path"], "flags": record["flags"], "offset": record["offset"], "kind": record["kind"]}
         if record["kind"] == "Stream":
-            kept = template["files"][str(fd)] if str(fd) in template["files"] else kept
+            kept = template["files"][str(STREAMS.index(record["path"]))]
         elif record["kind"] == "HostFile":
             kept.update(host=record["path"], **identity(os.stat(record["path"])))
+        elif record["kind"] == "MemoryFile":
+            kept["data"] = base64.b64encode(cpuinfo.encode("latin-1")).decode()
         files[str(fd)] = kept
         if record["cloexec"]:
             cloexec.append(fd)
     counted, unknown = by_name(calls)
+    kept_unknown = dict(list(unknown.items())[:UNKNOWN_KEPT])
     return {
-        **template, "brk_start": process.brk_start, "brk": process.brk, "mmap_top": stack_bottom - 4096,
-        "stack_bottom": stack_bottom, "exe": process.exe, "argv": argv, "auxv": base64.b64encode(process.auxv).decode(),
-        "maps": maps, "files": files, "cloexec": sorted(cloexec), "cwd": process.cwd, "umask": process.umask,
-        "mounts": [["/", "/"]],
+        **template, "tid": process.pid, "brk_start": process.brk_start, "brk": process.brk,
+        "mmap_top": stack_bottom - 4096, "stack_bottom": stack_bottom, "exe": process.exe, "argv": process.argv,
+        "auxv": base64.b64encode(process.auxv).decode(), "maps": maps, "files": files, "cloexec": sorted(cloexec),
+        "cwd": process.cwd, "umask": process.umask, "mounts": [["/", "/"]],
         "signals": {"actions": {str(n): list(a) for n, a in sorted(process.actions.items())},
                     "blocked": process.blocked, "altstack": list(process.altstack), "pending": []},
         "clock": {**template["clock"], "calls": sum(calls.values()), "realtime": True},
-        "stats": {"counts": counted, "unknown": {str(nr): n for nr, n in unknown.items() if nr < UNKNOWN_KEPT},
-                  "unknown_others": sum(n for nr, n in unknown.items() if nr >= UNKNOWN_KEPT),
+        "stats": {"counts": counted, "unknown": {str(nr): n for nr, n in kept_unknown.items()},
+                  "unknown_others": sum(n for nr, n in unknown.items() if nr not in kept_unknown),
                   "sample": [NAMES.get(nr, nr) for nr in sample]},
         "stderr": base64.b64encode(stderr).decode(), "stderr_left_out": 0,
     }

@@ -115,3 +115,12 @@ def unreached(events) -> list[dict]:
     """The report's record of migration and snapshot points a run never reached."""
     return [{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)
             else {"event": "snapshot", "file": e[1], "when": str(e[0])} for e in events]
+
+
+def policy_refusal(policy: str, request: MigrationRequest) -> str | None:
+    """Why the VM's migration policy refuses ``request``, or None."""
+    if policy == "disabled":
+        return "the VM's migration policy is disabled"
+    if policy == "offline" and not request.cold:
+        return "the VM's migration policy allows only cold (offline) migration"
+    return None

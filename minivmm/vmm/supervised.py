@@ -34,7 +34,7 @@ from .accelerated import refuse_beyond_machine
 from . import from_native
 from .exits.faults import VECTOR_NAMES
 from .log import ExitLog
-from .migration import MigrationRequest, unreached
+from .migration import MigrationRequest, policy_refusal, unreached
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import save as save_snapshot
 
@@ -122,52 +122,66 @@ class Moves:
     that cannot be carried, or a destination that cannot take its view, stays where it
     is, the reason recorded, as a refused migration leaves a VM on its source."""
 
-    def __init__(self, vm, events, force: bool):
+    def __init__(self, vm, events, force: bool, console):
         for event in events:
-            when = event.when if isinstance(event, MigrationRequest) else event[0]
-            if when.kind != "syscall":
-                raise MinivmmError(f"--accel native: {when} is not a point the machine's CPU can stop at; a "
-                                   f"program moves into the emulator at syscall:N")
+            if self._when(event).kind != "syscall":
+                raise MinivmmError(f"--accel native: {self._when(event)} is not a point the machine's CPU can stop "
+                                   f"at; a program moves into the emulator at syscall:N")
         if isinstance(vm.linux.stdin, bytes) and events:
             raise MinivmmError("--accel native: standard input given as bytes does not move into the emulator; "
                                "give it as a file descriptor, or none")
         if vm.memory_given and not events:
             raise MinivmmError("--accel native: --memory is the RAM of the VM the program moves into; it applies "
                                "with --migrate or --snapshot-at only")
-        self.vm, self.force = vm, force
-        self.events = sorted(events, key=lambda e: (e.when if isinstance(e, MigrationRequest) else e[0]).count)
-        self.points = {(e.when if isinstance(e, MigrationRequest) else e[0]).count for e in events}
+        self.vm, self.force, self.console = vm, force, console
+        self.events = sorted(events, key=lambda e: self._when(e).count)
+        self.points = {self._when(e).count for e in events}
         self.migrations: list[dict] = []
         self.snapshots: list[dict] = []
-        self.moving: tuple | None = None     # (snapshot, destination) once the program moved
+        self.moved = None                     # the run on the destination, ready, once the program moved
         self.stopped = 0.0                    # when the process stopped at the last point (perf_counter)
 
+    @staticmethod
+    def _when(event):
+        return event.when if isinstance(event, MigrationRequest) else event[0]
+
     def on_point(self, count: int, process, console: bytes, stderr: bytes, calls, sample, stopped: float) -> bool:
+        """The points at this count, snapshots first; True once the program moved."""
         self.stopped = stopped
-        while self.events and self._count(self.events[0]) == count:
-            event = self.events.pop(0)
-            why, snapshot, pages = None, None, 0
-            if isinstance(process, Uncarried):
-                why = f"the program cannot move into the emulator: {process}; it runs on natively"
-            else:
-                try:
-                    snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
-                    pages = sum(len(data) for data in process.contents.values()) // 4096
-                except MinivmmError as error:   # what the emulator cannot take: the program stays
-                    why = f"the program cannot move into the emulator: {error}; it runs on natively"
+        here = sorted((e for e in self.events if self._when(e).count == count),
+                      key=lambda e: isinstance(e, MigrationRequest))
+        self.events = [e for e in self.events if self._when(e).count != count]
+        why, snapshot, pages = None, None, 0
+        if isinstance(process, Uncarried):
+            why = f"the program cannot move into the emulator: {process}; it runs on natively"
+        else:
+            try:
+                snapshot = self.vm.snapshot_of_native(process, console, stderr, calls, sample)
+                pages = sum(len(data) for data in process.contents.values()) // 4096
+            except MinivmmError as error:   # what the emulator cannot take: the program stays
+                why = f"the program cannot move into the emulator: {error}; it runs on natively"
+        for event in here:
             if isinstance(event, MigrationRequest):
                 if self._migrate(event, why, snapshot, pages):
                     return True
-            elif why:
-                self.snapshots.append({"when": str(event[0]), "file": event[1], "host": "native", "refused": why})
+                continue
+            record = {"when": str(event[0]), "file": event[1], "host": "native"}
+            refusal = why or self._unresumable(snapshot)
+            if refusal:
+                record["refused"] = refusal
             else:
                 save_snapshot(snapshot, event[1])
-                self.snapshots.append({"when": str(event[0]), "file": event[1], "host": "native"})
+            self.snapshots.append(record)
         return False
 
-    @staticmethod
-    def _count(event) -> int:
-        return (event.when if isinstance(event, MigrationRequest) else event[0]).count
+    def _unresumable(self, snapshot) -> str | None:
+        """Why the snapshot would not resume (its files, its view): a snapshot minivmm
+        writes, it resumes."""
+        try:
+            self.vm.continue_native(snapshot, "native", False, [], None)
+        except MinivmmError as error:
+            return f"the program's snapshot would not resume: {error}"
+        return None
 
     def _migrate(self, request, why, snapshot, pages: int) -> bool:
         destination = load_profile(request.destination)
@@ -175,6 +189,7 @@ class Moves:
                   "cold": False, "missing": [], "rounds": 0, "pages_sent": 0, "pages_per_round": [],
                   "downtime_ms": 0.0, "total_ms": 0.0, "mode": None, "refused": True}
         self.migrations.append(record)
+        why = policy_refusal(self.vm.policy, request) or why
         if why is None and request.cold:
             why = "--accel native moves a running program: cold migration is for the emulator"
         if why is None:
@@ -183,17 +198,22 @@ class Moves:
             if (missing or marks) and not self.force:
                 why = f"{destination.name} lacks {', '.join(missing + marks)}: the program stays native"
             record["forced"] = bool(missing or marks)
+        if why is None:
+            try:   # the destination is ready before the process here ends: a failure leaves it running
+                self.moved = self.vm.continue_native(snapshot, destination.name, self.force, self.events, self.console)
+            except MinivmmError as error:
+                why = f"{destination.name} cannot take the program: {error}; it runs on natively"
         if why:
             record["reason"] = why
             return False
-        record.update(ok=True, refused=False, mode="stop-and-copy", pages_sent=pages)
-        self.moving = (snapshot, destination.name)
+        took = round((time.perf_counter() - self.stopped) * 1e3, 3)   # stopped natively to ready to run
+        record.update(ok=True, refused=False, mode="stop-and-copy", pages_sent=pages, downtime_ms=took, total_ms=took)
         return True
 
 
 def run_supervised(vm, timeout: float | None, console, events=(), force: bool = False) -> RunResult:
     host, view, image, linux = vm.host, vm.view, vm.image, vm.linux
-    moves = Moves(vm, events, force)
+    moves = Moves(vm, events, force, console)
     shown = hwcap2(view)
     cpuid, exceptions = ExitLog(lambda entry: entry[0]), ExitLog(lambda entry: entry["vector"])
     program = Program(
@@ -215,12 +235,8 @@ def run_supervised(vm, timeout: float | None, console, events=(), force: bool = 
     if outcome.how == "failed":
         raise MinivmmError(f"--accel native: cannot start {outcome.message}")
     if outcome.how == "moved":
-        snapshot, destination = moves.moving
         left = None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
-        resumed = vm.continue_native(snapshot, destination, moves.force, moves.events, console)
-        took = round((time.perf_counter() - moves.stopped) * 1e3, 3)   # stopped natively to ready to run
-        moves.migrations[-1].update(downtime_ms=took, total_ms=took)
-        result = resumed.run(None, left)
+        result = moves.moved.run(None, left)
         result.cpuid_log[:0] = cpuid.entries
         result.exceptions[:0] = exceptions.entries
         for totals, native in ((result.cpuid_totals, cpuid.counts), (result.exception_totals, exceptions.counts)):
@@ -229,7 +245,8 @@ def run_supervised(vm, timeout: float | None, console, events=(), force: bool = 
         result.migrations[:0] = moves.migrations
         result.snapshots[:0] = moves.snapshots
         result.accel = "native"
-        result.notes = [NOTE + f" until it moved into the emulator on {destination} at {moves.migrations[-1]['when']}"]
+        result.notes = [NOTE + f" until it moved into the emulator on {moves.migrations[-1]['to']} at "
+                               f"{moves.migrations[-1]['when']}"]
         return result
     if outcome.how == "exited":
         stop = Stop("exited", outcome.status, message=f"program exited with status {outcome.status}")

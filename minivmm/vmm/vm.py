@@ -39,6 +39,7 @@ from ..linux.clock import CODE_NS_SHIFT
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
 from ..linux.binfmt import stack_layout
+from ..linux.cpuinfo import cpuinfo
 from ..linux.process import xfeatures
 from ..linux.state import capture as capture_process
 from ..linux.state import check_grants
@@ -63,7 +64,8 @@ from .exits.xsave import XsaveUnit
 from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .exits import x87 as x87_exits
 from .exits.x87 import X87Exceptions
-from .migration import MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, precopy, unreached
+from .migration import (MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, policy_refusal, precopy,
+                        unreached)
 from .ram import touched_pages
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import Snapshot, read_registers
@@ -371,7 +373,7 @@ class VM:
         snapshot = run._snapshot(copy=False)
         snapshot.console = console
         snapshot.process = from_native.process_state(snapshot.process, process, stack_layout(self.memory), stderr,
-                                                     calls, sample, list(run.kernel.p.argv))
+                                                     calls, sample, cpuinfo(self.host, self.view))
         snapshot.check("the native process's snapshot")
         return snapshot
 
@@ -1073,7 +1075,7 @@ class _Run:
                   "pages_per_round": [], "downtime_ms": 0.0, "total_ms": 0.0, "mode": None}
         self.migrations.append(record)
         record["refused"] = True  # until it moves, or the guest ends first
-        refusal = self._policy_refusal(request)
+        refusal = policy_refusal(self.vm.policy, request)
         if refusal:
             record["reason"] = refusal
             return
@@ -1152,13 +1154,6 @@ class _Run:
         write_registers(target.uc, running)
         if target.opmasks is not None:
             target.opmasks.set_opmasks(running)
-
-    def _policy_refusal(self, request) -> str | None:
-        if self.vm.policy == "disabled":
-            return "the VM's migration policy is disabled"
-        if self.vm.policy == "offline" and not request.cold:
-            return "the VM's migration policy allows only cold (offline) migration"
-        return None
 
     def _run_on_source(self, insns: int) -> None:
         """Let the guest run ``insns`` instructions while its pages are in flight."""
