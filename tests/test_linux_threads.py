@@ -90,7 +90,8 @@ def test_a_snapshot_point_of_a_threaded_process_is_refused_and_the_run_goes_on(p
     result = VM(programs["checksum"], "penryn").run(snapshot_at="syscall:60", snapshot_file=str(snapshot),
                                                     timeout=120)
     assert result.exit_code == 0 and not snapshot.exists()
-    assert "threads; a snapshot file carries a process of one" in result.snapshots[0]["refused"]
+    assert "1 process of 5 threads; a snapshot file carries one process of one thread" in \
+        result.snapshots[0]["refused"]
 
 
 def test_python_threads_run_on_a_penryn():

@@ -69,8 +69,10 @@ def dirent64(ino: int, offset: int, mode: int, name: bytes) -> bytes:
 # ---- open file descriptions ----------------------------------------------------------------
 
 class OpenFile:
-    """An open file description: shared by the descriptors dup() made of it."""
+    """An open file description: shared by the descriptors dup() and fork() made of it,
+    which ``refs`` counts (the description closes with the last)."""
     seekable = True
+    refs = 0
 
     def __init__(self, path: str, node, flags: int):
         self.path, self.node, self.flags, self.offset = path, node, flags, 0
@@ -235,6 +237,30 @@ class Descriptors:
         self.table: dict[int, OpenFile] = {}
         self.cloexec: set[int] = set()
 
+    def copy(self) -> Descriptors:
+        """fork's copy (dup_fd): the same descriptions, each held once more."""
+        other = Descriptors()
+        other.table, other.cloexec = dict(self.table), set(self.cloexec)
+        for entry in other.table.values():
+            entry.refs += 1
+        return other
+
+    def recount(self) -> None:
+        """Each description held by the descriptors that refer to it (after the table
+        was built whole, as a resume builds it)."""
+        for entry in set(self.table.values()):
+            entry.refs = sum(1 for other in self.table.values() if other is entry)
+
+    def release(self, entry: OpenFile) -> None:
+        entry.refs -= 1
+        if entry.refs <= 0:
+            entry.close()
+
+    def close_all(self) -> None:
+        """The process ended: every descriptor closes (exit_files)."""
+        for fd in list(self.table):
+            self.close(fd)
+
     def get(self, fd: int) -> OpenFile:
         entry = self.table.get(fd)
         if entry is None:
@@ -248,6 +274,7 @@ class Descriptors:
         if fd >= MAX_FDS:
             raise SyscallError(EMFILE)
         self.table[fd] = entry
+        entry.refs += 1
         self.cloexec.discard(fd)
         if cloexec:
             self.cloexec.add(fd)
@@ -257,15 +284,15 @@ class Descriptors:
         """dup2: ``fd`` now refers to ``entry`` (whatever it was is closed)."""
         old = self.table.get(fd)
         self.table[fd] = entry
+        entry.refs += 1
         self.cloexec.discard(fd)
-        if old is not None and old is not entry and old not in self.table.values():
-            old.close()
+        if old is not None:
+            self.release(old)
 
     def close(self, fd: int) -> None:
         entry = self.table.pop(self.get(fd) and fd)
         self.cloexec.discard(fd)
-        if entry not in self.table.values():
-            entry.close()
+        self.release(entry)
 
     def seekable(self, fd: int) -> OpenFile:
         entry = self.get(fd)

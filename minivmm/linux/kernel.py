@@ -19,8 +19,9 @@ from .compat import COMPAT
 from .errno import EINTR, ENOSYS, SyscallError
 from .files import Descriptors, Stream
 from .process import SAMPLE
-from .signals import ERESTARTSYS, Signals
-from .threads import Thread, Threads
+from .signals import ERESTARTNOHAND, ERESTARTSYS, Signals
+from .scheduler import Machine
+from .threads import Block, Threads, Wait
 from .timers import Timers
 from .vfs import FileSystem, device
 
@@ -53,6 +54,9 @@ class Kernel:
         self.threads = Threads(process.tid, seed)
         self.signals.current = process.tid
         self.on_clone = lambda thread: None   # the VMM's: a thread was created (time slices begin)
+        self.machine = Machine(self)          # the VM's processes (a fork's child shares its parent's)
+        self.calling = (0, 0)                 # the system call being made: its number and address
+        self.seed = seed
         self.terminal = terminal
         self.should_stop = lambda: False  # the run's budget is spent: a waiting read gives up
         self._input = stdin if isinstance(stdin, int) else bytearray(stdin or b"")
@@ -95,6 +99,8 @@ class Kernel:
         comes first, ``until`` or the next timer (nothing runs meanwhile); the machine's
         clock is waited for. With neither, nothing can end the wait but the run's end
         (EINTR then): Linux's process would sleep forever."""
+        if self.busy():   # other threads run meanwhile: the scheduler keeps this one waiting
+            raise Block(None, until, finish=lambda how: 0 if how == "timeout" else -ERESTARTNOHAND)
         while not self.signals.interrupting():
             now = self.clock.since_boot()
             if until is not None and now >= until:
@@ -109,42 +115,27 @@ class Kernel:
                 raise SyscallError(EINTR)
         return False
 
-    def schedule(self) -> Thread | None:
-        """The thread to run next (the running one's state already saved into it): the
-        next runnable in turn; while none is, time passes (virtual time jumps) to the
-        first wait's end or timer, and a signal ends the waits of the threads that would
-        take it. None when nothing can ever run again and the run's end is asked for."""
-        threads = self.threads
-        while True:
-            now = self.clock.since_boot()
-            for thread in sorted(threads.waiting(), key=lambda t: (t.wait.until or 0, t.wait.order)):
-                if thread.wait.until is not None and now >= thread.wait.until:
-                    threads.end_wait(thread, "timeout")
-            self._interrupt_waits()
-            chosen = threads.pick()
-            if chosen is not None:
-                return chosen
-            first = threads.earliest()
-            now = self.clock.since_boot()
-            wake = min((t for t in (first.wait.until if first else None, self.timers.next_wakeup()) if t is not None),
-                       default=None)
-            if wake is not None and not self.clock.realtime:
-                self.clock.pass_idle(max(wake - now, 0))
-            else:
-                time.sleep(WAITED if wake is None else min(max(wake - now, 0) / 1e9, WAITED))
-            self.timers.expire()
-            if first is not None and self.clock.since_boot() >= first.wait.until:
-                threads.end_wait(first, "timeout")
-            elif self.should_stop():
-                return None
+    def busy(self) -> bool:
+        """Another thread of the VM exists, which may run while one of this waits."""
+        return sum(len(k.threads.all) for k in self.machine.live()) > 1
 
-    def _interrupt_waits(self) -> None:
-        """A pending signal a waiting thread would take (not blocked, not ignored) wakes
-        it, its wait ended by the signal (signal_wake_up)."""
-        for thread in self.threads.waiting():
-            entry = self.signals.next_for(thread.tid, thread.blocked)
-            if entry is not None and not self.signals.ignored(entry.signo):
-                self.threads.end_wait(thread, "signal")
+    def fork(self, tid: int):
+        """The kernel of a child process (copy_process without CLONE_VM): the address
+        space's mappings (the VMM copies the memory), the descriptors (the same open file
+        descriptions), the signal dispositions and mask, the working directory, umask and
+        clock; a new id, this process its parent, its group and session."""
+        child_process = self.p.forked(tid)
+        child = Kernel.__new__(Kernel)
+        child.__dict__.update(self.__dict__)
+        child.p = child_process
+        child.fds = self.fds.copy()
+        child.signals = self.signals.forked(child_process)
+        child.timers = Timers(self.clock, child.signals)
+        child.threads = Threads(tid, self.seed)
+        child.threads.running.blocked = self.signals.blocked
+        child.signals.current = tid
+        child.random = random.Random(self.seed ^ 0x5EED ^ tid)
+        return child
 
     def _stderr(self, data: bytes) -> None:
         kept = max(STDERR_KEPT - len(self.p.stderr), 0)
@@ -181,7 +172,19 @@ class Kernel:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
+        except Block as block:   # it waits, and makes the call again once ready
+            if self.signals.interrupting():
+                result = (block.finish or _interrupted)("signal")
+            else:
+                self.threads.block(Wait(None, until=block.until, finish=block.finish or _interrupted,
+                                        ready=block.ready, call=self.calling))
+                result = 0
         self.clock.syscall(p.copied - copied)
         if self.clock.reached():  # the call took the time to a timer's expiry
             self.timers.expire()
         return result if result is RETURNED else result & (1 << 64) - 1
+
+
+def _interrupted(how: str) -> int:
+    """A wait for readiness that a signal ended: restarted under SA_RESTART, else EINTR."""
+    return -ERESTARTSYS if how == "signal" else 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..cpu.features import catalogue
 from .errno import ENAMETOOLONG, SyscallError
@@ -62,6 +62,27 @@ class Process:
     xcomp_perm: int | None = None
     xcomp_guest_perm: int | None = None
     copied: int = 0                   # bytes the kernel copied from and to its memory: their time (clock.py)
+    ppid: int = 1                     # its parent (outside the VM: 1)
+    pgid: int | None = None           # its process group and session (None: led by itself)
+    sid: int | None = None
+    status: int | None = None         # its end as wait4 reports it (exit code << 8, or the signal)
+    execs: int = 0                    # execve calls it made
+
+    def forked(self, tid: int) -> Process:
+        """fork's copy: the mappings (its memory the VMM copies), the heap, the
+        statistics (counted over the VM's processes); its own id, this process its parent."""
+        memory = AddressSpace(self.memory.ram)
+        memory.restore(self.memory.state())
+        return replace(self, memory=memory, tid=tid, ppid=self.tid, pgid=self.group, sid=self.session,
+                       exit_status=None, status=None)
+
+    @property
+    def group(self) -> int:
+        return self.pgid if self.pgid is not None else self.tid
+
+    @property
+    def session(self) -> int:
+        return self.sid if self.sid is not None else self.tid
 
     def name(self) -> bytes:
         """comm: at most 15 bytes (TASK_COMM_LEN 16 with its NUL)."""

@@ -340,6 +340,13 @@ class Signals:
         ready = [q for q in self.pending if not blocked >> (q.signo - 1) & 1 and q.tid in (None, tid)]
         return min(ready, key=SIGNO) if ready else None
 
+    def forked(self, process) -> Signals:
+        """A child's (copy_process): the dispositions, mask and alternate stack; nothing pending."""
+        child = Signals.__new__(Signals)
+        child.__dict__.update(self.__dict__)
+        child.p, child.actions, child.pending, child.fatal = process, dict(self.actions), [], None
+        return child
+
     # -- threads: the running thread's mask, alternate stack and sigsuspend mask are here --
 
     def save_to(self, thread) -> None:

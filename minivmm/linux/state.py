@@ -311,4 +311,5 @@ def restore(state: dict, ram, host, view, console, options, origin: str) -> Kern
     kernel.fds.table = {int(fd): reopened[record["same_as"]] if "same_as" in record else reopened[int(fd)]
                         for fd, record in files.items()}
     kernel.fds.cloexec = set(state["cloexec"])
+    kernel.fds.recount()
     return kernel

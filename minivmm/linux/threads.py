@@ -28,6 +28,16 @@ MAX_THREADS = 1024            # threads of one process at once (beyond: EAGAIN, 
 SS_DISABLE = 2
 
 
+class Block(Exception):
+    """A system call that must wait until ``ready()`` (a pipe has data, a child ended):
+    the thread sleeps, and makes the call again once it is ready (or its time, given,
+    ran out: ``finish("timeout")`` is then the result)."""
+
+    def __init__(self, ready, until: int | None = None, finish=None):
+        super().__init__()
+        self.ready, self.until, self.finish = ready, until, finish
+
+
 @dataclass
 class Wait:
     key: int | None                  # a futex's address, or None (a sleep)
@@ -35,6 +45,8 @@ class Wait:
     until: int | None = None         # time since boot
     finish: object = None            # (kernel, how) -> RAX: "woken", "timeout" or "signal"
     order: int = 0                   # when it began (wake-ups go in this order)
+    ready: object = None             # the call is made again once this says True
+    call: tuple[int, int] | None = None   # that call's number and address
 
 
 @dataclass
@@ -49,6 +61,9 @@ class Thread:
     robust_list: tuple[int, int] = (0, 0)
     wait: Wait | None = None
     result: int | None = None        # RAX when it runs again (its wait ended)
+    again: tuple[int, int] | None = None   # or the call to make again: its number and address
+    interrupted: tuple[int, int] | None = None   # the call a signal ended its wait in (for a restart)
+    settid: int = 0                  # a new process's CLONE_CHILD_SETTID, written once its memory is made
     start: tuple | None = None       # a new thread's stack and TLS (None: the caller's)
 
 
@@ -127,7 +142,11 @@ class Threads:
 
     def end_wait(self, thread: Thread, how: str) -> None:
         wait, thread.wait = thread.wait, None
-        thread.result = wait.finish(how) if wait.finish else 0
+        if how == "ready" and wait.call is not None:
+            thread.again = wait.call
+        else:
+            thread.result = wait.finish(how) if wait.finish else 0
+            thread.interrupted = wait.call if how == "signal" else None
 
     def runnable(self) -> list[Thread]:
         return [t for t in self.all.values() if t.wait is None]

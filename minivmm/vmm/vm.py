@@ -642,6 +642,7 @@ class _Run:
         self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
         self.switching = False   # the running thread blocked, yielded, exited, or its slice is over
+        self.engines: dict[int, _Engine] = {}   # a Linux VM's processes' CPUs and memory, by pid
         self.execed = False   # the last start ended at an execve: the code is another program's
         self.clock_stopped = False   # the last start ended for the Linux program's clock (a timer)
         self.io = IoExits(console, self._power_off, self._checkpoint)
@@ -661,6 +662,7 @@ class _Run:
         self.kernel = execve(self.uc, self.engine.ram, vm.image, host, view, vm.linux, self.engine.write_xcr0,
                              self.io.console_write)
         self._attach(self.kernel)
+        self.engines = {self.kernel.p.tid: self.engine}
 
     def _attach(self, kernel) -> None:
         """Wire a Linux program's kernel to the current engine: its system calls, what it
@@ -739,6 +741,8 @@ class _Run:
         """The process dies of the signal its kernel chose (one it sent itself, or
         SIGSEGV forced by a frame Linux could not write or refused)."""
         signo, why = self.kernel.signals.fatal
+        if self._process_ended(signo):
+            return
         name = SIGNALS.get(signo, f"signal {signo}")
         self._end(Stop("signaled", 128 + signo, signal=name, rip=self.engine.rip(),
                        message=f"{name}: {why}" if why else f"{name} raised by the program itself"))
@@ -762,9 +766,11 @@ class _Run:
         size = len(SYSCALL) if self.engine.ram[rip:rip + len(SYSCALL)] == SYSCALL else \
             Decoder(64, bytes(self.engine.ram[rip:rip + 15]), ip=rip).decode().len  # prefixed
         rip_block.write(uc, (rip + size,))  # where a signal the call raises returns to
+        self.kernel.calling = (values[0], rip)
         result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
-        signals = self.kernel.signals
-        if result is not RETURNED and not signals.pending and signals.saved_mask is None:
+        signals, threads = self.kernel.signals, self.kernel.threads
+        waiting = threads.current in threads.all and threads.running.wait is not None   # no return to user mode yet
+        if result is not RETURNED and (waiting or not signals.pending and signals.saved_mask is None):
             outputs.write(uc, (result, rip + size, values[7], rip))
         else:  # the return to user mode delivers what is pending, from where the call returns
             if result is not RETURNED:
@@ -788,13 +794,14 @@ class _Run:
             return
         status = self.kernel.p.exit_status
         if status is not None:
-            self._end(Stop("exited", status, message=f"program exited with status {status}"))
+            if not self._process_ended(status << 8):
+                self._end(Stop("exited", status, message=f"program exited with status {status}"))
             return
         when = self._next_point()
         if when and when.kind == "syscall" and when.count == self.kernel.calls:
             self.fired = True  # stop right after it returned; RIP is already past it
             uc.emu_stop()
-        if self.kernel.threads.switch_wanted:
+        if self.kernel.threads.switch_wanted or self.kernel.machine.forked:
             self.switching = True
             uc.emu_stop()
 
@@ -935,7 +942,8 @@ class _Run:
         """The engine stopped for the clock, before a block: the timers whose time has
         come send their signals, which are delivered there, as an interrupt's return to
         user mode delivers them."""
-        self.kernel.timers.expire()
+        for kernel in self.kernel.machine.live():   # every process's timers run on the one clock
+            kernel.timers.expire()
         self.kernel.signals.deliver_pending(self.uc)
         if self.kernel.signals.fatal:
             self._killed()
@@ -957,19 +965,32 @@ class _Run:
         """Save the running thread (unless it exited), run the one the scheduler picks:
         its context, its signal state, the result of the wait it was in; then what is
         pending for it is delivered, as its return to user mode would."""
-        uc, kernel = self.uc, self.kernel
-        threads, self.switching = kernel.threads, False
+        self.switching = False
+        self._spawn()
+        kernel, uc = self.kernel, self.uc
+        threads, machine = kernel.threads, kernel.machine
+        if not threads.switch_wanted and kernel.p.exit_status is None and not kernel.clock.slice_over() and \
+                not kernel.clock.waits_over():
+            return   # a fork: the parent goes on
         threads.switch_wanted = False
-        leaving = threads.all.get(threads.current)
+        leaving = threads.all.get(threads.current) if kernel.p.exit_status is None else None
         if leaving is not None:
             leaving.context = uc.context_save()
             if self.engine.opmasks is not None:
                 leaving.opmasks = self.engine.opmasks.opmasks()
             kernel.signals.save_to(leaving)
-        chosen = kernel.schedule()
-        if chosen is None:
+        picked = machine.schedule()
+        if picked is None:
             self._end(Stop("limit", rip=self.engine.rip(), message="every thread waits and nothing can wake them"))
             return
+        kernel, chosen = picked
+        if kernel is not self.kernel:   # another process: its CPU and memory
+            self.kernel, self.engine = kernel, self.engines[kernel.p.tid]
+            machine.current = kernel.p.tid
+            uc, threads = self.uc, kernel.threads
+            for pid in [pid for pid in self.engines if machine.kernels.get(pid) is None
+                        or machine.kernels[pid].p.exit_status is not None]:
+                del self.engines[pid]   # an ended process's CPU and memory
         threads.current = chosen.tid
         kernel.signals.load_from(chosen)
         if chosen is not leaving:
@@ -985,15 +1006,75 @@ class _Run:
                 uc.reg_write(x86.UC_X86_REG_FS_BASE, tls)
             uc.reg_write(x86.UC_X86_REG_RCX, uc.reg_read(x86.UC_X86_REG_RIP))
             uc.reg_write(x86.UC_X86_REG_R11, uc.reg_read(x86.UC_X86_REG_RFLAGS))
-        if chosen.result is not None:
+        syscall = None
+        if chosen.again is not None:   # what it waited for is ready: the call is made again
+            number, at = chosen.again
+            chosen.again = None
+            uc.reg_write(x86.UC_X86_REG_RAX, number)
+            uc.reg_write(x86.UC_X86_REG_RIP, at)
+        elif chosen.result is not None:
             uc.reg_write(x86.UC_X86_REG_RAX, chosen.result & (1 << 64) - 1)
-            chosen.result = None
-        kernel.clock.preempt_after(threads.slice() if threads.many else None)
-        first = threads.earliest()
-        kernel.clock.wake_threads_at(first.wait.until if first else None)
-        kernel.signals.deliver_pending(uc)
+            if chosen.interrupted is not None:
+                syscall = (*chosen.interrupted, chosen.result & (1 << 64) - 1)
+            chosen.result = chosen.interrupted = None
+        everyone = [t for k in machine.live() for t in k.threads.all.values()]
+        kernel.clock.preempt_after(threads.slice() if len(everyone) > 1 else None)
+        ends = [t.wait.until for t in everyone if t.wait is not None and t.wait.until is not None]
+        kernel.clock.wake_threads_at(min(ends, default=None))
+        kernel.signals.deliver_pending(uc, syscall)
         if kernel.signals.fatal:
             self._killed()
+
+    def _spawn(self) -> None:
+        """Each process a fork made gets its CPU and memory: a new engine on the same host
+        and view, the parent's pages and registers (the parent is at the fork's return);
+        it starts there with RAX 0 when it first runs."""
+        machine = self.kernel.machine
+        while machine.forked:
+            parent, child = machine.forked.pop(0)
+            source = self.engines[parent.p.tid]
+            engine = _Engine(self, source.host, source.view)
+            for page in touched_pages(source.ram):
+                engine.ram[page:page + PAGE] = source.ram[page:page + PAGE]
+            engine.restore(source.capture())
+            current = self.engine, self.kernel
+            self.engine, self.kernel = engine, child
+            try:
+                self._attach(child)
+            finally:
+                self.engine, self.kernel = current
+            thread = child.threads.running
+            thread.context = engine.uc.context_save()
+            if engine.opmasks is not None:
+                thread.opmasks = engine.opmasks.opmasks()
+            if thread.settid:
+                child.p.write(thread.settid, struct.pack("<i", child.p.tid))
+            self.engines[child.p.tid] = engine
+
+    def _process_ended(self, word: int) -> bool:
+        """A process other than the first ended (``word``: its status as wait4 reports it):
+        it becomes a zombie for its parent (SIGCHLD), its descriptors close, its children
+        go to the first process, its CPU and memory go. False for the first process,
+        whose end is the run's."""
+        kernel = self.kernel
+        machine = kernel.machine
+        if kernel.p.tid == machine.first:
+            return False
+        kernel.p.status = word
+        if kernel.p.exit_status is None:
+            kernel.p.exit_status = 128 + (word & 0x7F)
+        kernel.signals.fatal = None
+        kernel.fds.close_all()
+        for child in machine.children(kernel.p.tid):
+            child.p.ppid = machine.first
+        parent = machine.kernels.get(kernel.p.ppid)
+        if parent is not None and parent.p.exit_status is None:
+            code, value = (1, word >> 8) if not word & 0x7F else (2, word & 0x7F)   # CLD_EXITED, CLD_KILLED
+            parent.signals.send(17, code, struct.pack("<iIi", kernel.p.tid, 1000, value))
+        kernel.threads.switch_wanted = True
+        self.switching = True
+        self.uc.emu_stop()
+        return True
 
     def _next_point(self) -> Trigger | None:
         return trigger_of(self.events[0]) if self.events else None
@@ -1058,9 +1139,11 @@ class _Run:
         else:
             when, path = event
             record = {"when": str(when), "file": path, "host": self.engine.host.name}
-            if self.kernel and self.kernel.threads.many:
-                record["refused"] = (f"the process has {len(self.kernel.threads.all)} threads; a snapshot file "
-                                     f"carries a process of one (a migration carries them all)")
+            if self.kernel and (self.kernel.threads.many or len(self.kernel.machine.live()) > 1):
+                live = self.kernel.machine.live()
+                record["refused"] = (f"the VM runs {len(live)} process{'es' if len(live) > 1 else ''} of "
+                                     f"{sum(len(k.threads.all) for k in live)} threads; a snapshot file carries "
+                                     f"one process of one thread")
             else:
                 save_snapshot(self._snapshot(), path)
             self.snapshots.append(record)
@@ -1076,6 +1159,9 @@ class _Run:
         self.migrations.append(record)
         record["refused"] = True  # until it moves, or the guest ends first
         refusal = policy_refusal(self.vm.policy, request)
+        if not refusal and self.kernel and len(self.kernel.machine.live()) > 1:
+            refusal = (f"the VM runs {len(self.kernel.machine.live())} processes; a migration carries one process "
+                       f"and its threads")
         if refusal:
             record["reason"] = refusal
             return
@@ -1127,6 +1213,7 @@ class _Run:
             self.engine = target
             if self.kernel:  # the process's memory is the new host's RAM now
                 self._attach(self.kernel)
+                self.engines[self.kernel.p.tid] = target
             switch_ms = (time.perf_counter() - switch) * 1e3
         finally:
             if collecting:
@@ -1214,6 +1301,7 @@ class _Run:
             self.kernel = restore_process(snapshot.process, self.engine.ram, self.engine.host, self.engine.view,
                                           self.io.console_write, self.vm.linux, snapshot.origin)
             self._attach(self.kernel)
+            self.engines = {self.kernel.p.tid: self.engine}
 
     def _syscall_report(self) -> dict | None:
         if not self.kernel:

@@ -90,6 +90,7 @@ def _replace_image(k, uc, program, env: list[str]) -> None:
     for reg in CLEARED:
         uc.reg_write(reg, 0)
     load_program(uc, p, program, env, k.random.getrandbits(64), k.view)   # AT_RANDOM: new bytes, as Linux gives
+    p.execs += 1   # a vfork parent waits for this
     k.on_exec()
 
 

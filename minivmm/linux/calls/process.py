@@ -74,10 +74,6 @@ def sys_getpid(k, uc, *_):
     return k.p.tid
 
 
-def sys_getppid(k, uc, *_):
-    return k.p.tid - 1
-
-
 def sys_ids(k, uc, *_):
     return UID
 
@@ -213,7 +209,7 @@ def _sleep(k, clock: int, absolute: bool, request: int, remain: int) -> int:
         until = ns - (k.clock.wall_offset() if clock in WALL else 0)
     else:
         until = k.clock.since_boot() + ns
-    if k.threads.many:   # the thread sleeps; the others run meanwhile
+    if k.busy():   # the thread sleeps; the others run meanwhile
         if k.signals.interrupting():
             raise SyscallError(EINTR)
         k.threads.block(Wait(None, until=until, finish=lambda how: _slept(k, how, absolute, until, remain)))
@@ -262,12 +258,10 @@ def sys_exit_group(k, uc, status, *_):
 
 TABLE = {
     35: ("nanosleep", sys_nanosleep), 39: ("getpid", sys_getpid),
-    57: ("fork", sys_enosys), 58: ("vfork", sys_enosys), 63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
+    63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
     97: ("getrlimit", sys_getrlimit), 160: ("setrlimit", sys_zero), 102: ("getuid", sys_ids),
     104: ("getgid", sys_ids), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id), 107: ("geteuid", sys_ids),
-    108: ("getegid", sys_ids), 109: ("setpgid", sys_zero), 110: ("getppid", sys_getppid),
-    111: ("getpgrp", sys_getpid), 112: ("setsid", sys_getpid), 118: ("getresuid", sys_getresid),
-    120: ("getresgid", sys_getresid), 121: ("getpgid", sys_getpid), 124: ("getsid", sys_getpid),
+    108: ("getegid", sys_ids), 118: ("getresuid", sys_getresid), 120: ("getresgid", sys_getresid),
     158: ("arch_prctl", sys_arch_prctl), 201: ("time", sys_time),
     204: ("sched_getaffinity", sys_sched_getaffinity), 228: ("clock_gettime", sys_clock_gettime),
     229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),

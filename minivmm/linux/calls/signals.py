@@ -118,10 +118,6 @@ def sys_rt_sigsuspend(k, uc, mask, size, *_):
     raise SyscallError(ERESTARTNOHAND)
 
 
-def sys_kill(k, uc, pid, signo, *_):
-    return _raise(k, uc, pid, signo, SI_USER)
-
-
 def sys_tkill(k, uc, tid, signo, *_):
     return _raise(k, uc, tid, signo, SI_TKILL, thread=True)
 
@@ -134,7 +130,7 @@ def sys_tgkill(k, uc, tgid, tid, signo, *_):
 
 TABLE = {
     13: ("rt_sigaction", sys_rt_sigaction), 14: ("rt_sigprocmask", sys_rt_sigprocmask),
-    15: ("rt_sigreturn", sys_rt_sigreturn), 62: ("kill", sys_kill), 131: ("sigaltstack", sys_sigaltstack),
+    15: ("rt_sigreturn", sys_rt_sigreturn), 131: ("sigaltstack", sys_sigaltstack),
     34: ("pause", sys_pause), 127: ("rt_sigpending", sys_rt_sigpending), 130: ("rt_sigsuspend", sys_rt_sigsuspend),
     200: ("tkill", sys_tkill), 234: ("tgkill", sys_tgkill),
 }

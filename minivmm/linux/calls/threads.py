@@ -23,8 +23,6 @@ CLOCK_REALTIME = 0
 def _thread(k, flags: int, stack: int, parent_tid: int, child_tid: int, tls: int) -> int:
     """A new thread of the process (copy_process with CLONE_THREAD): it starts where the
     caller returns, with RAX 0, its own stack and TLS; the caller gets its id."""
-    if not flags & CLONE_THREAD:
-        raise SyscallError(ENOSYS)   # a new process: not here yet
     if flags & (CLONE_VM | CLONE_SIGHAND) != CLONE_VM | CLONE_SIGHAND:
         raise SyscallError(EINVAL)   # a thread shares the address space and the handlers
     if len(k.threads.all) >= MAX_THREADS:
@@ -84,7 +82,7 @@ def sys_get_robust_list(k, uc, tid, head, size, *_):
 
 
 def sys_sched_yield(k, uc, *_):
-    if k.threads.many:
+    if k.busy():
         k.threads.switch_wanted = True
     return 0
 
@@ -150,7 +148,7 @@ def sys_futex(k, uc, address, op, value, timeout, address2, value3, *_):
 def _woke(k, count: int) -> int:
     """A wake-up lets the woken run soon: the waker's slice ends (as a wake-up
     preempts on Linux when the woken has slept long)."""
-    if count and k.threads.many:
+    if count and k.busy():
         k.threads.switch_wanted = True
     return count
 
@@ -183,8 +181,7 @@ def _wake_op(k, address: int, count: int, count2: int, address2: int, encoded: i
 
 
 TABLE = {
-    24: ("sched_yield", sys_sched_yield), 56: ("clone", sys_clone), 60: ("exit", sys_exit),
+    24: ("sched_yield", sys_sched_yield), 60: ("exit", sys_exit),
     186: ("gettid", sys_gettid), 202: ("futex", sys_futex), 218: ("set_tid_address", sys_set_tid_address),
     273: ("set_robust_list", sys_set_robust_list), 274: ("get_robust_list", sys_get_robust_list),
-    435: ("clone3", sys_clone3),
-}
+}   # clone and clone3 are calls/processes.py's: a thread, or a process
