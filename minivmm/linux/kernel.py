@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import random
 import select
+import struct
 import time
 
 from .calls import RETURNED, TABLE
 from .calls.base import sys_enosys
 from .clock import EPOCH, Clock
 from .compat import COMPAT
-from .errno import EINTR, ENOSYS, SyscallError
+from .errno import EINTR, ENOSYS, EPIPE, SyscallError
 from .files import Descriptors, Stream
 from .process import SAMPLE
 from .signals import ERESTARTNOHAND, ERESTARTSYS, Signals
@@ -26,6 +27,7 @@ from .timers import Timers
 from .vfs import FileSystem, device
 
 STDERR_KEPT = 16 << 20            # stderr bytes the report keeps (the rest is counted)
+SIGPIPE, SI_USER = 13, 0
 UNKNOWN_KEPT = 1000               # distinct unknown system-call numbers counted one by one
 WAITED = 0.1                      # seconds a blocked call waits at a time: the run stays stoppable
 
@@ -172,6 +174,8 @@ class Kernel:
             result = handler(self, uc, *args)
         except SyscallError as e:
             result = -e.errno
+            if e.errno == EPIPE:   # a write to a pipe nobody reads: SIGPIPE too (pipe_write)
+                self.signals.send(SIGPIPE, SI_USER, struct.pack("<iI", self.p.tid, 1000))
         except Block as block:   # it waits, and makes the call again once ready
             if self.signals.interrupting():
                 result = (block.finish or _interrupted)("signal")

@@ -422,28 +422,6 @@ def sys_ioctl(k, uc, fd, request, argument, *_):
     return 0
 
 
-POLLIN, POLLOUT, POLLNVAL = 0x1, 0x4, 0x20
-
-
-def sys_poll(k, uc, fds, count, timeout, *_):
-    """No other process ever writes to the program: files and output are ready, and
-    standard input is (a read returns what there is, or end of file)."""
-    if count > 1024:
-        raise SyscallError(EINVAL)
-    ready = 0
-    for i in range(count):
-        fd, events, _ = struct.unpack("<ihh", k.p.read(fds + 8 * i, 8))
-        if fd < 0:
-            revents = 0
-        elif fd not in k.fds.table:
-            revents = POLLNVAL
-        else:
-            revents = events & (POLLIN | POLLOUT)
-        k.p.write(fds + 8 * i + 6, struct.pack("<h", revents))
-        ready += bool(revents)
-    return ready
-
-
 def sys_umask(k, uc, mask, *_):
     old, k.umask = k.umask, mask & 0o777
     return old
@@ -455,13 +433,13 @@ def sys_erofs(k, uc, *_):
 
 TABLE = {
     0: ("read", sys_read), 1: ("write", sys_write), 2: ("open", sys_open), 3: ("close", sys_close),
-    4: ("stat", sys_stat), 5: ("fstat", sys_fstat), 6: ("lstat", sys_lstat), 7: ("poll", sys_poll),
+    4: ("stat", sys_stat), 5: ("fstat", sys_fstat), 6: ("lstat", sys_lstat),
     8: ("lseek", sys_lseek), 16: ("ioctl", sys_ioctl), 17: ("pread64", sys_pread64), 19: ("readv", sys_readv),
     20: ("writev", sys_writev), 21: ("access", sys_access), 32: ("dup", sys_dup), 33: ("dup2", sys_dup2),
     72: ("fcntl", sys_fcntl), 79: ("getcwd", sys_getcwd), 80: ("chdir", sys_chdir),
     81: ("fchdir", sys_fchdir), 85: ("creat", sys_creat), 89: ("readlink", sys_readlink), 95: ("umask", sys_umask),
     217: ("getdents64", sys_getdents64), 257: ("openat", sys_openat), 262: ("newfstatat", sys_newfstatat),
-    267: ("readlinkat", sys_readlinkat), 269: ("faccessat", sys_faccessat), 271: ("ppoll", sys_poll),
+    267: ("readlinkat", sys_readlinkat), 269: ("faccessat", sys_faccessat),
     292: ("dup3", sys_dup3), 332: ("statx", sys_statx), 439: ("faccessat2", sys_faccessat2),
     137: ("statfs", sys_statfs), 138: ("fstatfs", sys_fstatfs), 436: ("close_range", sys_close_range),
     **{number: (name, sys_erofs) for number, name in (
