@@ -1024,6 +1024,8 @@ class _Run:
         kernel.signals.deliver_pending(uc, syscall)
         if kernel.signals.fatal:
             self._killed()
+            if self.switching:   # that process ended at once: another runs
+                self._switch()
 
     def _spawn(self) -> None:
         """Each process a fork made gets its CPU and memory: a new engine on the same host
@@ -1060,6 +1062,8 @@ class _Run:
         machine = kernel.machine
         if kernel.p.tid == machine.first:
             return False
+        if kernel.p.status is not None:
+            return True   # ended already
         kernel.p.status = word
         if kernel.p.exit_status is None:
             kernel.p.exit_status = 128 + (word & 0x7F)

@@ -84,6 +84,13 @@ def sys_set_id(k, uc, wanted, *_):
     return 0
 
 
+def sys_setresid(k, uc, real, effective, saved, *_):
+    """setresuid and setresgid: each id left (-1) or the one the process has."""
+    if any(signed32(wanted) not in (-1, UID) for wanted in (real, effective, saved)):
+        raise SyscallError(EPERM)
+    return 0
+
+
 def sys_getresid(k, uc, real, effective, saved, *_):
     for address in (real, effective, saved):
         k.p.write(address, struct.pack("<I", UID))
@@ -261,7 +268,8 @@ TABLE = {
     63: ("uname", sys_uname), 96: ("gettimeofday", sys_gettimeofday),
     97: ("getrlimit", sys_getrlimit), 160: ("setrlimit", sys_zero), 102: ("getuid", sys_ids),
     104: ("getgid", sys_ids), 105: ("setuid", sys_set_id), 106: ("setgid", sys_set_id), 107: ("geteuid", sys_ids),
-    108: ("getegid", sys_ids), 118: ("getresuid", sys_getresid), 120: ("getresgid", sys_getresid),
+    108: ("getegid", sys_ids), 117: ("setresuid", sys_setresid), 118: ("getresuid", sys_getresid),
+    119: ("setresgid", sys_setresid), 120: ("getresgid", sys_getresid),
     158: ("arch_prctl", sys_arch_prctl), 201: ("time", sys_time),
     204: ("sched_getaffinity", sys_sched_getaffinity), 228: ("clock_gettime", sys_clock_gettime),
     229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),

@@ -1,0 +1,103 @@
+"""Processes under emulated hosts: fork, vfork, exec, wait, pipes, readiness and signals
+between processes, so that shells, build tools and runtimes run on a Penryn. The
+machine's own run of the same program (the machine's kernel) is the oracle."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from minivmm.vmm.vm import VM
+
+SOURCES = Path(__file__).parent / "data" / "linux"
+SHELL = shutil.which("sh")
+pytestmark = pytest.mark.skipif(SHELL is None, reason="no sh on this machine")
+
+
+def natively(argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def emulated(argv, host: str, cwd=None):
+    return VM(shutil.which(argv[0]) or argv[0], host, argv=argv[1:], mounts=["/"]).run(timeout=300)
+
+
+COMMANDS = {
+    "pipeline": [SHELL, "-c", "echo a | cat"],
+    "exec": [SHELL, "-c", "/bin/echo x"],
+    "xargs": [SHELL, "-c", "printf 'a\\nb\\nc\\n' | xargs echo"],
+    "timeout": ["timeout", "5", "true"],
+    "timeout-kills": ["timeout", "1", "sleep", "3"],
+    "env": ["env", "echo", "from env"],
+    "perl-fork": ["perl", "-e", "if (my $p = fork) { waitpid($p, 0); print qq(parent $?\\n) } "
+                                "else { print qq(child\\n); exit 3 }"],
+    "xz": [SHELL, "-c", "seq 1 2000 | xz | xz -d | tail -1"],
+    "zstd-threads": [SHELL, "-c", "seq 1 2000 | zstd -q -T2 | zstd -q -d | tail -1"],
+    "sort-pipeline": [SHELL, "-c", "seq 1 50 | sort -rn | head -3"],
+}
+
+
+@pytest.mark.parametrize("host", ["penryn", "haswell"])
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_shells_and_tools_give_the_native_output(name, host):
+    argv = COMMANDS[name]
+    if not shutil.which(argv[0]) or (argv[0] == SHELL and not all(
+            shutil.which(tool) for tool in ("xz", "zstd", "perl") if tool in argv[-1])):
+        pytest.skip(f"{argv[0]} or a tool it runs is not installed here")
+    expected = natively(argv)
+    result = emulated(argv, host)
+    assert (result.console, result.exit_code) == (expected.stdout, expected.returncode), result.stderr[-400:]
+
+
+def test_make_prints_its_commands_as_natively(tmp_path):
+    if not shutil.which("make"):
+        pytest.skip("make is not installed here")
+    (tmp_path / "Makefile").write_text("all: a b\na:\n\techo building a\nb:\n\t$(MAKE) -s c\nc:\n\tcc -c x.c\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)   # the program starts in the directory the command runs in, as under qemu-user
+    try:
+        result = VM(shutil.which("make"), "penryn", argv=["-n"], mounts=["/"]).run(timeout=120)
+    finally:
+        os.chdir(cwd)
+    expected = natively([shutil.which("make"), "-n"], cwd=tmp_path)   # $(MAKE) is its argv[0]
+    assert result.console == expected.stdout and result.exit_code == 0
+
+
+def test_process_calls_answer_as_the_machines_kernel(tmp_path):
+    program = tmp_path / "process_calls"
+    built = subprocess.run(["gcc", "-static", "-O1", "-o", str(program), str(SOURCES / "process_calls.c")],
+                           capture_output=True, text=True) if shutil.which("gcc") else None
+    if built is None or built.returncode:
+        pytest.skip("gcc -static is not available to build the program")
+    expected = natively([str(program)])
+    result = VM(str(program), "penryn").run(timeout=120)
+    assert result.console == expected.stdout and result.exit_code == 0
+    assert "killed by: SIGTERM, SIGCHLD handled: yes" in result.console
+
+
+@pytest.mark.parametrize("code", ["import subprocess; print(subprocess.run(['echo', 'sub'], capture_output=True)"
+                                  ".stdout.decode(), end='')",
+                                  "import threading; t = threading.Thread(target=print, args=('thread',)); "
+                                  "t.start(); t.join()"])
+def test_python_subprocess_and_threads_on_a_penryn(code):
+    python = shutil.which("python3")
+    assert emulated([python, "-c", code], "penryn").console == natively([python, "-c", code]).stdout
+
+
+def test_the_report_covers_the_whole_tree():
+    result = emulated([SHELL, "-c", "echo a | cat; echo b"], "penryn")
+    counts = result.syscalls["counts"]
+    assert counts["execve"] >= 1 and counts["wait4"] >= 2 and counts["pipe2"] + counts.get("pipe", 0) >= 1
+    assert result.console == "a\nb\n"
+
+
+@pytest.mark.skipif(not os.environ.get("MINIVMM_THOROUGH"), reason="minutes of V8 under the emulator: "
+                    "MINIVMM_THOROUGH=1 runs it")
+def test_node_prints_on_a_penryn():
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed here")
+    result = VM(node, "penryn", argv=["-e", "console.log(6*7)"], mounts=["/"], memory="4G").run(timeout=900)
+    assert result.console == "42\n" and result.exit_code == 0
