@@ -392,6 +392,93 @@ def linux_rows(tmp: str, repeats: int) -> None:
           f"{base_m * 1e3:.0f} ms", "", "<= 500 ms"))
 
 
+THREADS_PINGPONG = r"""
+#define _GNU_SOURCE
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static volatile int turn;
+static int rounds;
+static void wait_for(int value) {
+    while (turn != value) syscall(SYS_futex, &turn, FUTEX_WAIT_PRIVATE, !value, 0, 0, 0);
+}
+static void *other(void *arg) {
+    for (int i = 0; i < rounds; i++) { wait_for(1); turn = 0; syscall(SYS_futex, &turn, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0); }
+    return arg;
+}
+static void *yielder(void *arg) { for (int i = 0; i < rounds; i++) sched_yield(); return arg; }
+int main(int argc, char **argv) {
+    rounds = atoi(argv[2]);
+    pthread_t t;
+    if (argv[1][0] == 'y') {   /* two threads yielding to each other: a switch per call */
+        pthread_create(&t, 0, yielder, 0);
+        yielder(0);
+    } else {                   /* a futex wake and a wait back, each way */
+        pthread_create(&t, 0, other, 0);
+        for (int i = 0; i < rounds; i++) { turn = 1; syscall(SYS_futex, &turn, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0); wait_for(0); }
+    }
+    pthread_join(t, 0);
+    return 0;
+}
+"""
+
+FORK_EXEC = r"""
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    for (int i = 0, n = atoi(argv[1]); i < n; i++) {
+        pid_t child = fork();
+        if (child == 0) { execl(argv[2], argv[2], (char *)0); _exit(127); }
+        waitpid(child, 0, 0);
+    }
+    return 0;
+}
+"""
+
+
+def thread_rows(tmp: str, repeats: int) -> None:
+    """Threads and processes on penryn against qemu-user -cpu Penryn (whole commands; the
+    per-event rows over a run of the same program with 1 event)."""
+    import shutil
+    if not (shutil.which("gcc") and shutil.which("qemu-x86_64")):
+        emit(("threads and processes", "needs gcc and qemu-user", "skipped", "", ""))
+        return
+    programs = {}
+    for name, source, flags in (("pingpong", THREADS_PINGPONG, ["-pthread"]), ("forkexec", FORK_EXEC, []),
+                                ("hello", LINUX_HELLO, [])):
+        Path(tmp, f"t_{name}.c").write_text(source)
+        programs[name] = os.path.join(tmp, f"t_{name}")
+        subprocess.run(["gcc", "-static", "-O1", *flags, "-o", programs[name], f"{programs[name]}.c"], check=True)
+    checksum = str(Path(__file__).parent.parent / "minivmm" / "guests" / "shipped" / "linux" / "threads_checksum.c")
+    programs["checksum"] = os.path.join(tmp, "t_checksum")
+    subprocess.run(["gcc", "-static", "-O1", "-pthread", "-o", programs["checksum"], checksum], check=True)
+    ours = lambda *argv: [sys.executable, "-m", "minivmm", "run", argv[0], "--host", "penryn", "--", *argv[1:]]  # noqa: E731
+    qemu = lambda *argv: ["qemu-x86_64", "-cpu", "Penryn", *argv]  # noqa: E731
+    count = 5000
+    for label, mode in (("a thread switch (sched_yield between two threads)", "y"),
+                        ("a futex wake-up round trip between two threads", "f")):
+        few_q, many_q, few_m, many_m = (_timed_command(c, min(repeats, 3)) for c in (
+            qemu(programs["pingpong"], mode, "1"), qemu(programs["pingpong"], mode, str(count)),
+            ours(programs["pingpong"], mode, "1"), ours(programs["pingpong"], mode, str(count))))
+        per_q, per_m = (many_q - few_q) / count * 1e6, (many_m - few_m) / count * 1e6
+        emit((f"Linux: {label}", f"qemu-x86_64 {per_q:.1f} us", f"{per_m:.1f} us",
+              f"{per_m / max(per_q, 1e-9):.1f}x qemu-user", "(measured)"))
+    forks = 20
+    few_q, many_q, few_m, many_m = (_timed_command(c, min(repeats, 3)) for c in (
+        qemu(programs["forkexec"], "1", programs["hello"]), qemu(programs["forkexec"], str(forks), programs["hello"]),
+        ours(programs["forkexec"], "1", programs["hello"]), ours(programs["forkexec"], str(forks), programs["hello"])))
+    per_q, per_m = (many_q - few_q) / (forks - 1) * 1e3, (many_m - few_m) / (forks - 1) * 1e3
+    emit(("Linux: fork + exec + wait of a static hello", f"qemu-x86_64 {per_q:.1f} ms", f"{per_m:.1f} ms",
+          f"{per_m / max(per_q, 1e-9):.1f}x qemu-user", "(measured)"))
+    theirs, mine = (_timed_command(c, min(repeats, 3)) for c in (qemu(programs["checksum"]), ours(programs["checksum"])))
+    emit(("Linux: 4-thread compute program on penryn (threads_checksum, whole command)",
+          f"qemu-x86_64 -cpu Penryn {theirs * 1e3:.0f} ms", f"{mine * 1e3:.0f} ms", f"{mine / theirs:.2f}x qemu-user",
+          "<= 3x qemu-user"))
+
+
 def cost_rows(tmp: str, repeats: int) -> None:
     """Work that must cost the same the 100,000th time as the first: address-space
     look-ups and inserts, a signal's delivery and rt_sigreturn (whole commands)."""
@@ -552,6 +639,7 @@ def main():
     parser.add_argument("--native", action="store_true", help="only the rows of instructions run by the machine's CPU")
     parser.add_argument("--costs", action="store_true", help="only the rows of Linux work repeated 100,000 times")
     parser.add_argument("--supervised", action="store_true", help="only the rows of --accel native")
+    parser.add_argument("--threads", action="store_true", help="only the rows of threads and processes")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
@@ -568,7 +656,12 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             if args.linux:
                 linux_rows(tmp, repeats)
+                thread_rows(tmp, repeats)
             native_rows(tmp, repeats)
+        return
+    if args.threads:
+        with tempfile.TemporaryDirectory() as tmp:
+            thread_rows(tmp, repeats)
         return
     with tempfile.TemporaryDirectory() as tmp:
         loop_path = os.path.join(tmp, "loop.asm")
@@ -626,6 +719,7 @@ def main():
         matrix_rows(repeats)
         migration_rows(tmp, repeats)
         linux_rows(tmp, repeats)
+        thread_rows(tmp, repeats)
         cost_rows(tmp, repeats)
         native_rows(tmp, repeats)
         supervised_rows(tmp, repeats)

@@ -12,6 +12,7 @@ from helpers import minivmm_cli
 
 from minivmm.guests import shipped_guests_dir
 from minivmm.vmm.migration import PreCopy
+from minivmm.vmm.snapshot import load as load_snapshot
 from minivmm.vmm.vm import VM
 
 SOURCES = Path(__file__).parent / "data" / "linux"
@@ -85,13 +86,29 @@ def test_the_same_run_twice_gives_the_same_report_and_a_seed_changes_the_interle
     assert VM(programs["racy"], "penryn", seed=2).run(timeout=60).console in seeded
 
 
-def test_a_snapshot_point_of_a_threaded_process_is_refused_and_the_run_goes_on(programs, tmp_path):
+def test_a_snapshot_of_four_threads_resumes_in_another_process(programs, tmp_path):
+    """Taken mid-run (the threads at work, one of them waiting in a system call, which it
+    makes again), resumed by another minivmm process: the output of a run that never
+    stopped."""
     snapshot = tmp_path / "threads.snap"
-    result = VM(programs["checksum"], "penryn").run(snapshot_at="syscall:60", snapshot_file=str(snapshot),
-                                                    timeout=120)
-    assert result.exit_code == 0 and not snapshot.exists()
-    assert "1 process of 5 threads; a snapshot file carries one process of one thread" in \
-        result.snapshots[0]["refused"]
+    alone = VM(programs["checksum"], "haswell").run(timeout=120)
+    taken = VM(programs["checksum"], "haswell").run(snapshot_at=f"syscall:{alone.syscalls['total'] // 2}",
+                                                     snapshot_file=str(snapshot), timeout=120)
+    assert taken.snapshots[0].get("refused") is None and taken.console == alone.console
+    resumed = minivmm_cli("resume", str(snapshot), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["console"] == alone.console
+    kept = load_snapshot(str(snapshot)).process["threads"]
+    assert len(kept) == 5 and kept[0]["regs"] is None and all(t["regs"]["RIP"] for t in kept[1:])
+
+
+def test_a_snapshot_of_several_processes_is_refused_and_the_run_goes_on(tmp_path):
+    snapshot = tmp_path / "tree.snap"
+    sh = shutil.which("sh")
+    result = VM(sh, "penryn", argv=["-c", "sleep 1 | cat; echo done"], mounts=["/"]).run(
+        snapshot_at="syscall:60", snapshot_file=str(snapshot), timeout=120)
+    assert result.console == "done\n" and not snapshot.exists()
+    assert "processes; a snapshot file carries one process and its threads" in result.snapshots[0]["refused"]
 
 
 def test_python_threads_run_on_a_penryn():

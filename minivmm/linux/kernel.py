@@ -181,8 +181,11 @@ class Kernel:
                 result = (block.finish or _interrupted)("signal")
             else:
                 self.threads.block(Wait(None, until=block.until, finish=block.finish or _interrupted,
-                                        ready=block.ready, call=self.calling))
+                                        ready=block.ready, again=True))
                 result = 0
+        waiting = self.threads.all.get(self.threads.current)
+        if waiting is not None and waiting.wait is not None and waiting.wait.call is None:
+            waiting.wait.call = self.calling   # a snapshot carries it as this call, made again
         self.clock.syscall(p.copied - copied)
         if self.clock.reached():  # the call took the time to a timer's expiry
             self.timers.expire()

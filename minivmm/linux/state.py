@@ -25,11 +25,13 @@ from .proc import own_trees
 from .process import SAMPLE, Process
 from .signals import MAX_QUEUED, Action, Queued, xsave_layout
 from .start import ARG_ROOM
+from .threads import MAX_THREADS, Thread, Threads
 from .timers import MAX_TIMERS, Timer
 from .vfs import MAX_MOUNTS, PATH_MAX, FileSystem, Mount
 
-FORMAT = 3                # 2: a file of the machine is known by its inode and change time too; 3: timers,
-                          # pending signals, the clock's work-driven time and epoch
+FORMAT = 4                # 2: a file of the machine is known by its inode and change time too; 3: timers,
+                          # pending signals, the clock's work-driven time and epoch; 4: threads
+READ_FORMATS = (3, 4)     # a format 3 state is a process of one thread
 STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 KINDS = ("HostFile", "MemoryFile", "Directory", "Device", "Stream", "OpenFile")  # the classes of files.py
 NAMES = frozenset(name for name, _ in TABLE.values())   # the system calls counted by name
@@ -43,6 +45,10 @@ MAX_STATE = 64 << 20      # the whole state: stderr's 16 MiB take 22 MB of base6
 MAX_MAPS = 65530          # mappings: Linux's vm.max_map_count (DEFAULT_MAX_MAP_COUNT)
 MAX_AUXV = PAGE           # the auxiliary vector: build_stack writes 20 pairs, 320 bytes
 MAX_PENDING = 31 + MAX_QUEUED + MAX_TIMERS   # standard signals once, real-time ones sent, one per timer
+THREAD_VALUES = 1200      # a thread's record: its fields and the snapshot's registers (about 230 names, 4 values
+                          # for a descriptor table, 2 per x87 register)
+RESUMES = ("run", "again", "result", "start")   # how a thread goes on: where it is, its system call made again,
+                                                # a result its wait left, or a new thread's first run
 TIMER_FIELDS = dataclasses.fields(Timer)
 # The lists and objects, and their elements, that a state within those bounds holds:
 # snapshot.py counts them before json.loads builds any (a few bytes such as "[]," make
@@ -50,9 +56,10 @@ TIMER_FIELDS = dataclasses.fields(Timer)
 # Elements: an argument per 9 bytes of ARG_ROOM, 7 per mapping, 16 per descriptor (its
 # fields, its cloexec), 3 per mount, 5 per signal, 5 per pending signal, one more than
 # its fields per timer, the generator's 625 words, the statistics, and the state's own fields.
-JSON_CONTAINERS = 24 + MAX_FDS + MAX_MAPS + MAX_MOUNTS + NSIG + MAX_PENDING + 3 + MAX_TIMERS
+JSON_CONTAINERS = 26 + MAX_FDS + MAX_MAPS + MAX_MOUNTS + NSIG + MAX_PENDING + 3 + MAX_TIMERS + 40 * MAX_THREADS
 JSON_VALUES = (80 + ARG_ROOM // 9 + 7 * MAX_MAPS + 16 * MAX_FDS + 3 * MAX_MOUNTS + 5 * NSIG + 625 + SAMPLE
-               + len(NAMES) + UNKNOWN_KEPT + 5 * MAX_PENDING + (len(TIMER_FIELDS) + 1) * (3 + MAX_TIMERS))
+               + len(NAMES) + UNKNOWN_KEPT + 5 * MAX_PENDING + (len(TIMER_FIELDS) + 1) * (3 + MAX_TIMERS)
+               + THREAD_VALUES * MAX_THREADS)
 BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
@@ -60,7 +67,28 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(bytes(data)).decode()
 
 
-def capture(kernel: Kernel) -> dict:
+def thread_record(thread, regs: dict | None) -> dict:
+    """A thread as a snapshot keeps it: its per-thread kernel state, its registers (None
+    for the running thread: the snapshot's own), and how it goes on. A thread waiting
+    in a system call makes that call again (a futex wait checks its word again, a read
+    finds its pipe again), as after a spurious wake-up."""
+    resume, call, result, start = "run", [0, 0], 0, [0, -1]
+    waited = thread.wait.call if thread.wait is not None else thread.again
+    if waited is not None:
+        resume, call = "again", list(waited)
+    elif thread.start is not None:
+        resume, start = "start", [thread.start[0], -1 if thread.start[1] is None else thread.start[1]]
+    elif thread.result is not None:
+        resume, result = "result", thread.result & (1 << 64) - 1
+    return {"tid": thread.tid, "blocked": thread.blocked, "altstack": list(thread.altstack),
+            "saved_mask": -1 if thread.saved_mask is None else thread.saved_mask,
+            "clear_child_tid": thread.clear_child_tid, "robust": list(thread.robust_list), "regs": regs,
+            "resume": resume, "call": call, "result": result, "start": start}
+
+
+def capture(kernel: Kernel, threads: list[dict]) -> dict:
+    """The process's kernel state; ``threads``: its threads' records (:func:`thread_record`),
+    the running one first."""
     p = kernel.p
     files, first_fd = {}, {}
     for fd, entry in sorted(kernel.fds.table.items()):
@@ -90,7 +118,7 @@ def capture(kernel: Kernel) -> dict:
         "random": list(kernel.random.getstate()[1]),
         "stats": {"counts": dict(p.counts), "unknown": {str(n): c for n, c in p.unknown.items()},
                   "unknown_others": p.unknown_others, "sample": list(p.sample)},
-        "stderr": _b64(p.stderr), "stderr_left_out": p.stderr_left_out,
+        "stderr": _b64(p.stderr), "stderr_left_out": p.stderr_left_out, "threads": threads,
     }
 
 
@@ -120,7 +148,8 @@ def validate(state, memory: int) -> None:
     def need(ok, what):
         if not ok:
             raise ValueError(what)
-    need(isinstance(state, dict) and state.get("format") == FORMAT, f"format is not {FORMAT}")
+    need(isinstance(state, dict) and state.get("format") in READ_FORMATS,
+         f"format is not one of {', '.join(map(str, READ_FORMATS))}")
     for key in ("brk_start", "brk", "mmap_top", "stack_bottom"):
         need(_int(state.get(key), 0, memory), f"{key} is not an address in the guest's RAM")
     need(_int(state.get("tid"), 1, 1 << 22) and _int(state.get("umask"), 0, 0o777), "tid or umask is out of range")
@@ -136,6 +165,7 @@ def validate(state, memory: int) -> None:
         isinstance(m, list) and len(m) == 6 and _int(m[0], 0, memory) and _int(m[1], 0, memory) and m[0] < m[1]
         and _int(m[2], 0, 7) and _path(m[3]) and _int(m[4]) and isinstance(m[5], bool) for m in maps),
         f"maps is not a list of at most {MAX_MAPS} [start, end, prot, name, offset, shared]")
+    _validate_threads(state, need, memory)
     files = state.get("files")
     _validate_files(files, need)
     cloexec = state.get("cloexec")
@@ -182,6 +212,25 @@ def validate(state, memory: int) -> None:
          and len(stats["sample"]) <= SAMPLE and all(x in NAMES if isinstance(x, str) else _int(x)
                                                     for x in stats["sample"])
          and _int(state.get("stderr_left_out")), "stats are malformed")
+
+
+def _validate_threads(state, need, memory: int) -> None:
+    threads = state.get("threads", [])
+    need(isinstance(threads, list) and 1 <= len(threads) <= MAX_THREADS if "threads" in state else True,
+         f"threads is not a list of 1 to {MAX_THREADS} records")
+    tids = set()
+    for i, t in enumerate(threads):
+        need(isinstance(t, dict) and _int(t.get("tid"), 1, 1 << 22) and t["tid"] not in tids
+             and _int(t.get("blocked")) and _int(t.get("clear_child_tid")) and _int(t.get("saved_mask"), -1)
+             and isinstance(t.get("altstack"), list) and len(t["altstack"]) == 3
+             and all(_int(x, -(1 << 31)) for x in t["altstack"])
+             and isinstance(t.get("robust"), list) and len(t["robust"]) == 2 and all(_int(x) for x in t["robust"])
+             and t.get("resume") in RESUMES and isinstance(t.get("call"), list) and len(t["call"]) == 2
+             and all(_int(x) for x in t["call"]) and _int(t.get("result"))
+             and isinstance(t.get("start"), list) and len(t["start"]) == 2 and _int(t["start"][0])
+             and _int(t["start"][1], -1) and (t.get("regs") is None) == (i == 0)
+             and (i == 0 or isinstance(t["regs"], dict)), f"thread {i} is malformed")
+        tids.add(t["tid"])
 
 
 def _timer(value) -> bool:
@@ -312,4 +361,27 @@ def restore(state: dict, ram, host, view, console, options, origin: str) -> Kern
                         for fd, record in files.items()}
     kernel.fds.cloexec = set(state["cloexec"])
     kernel.fds.recount()
+    records = state.get("threads")
+    if records:
+        kernel.threads = Threads(p.tid, 0)
+        kernel.threads.all = {r["tid"]: _thread(r) for r in records}
+        kernel.threads.current = records[0]["tid"]
+        kernel.threads.next_tid = max(kernel.threads.all) + 1
+        kernel.signals.current = kernel.threads.current
     return kernel
+
+
+def _thread(record: dict) -> Thread:
+    """A thread of a snapshot; the VMM makes its registers (``regs``) a context."""
+    thread = Thread(record["tid"], blocked=record["blocked"], altstack=tuple(record["altstack"]),
+                    saved_mask=None if record["saved_mask"] < 0 else record["saved_mask"],
+                    clear_child_tid=record["clear_child_tid"], robust_list=tuple(record["robust"]))
+    if record["resume"] == "again":
+        thread.again = tuple(record["call"])
+    elif record["resume"] == "result":
+        thread.result = record["result"]
+    elif record["resume"] == "start":
+        stack, tls = record["start"]
+        thread.start, thread.result = (stack, None if tls < 0 else tls), 0
+    thread.regs = record["regs"]
+    return thread

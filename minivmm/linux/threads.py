@@ -45,8 +45,9 @@ class Wait:
     until: int | None = None         # time since boot
     finish: object = None            # (kernel, how) -> RAX: "woken", "timeout" or "signal"
     order: int = 0                   # when it began (wake-ups go in this order)
-    ready: object = None             # the call is made again once this says True
-    call: tuple[int, int] | None = None   # that call's number and address
+    ready: object = None             # the wait ends once this says True
+    again: bool = False              # and the call is then made again (what it waits for is ready)
+    call: tuple[int, int] | None = None   # the call it waits in: its number and address
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Thread:
     again: tuple[int, int] | None = None   # or the call to make again: its number and address
     interrupted: tuple[int, int] | None = None   # the call a signal ended its wait in (for a restart)
     settid: int = 0                  # a new process's CLONE_CHILD_SETTID, written once its memory is made
+    regs: dict | None = None         # a snapshot's registers, until the VMM makes them its context
     start: tuple | None = None       # a new thread's stack and TLS (None: the caller's)
 
 
@@ -142,7 +144,7 @@ class Threads:
 
     def end_wait(self, thread: Thread, how: str) -> None:
         wait, thread.wait = thread.wait, None
-        if how == "ready" and wait.call is not None:
+        if how == "ready" and wait.again:
             thread.again = wait.call
         else:
             thread.result = wait.finish(how) if wait.finish else 0

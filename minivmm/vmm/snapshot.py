@@ -271,15 +271,7 @@ class Snapshot:
         for key, most, longest in (("masks", MAX_MASKS, MAX_MASK), ("hosts", MAX_HOSTS, MAX_NAME)):
             if len(meta[key]) > most or not all(isinstance(item, str) and len(item) <= longest for item in meta[key]):
                 bad(f"meta.{key} must be a list of at most {most} strings of at most {longest} characters")
-        unknown, missing = set(self.regs) - set(REGISTERS), set(REGISTERS) - OPTIONAL - set(self.regs)
-        if unknown or missing:
-            bad(f"register set differs from this format's ({sorted(unknown or missing)[:3]})")
-        for name, value in self.regs.items():
-            count, bits = SHAPES.get(name, (1, 64))
-            values = value if isinstance(value, list) and count > 1 else [value]
-            if len(values) != count or not all(_is_int(v) and 0 <= v < 1 << bits for v in values):
-                bad(f"register {name} must be {'a list of ' + str(count) if count > 1 else 'one'} "
-                    f"{bits}-bit number{'s' if count > 1 else ''}")
+        _check_registers(self.regs, bad, "")
         leaves = self.cpuid.get("leaves")
         if not isinstance(leaves, list) or not leaves or len(leaves) > MAX_ENTRIES or not all(
                 isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)
@@ -290,6 +282,8 @@ class Snapshot:
                 process_state.validate(self.process, memory_length)
             except ValueError as e:
                 bad(f"process: {e}")
+            for thread in self.process.get("threads", [])[1:]:
+                _check_registers(thread["regs"], bad, f"thread {thread['tid']}: ")
 
     def check(self, what: str) -> None:
         """Every field by type and bound, as a snapshot read from a file is checked: one
@@ -303,6 +297,19 @@ class Snapshot:
         mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]]} if self.process is not None else {}
         return {**self.meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
                 "console_bytes": len(self.console), "rip": self.regs.get("RIP"), **mounts}
+
+
+def _check_registers(regs: dict, bad, where: str) -> None:
+    """The register set of this format, each value of its shape (``bad(message)`` raises)."""
+    unknown, missing = set(regs) - set(REGISTERS), set(REGISTERS) - OPTIONAL - set(regs)
+    if unknown or missing:
+        bad(f"{where}register set differs from this format's ({sorted(unknown or missing)[:3]})")
+    for name, value in regs.items():
+        count, bits = SHAPES.get(name, (1, 64))
+        values = value if isinstance(value, list) and count > 1 else [value]
+        if len(values) != count or not all(_is_int(v) and 0 <= v < 1 << bits for v in values):
+            bad(f"{where}register {name} must be {'a list of ' + str(count) if count > 1 else 'one'} "
+                f"{bits}-bit number{'s' if count > 1 else ''}")
 
 
 def _pack(sections) -> bytes:

@@ -42,6 +42,7 @@ from ..linux.binfmt import stack_layout
 from ..linux.cpuinfo import cpuinfo
 from ..linux.process import xfeatures
 from ..linux.state import capture as capture_process
+from ..linux.state import thread_record
 from ..linux.state import check_grants
 from ..linux.state import restore as restore_process
 from ..masking.compat import compatibility
@@ -1143,11 +1144,9 @@ class _Run:
         else:
             when, path = event
             record = {"when": str(when), "file": path, "host": self.engine.host.name}
-            if self.kernel and (self.kernel.threads.many or len(self.kernel.machine.live()) > 1):
-                live = self.kernel.machine.live()
-                record["refused"] = (f"the VM runs {len(live)} process{'es' if len(live) > 1 else ''} of "
-                                     f"{sum(len(k.threads.all) for k in live)} threads; a snapshot file carries "
-                                     f"one process of one thread")
+            if self.kernel and len(self.kernel.machine.live()) > 1:
+                record["refused"] = (f"the VM runs {len(self.kernel.machine.live())} processes; a snapshot file "
+                                     f"carries one process and its threads")
             else:
                 save_snapshot(self._snapshot(), path)
             self.snapshots.append(record)
@@ -1293,7 +1292,23 @@ class _Run:
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
         return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console),
                         bytes(engine.ram) if copy else engine.ram,
-                        process=capture_process(self.kernel) if self.kernel else None)
+                        process=capture_process(self.kernel, self._thread_records()) if self.kernel else None)
+
+    def _thread_records(self) -> list[dict]:
+        """Every thread of the process, the running one first; the others' registers read
+        from their saved contexts."""
+        threads = self.kernel.threads
+        running = threads.running
+        self.kernel.signals.save_to(running)
+        records = [thread_record(running, None)]
+        others = [t for tid, t in sorted(threads.all.items()) if tid != threads.current]
+        if others:
+            context, wide = self.uc.context_save(), self.engine.opmasks is not None
+            for thread in others:
+                self.uc.context_restore(thread.context)
+                records.append(thread_record(thread, {**read_registers(self.uc, wide=wide), **(thread.opmasks or {})}))
+            self.uc.context_restore(context)
+        return records
 
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
         snapshot.load_memory(self.engine.ram)
@@ -1306,6 +1321,32 @@ class _Run:
                                           self.io.console_write, self.vm.linux, snapshot.origin)
             self._attach(self.kernel)
             self.engines = {self.kernel.p.tid: self.engine}
+            self._restore_threads(snapshot.regs)
+
+    def _restore_threads(self, regs: dict) -> None:
+        """The snapshot's threads: each one's registers made its context; the running
+        one, if it waited in a system call, makes that call again."""
+        uc, engine, threads = self.uc, self.engine, self.kernel.threads
+        running = threads.running
+        if running.again is not None:
+            number, at = running.again
+            running.again = None
+            uc.reg_write(x86.UC_X86_REG_RAX, number)
+            uc.reg_write(x86.UC_X86_REG_RIP, at)
+        others = [t for t in threads.all.values() if t.regs is not None]
+        if others:
+            context = uc.context_save()
+            for thread in others:
+                write_registers(uc, thread.regs)
+                if engine.opmasks is not None:
+                    engine.opmasks.set_opmasks(thread.regs)
+                    thread.opmasks = engine.opmasks.opmasks()
+                thread.context, thread.regs = uc.context_save(), None
+            uc.context_restore(context)
+            if engine.opmasks is not None:
+                engine.opmasks.set_opmasks(regs)
+        if threads.many:
+            self.kernel.clock.preempt_after(threads.slice())
 
     def _syscall_report(self) -> dict | None:
         if not self.kernel:
