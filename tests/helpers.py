@@ -4,6 +4,9 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from importlib import resources
+from pathlib import Path
+
+import pytest
 
 RAW_LINE_FIELDS = ("eax", "ebx", "ecx", "edx")
 
@@ -131,3 +134,8 @@ def one_line_error(done) -> bool:
     """Exit 2, one line on stderr, no traceback, nothing on stdout."""
     return (done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
             and done.stdout == "")
+
+
+# the distribution's own interpreter (a development one may be a wrapper that runs others)
+SYSTEM_PYTHON = "/usr/bin/python3"
+needs_python = pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="no /usr/bin/python3 on this machine")

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import SYSTEM_PYTHON, needs_python
 
 from minivmm.vmm.vm import VM
 
@@ -77,13 +78,14 @@ def test_process_calls_answer_as_the_machines_kernel(tmp_path):
     assert "killed by: SIGTERM, SIGCHLD handled: yes" in result.console
 
 
-@pytest.mark.parametrize("code", ["import subprocess; print(subprocess.run(['echo', 'sub'], capture_output=True)"
-                                  ".stdout.decode(), end='')",
-                                  "import threading; t = threading.Thread(target=print, args=('thread',)); "
-                                  "t.start(); t.join()"])
-def test_python_subprocess_and_threads_on_a_penryn(code):
-    python = shutil.which("python3")
-    assert emulated([python, "-c", code], "penryn").console == natively([python, "-c", code]).stdout
+@needs_python
+@pytest.mark.parametrize("host", ["penryn", "haswell"])
+def test_python_subprocess_runs_a_child(host):
+    """subprocess.run: pipes, fork (or vfork) and exec, and a wait, from CPython
+    (its threads: test_linux_threads.py)."""
+    python = SYSTEM_PYTHON
+    code = "import subprocess; print(subprocess.run(['echo', 'sub'], capture_output=True).stdout.decode(), end='')"
+    assert emulated([python, "-c", code], host).console == natively([python, "-c", code]).stdout == "sub\n"
 
 
 def test_the_report_covers_the_whole_tree():

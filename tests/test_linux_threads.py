@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import minivmm_cli
+from helpers import SYSTEM_PYTHON, minivmm_cli, needs_python
 
 from minivmm.guests import shipped_guests_dir
 from minivmm.vmm.migration import PreCopy
@@ -111,8 +111,9 @@ def test_a_snapshot_of_several_processes_is_refused_and_the_run_goes_on(tmp_path
     assert "processes; a snapshot file carries one process and its threads" in result.snapshots[0]["refused"]
 
 
+@needs_python
 def test_python_threads_run_on_a_penryn():
-    python = shutil.which("python3")
+    python = SYSTEM_PYTHON
     script = ("import threading, time\nout = []\ndef work(i):\n    time.sleep(0.05 * (4 - i))\n    out.append(i)\n"
               "threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]\n"
               "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(out, threading.active_count())\n")
