@@ -30,7 +30,7 @@ class PipeEnd(OpenFile):
     seekable = False
 
     def __init__(self, pipe: Pipe, flags: int):
-        super().__init__("pipe:[%d]" % id(pipe), FIFO, flags)
+        super().__init__(f"pipe:[{id(pipe)}]", FIFO, flags)
         self.pipe = pipe
         self.writing = flags & O_WRONLY
         if self.writing:

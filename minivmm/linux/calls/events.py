@@ -87,7 +87,7 @@ def _select(k, count: int, sets: tuple[int, int, int], ms: int | None):
         return out
     got = answers()
     until = _until(k, ms)
-    ready = sum(bin(x).count("1") for x in got)
+    ready = sum(x.bit_count() for x in got)
     if ready or (until is not None and k.clock.since_boot() >= until):
         for address, value in zip(sets, got):
             if address:
