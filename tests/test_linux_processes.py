@@ -5,6 +5,7 @@ machine's own run of the same program (the machine's kernel) is the oracle."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,24 @@ def test_node_prints_on_a_penryn():
         pytest.skip("node is not installed here")
     result = VM(node, "penryn", argv=["-e", "console.log(6*7)"], mounts=["/"], memory="4G").run(timeout=900)
     assert result.console == "42\n" and result.exit_code == 0
+
+
+def test_a_fork_bomb_meets_the_vms_bound_and_the_vmm_stays_small(tmp_path):
+    """fork until it fails: EAGAIN at the VM's bound (its processes' RAM and translated
+    code within MAX_VM_MEMORY), every child reaped, the VMM's peak memory bounded."""
+    from minivmm.linux.scheduler import MAX_VM_MEMORY, PROCESS_OVERHEAD
+    program = tmp_path / "fork_bomb"
+    built = subprocess.run(["gcc", "-static", "-O1", "-o", str(program), str(SOURCES / "fork_bomb.c")],
+                           capture_output=True, text=True) if shutil.which("gcc") else None
+    if built is None or built.returncode:
+        pytest.skip("gcc -static is not available to build the program")
+    bound = MAX_VM_MEMORY // ((64 << 20) + PROCESS_OVERHEAD) - 1          # children beside the parent
+    script = (f"import resource, subprocess, sys; done = subprocess.run([sys.executable, '-m', 'minivmm', 'run', "
+              f"{str(program)!r}, '--memory', '64M', '--timeout', '300'], capture_output=True, text=True); "
+              f"print(done.stdout, end=''); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+              f"file=sys.stderr); sys.exit(done.returncode)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"forked {bound}, then EAGAIN; reaped {bound}\n"
+    peak_kib = int(done.stderr.split()[-1])
+    assert peak_kib < 3 << 20, f"the VMM peaked at {peak_kib >> 10} MiB"   # far below MAX_VM_MEMORY's 8 GiB

@@ -21,9 +21,10 @@ FIFO = MemoryNode(st.S_IFIFO | 0o600, b"")
 
 
 class Pipe:
-    def __init__(self):
+    def __init__(self, capacity: int = PIPE_SIZE, on_free=None):
         self.buffer = bytearray()
         self.readers = self.writers = 0
+        self.capacity, self.on_free = capacity, on_free   # on_free(): both ends closed
 
 
 class PipeEnd(OpenFile):
@@ -43,7 +44,7 @@ class PipeEnd(OpenFile):
         return bool(self.pipe.buffer) or not self.pipe.writers
 
     def writable(self) -> bool:
-        return len(self.pipe.buffer) < PIPE_SIZE or not self.pipe.readers
+        return len(self.pipe.buffer) < self.pipe.capacity or not self.pipe.readers
 
     def read(self, count: int) -> bytes:
         pipe = self.pipe
@@ -64,7 +65,7 @@ class PipeEnd(OpenFile):
         pipe = self.pipe
         if not pipe.readers:
             raise SyscallError(EPIPE)
-        room = PIPE_SIZE - len(pipe.buffer)
+        room = pipe.capacity - len(pipe.buffer)
         if room < (len(data) if len(data) <= PIPE_BUF else 1):
             if self.flags & O_NONBLOCK:
                 raise SyscallError(EAGAIN)
@@ -77,3 +78,5 @@ class PipeEnd(OpenFile):
             self.pipe.writers -= 1
         else:
             self.pipe.readers -= 1
+        if not self.pipe.readers and not self.pipe.writers and self.pipe.on_free:
+            self.pipe.on_free()

@@ -15,7 +15,17 @@ import time
 
 WAITED = 0.1                  # seconds of the machine's time waited at once: the run stays stoppable
 FIRST_PID = 1000
-MAX_PROCESSES = 256           # processes of the VM at once (beyond: EAGAIN, as RLIMIT_NPROC)
+# What a VM's guest may make, so that it can hurt only itself (the machine's memory stays
+# bounded): threads of all its processes (RLIMIT_NPROC counts threads), its processes, each
+# with RAM of the VM's size and the VMM's translated code (vm.TRANSLATION_BUFFER), within
+# MAX_VM_MEMORY together, and the bytes its pipes buffer (Linux's pipe-user-pages-soft:
+# beyond it, a new pipe holds one page). Past a bound, clone and fork fail with EAGAIN,
+# as at RLIMIT_NPROC.
+MAX_TASKS = 1024
+MAX_PROCESSES = 256
+MAX_VM_MEMORY = 8 << 30
+PROCESS_OVERHEAD = 64 << 20
+PIPES_SOFT = 16384 * 4096
 
 
 class Machine:
@@ -25,6 +35,16 @@ class Machine:
         self.current = first.p.tid
         self.next_pid = first.p.tid + 1
         self.forked: list = []                 # new processes whose CPU the VMM has yet to make
+        self.pipe_bytes = 0                    # what the VM's pipes may buffer together
+
+    def may_fork(self) -> bool:
+        live = self.live()
+        each = len(self.running.p.memory.ram) + PROCESS_OVERHEAD
+        return len(live) < MAX_PROCESSES and (len(live) + 1) * each <= max(MAX_VM_MEMORY, 2 * each) and \
+            self.tasks() < MAX_TASKS
+
+    def tasks(self) -> int:
+        return sum(len(k.threads.all) for k in self.live())
 
     @property
     def running(self):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import struct
 
 from ..errno import EAGAIN, ECHILD, EINVAL, EPERM, ESRCH, SyscallError
-from ..scheduler import MAX_PROCESSES
 from ..threads import Block, Wait
 from .base import signed32
 from .threads import CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, CLONE_PARENT_SETTID, CLONE_SETTLS, CLONE_THREAD
@@ -26,7 +25,7 @@ def _fork(k, flags: int, stack: int, parent_tid: int, child_tid: int, tls: int) 
     returns, with RAX 0. CLONE_VM without CLONE_THREAD is vfork's sharing, made a copy
     here: the parent waits until the child execs or ends, as after vfork."""
     machine = k.machine
-    if len(machine.live()) >= MAX_PROCESSES:
+    if not machine.may_fork():
         raise SyscallError(EAGAIN)
     pid = machine.new_pid()
     child = k.fork(pid)

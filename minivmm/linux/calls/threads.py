@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 
 from ..errno import EAGAIN, EINTR, EINVAL, ENOSYS, ESRCH, ETIMEDOUT, SyscallError
+from ..scheduler import MAX_TASKS
 from ..threads import MAX_THREADS, Wait
 from .base import signed32
 from .process import read_timespec
@@ -25,7 +26,7 @@ def _thread(k, flags: int, stack: int, parent_tid: int, child_tid: int, tls: int
     caller returns, with RAX 0, its own stack and TLS; the caller gets its id."""
     if flags & (CLONE_VM | CLONE_SIGHAND) != CLONE_VM | CLONE_SIGHAND:
         raise SyscallError(EINVAL)   # a thread shares the address space and the handlers
-    if len(k.threads.all) >= MAX_THREADS:
+    if len(k.threads.all) >= MAX_THREADS or k.machine.tasks() >= MAX_TASKS:
         raise SyscallError(EAGAIN)
     thread = k.threads.spawn()
     thread.blocked = k.signals.blocked          # the mask is inherited; the alternate stack is not
