@@ -4,6 +4,7 @@ machine's own run of the same program (the machine's kernel) is the oracle."""
 
 import os
 import shutil
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,20 @@ def test_a_fork_bomb_meets_the_vms_bound_and_the_vmm_stays_small(tmp_path):
     assert done.stdout == f"forked {bound}, then EAGAIN; reaped {bound}\n"
     peak_kib = int(done.stderr.split()[-1])
     assert peak_kib < 3 << 20, f"the VMM peaked at {peak_kib >> 10} MiB"   # far below MAX_VM_MEMORY's 8 GiB
+
+
+def test_a_process_waiting_for_standard_input_lets_the_others_run():
+    """cat waits for this command's standard input in the background while the shell
+    runs sleep and echo: "first" comes out before any input is given (a read that held
+    the whole VM would hold it back until then), and the input reaches cat after."""
+    script = "exec 3<&0; cat <&3 & sleep 0.01; echo first; wait"
+    child = subprocess.Popen([sys.executable, "-m", "minivmm", "run", SHELL, "--mount", "/", "--host", "penryn", "--",
+                              "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        first = child.stdout.readline() if ready else ""
+        rest, _ = child.communicate("later\n", timeout=120)
+    finally:
+        child.kill()
+    assert (first, rest) == ("first\n", "later\n")

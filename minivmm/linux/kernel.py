@@ -75,11 +75,15 @@ class Kernel:
         """Standard input. Waiting for a terminal takes the time it takes, virtual time
         too (as QEMU's -icount lets time pass while the CPU is idle), so a timer can
         interrupt the read (ERESTARTSYS: restarted under SA_RESTART); other input (bytes,
-        a pipe, a file) is there at once, and reading it takes no virtual time."""
+        a pipe, a file) is there at once, and reading it takes no virtual time. While
+        other threads of the VM exist, a read with nothing to read lets them run."""
         if not isinstance(self._input, int):
             data = bytes(self._input[:count])
             del self._input[:count]
             return data
+        source = self._input
+        if self.busy() and not select.select([source], [], [], 0)[0]:   # the VM's other threads run meanwhile
+            raise Block(lambda: bool(select.select([source], [], [], 0)[0]))
         waits = self.clock.realtime or os.isatty(self._input)
         while True:
             began = time.monotonic_ns()
