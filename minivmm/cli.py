@@ -196,7 +196,8 @@ def docs(topic):
 @click.option("--env", multiple=True, metavar="K=V", help="A Linux program's environment (repeatable; "
               "default: PATH, HOME, LANG, TERM).")
 @click.option("--seed", type=Whole(0, 2**64 - 1), default=0, show_default=True,
-              help="Seed of a Linux program's AT_RANDOM bytes, getrandom and /dev/urandom.")
+              help="Seed of a Linux program's AT_RANDOM bytes, getrandom and /dev/urandom, and of "
+                   "where its threads' time slices end (the same seed, the same interleaving).")
 @click.option("--mount", multiple=True, metavar="HOST[:GUEST]",
               help="Show a file or directory of this machine to a Linux program, read-only, at GUEST "
                    "(default: the same path; repeatable). --mount / shows the whole machine, which "
