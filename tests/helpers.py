@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from minivmm.cpu.native import machine_features
+
 RAW_LINE_FIELDS = ("eax", "ebx", "ecx", "edx")
 
 
@@ -139,3 +141,9 @@ def one_line_error(done) -> bool:
 # the distribution's own interpreter (a development one may be a wrapper that runs others)
 SYSTEM_PYTHON = "/usr/bin/python3"
 needs_python = pytest.mark.skipif(not Path(SYSTEM_PYTHON).exists(), reason="no /usr/bin/python3 on this machine")
+
+# A haswell host's glibc picks AVX2 string functions, which run on the machine's own CPU:
+# a machine without AVX2 cannot run that host (the run would end as unsupported).
+needs_avx2 = pytest.mark.skipif("avx2" not in machine_features(),
+                                reason="this machine has no AVX2: it cannot run a haswell host's glibc")
+HASWELL = pytest.param("haswell", marks=needs_avx2)

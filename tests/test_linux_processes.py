@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import SYSTEM_PYTHON, needs_python
+from helpers import HASWELL, SYSTEM_PYTHON, needs_python
 
 from minivmm.vmm.vm import VM
 
@@ -42,7 +42,7 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("host", ["penryn", "haswell"])
+@pytest.mark.parametrize("host", ["penryn", HASWELL])
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_shells_and_tools_give_the_native_output(name, host):
     argv = COMMANDS[name]
@@ -81,7 +81,7 @@ def test_process_calls_answer_as_the_machines_kernel(tmp_path):
 
 
 @needs_python
-@pytest.mark.parametrize("host", ["penryn", "haswell"])
+@pytest.mark.parametrize("host", ["penryn", HASWELL])
 def test_python_subprocess_runs_a_child(host):
     """subprocess.run: pipes, fork (or vfork) and exec, and a wait, from CPython
     (its threads: test_linux_threads.py)."""

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import SYSTEM_PYTHON, minivmm_cli, needs_python
+from helpers import SYSTEM_PYTHON, minivmm_cli, needs_avx2, needs_python
 
 from minivmm.guests import shipped_guests_dir
 from minivmm.vmm.migration import PreCopy
@@ -44,7 +44,8 @@ def qemu(program: str, cpu: str) -> str:
 
 
 @needs_qemu
-@pytest.mark.parametrize("host, cpu, path", [("penryn", "Penryn", "plain"), ("haswell", "Haswell", "avx2")])
+@pytest.mark.parametrize("host, cpu, path", [("penryn", "Penryn", "plain"),
+                                             pytest.param("haswell", "Haswell", "avx2", marks=needs_avx2)])
 def test_four_threads_choose_their_path_from_cpuid_as_under_qemu_user(programs, host, cpu, path):
     result = VM(programs["checksum"], host).run(timeout=120)
     assert result.exit_code == 0, result.stop.message
@@ -61,6 +62,7 @@ def test_futex_and_thread_calls_answer_as_the_machines_kernel(programs):
     assert "handled by the waiter: yes" in result.console     # tgkill reached that thread's handler
 
 
+@needs_avx2
 def test_a_migration_carries_every_thread(programs):
     """Mid-run, the four threads at work: under the Sandy Bridge baseline they took the
     plain path on the Haswell, and finish on the Sandy Bridge as a run that never moved;
@@ -86,6 +88,7 @@ def test_the_same_run_twice_gives_the_same_report_and_a_seed_changes_the_interle
     assert VM(programs["racy"], "penryn", seed=2).run(timeout=60).console in seeded
 
 
+@needs_avx2
 def test_a_snapshot_of_four_threads_resumes_in_another_process(programs, tmp_path):
     """Taken mid-run (the threads at work, one of them waiting in a system call, which it
     makes again), resumed by another minivmm process: the output of a run that never
