@@ -25,13 +25,13 @@ from ..linux.calls import TABLE
 from ..linux.files import identity
 from ..linux.kernel import UNKNOWN_KEPT
 from ..linux.signals import xsave_layout
+from ..linux.state import STREAMS
 from ..masking.view import GuestCpuidView
 
 GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
            "r15", "rip")
 LEGACY_SIZE = 512
 NAMES = {nr: name for nr, (name, _) in TABLE.items()}
-STREAMS = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
 
 
 def load_registers(engine, host, regs, xsave: bytes) -> None:
@@ -81,7 +81,7 @@ def process_state(template: dict, process, layout: tuple[int, int], stderr: byte
     for fd, record in process.files.items():
         kept = {"path": record["path"], "flags": record["flags"], "offset": record["offset"], "kind": record["kind"]}
         if record["kind"] == "Stream":
-            kept = template["files"][str(STREAMS.index(record["path"]))]
+            kept = template["files"][str(STREAMS[record["path"]])]
         elif record["kind"] == "HostFile":
             kept.update(host=record["path"], **identity(os.stat(record["path"])))
         elif record["kind"] == "MemoryFile":

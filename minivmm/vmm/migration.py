@@ -111,6 +111,11 @@ def precopy(params: PreCopy, used_pages: list[int], run_guest, copy_pages, hurry
     return {"rounds": len(rounds), "pages_per_round": rounds, "mode": "stop-and-copy", "remaining": to_send or set()}
 
 
+def trigger_of(event) -> Trigger:
+    """When a pending event (a migration request, or a snapshot's (trigger, file)) fires."""
+    return event.when if isinstance(event, MigrationRequest) else event[0]
+
+
 def unreached(events) -> list[dict]:
     """The report's record of migration and snapshot points a run never reached."""
     return [{"event": "migration", "to": e.destination, "when": str(e.when)} if isinstance(e, MigrationRequest)

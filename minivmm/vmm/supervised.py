@@ -34,7 +34,7 @@ from .accelerated import refuse_beyond_machine
 from . import from_native
 from .exits.faults import VECTOR_NAMES
 from .log import ExitLog
-from .migration import MigrationRequest, policy_refusal, unreached
+from .migration import MigrationRequest, policy_refusal, trigger_of, unreached
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import save as save_snapshot
 
@@ -124,8 +124,8 @@ class Moves:
 
     def __init__(self, vm, events, force: bool, console):
         for event in events:
-            if self._when(event).kind != "syscall":
-                raise MinivmmError(f"--accel native: {self._when(event)} is not a point the machine's CPU can stop "
+            if trigger_of(event).kind != "syscall":
+                raise MinivmmError(f"--accel native: {trigger_of(event)} is not a point the machine's CPU can stop "
                                    f"at; a program moves into the emulator at syscall:N")
         if isinstance(vm.linux.stdin, bytes) and events:
             raise MinivmmError("--accel native: standard input given as bytes does not move into the emulator; "
@@ -134,23 +134,19 @@ class Moves:
             raise MinivmmError("--accel native: --memory is the RAM of the VM the program moves into; it applies "
                                "with --migrate or --snapshot-at only")
         self.vm, self.force, self.console = vm, force, console
-        self.events = sorted(events, key=lambda e: self._when(e).count)
-        self.points = {self._when(e).count for e in events}
+        self.events = sorted(events, key=lambda e: trigger_of(e).count)
+        self.points = {trigger_of(e).count for e in events}
         self.migrations: list[dict] = []
         self.snapshots: list[dict] = []
         self.moved = None                     # the run on the destination, ready, once the program moved
         self.stopped = 0.0                    # when the process stopped at the last point (perf_counter)
 
-    @staticmethod
-    def _when(event):
-        return event.when if isinstance(event, MigrationRequest) else event[0]
-
     def on_point(self, count: int, process, console: bytes, stderr: bytes, calls, sample, stopped: float) -> bool:
         """The points at this count, snapshots first; True once the program moved."""
         self.stopped = stopped
-        here = sorted((e for e in self.events if self._when(e).count == count),
+        here = sorted((e for e in self.events if trigger_of(e).count == count),
                       key=lambda e: isinstance(e, MigrationRequest))
-        self.events = [e for e in self.events if self._when(e).count != count]
+        self.events = [e for e in self.events if trigger_of(e).count != count]
         why, snapshot, pages = None, None, 0
         if isinstance(process, Uncarried):
             why = f"the program cannot move into the emulator: {process}; it runs on natively"

@@ -66,7 +66,7 @@ from .exits.privileged import CHECKED_CODES, CHECKED_MNEMONICS, PrivilegedExits
 from .exits import x87 as x87_exits
 from .exits.x87 import X87Exceptions
 from .migration import (MAX_COUNT, PAGE, POLICIES, MigrationRequest, PreCopy, Trigger, policy_refusal, precopy,
-                        unreached)
+                        trigger_of, unreached)
 from .ram import touched_pages
 from .report import SIGNALS, RunResult, Stop
 from .snapshot import Snapshot, read_registers
@@ -113,11 +113,6 @@ def check_budgets(max_insns, timeout) -> None:
         raise MinivmmError(f"timeout {timeout!r}: must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}")
     if max_insns is not None and not (isinstance(max_insns, int) and 0 < max_insns <= MAX_COUNT):
         raise MinivmmError(f"instruction budget {max_insns!r}: must be a whole number from 1 to {MAX_COUNT}")
-
-
-def trigger_of(event) -> Trigger:
-    """When a pending event (a migration request, or a snapshot's (trigger, file)) fires."""
-    return event.when if isinstance(event, MigrationRequest) else event[0]
 
 
 def boot_cr4(view: GuestCpuidView) -> int:

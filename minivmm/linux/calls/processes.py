@@ -150,24 +150,29 @@ def sys_getppid(k, uc, *_):
 
 
 def sys_setpgid(k, uc, pid, pgid, *_):
-    pid, pgid = signed32(pid) or k.p.tid, signed32(pgid)
-    if pgid < 0:
+    if signed32(pgid) < 0:
         raise SyscallError(EINVAL)
-    target = next((t for t in k.machine.live() if t.p.tid == pid and (t is k or t.p.ppid == k.p.tid)), None)
-    if target is None:
-        raise SyscallError(ESRCH)
+    target = _process(k, pid)
+    if target is not k and target.p.ppid != k.p.tid:
+        raise SyscallError(ESRCH)   # only itself or a child of its
+    pid, pgid = target.p.tid, signed32(pgid)
     if target.p.session == target.p.tid:
         raise SyscallError(EPERM)   # a session leader keeps its group
     target.p.pgid = pgid or pid
     return 0
 
 
-def sys_getpgid(k, uc, pid, *_):
+def _process(k, pid: int):
+    """The live process ``pid`` (0: the caller's), or ESRCH."""
     pid = signed32(pid) or k.p.tid
     target = next((t for t in k.machine.live() if t.p.tid == pid), None)
     if target is None:
         raise SyscallError(ESRCH)
-    return target.p.group
+    return target
+
+
+def sys_getpgid(k, uc, pid, *_):
+    return _process(k, pid).p.group
 
 
 def sys_getpgrp(k, uc, *_):
@@ -182,11 +187,7 @@ def sys_setsid(k, uc, *_):
 
 
 def sys_getsid(k, uc, pid, *_):
-    pid = signed32(pid) or k.p.tid
-    target = next((t for t in k.machine.live() if t.p.tid == pid), None)
-    if target is None:
-        raise SyscallError(ESRCH)
-    return target.p.session
+    return _process(k, pid).p.session
 
 
 TABLE = {
