@@ -11,6 +11,7 @@ hang) and the peak RSS; README's table comes from such a run.
 
 import contextlib
 import json
+import shutil
 import signal
 import struct
 import zlib
@@ -186,6 +187,64 @@ def test_fuzz_snapshots(snapshot_parts, data):
     with bounded("snapshot"):
         snap = snapshot_mod.Snapshot.from_bytes(_pack(sections), "fuzz.snap")
         VM.resume(snap, force=True).run(max_insns=5000, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def processes_snapshot(tmp_path_factory):
+    """A shell, a subshell and cat mid-run (a pipe holding bytes between them): a
+    snapshot of several processes, its sections as stored."""
+    shell = shutil.which("sh")
+    if shell is None:
+        pytest.skip("no sh on this machine")
+    path = tmp_path_factory.mktemp("snap") / "tree.snap"
+    argv = ["-c", "echo x | (sleep 1; cat); echo done"]
+    alone = VM(shell, "penryn", argv=argv, mounts=["/"], memory="64M").run(timeout=60)
+    point = alone.syscalls["sample"].index("clock_nanosleep") + 1
+    VM(shell, "penryn", argv=argv, mounts=["/"], memory="64M").run(snapshot_at=f"syscall:{point}",
+                                                                  snapshot_file=str(path), timeout=60)
+    data = path.read_bytes()
+    _, _, count = snapshot_mod.HEADER.unpack_from(data, 0)
+    at, sections = snapshot_mod.HEADER.size, []
+    for _ in range(count):
+        name, compression, stored, length, _ = snapshot_mod.SECTION.unpack_from(data, at)
+        at += snapshot_mod.SECTION.size
+        sections.append((name.rstrip(b"\0").decode(), compression, data[at:at + stored], length))
+        at += stored
+    return sections
+
+
+def _paths(value, path=()):
+    """Every place in a JSON value: the keys down to it."""
+    yield path
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _paths(child, path + (key,))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
+    """Any field of a real state of three processes, any value: refused in one line, or
+    resumed and run within bounds."""
+    sections = []
+    for name, compression, stored, length in processes_snapshot:
+        if name == "process":
+            state = json.loads(stored)
+            places = [path for path in _paths(state) if path]
+            for _ in range(data.draw(st.integers(1, 3))):
+                *down, last = data.draw(st.sampled_from(places))
+                target = state
+                for key in down:
+                    target = target[key] if isinstance(target, (dict, list)) else {}
+                if isinstance(target, dict) or isinstance(target, list) and isinstance(last, int) \
+                        and last < len(target):
+                    target[last] = data.draw(JSON | PAST_BOUNDS | st.integers(-2, 2000))
+            stored = json.dumps(state).encode()
+            length = len(stored)
+        sections.append((name, compression, stored, length))
+    with bounded("snapshot"):
+        snap = snapshot_mod.Snapshot.from_bytes(_pack(sections), "fuzz.snap")
+        VM.resume(snap, mounts=["/"]).run(max_insns=200_000, timeout=5)
 
 
 # ---- host profile files -------------------------------------------------------------------

@@ -105,15 +105,6 @@ def test_a_snapshot_of_four_threads_resumes_in_another_process(programs, tmp_pat
     assert len(kept) == 5 and kept[0]["regs"] is None and all(t["regs"]["RIP"] for t in kept[1:])
 
 
-def test_a_snapshot_of_several_processes_is_refused_and_the_run_goes_on(tmp_path):
-    snapshot = tmp_path / "tree.snap"
-    sh = shutil.which("sh")
-    result = VM(sh, "penryn", argv=["-c", "sleep 1 | cat; echo done"], mounts=["/"]).run(
-        snapshot_at="syscall:60", snapshot_file=str(snapshot), timeout=120)
-    assert result.console == "done\n" and not snapshot.exists()
-    assert "processes; a snapshot file carries one process and its threads" in result.snapshots[0]["refused"]
-
-
 @needs_python
 def test_python_threads_run_on_a_penryn():
     python = SYSTEM_PYTHON

@@ -8,6 +8,7 @@ import os
 import stat as st
 import struct
 import zlib
+from collections import Counter
 
 from .errno import EBADF, EINVAL, EISDIR, EMFILE, ESPIPE, SyscallError
 from .vfs import HostNode, MemoryNode, is_dir
@@ -230,6 +231,15 @@ class Stream(OpenFile):
         return len(data)
 
 
+def recount(tables: list[Descriptors]) -> None:
+    """Each description held by every descriptor of the VM's processes that refers to
+    it (after the tables were built whole, as a resume builds them)."""
+    held = Counter(id(entry) for fds in tables for entry in fds.table.values())
+    for fds in tables:
+        for entry in fds.table.values():
+            entry.refs = held[id(entry)]
+
+
 class Descriptors:
     """fd -> open file description, and the close-on-exec flags."""
 
@@ -244,12 +254,6 @@ class Descriptors:
         for entry in other.table.values():
             entry.refs += 1
         return other
-
-    def recount(self) -> None:
-        """Each description held by the descriptors that refer to it (after the table
-        was built whole, as a resume builds it)."""
-        for entry in set(self.table.values()):
-            entry.refs = sum(1 for other in self.table.values() if other is entry)
 
     def release(self, entry: OpenFile) -> None:
         entry.refs -= 1

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 
+from .pipes import PIPE_BUF, PIPE_SIZE, Pipe
+from .threads import Threads
+
 WAITED = 0.1                  # seconds of the machine's time waited at once: the run stays stoppable
 FIRST_PID = 1000
 # What a VM's guest may make, so that it can hurt only itself (the machine's memory stays
@@ -26,6 +29,14 @@ MAX_PROCESSES = 256
 MAX_VM_MEMORY = 8 << 30
 PROCESS_OVERHEAD = 64 << 20
 PIPES_SOFT = 16384 * 4096
+
+
+class Zombie:
+    """A process that ended and that its parent has not reaped: what wait4 tells of it."""
+
+    def __init__(self, process):
+        self.p = process
+        self.threads = Threads(process.tid)
 
 
 class Machine:
@@ -42,6 +53,17 @@ class Machine:
         each = len(self.running.p.memory.ram) + PROCESS_OVERHEAD
         return len(live) < MAX_PROCESSES and (len(live) + 1) * each <= max(MAX_VM_MEMORY, 2 * each) and \
             self.tasks() < MAX_TASKS
+
+    def new_pipe(self, capacity: int | None = None) -> Pipe:
+        """A pipe of ``capacity`` bytes; by default PIPE_SIZE while the VM's pipes hold
+        less than PIPES_SOFT together, one page beyond (pipe-user-pages-soft)."""
+        if capacity is None:
+            capacity = PIPE_SIZE if self.pipe_bytes + PIPE_SIZE <= PIPES_SOFT else PIPE_BUF
+        self.pipe_bytes += capacity
+
+        def freed():
+            self.pipe_bytes -= capacity
+        return Pipe(capacity, freed)
 
     def tasks(self) -> int:
         return sum(len(k.threads.all) for k in self.live())

@@ -48,6 +48,7 @@ class Wait:
     ready: object = None             # the wait ends once this says True
     again: bool = False              # and the call is then made again (what it waits for is ready)
     call: tuple[int, int] | None = None   # the call it waits in: its number and address
+    vfork: int = 0                   # vfork's parent: the child it waits for (not a call to make again)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..linux.calls import TABLE
 from ..linux.files import identity
 from ..linux.kernel import UNKNOWN_KEPT
 from ..linux.signals import xsave_layout
-from ..linux.state import STREAMS
+from ..linux.files_state import STREAMS
 from ..masking.view import GuestCpuidView
 
 GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -96,6 +96,9 @@ def process_state(template: dict, process, layout: tuple[int, int], stderr: byte
         "mmap_top": stack_bottom - 4096, "stack_bottom": stack_bottom, "exe": process.exe, "argv": process.argv,
         "auxv": base64.b64encode(process.auxv).decode(), "maps": maps, "files": files, "cloexec": sorted(cloexec),
         "cwd": process.cwd, "umask": process.umask, "mounts": [["/", "/"]],
+        "ppid": 1, "pgid": process.pid, "sid": process.pid, "execs": 0,
+        "threads": [{**template["threads"][0], "tid": process.pid}],
+        "machine": {**template["machine"], "first": process.pid, "next_pid": process.pid + 1},
         "signals": {"actions": {str(n): list(a) for n, a in sorted(process.actions.items())},
                     "blocked": process.blocked, "altstack": list(process.altstack), "pending": []},
         "clock": {**template["clock"], "calls": sum(calls.values()), "realtime": True},

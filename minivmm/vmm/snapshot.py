@@ -12,7 +12,9 @@ File format (never pickle, never the engine's raw context struct):
 
 Sections: ``meta`` and ``regs`` (JSON), ``cpuid`` (JSON), ``console`` (bytes),
 ``memory`` (zstandard: twenty times zlib's speed on RAM), and for a Linux program
-``process`` (JSON: its kernel state, :mod:`minivmm.linux.state`). Every length is checked
+``process`` (JSON: the kernel state of its processes, :mod:`minivmm.linux.state`) and,
+when it runs several, ``memories`` (zstandard: the other processes' RAM, one after
+another, in the order the state lists them). Every length is checked
 against the file and against limits before anything is allocated, every CRC before
 anything is used, the lists and values of a JSON section before it is parsed, and every
 field by type and by the bound of what minivmm writes there: a damaged or hostile file
@@ -23,6 +25,7 @@ resumes, straight into its RAM and never past the length the header declares, so
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import re
@@ -37,6 +40,7 @@ from ..cpu.table import MAX_ENTRIES, CpuidTable
 from ..errors import MinivmmError
 from ..files import MiB, read_bytes, write_atomically
 from ..linux import state as process_state
+from ..linux.scheduler import MAX_VM_MEMORY
 from ..linux.vfs import PATH_MAX, Mount
 from ..masking.formats import MAX_MASK
 from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
@@ -53,8 +57,9 @@ MAX_SECTION = {"meta": 8 << 20,                       # masks stored by content:
                "regs": 1 << 20,                       # about 200 registers of at most 512 bits
                "cpuid": 1 << 20,                      # MAX_ENTRIES leaves of six 32-bit numbers: 300 KB
                "console": CONSOLE_KEPT,               # the console keeps no more
-               "memory": MAX_MEMORY, "process": process_state.MAX_STATE}
-MAX_FILE = MAX_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
+               "memory": MAX_MEMORY, "process": process_state.MAX_STATE,
+               "memories": MAX_VM_MEMORY}                # the VM's processes' RAM together is bounded
+MAX_FILE = MAX_VM_MEMORY + 128 * MiB  # zstandard's worst case on incompressible RAM, plus the rest
 MAX_HOSTS = 4096                  # hosts a VM ran on, one more per migration and resume
 MAX_NAME = len("file:") + PATH_MAX  # a guest or host: a name, a path or file:PATH
 REQUIRED = ("meta", "regs", "cpuid", "console", "memory")
@@ -133,42 +138,23 @@ class Snapshot:
     stored_memory: tuple[int, memoryview] | None = None   # (compression, stored bytes) in the file read
     process: dict | None = None    # a Linux program's kernel state
     origin: str = "snapshot"       # its file, for errors
+    others: list = field(default_factory=list)   # the other processes' RAM (none when read from a file)
+    stored_others: tuple[int, memoryview] | None = None   # (compression, stored bytes) of ``memories``
 
     def load_memory(self, ram) -> None:
         """Fill ``ram`` (a fresh, zeroed, writable buffer of ``meta.memory`` bytes) with
         the guest's memory, decompressing in place: never more than the header declared."""
-        if isinstance(self.memory, mmap.mmap):   # a live VM's RAM: the pages it ever wrote
-            for page in touched_pages(self.memory):
-                ram[page:page + PAGE] = self.memory[page:page + PAGE]
-            return
-        if self.memory is not None:
-            for at in range(0, len(ram), CHUNK):   # zero chunks stay untouched, unallocated
-                end = min(at + CHUNK, len(ram))
-                if self.memory.count(0, at, end) != end - at:
-                    ram[at:end] = self.memory[at:end]
-            return
-        compression, body = self.stored_memory
-        if compression == 0:
-            ram[:] = body
-            return
-        # Through a small buffer, copying only chunks that are not all zero: guest RAM
-        # starts zeroed, and pages never written stay unallocated on the machine.
-        chunk, zero, done, extra = bytearray(CHUNK), bytes(CHUNK), 0, b""
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
-                while done < len(ram):
-                    got = reader.readinto(memoryview(chunk)[:min(CHUNK, len(ram) - done)])
-                    if not got:
-                        break
-                    if chunk[:got] != zero[:got]:
-                        ram[done:done + got] = chunk[:got]
-                    done += got
-                extra = reader.read(1)
-        except zstandard.ZstdError as e:
-            raise MinivmmError(f"snapshot memory does not decompress ({e})") from None
-        if done != len(ram) or extra:
-            raise MinivmmError(f"snapshot memory holds {'more' if extra else done} bytes, "
-                               f"its header says {len(ram)}")
+        _load([self.memory] if self.memory is not None else None, self.stored_memory, [ram], "memory")
+
+    def load_others(self, rams: list) -> None:
+        """Fill ``rams`` (like ``load_memory``'s) with the other processes' memory."""
+        if rams:
+            _load(self.others or None, self.stored_others, rams, "memories")
+
+    @property
+    def processes(self) -> int:
+        """The processes in the VM's kernel state that have memory (zombies have none)."""
+        return 1 + len(self.process["machine"]["processes"]) if self.process and "machine" in self.process else 1
 
     @property
     def view_table(self) -> CpuidTable:
@@ -189,6 +175,8 @@ class Snapshot:
                     ("memory", bytes(self.memory), 1)]
         if self.process is not None:
             sections.append(("process", json.dumps(self.process, sort_keys=True).encode(), 0))
+        if self.others:
+            sections.append(("memories", _Joined(self.others), 1))
         return sections
 
     @classmethod
@@ -225,7 +213,7 @@ class Snapshot:
                 bad(f"section '{name}' fails its checksum")
             if name in sections:
                 bad(f"section '{name}' appears twice")
-            if compression not in (0, 1) or (compression == 1 and name != "memory"):
+            if compression not in (0, 1) or (compression == 1 and name not in ("memory", "memories")):
                 bad(f"section '{name}' has unknown compression {compression}")
             if compression == 0 and stored != length:
                 bad(f"section '{name}' holds {stored} bytes, its header says {length}")
@@ -238,12 +226,13 @@ class Snapshot:
         meta, regs, cpuid, process = (_parse_json(n, sections[n][1], bad) if n in sections else None
                                       for n in ("meta", "regs", "cpuid", "process"))
         compression, body, length = sections["memory"]
+        others = sections.get("memories", (0, b"", 0))
         snapshot = cls(meta, regs, cpuid, bytes(sections["console"][1]), None, stored_memory=(compression, body),
-                       process=process, origin=origin)
-        snapshot._validate(bad, length)
+                       process=process, origin=origin, stored_others=others[:2])
+        snapshot._validate(bad, length, others[2])
         return snapshot
 
-    def _validate(self, bad, memory_length: int) -> None:
+    def _validate(self, bad, memory_length: int, others_length: int) -> None:
         """Every field by type and bound (``bad(message)`` raises)."""
         if not isinstance(self.meta, dict) or not isinstance(self.regs, dict) or not isinstance(self.cpuid, dict):
             bad("meta, regs and cpuid must be JSON objects")
@@ -284,17 +273,24 @@ class Snapshot:
                 bad(f"process: {e}")
             for thread in self.process.get("threads", [])[1:]:
                 _check_registers(thread["regs"], bad, f"thread {thread['tid']}: ")
+            for process in self.process.get("machine", {}).get("processes", []):
+                for thread in process["threads"]:
+                    _check_registers(thread["regs"], bad, f"process {process['tid']}, thread {thread['tid']}: ")
+        if others_length != (self.processes - 1) * memory_length:
+            bad(f"the other processes' memory is {others_length} bytes, not {self.processes - 1} times "
+                f"meta.memory")
 
     def check(self, what: str) -> None:
         """Every field by type and bound, as a snapshot read from a file is checked: one
         made in memory (of a native process) is no more trusted than a file."""
         def bad(msg):
             raise MinivmmError(f"{what}: {msg}")
-        self._validate(bad, len(self.memory))
+        self._validate(bad, len(self.memory), sum(len(ram) for ram in self.others))
 
     def summary(self) -> dict:
         """What inspect shows, with the --mount a Linux program's resume needs."""
-        mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]]} if self.process is not None else {}
+        mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]],
+                  "processes": self.processes} if self.process is not None else {}
         return {**self.meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
                 "console_bytes": len(self.console), "rip": self.regs.get("RIP"), **mounts}
 
@@ -312,10 +308,80 @@ def _check_registers(regs: dict, bad, where: str) -> None:
                 f"{bits}-bit number{'s' if count > 1 else ''}")
 
 
+class _Joined:
+    """Buffers stored one after another as one section, compressed without joining them."""
+
+    def __init__(self, buffers: list):
+        self.buffers = buffers
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.buffers)
+
+
+def _compress(payload) -> bytes:
+    if not isinstance(payload, _Joined):
+        return zstandard.ZstdCompressor(level=1, threads=-1).compress(payload)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(out, size=len(payload), closefd=False) as w:
+        for buffer in payload.buffers:
+            view = memoryview(buffer)
+            for at in range(0, len(view), 16 * CHUNK):
+                w.write(view[at:at + 16 * CHUNK])
+    return out.getvalue()
+
+
+def _load(live: list | None, stored: tuple | None, rams: list, what: str) -> None:
+    """Fill ``rams`` (fresh, zeroed, writable buffers) from a live VM's memory (``live``:
+    a buffer for each) or from a file's section (``stored``: (compression, bytes), the
+    buffers one after another), decompressing in place: never more than the header
+    declared, and chunks that are all zero left untouched (guest RAM starts zeroed, and
+    pages never written stay unallocated on the machine)."""
+    if live is not None:
+        for source, ram in zip(live, rams):
+            if isinstance(source, mmap.mmap):   # a live VM's RAM: the pages it ever wrote
+                for page in touched_pages(source):
+                    ram[page:page + PAGE] = source[page:page + PAGE]
+                continue
+            for at in range(0, len(ram), CHUNK):
+                end = min(at + CHUNK, len(ram))
+                if source.count(0, at, end) != end - at:
+                    ram[at:end] = source[at:end]
+        return
+    compression, body = stored
+    if compression == 0:
+        at = 0
+        for ram in rams:
+            ram[:] = body[at:at + len(ram)]
+            at += len(ram)
+        return
+    chunk, zero, extra = bytearray(CHUNK), bytes(CHUNK), b""
+    total = sum(len(ram) for ram in rams)
+    done = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True) as reader:
+            for ram in rams:
+                filled = 0
+                while filled < len(ram):
+                    got = reader.readinto(memoryview(chunk)[:min(CHUNK, len(ram) - filled)])
+                    if not got:
+                        break
+                    if chunk[:got] != zero[:got]:
+                        ram[filled:filled + got] = chunk[:got]
+                    filled += got
+                done += filled
+                if filled < len(ram):
+                    break
+            extra = reader.read(1)
+    except zstandard.ZstdError as e:
+        raise MinivmmError(f"snapshot {what} does not decompress ({e})") from None
+    if done != total or extra:
+        raise MinivmmError(f"snapshot {what} holds {'more' if extra else done} bytes, its header says {total}")
+
+
 def _pack(sections) -> bytes:
     out = [HEADER.pack(MAGIC, VERSION, len(sections))]
     for name, payload, compress in sections:
-        stored = zstandard.ZstdCompressor(level=1, threads=-1).compress(payload) if compress else payload
+        stored = _compress(payload) if compress else payload
         out.append(SECTION.pack(name.encode().ljust(8, b"\0"), compress, len(stored), len(payload),
                                 zlib.crc32(stored)))
         out.append(stored)
@@ -324,8 +390,17 @@ def _pack(sections) -> bytes:
 
 def _parse_json(name: str, body, bad):
     """A JSON section, refused before json.loads builds anything when it holds more lists,
-    objects or values than minivmm writes there (JSON_BOUNDS): counted a token at a
-    time, in constant memory, and no further than the bound."""
+    objects or values than minivmm writes there (:func:`_check_json_bounds`)."""
+    _check_json_bounds(name, body, bad)
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        bad(f"section '{name}' does not parse as JSON ({str(e)[:80]})")
+
+
+def _check_json_bounds(name: str, body, bad) -> None:
+    """At most JSON_BOUNDS lists, objects and values: counted a token at a time, in
+    constant memory, and no further than the bound."""
     most_containers, most_values = JSON_BOUNDS[name]
     containers = tokens = 0
     for token in JSON_TOKEN.finditer(body):
@@ -334,10 +409,6 @@ def _parse_json(name: str, body, bad):
         if containers > most_containers or tokens > 3 * most_values:
             bad(f"section '{name}' holds more lists, objects or values than minivmm writes there "
                 f"(at most {most_containers} lists and objects, {most_values} values)")
-    try:
-        return json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        bad(f"section '{name}' does not parse as JSON ({str(e)[:80]})")
 
 
 def _is_int(value) -> bool:
@@ -360,6 +431,8 @@ def save(snapshot: Snapshot, path: str) -> None:
     for name, payload, _ in sections:
         if len(payload) > MAX_SECTION[name]:
             bad(f"its {name} section would be {len(payload)} bytes, more than the limit {MAX_SECTION[name]}")
+        if name in JSON_BOUNDS:
+            _check_json_bounds(name, payload, bad)
     snapshot.check(f"cannot save a snapshot to {path}")
     write_atomically(path, _pack(sections), "snapshot")
 

@@ -30,7 +30,7 @@ from ..cpu import isa, xstate
 from ..cpu.features import catalogue
 from ..cpu.native import machine_features
 from ..cpu.profiles import HostProfile, load_profile
-from ..errors import MinivmmError
+from ..errors import MinivmmError, NotCarried
 from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
 from ..linux import compat
@@ -787,11 +787,11 @@ class _Run:
         """After a system call: the process killed, exited, or at a syscall:N point."""
         if self.kernel.signals.fatal:
             self._killed()
-            return
+            if self.stop:
+                return
         status = self.kernel.p.exit_status
-        if status is not None:
-            if not self._process_ended(status << 8):
-                self._end(Stop("exited", status, message=f"program exited with status {status}"))
+        if status is not None and not self._process_ended(status << 8):
+            self._end(Stop("exited", status, message=f"program exited with status {status}"))
             return
         when = self._next_point()
         if when and when.kind == "syscall" and when.count == self.kernel.calls:
@@ -919,6 +919,8 @@ class _Run:
                     self._deliver_pending_fault()
                 elif self.fired:
                     self._fire()
+                    if self.switching and not self.stop:
+                        self._switch()
                 elif self.switching:
                     self._switch()
                 elif self.resumable:
@@ -1035,12 +1037,7 @@ class _Run:
             for page in touched_pages(source.ram):
                 engine.ram[page:page + PAGE] = source.ram[page:page + PAGE]
             engine.restore(source.capture())
-            current = self.engine, self.kernel
-            self.engine, self.kernel = engine, child
-            try:
-                self._attach(child)
-            finally:
-                self.engine, self.kernel = current
+            self._attach_other(child, engine)
             thread = child.threads.running
             thread.context = engine.uc.context_save()
             if engine.opmasks is not None:
@@ -1048,6 +1045,15 @@ class _Run:
             if thread.settid:
                 child.p.write(thread.settid, struct.pack("<i", child.p.tid))
             self.engines[child.p.tid] = engine
+
+    def _attach_other(self, kernel, engine: _Engine) -> None:
+        """Wire a process that is not running to its engine (:meth:`_attach`)."""
+        current = self.engine, self.kernel
+        self.engine, self.kernel = engine, kernel
+        try:
+            self._attach(kernel)
+        finally:
+            self.engine, self.kernel = current
 
     def _process_ended(self, word: int) -> bool:
         """A process other than the first ended (``word``: its status as wait4 reports it):
@@ -1133,17 +1139,24 @@ class _Run:
 
     def _fire(self) -> None:
         self.fired = False
+        if self.kernel:   # every process of the VM has its CPU and memory, and the running one is live
+            self._spawn()
+            if self.kernel.p.exit_status is not None:
+                self._switch()
+                if self.stop:
+                    return
         event = self.events.pop(0)
         if isinstance(event, MigrationRequest):
             self._migrate(event)
         else:
             when, path = event
             record = {"when": str(when), "file": path, "host": self.engine.host.name}
-            if self.kernel and len(self.kernel.machine.live()) > 1:
-                record["refused"] = (f"the VM runs {len(self.kernel.machine.live())} processes; a snapshot file "
-                                     f"carries one process and its threads")
+            try:
+                snapshot = self._snapshot()
+            except NotCarried as e:
+                record["refused"] = str(e)
             else:
-                save_snapshot(self._snapshot(), path)
+                save_snapshot(snapshot, path)
             self.snapshots.append(record)
 
     # -- migration -----------------------------------------------------------------------
@@ -1157,9 +1170,6 @@ class _Run:
         self.migrations.append(record)
         record["refused"] = True  # until it moves, or the guest ends first
         refusal = policy_refusal(self.vm.policy, request)
-        if not refusal and self.kernel and len(self.kernel.machine.live()) > 1:
-            refusal = (f"the VM runs {len(self.kernel.machine.live())} processes; a migration carries one process "
-                       f"and its threads")
         if refusal:
             record["reason"] = refusal
             return
@@ -1203,42 +1213,63 @@ class _Run:
             if remaining is None:  # stop-and-copy: every page written so far
                 remaining = touched_pages(source.ram)
             copy_pages(sorted(remaining))
-            running = source.capture()
-            if not target.restore(running):
+            whole = self._switch_over(source, target)
+            if not all(whole.values()):
                 record["lost"] = [f"XCR0 and CR4.OSXSAVE: {destination.name} has no XSAVE"]
-            if self.kernel and self.kernel.threads.many:
-                self._carry_threads(source, target, running["regs"])
-            self.engine = target
-            if self.kernel:  # the process's memory is the new host's RAM now
-                self._attach(self.kernel)
-                self.engines[self.kernel.p.tid] = target
             switch_ms = (time.perf_counter() - switch) * 1e3
         finally:
             if collecting:
                 gc.enable()
-        sent = sum(result["pages_per_round"]) + len(remaining)
-        record.update(ok=True, refused=False, pages_sent=sent, switchover_ms=round(switch_ms, 3),
-                      downtime_ms=round(self.precopy.send_ms(len(remaining)) + switch_ms, 3),
+        remaining = len(remaining) + sum(len(touched_pages(e.ram)) for e in whole if e is not target)
+        sent = sum(result["pages_per_round"]) + remaining
+        record.update(ok=True, refused=False, pages_sent=sent, switchover_ms=round(switch_ms, 3), processes=len(whole),
+                      downtime_ms=round(self.precopy.send_ms(remaining) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
         self.hosts.append(destination.name)
 
-    def _carry_threads(self, source: _Engine, target: _Engine, running: dict) -> None:
-        """The contexts of the threads not running, saved by the source's engine, made
-        the destination's (an engine's saved context belongs to its model): each loaded
-        on the source, read as a snapshot's registers and written on the destination,
-        whose XCR0 and control registers the running thread's restore has set."""
-        threads = self.kernel.threads
+    def _carry_threads(self, source: _Engine, target: _Engine, threads, running: dict | None) -> None:
+        """The contexts of a process's threads not running, saved by the source's engine,
+        made the destination's (an engine's saved context belongs to its model): each
+        loaded on the source, read as a snapshot's registers and written on the
+        destination, whose XCR0 and control registers a restore has set. ``running``:
+        the registers of the thread in the engine (None: a process not running, whose
+        every thread has its context saved)."""
         wide = source.opmasks is not None
         for thread in threads.all.values():
-            if thread.tid == threads.current or thread.context is None:
+            if running is not None and thread.tid == threads.current or thread.context is None:
                 continue
             source.uc.context_restore(thread.context)
             regs = {**read_registers(source.uc, wide=wide), **(thread.opmasks or {})}
             write_registers(target.uc, regs)
             thread.context = target.uc.context_save()
-        write_registers(target.uc, running)
-        if target.opmasks is not None:
-            target.opmasks.set_opmasks(running)
+        if running is not None:
+            write_registers(target.uc, running)
+            if target.opmasks is not None:
+                target.opmasks.set_opmasks(running)
+
+    def _switch_over(self, source: _Engine, target: _Engine) -> dict:
+        """The VM moves whole, stopped: the process pre-copied (``source``, whose memory
+        ``target`` holds now) and every other one, its memory copied whole to a new
+        engine of the destination, each with its CPU's state and its threads' contexts.
+        The destination's engines, each True if XCR0 came along."""
+        if not self.kernel:
+            self.engine = target
+            return {target: target.restore(source.capture())}
+        self._spawn()   # a fork made while pages were in flight
+        whole = {}
+        for kernel in self.kernel.machine.live():
+            old = self.engines[kernel.p.tid]
+            new = target if old is source else _Engine(self, target.host, old.view)
+            if new is not target:
+                for page in touched_pages(old.ram):
+                    new.ram[page:page + PAGE] = old.ram[page:page + PAGE]
+            state = old.capture()
+            whole[new] = new.restore(state)
+            self._carry_threads(old, new, kernel.threads, state["regs"] if kernel is self.kernel else None)
+            self._attach_other(kernel, new)
+            self.engines[kernel.p.tid] = new
+        self.engine = self.engines[self.kernel.p.tid]
+        return whole
 
     def _run_on_source(self, insns: int) -> None:
         """Let the guest run ``insns`` instructions while its pages are in flight."""
@@ -1259,6 +1290,8 @@ class _Run:
             self._deliver_pending_fault()
         elif self.clock_stopped:
             self._timers_expired()
+        elif self.switching:
+            self._switch()
 
     def _cold_migrate(self, destination, record) -> None:
         """Power off, boot again on the destination: the guest re-detects its CPU."""
@@ -1285,24 +1318,33 @@ class _Run:
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
                 "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
+        process, others = None, []
+        if self.kernel:
+            process = capture_process(self.kernel, {k.p.tid: self._thread_records(k) for k in self.kernel.machine.live()})
+            others = [self.engines[k.p.tid].ram for k in self.kernel.machine.live() if k is not self.kernel]
         return Snapshot(meta, state["regs"], {"leaves": leaves}, bytes(self.io.console),
-                        bytes(engine.ram) if copy else engine.ram,
-                        process=capture_process(self.kernel, self._thread_records()) if self.kernel else None)
+                        bytes(engine.ram) if copy else engine.ram, process=process,
+                        others=[bytes(ram) for ram in others] if copy else others)
 
-    def _thread_records(self) -> list[dict]:
-        """Every thread of the process, the running one first; the others' registers read
+    def _thread_records(self, kernel) -> list[dict]:
+        """Every thread of a process, its current one first: in the running process the
+        running thread, whose registers are the snapshot's; the others' registers read
         from their saved contexts."""
-        threads = self.kernel.threads
-        running = threads.running
-        self.kernel.signals.save_to(running)
-        records = [thread_record(running, None)]
-        others = [t for tid, t in sorted(threads.all.items()) if tid != threads.current]
-        if others:
-            context, wide = self.uc.context_save(), self.engine.opmasks is not None
-            for thread in others:
-                self.uc.context_restore(thread.context)
-                records.append(thread_record(thread, {**read_registers(self.uc, wide=wide), **(thread.opmasks or {})}))
-            self.uc.context_restore(context)
+        threads, engine = kernel.threads, self.engines[kernel.p.tid]
+        running = kernel is self.kernel
+        records = []
+        if running:
+            kernel.signals.save_to(threads.running)
+            records.append(thread_record(threads.running, None))
+        saved = [t for tid, t in sorted(threads.all.items(), key=lambda item: item[0] != threads.current)
+                 if not running or tid != threads.current]
+        if saved:
+            uc, wide = engine.uc, engine.opmasks is not None
+            context = uc.context_save()
+            for thread in saved:
+                uc.context_restore(thread.context)
+                records.append(thread_record(thread, {**read_registers(uc, wide=wide), **(thread.opmasks or {})}))
+            uc.context_restore(context)
         return records
 
     def _restore_snapshot(self, snapshot: Snapshot) -> None:
@@ -1312,36 +1354,52 @@ class _Run:
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
         if snapshot.process is not None:
-            self.kernel = restore_process(snapshot.process, self.engine.ram, self.engine.host, self.engine.view,
-                                          self.io.console_write, self.vm.linux, snapshot.origin)
+            engines = [self.engine] + [_Engine(self, self.engine.host, self.engine.view)
+                                       for _ in snapshot.process.get("machine", {}).get("processes", [])]
+            snapshot.load_others([engine.ram for engine in engines[1:]])
+            kernels = restore_process(snapshot.process, [engine.ram for engine in engines], self.engine.host,
+                                      self.engine.view, self.io.console_write, self.vm.linux, snapshot.origin)
+            self.kernel = kernels[0]
             self._attach(self.kernel)
-            self.engines = {self.kernel.p.tid: self.engine}
+            self.engines = {kernel.p.tid: engine for kernel, engine in zip(kernels, engines)}
             self._restore_threads(snapshot.regs)
+            control = {"regs": snapshot.regs, "xcr0": snapshot.meta.get("xcr0")}
+            for kernel, engine in zip(kernels[1:], engines[1:]):
+                engine.restore(control)   # the control state the VM's processes share; each thread its own registers
+                self._attach_other(kernel, engine)
+                self._contexts_from_registers(engine, kernel.threads)
+            if len(kernels) > 1 or self.kernel.threads.many:
+                self.kernel.clock.preempt_after(self.kernel.threads.slice())
 
     def _restore_threads(self, regs: dict) -> None:
-        """The snapshot's threads: each one's registers made its context; the running
-        one, if it waited in a system call, makes that call again."""
-        uc, engine, threads = self.uc, self.engine, self.kernel.threads
-        running = threads.running
+        """The running process's threads: the running one, if it waited in a system call,
+        makes that call again; each other's registers made its context."""
+        uc, running = self.uc, self.kernel.threads.running
         if running.again is not None:
             number, at = running.again
             running.again = None
             uc.reg_write(x86.UC_X86_REG_RAX, number)
             uc.reg_write(x86.UC_X86_REG_RIP, at)
-        others = [t for t in threads.all.values() if t.regs is not None]
-        if others:
-            context = uc.context_save()
-            for thread in others:
-                write_registers(uc, thread.regs)
-                if engine.opmasks is not None:
-                    engine.opmasks.set_opmasks(thread.regs)
-                    thread.opmasks = engine.opmasks.opmasks()
-                thread.context, thread.regs = uc.context_save(), None
-            uc.context_restore(context)
+        self._contexts_from_registers(self.engine, self.kernel.threads)
+        if self.engine.opmasks is not None:
+            self.engine.opmasks.set_opmasks(regs)
+
+    @staticmethod
+    def _contexts_from_registers(engine: _Engine, threads) -> None:
+        """Each thread's snapshot registers made its context on ``engine`` (whose own
+        registers are left as they were)."""
+        uc = engine.uc
+        pending = [t for t in threads.all.values() if t.regs is not None]
+        if not pending:
+            return
+        context = uc.context_save()
+        for thread in pending:
+            write_registers(uc, thread.regs)
             if engine.opmasks is not None:
-                engine.opmasks.set_opmasks(regs)
-        if threads.many:
-            self.kernel.clock.preempt_after(threads.slice())
+                engine.opmasks.set_opmasks(thread.regs)
+                thread.opmasks = engine.opmasks.opmasks()
+            thread.context, thread.regs = uc.context_save(), None
+        uc.context_restore(context)
 
     def _syscall_report(self) -> dict | None:
         if not self.kernel:

@@ -6,8 +6,7 @@ import struct
 
 from ..errno import EINVAL, SyscallError
 from ..files import O_CLOEXEC, O_WRONLY
-from ..pipes import O_NONBLOCK, PIPE_BUF, PIPE_SIZE, Pipe, PipeEnd
-from ..scheduler import PIPES_SOFT
+from ..pipes import O_NONBLOCK, PipeEnd
 
 O_DIRECT = 0o40000
 
@@ -15,13 +14,7 @@ O_DIRECT = 0o40000
 def sys_pipe2(k, uc, fds, flags, *_):
     if flags & ~(O_CLOEXEC | O_NONBLOCK | O_DIRECT):
         raise SyscallError(EINVAL)
-    machine = k.machine
-    capacity = PIPE_SIZE if machine.pipe_bytes + PIPE_SIZE <= PIPES_SOFT else PIPE_BUF   # pipe-user-pages-soft
-    machine.pipe_bytes += capacity
-
-    def freed():
-        machine.pipe_bytes -= capacity
-    pipe = Pipe(capacity, freed)
+    pipe = k.machine.new_pipe()
     ends = PipeEnd(pipe, flags & O_NONBLOCK), PipeEnd(pipe, O_WRONLY | flags & O_NONBLOCK)
     numbers = [k.fds.add(end, cloexec=bool(flags & O_CLOEXEC)) for end in ends]
     try:

@@ -40,9 +40,15 @@ def _fork(k, flags: int, stack: int, parent_tid: int, child_tid: int, tls: int) 
     if flags & CLONE_CHILD_SETTID:
         child.threads.running.settid = child_tid   # in its own memory, once the VMM made it
     if flags & CLONE_VFORK:
-        k.threads.block(Wait(None, ready=lambda: child.p.execs or child.p.exit_status is not None,
-                             finish=lambda how: pid))
+        k.threads.block(vfork_wait(pid, child))
     return pid
+
+
+def vfork_wait(pid: int, child) -> Wait:
+    """vfork's parent waits until its child ``pid`` execs or ends (None: it has ended
+    and been reaped); the call then returns the child's id."""
+    return Wait(None, ready=lambda: child is None or bool(child.p.execs) or child.p.exit_status is not None,
+                finish=lambda how: pid, vfork=pid)
 
 
 def sys_fork(k, uc, *_):
