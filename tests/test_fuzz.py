@@ -234,8 +234,12 @@ def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
             for _ in range(data.draw(st.integers(1, 3))):
                 *down, last = data.draw(st.sampled_from(places))
                 target = state
-                for key in down:
-                    target = target[key] if isinstance(target, (dict, list)) else {}
+                for key in down:   # (an earlier change may have removed the way there)
+                    try:
+                        target = target[key]
+                    except (KeyError, IndexError, TypeError):
+                        target = None
+                        break
                 if isinstance(target, dict) or isinstance(target, list) and isinstance(last, int) \
                         and last < len(target):
                     target[last] = data.draw(JSON | PAST_BOUNDS | st.integers(-2, 2000))
