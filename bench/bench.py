@@ -267,6 +267,61 @@ def matrix_rows(repeats: int) -> None:
           f"{whole_one / whole_two:.2f}x)"))
 
 
+def _dask_cluster(workers: int):
+    """A `dask scheduler` and ``workers`` single-threaded `dask worker`s on loopback:
+    (address, processes)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address, dask = f"tcp://127.0.0.1:{port}", [sys.executable, "-m", "dask"]
+    processes = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                                  stderr=subprocess.DEVNULL)]
+    processes += [subprocess.Popen([*dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                                   stderr=subprocess.DEVNULL) for _ in range(workers)]
+    import distributed
+    with distributed.Client(address, timeout="60s") as client:
+        client.wait_for_workers(workers, timeout=120)
+    return address, processes
+
+
+def dask_rows(repeats: int) -> None:
+    """Cells per second of the same matrix with --jobs 1 and 2, a LocalCluster of two
+    workers (its start-up included, as `--scheduler local:2` pays it), and a running
+    two-worker cluster; the Dask path's cost per cell from a one-worker cluster against
+    --jobs 1. This machine has two cores: two workers can at most double."""
+    try:
+        from minivmm.testing.distributed import run_cells_on_dask
+    except ImportError:
+        emit(("matrix on Dask", "needs pip install 'minivmm[distributed]'", "skipped", "", ""))
+        return
+    from minivmm.cpu.profiles import builtin_names
+    from minivmm.testing.matrix import cells, run_cells
+    cell_list = cells(("dispatch_cpuid", "detect_both", "avx_proper"), hosts="all")
+    n = len(cell_list)
+    clusters = [_dask_cluster(2), _dask_cluster(1)]
+    try:
+        one, two, local, cluster, single = interleaved(
+            max(repeats // 2, 1), lambda: _timed(lambda: run_cells(cell_list, jobs=1)),
+            lambda: _timed(lambda: run_cells(cell_list, jobs=2)),
+            lambda: _timed(lambda: run_cells_on_dask(cell_list, "local:2")),
+            lambda: _timed(lambda: run_cells_on_dask(cell_list, clusters[0][0])),
+            lambda: _timed(lambda: run_cells_on_dask(cell_list, clusters[1][0])))
+    finally:
+        for _, processes in clusters:
+            for process in processes:
+                process.kill()
+                process.wait()
+    title = f"matrix on Dask: {n} cells (3 guests x {len(builtin_names())} hosts)"
+    emit((title, f"--jobs 1: {n / one:.1f} cells/s", f"--jobs 2: {n / two:.1f} cells/s", f"{one / two:.2f}x", ""))
+    emit((title, f"--jobs 1: {n / one:.1f} cells/s", f"local:2: {n / local:.1f} cells/s", f"{one / local:.2f}x",
+          "(a LocalCluster started and stopped in each run)"))
+    emit((title, f"--jobs 1: {n / one:.1f} cells/s", f"two-worker cluster: {n / cluster:.1f} cells/s",
+          f"{one / cluster:.2f}x", "(`dask scheduler`, 2 `dask worker`s running)"))
+    emit(("Dask's cost per cell (one-worker cluster vs --jobs 1)", f"{one / n * 1e3:.1f} ms a cell",
+          f"{single / n * 1e3:.1f} ms a cell", f"{(single - one) / n * 1e3:+.1f} ms", "(measured)"))
+
+
 STORM = "top:\n    xor eax, eax\n    cpuid\n    mov eax, 1\n    cpuid\n    jmp top\n"
 def storm_row(tmp: str) -> None:
     """A guest executing CPUID forever for 10 s, its report printed as JSON: the VMM's
@@ -640,6 +695,7 @@ def main():
     parser.add_argument("--costs", action="store_true", help="only the rows of Linux work repeated 100,000 times")
     parser.add_argument("--supervised", action="store_true", help="only the rows of --accel native")
     parser.add_argument("--threads", action="store_true", help="only the rows of threads and processes")
+    parser.add_argument("--dask", action="store_true", help="only the rows of matrix runs on Dask")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
@@ -662,6 +718,9 @@ def main():
     if args.threads:
         with tempfile.TemporaryDirectory() as tmp:
             thread_rows(tmp, repeats)
+        return
+    if args.dask:
+        dask_rows(repeats)
         return
     with tempfile.TemporaryDirectory() as tmp:
         loop_path = os.path.join(tmp, "loop.asm")
@@ -717,6 +776,7 @@ def main():
         emit(("CLI start-up: minivmm run guests/hello.asm", f"python -c pass: {bare_python * 1e3:.0f} ms",
                      f"{startup * 1e3:.0f} ms", f"{startup / bare_python:.1f}x python", "<= 500 ms"))
         matrix_rows(repeats)
+        dask_rows(repeats)
         migration_rows(tmp, repeats)
         linux_rows(tmp, repeats)
         thread_rows(tmp, repeats)

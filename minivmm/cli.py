@@ -921,6 +921,9 @@ def demo(name, pace, as_json):
               help="Migrate without pre-copy: the guest stops at the point and moves at once.")
 @click.option("--jobs", "-j", type=Whole(1, MAX_JOBS), metavar="N",
               help=f"Worker processes (default: one per core; at most {MAX_JOBS}, four per core).")
+@click.option("--scheduler", metavar="local:N|tcp://ADDR:PORT",
+              help="Run the cells as Dask tasks instead: on N worker processes here, or on the workers of a "
+                   "running 'dask scheduler' (pip install 'minivmm[distributed]'; docs/matrix.md).")
 @click.option("--timeout", type=SECONDS, default=60, show_default=True,
               metavar="SECONDS", help="Time budget of each cell.")
 @click.option("--junit", "junit_file", metavar="FILE",
@@ -928,8 +931,8 @@ def demo(name, pace, as_json):
 @click.option("--report", "report_file", metavar="FILE",
               help="Write the JSON report to FILE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (no table).")
-def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_and_copy, jobs, timeout, junit_file,
-           report_file, as_json):
+def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_and_copy, jobs, scheduler, timeout,
+           junit_file, report_file, as_json):
     """Run GUESTs over host profiles x EVC modes x migrations, in parallel.
 
     A cell passes when its guest powers off with status 0 and never reports a path
@@ -943,8 +946,14 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_
       minivmm matrix detect_cpuid detect_ud --hosts all --junit matrix.xml
       minivmm matrix dispatch_ud --hosts core2,penryn,nehalem --evc intel-merom --migrate all-pairs
       minivmm matrix my_guest.elf --evc all --at random --seed 7 --report out.json
+      minivmm matrix detect_cpuid detect_ud --hosts all --scheduler tcp://10.0.0.5:8786
     """
     from .testing import matrix as matrix_mod
+    if scheduler is not None:
+        from .testing.distributed import check_scheduler
+        check_scheduler(scheduler)
+        if jobs is not None:
+            raise MinivmmError("--jobs and --scheduler both say where the cells run: give one")
     for path, what in ((junit_file, "--junit file"), (report_file, "--report file")):
         if path is not None:
             check_output(path, what, guests)
@@ -952,18 +961,23 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_
         raise MinivmmError(f"--junit and --report both name {junit_file}")
     cell_list = matrix_mod.cells(guests, hosts=hosts, evc=evc, migrate=migrate, masks=cpuid_mask, at=at, seed=seed,
                                  args=args, mounts=mount, stop_and_copy=stop_and_copy)
-    if as_json or not _stderr_console().is_terminal:  # a progress bar only for a person watching
-        outcomes = matrix_mod.run_cells(cell_list, jobs, timeout)
-    else:
-        from rich.progress import Progress
+    cluster = None
 
-        # No refresh thread: the worker processes are forked while the bar is shown.
-        with Progress(transient=True, console=_stderr_console(), auto_refresh=False) as bar:
-            task = bar.add_task(f"{len(cell_list)} cells", total=len(cell_list))
-            outcomes = matrix_mod.run_cells(cell_list, jobs, timeout,
-                                            progress=lambda _: (bar.advance(task), bar.refresh()))
+    def run_them(progress=None):
+        nonlocal cluster
+        if scheduler is None:
+            return matrix_mod.run_cells(cell_list, jobs, timeout, progress)
+        from .testing.distributed import run_cells_on_dask
+        outcomes, cluster = run_cells_on_dask(cell_list, scheduler, timeout, progress)
+        return outcomes
+    if as_json or not _stderr_console().is_terminal:  # a progress bar only for a person watching
+        outcomes = run_them()
+    else:
+        outcomes = _with_progress(cell_list, run_them)
     data = matrix_mod.report(outcomes, guests=list(guests), hosts=hosts, evc=evc, masks=list(cpuid_mask),
                              migrate=migrate, at=at, seed=seed)
+    if cluster is not None:
+        data["distributed"] = cluster
     if junit_file:
         write_atomically(junit_file, matrix_mod.junit_xml(outcomes), "JUnit XML")
     if report_file:
@@ -973,6 +987,25 @@ def matrix(guests, hosts, evc, cpuid_mask, migrate, at, args, mount, seed, stop_
     else:
         _print_matrix(outcomes, data["summary"])
     sys.exit(1 if data["summary"]["failed"] else 0)
+
+
+def _with_progress(cell_list, run_them):
+    """Run the cells under a progress bar on stderr: cells done of all, failures by host."""
+    from collections import Counter
+
+    from rich.progress import Progress
+    failed = Counter()
+
+    def done(outcome):
+        if outcome.status == "failed":
+            failed[outcome.cell.host] += 1
+        hosts = ", ".join(f"{host} {n}" for host, n in failed.most_common(3))
+        bar.update(task, advance=1, description=f"{len(cell_list)} cells" + (f"; failed: {hosts}" if hosts else ""))
+        bar.refresh()
+    # No refresh thread: the worker processes are forked while the bar is shown.
+    with Progress(transient=True, console=_stderr_console(), auto_refresh=False) as bar:
+        task = bar.add_task(f"{len(cell_list)} cells", total=len(cell_list))
+        return run_them(done)
 
 
 def _stderr_console():

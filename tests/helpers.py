@@ -132,6 +132,20 @@ def pack_snapshot(sections) -> bytes:
     return b"".join(out)
 
 
+def snapshot_sections(data: bytes) -> list:
+    """The sections of a snapshot file as stored: [(name, compression, stored bytes,
+    payload length)], as ``pack_snapshot`` takes them."""
+    from minivmm.vmm import snapshot
+    _, _, count = snapshot.HEADER.unpack_from(data, 0)
+    at, sections = snapshot.HEADER.size, []
+    for _ in range(count):
+        name, compression, stored, length, _ = snapshot.SECTION.unpack_from(data, at)
+        at += snapshot.SECTION.size
+        sections.append((name.rstrip(b"\0").decode(), compression, data[at:at + stored], length))
+        at += stored
+    return sections
+
+
 def one_line_error(done) -> bool:
     """Exit 2, one line on stderr, no traceback, nothing on stdout."""
     return (done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

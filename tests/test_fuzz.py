@@ -14,10 +14,10 @@ import json
 import shutil
 import signal
 import struct
-import zlib
 
 import pytest
 import zstandard
+from helpers import pack_snapshot, snapshot_sections
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -152,14 +152,6 @@ PAST_BOUNDS = st.sampled_from([["penryn"] * (snapshot_mod.MAX_HOSTS + 1), "g" * 
                                [[0] * 6] * (MAX_ENTRIES + 1), [[]] * 100_000, list(range(200_000))])
 
 
-def _pack(sections):
-    out = [snapshot_mod.HEADER.pack(snapshot_mod.MAGIC, snapshot_mod.VERSION, len(sections))]
-    for name, compression, stored, length in sections:
-        out += [snapshot_mod.SECTION.pack(name.encode().ljust(8, b"\0"), compression, len(stored), length,
-                                          zlib.crc32(stored)), stored]
-    return b"".join(out)
-
-
 @FUZZ
 @given(data=st.data())
 def test_fuzz_snapshots(snapshot_parts, data):
@@ -185,7 +177,7 @@ def test_fuzz_snapshots(snapshot_parts, data):
     if data.draw(st.booleans()):
         sections = data.draw(st.permutations(sections))[:data.draw(st.integers(3, 5))]
     with bounded("snapshot"):
-        snap = snapshot_mod.Snapshot.from_bytes(_pack(sections), "fuzz.snap")
+        snap = snapshot_mod.Snapshot.from_bytes(pack_snapshot(sections), "fuzz.snap")
         VM.resume(snap, force=True).run(max_insns=5000, timeout=5)
 
 
@@ -202,15 +194,7 @@ def processes_snapshot(tmp_path_factory):
     point = alone.syscalls["sample"].index("clock_nanosleep") + 1
     VM(shell, "penryn", argv=argv, mounts=["/"], memory="64M").run(snapshot_at=f"syscall:{point}",
                                                                   snapshot_file=str(path), timeout=60)
-    data = path.read_bytes()
-    _, _, count = snapshot_mod.HEADER.unpack_from(data, 0)
-    at, sections = snapshot_mod.HEADER.size, []
-    for _ in range(count):
-        name, compression, stored, length, _ = snapshot_mod.SECTION.unpack_from(data, at)
-        at += snapshot_mod.SECTION.size
-        sections.append((name.rstrip(b"\0").decode(), compression, data[at:at + stored], length))
-        at += stored
-    return sections
+    return snapshot_sections(path.read_bytes())
 
 
 def _paths(value, path=()):
@@ -247,7 +231,7 @@ def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
             length = len(stored)
         sections.append((name, compression, stored, length))
     with bounded("snapshot"):
-        snap = snapshot_mod.Snapshot.from_bytes(_pack(sections), "fuzz.snap")
+        snap = snapshot_mod.Snapshot.from_bytes(pack_snapshot(sections), "fuzz.snap")
         VM.resume(snap, mounts=["/"]).run(max_insns=200_000, timeout=5)
 
 

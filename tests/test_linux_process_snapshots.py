@@ -7,10 +7,9 @@ import base64
 import json
 import shutil
 import subprocess
-import zlib
 
 import pytest
-from helpers import minivmm_cli, needs_avx2, one_line_error
+from helpers import minivmm_cli, needs_avx2, one_line_error, pack_snapshot, snapshot_sections
 
 from minivmm.vmm import snapshot as snapshot_mod
 from minivmm.vmm.migration import PreCopy
@@ -35,19 +34,13 @@ def pipeline(host: str = "penryn", script: str = HELD, **options) -> VM:
 def with_process_state(path, out, change) -> str:
     """The snapshot file at ``path`` with its process section changed by ``change``
     (valid checksums, the rest byte for byte)."""
-    data = path.read_bytes()
-    _, _, count = snapshot_mod.HEADER.unpack_from(data, 0)
-    at, parts = snapshot_mod.HEADER.size, []
-    for _ in range(count):
-        name, compression, stored, length, _ = snapshot_mod.SECTION.unpack_from(data, at)
-        at += snapshot_mod.SECTION.size
-        body = data[at:at + stored]
-        at += stored
-        if name.rstrip(b"\0") == b"process":
-            body = json.dumps(change(json.loads(body))).encode()
-            length = len(body)
-        parts.append(snapshot_mod.SECTION.pack(name, compression, len(body), length, zlib.crc32(body)) + body)
-    out.write_bytes(data[:snapshot_mod.HEADER.size] + b"".join(parts))
+    sections = []
+    for name, compression, stored, length in snapshot_sections(path.read_bytes()):
+        if name == "process":
+            stored = json.dumps(change(json.loads(stored))).encode()
+            length = len(stored)
+        sections.append((name, compression, stored, length))
+    out.write_bytes(pack_snapshot(sections))
     return str(out)
 
 

@@ -1,6 +1,7 @@
 """minivmm matrix: the cross product, its verdicts, JUnit XML pytest's way, replay."""
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_migration_pairs_need_no_shell_quoting(spelling):
     from minivmm.testing.matrix import _migrations
     source = "dump:Xeon-X5460" if spelling.startswith("dump") else "penryn"
     assert _migrations(spelling, [source, "core2"]) == [(source, "core2")]
+
+
+def test_without_dask_the_scheduler_says_how_to_get_it(tmp_path):
+    """A Python where Dask does not import: --scheduler is one line naming the extra;
+    --jobs runs as ever."""
+    (tmp_path / "distributed").mkdir()
+    (tmp_path / "distributed" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "minivmm", "matrix", "detect_cpuid", "--hosts", "penryn",
+                           "--scheduler", "local:2"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "minivmm: error: --scheduler needs Dask, which is not installed: pip install 'minivmm[distributed]'"]
+    done = subprocess.run([sys.executable, "-m", "minivmm", "matrix", "detect_cpuid", "--hosts", "penryn",
+                           "--jobs", "1"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr

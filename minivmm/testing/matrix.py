@@ -173,15 +173,15 @@ class Outcome:
                 "stop": self.report.get("stop"), "migrations": self.report.get("migrations", [])}
 
 
-def run_cell(cell: Cell, timeout: float = 60) -> Outcome:
+def run_cell(cell: Cell, timeout: float = 60, guest: str | None = None) -> Outcome:
     """One cell, judged: skipped when the host cannot run the EVC mode or the engine
     cannot execute what the guest needs; failed on a crash, a non-zero status, or a
-    path the CPUID view hides."""
+    path the CPUID view hides. ``guest``: where the cell's guest is here, if elsewhere."""
     started = time.perf_counter()
     if cell.skip_reason():
         return Outcome(cell, "skipped", cell.skip_reason())
     try:
-        result = cell.run(timeout=timeout)
+        result = cell.run(guest, timeout=timeout)
     except MinivmmError as e:
         return Outcome(cell, "failed", str(e), time.perf_counter() - started)
     seconds = time.perf_counter() - started
