@@ -211,7 +211,9 @@ def docs(topic):
 @click.option("--cpuid-mask", multiple=True, metavar="MASK",
               help="A CPUID mask in any format (repeatable; see 'minivmm mask --help').")
 @click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
-              help="Live-migrate at checkpoint:N, insn:N, ms:N or (Linux programs) syscall:N (repeatable).")
+              help="Live-migrate at checkpoint:N, insn:N, ms:N or (Linux programs) syscall:N (repeatable); "
+                   "PROFILE tcp:ADDR:PORT sends the VM to a 'minivmm receive' there.")
+@click.option("--secret-file", metavar="FILE", help="The secret shared with the receivers of --migrate tcp:.")
 @click.option("--force", is_flag=True, help="Migrate even when the compatibility check fails (VMware's override).")
 @click.option("--cold", is_flag=True, help="Migrations power the VM off and boot it on the destination.")
 @click.option("--stop-and-copy", is_flag=True,
@@ -237,8 +239,8 @@ def docs(topic):
                    "runs as a process of this machine, its CPUID, /proc/cpuinfo and AT_HWCAP answered from "
                    "the view by a ptrace supervisor (CPUID faulting; docs/accel.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, force, cold, stop_and_copy, policy,
-        snapshot_at, snapshot_file, audit, syscalls, memory, max_insns, timeout, accel, as_json):
+def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, migrate, secret_file, force, cold,
+        stop_and_copy, policy, snapshot_at, snapshot_file, audit, syscalls, memory, max_insns, timeout, accel, as_json):
     """Run GUEST on an emulated host and report how it ended.
 
     GUEST is a file (.asm/.s assembly, a flat binary or a static ELF64) or the name
@@ -260,6 +262,7 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
       minivmm run /usr/bin/sha256sum --mount / --host penryn -- /etc/hostname
       minivmm run detect_extended --host native --accel kvm --cpuid-mask=-sse4a
       minivmm run ./a.out --accel native --evc intel-penryn
+      minivmm run dispatch_cpuid --host nehalem --migrate tcp:10.0.0.7:4444@checkpoint:1 --secret-file s.key
     """
     for item in env:
         if "=" not in item:
@@ -270,7 +273,12 @@ def run(guest, args, linux, env, seed, mount, realtime, host, evc, cpuid_mask, m
     _report(vm, as_json, syscalls, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
             migrations=[MigrationRequest.parse(m, cold) for m in migrate],
             snapshot_at=snapshot_at, snapshot_file=snapshot_file,
-            precopy=PreCopy(enabled=not stop_and_copy))
+            precopy=PreCopy(enabled=not stop_and_copy), secret=_secret(secret_file))
+
+
+def _secret(path: str | None) -> bytes | None:
+    from .vmm.wire import read_secret
+    return None if path is None else read_secret(path)
 
 
 def _stdin_fd() -> int | None:
@@ -284,6 +292,11 @@ def _stdin_fd() -> int | None:
 def _report(vm, as_json, syscalls=False, **options):
     """Run, then print the console/report the documented way (docs/cli.md) and exit with the run's code;
     ``syscalls``: and where the system calls fell."""
+    sys.exit(_run_and_print(vm, as_json, syscalls, **options))
+
+
+def _run_and_print(vm, as_json, syscalls=False, **options) -> int:
+    """Run, print as :func:`_report` does, and return the run's exit code."""
     sink = None if as_json else _stream_console
     result = vm.run(console=sink, **options)
     if as_json:
@@ -315,7 +328,7 @@ def _report(vm, as_json, syscalls=False, **options):
         if syscalls:
             _print_syscalls(result)
         click.echo(f"minivmm: {result.stop.reason}: {result.stop.message} (host {result.host})", err=True)
-    sys.exit(result.exit_code)
+    return result.exit_code
 
 
 def _print_syscalls(result) -> None:
@@ -639,13 +652,15 @@ def mask_explain(specs, host, evc, as_json):
               help="What a Linux program sees of this machine, read-only, as for run (repeatable): the "
                    "snapshot's mounts and open files must be among them.")
 @click.option("--force", is_flag=True, help="Resume even if the host lacks features of the VM's CPUID view.")
-@click.option("--migrate", multiple=True, metavar="PROFILE@WHEN", help="Live-migrate later (repeatable).")
+@click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
+              help="Live-migrate later (repeatable; tcp:ADDR:PORT@WHEN to a 'minivmm receive').")
+@click.option("--secret-file", metavar="FILE", help="The secret shared with the receivers of --migrate tcp:.")
 @click.option("--audit", is_flag=True, help="Report instructions whose feature the CPUID view hides.")
 @click.option("--syscalls", is_flag=True, help="List where a Linux program's system calls fall, as for run.")
 @click.option("--max-insns", type=INSTRUCTIONS, metavar="N", help="Instruction budget.")
 @click.option("--timeout", type=SECONDS, metavar="SECONDS", help="Time budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout.")
-def resume(snapshot_file, host, mount, force, migrate, audit, syscalls, max_insns, timeout, as_json):
+def resume(snapshot_file, host, mount, force, migrate, secret_file, audit, syscalls, max_insns, timeout, as_json):
     """Resume the VM saved in SNAPSHOT on HOST, as it was (its CPUID view included).
     A Linux program sees only what --mount grants, and the snapshot is refused, naming
     the --mount it lacks, when its mounts or open files are not all granted.
@@ -659,7 +674,59 @@ def resume(snapshot_file, host, mount, force, migrate, audit, syscalls, max_insn
     """
     vm = VM.resume(snapshot_mod.load(snapshot_file), host, force=force, mounts=mount)
     _report(vm, as_json, syscalls, max_insns=max_insns, timeout=timeout, audit=audit, force=force,
-            migrations=[MigrationRequest.parse(m) for m in migrate])
+            migrations=[MigrationRequest.parse(m) for m in migrate], secret=_secret(secret_file))
+
+
+@cli.command()
+@click.option("--listen", "address", required=True, metavar="ADDR:PORT",
+              help="Where to wait for VMs (port 0: any free port, printed on stderr).")
+@click.option("--host", required=True, metavar="PROFILE", help="The host this receiver is: the VMs run on it.")
+@click.option("--secret-file", required=True, metavar="FILE",
+              help="The secret a source must prove it shares (at least 16 bytes) before anything crosses.")
+@click.option("--evc", metavar="MODE", help="The EVC mode of this host's cluster: VMs whose view exceeds it are refused.")
+@click.option("--once", is_flag=True, help="Exit after the first VM that arrives, with its status.")
+@click.option("--force", is_flag=True, help="Take VMs whose CPUID view this host lacks (VMware's override).")
+@click.option("--mount", multiple=True, metavar="HOST[:GUEST]", help="What a Linux program that arrives sees, as for resume.")
+@click.option("--migrate", multiple=True, metavar="PROFILE@WHEN",
+              help="Move each VM on from here, as for run (tcp:ADDR:PORT@WHEN with this secret).")
+@click.option("--timeout", type=SECONDS, metavar="SECONDS", help="Time budget of each VM's run here.")
+@click.option("--json", "as_json", is_flag=True, help="Print each arrived VM's JSON report on stdout.")
+def receive(address, host, secret_file, evc, once, force, mount, migrate, timeout, as_json):
+    """Receive VMs that other minivmm processes migrate live (run --migrate
+    tcp:ADDR:PORT@WHEN), as the host PROFILE, and run them.
+
+    The source proves it holds the shared secret, and this receiver that it does,
+    before any VM state crosses. Each VM is checked as VirtualCenter checks a vMotion,
+    against this host (and --evc): a VM it cannot run is refused, and its source keeps
+    it. Once a VM has arrived it runs here, its console on stdout, one line on stderr
+    when it ends. A conversation that fails leaves this receiver waiting for the next.
+
+    \b
+    Examples:
+      minivmm receive --listen 0.0.0.0:4444 --host penryn --secret-file s.key --once
+      minivmm run dispatch_cpuid --host nehalem --evc intel-penryn --secret-file s.key \\
+          --migrate tcp:127.0.0.1:4444@checkpoint:1
+    """
+    from .cpu.profiles import load_profile
+    from .masking.evc import evc_mode
+    from .vmm import remote
+    secret, profile = _secret(secret_file), load_profile(host)
+    if evc is not None and not evc_mode(evc).supported_by(profile):
+        raise MinivmmError(f"--evc {evc}: {profile.name} cannot present this EVC mode")
+    migrations = [MigrationRequest.parse(m) for m in migrate]
+    destination = remote.Destination(profile, evc, secret, lambda snapshot: VM.resume(
+        snapshot, profile, force=force, **({"mounts": mount} if snapshot.process is not None else {})))
+    with remote.listen(address) as server:
+        bound = server.getsockname()
+        click.echo(f"minivmm: receiving VMs on {bound[0]}:{bound[1]} as {profile.name}"
+                   f"{f' (EVC mode {evc})' if evc else ''}", err=True)
+        while True:
+            vm, peer = remote.accept_vm(server, destination, lambda peer, why: click.echo(
+                f"minivmm: refused a migration from {peer}: {why}", err=True))
+            click.echo(f"minivmm: a VM arrived from {peer}: {vm.image.name}", err=True)
+            code = _run_and_print(vm, as_json, timeout=timeout, force=force, migrations=migrations, secret=secret)
+            if once:
+                sys.exit(code)
 
 
 @cli.group()

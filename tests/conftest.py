@@ -19,6 +19,7 @@ settings.load_profile("default")
 
 # Outcomes of tests/test_fuzz.py per reader, printed at the end of the run.
 FUZZ_OUTCOMES = collections.defaultdict(collections.Counter)
+FUZZ_MESSAGES = collections.Counter()   # protocol messages a reader took in, per reader
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -31,6 +32,8 @@ def pytest_terminal_summary(terminalreporter):
     for reader, counts in sorted(FUZZ_OUTCOMES.items()):
         write(f"{reader:<14}{sum(counts.values()):>8}{counts['accepted']:>10}{counts['refused']:>9}"
               f"{counts['traceback']:>11}{counts['hang']:>6}")
+    for reader, count in sorted(FUZZ_MESSAGES.items()):
+        write(f"{reader}: {count} messages read")
     write(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 

@@ -21,6 +21,7 @@ from helpers import pack_snapshot, snapshot_sections
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from minivmm.cpu.profiles import load_profile
 from minivmm.cpu.table import MAX_ENTRIES, CpuidTable
 from minivmm.errors import MinivmmError
 from minivmm.guests import assembler
@@ -29,9 +30,12 @@ from minivmm.masking.formats import parse_mask
 from minivmm.masking.view import GuestCpuidView
 from minivmm.testing import strategies as mst
 from minivmm.vmm import snapshot as snapshot_mod
+from minivmm.vmm import wire
+from minivmm.vmm.remote import Destination
 from minivmm.vmm.exits.io import CONSOLE_KEPT
 from minivmm.vmm.vm import VM
 
+from conftest import FUZZ_MESSAGES
 from conftest import FUZZ_OUTCOMES as OUTCOMES
 
 PER_INPUT_SECONDS = 20  # far above any reader's real cost: past it, the input hung
@@ -233,6 +237,101 @@ def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
     with bounded("snapshot"):
         snap = snapshot_mod.Snapshot.from_bytes(pack_snapshot(sections), "fuzz.snap")
         VM.resume(snap, mounts=["/"]).run(max_insns=200_000, timeout=5)
+
+
+# ---- the migration receiver: a hostile peer on the network ---------------------------------
+
+RECEIVER_SECRET = b"a secret the fuzzer knows, 36 bytes!"
+RECEIVER_NONCE = bytes(range(32))     # the receiver's nonce, fixed so that inputs can authenticate
+SOURCE_NONCE = bytes(32)
+
+
+class _Peer:
+    """A socket whose other end sends ``data`` and then closes; what the receiver sends
+    is dropped (counted, bounded)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.at = memoryview(data), 0
+
+    def recv_into(self, view) -> int:
+        n = min(len(view), len(self.data) - self.at)
+        view[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        return n
+
+    def sendall(self, data) -> None:
+        pass
+
+    def settimeout(self, seconds) -> None:
+        pass
+
+
+class _CountingChannel(wire.Channel):
+    def receive(self, *expected):
+        message = super().receive(*expected)
+        FUZZ_MESSAGES["receiver"] += 1
+        return message
+
+
+@pytest.fixture(scope="module")
+def arriving_vm(tmp_path_factory):
+    """A real VM's offer, pages and state, as a source sends them."""
+    path = tmp_path_factory.mktemp("arrive") / "vm.snap"
+    VM("dispatch_cpuid", "nehalem", evc="intel-penryn").run(snapshot_at="checkpoint:1", snapshot_file=str(path),
+                                                           timeout=60)
+    snap = snapshot_mod.load(str(path))
+    ram = bytearray(snap.meta["memory"])
+    snap.load_memory(ram)
+    pages = [p for p in range(len(ram) // 4096) if any(ram[p * 4096:(p + 1) * 4096])]
+    return (wire.pack_json({"meta": snap.meta, "cpuid": snap.cpuid}),
+            [wire.pack_pages(0, pages[i:i + 8], lambda p: bytes(ram[p * 4096:(p + 1) * 4096]))
+             for i in range(0, len(pages), 8)],
+            wire.pack_state({"meta": snap.meta, "regs": snap.regs, "cpuid": snap.cpuid, "process": None},
+                            snap.console))
+
+
+def _stream(data, offer, pages, state) -> bytes:
+    """What a peer sends: an AUTH (right or not), then messages of the protocol, each
+    maybe mutated, reordered, truncated, oversized or with a wrong tag."""
+    key = wire._mac(RECEIVER_SECRET, b"session", RECEIVER_NONCE, SOURCE_NONCE)
+    right = data.draw(st.sampled_from([True, True, True, False]))
+    proof = wire._mac(RECEIVER_SECRET if right else b"another secret entirely", b"source", RECEIVER_NONCE,
+                      SOURCE_NONCE)
+    out = [wire.HEADER.pack(wire.AUTH, 64) + SOURCE_NONCE + proof]
+    rounds = 100 - data.draw(st.integers(0, 99))   # pre-copy sends pages round after round (mostly many)
+    script = [(wire.OFFER, offer)] + [(wire.PAGES, p) for p in pages] * rounds + [(wire.STATE, state), (wire.GO, b"")]
+    script = data.draw(st.permutations(script)) if data.draw(st.integers(0, 4)) == 0 else script
+    for seq, (kind, payload) in enumerate(script[:len(script) - data.draw(st.integers(0, len(script)))]):
+        spoiled = data.draw(st.integers(0, 99)) == 50   # about one message in a hundred
+        how = data.draw(st.sampled_from(["bytes", "kind", "tag", "cut", "length", "junk"])) if spoiled else "as is"
+        if how == "bytes" and payload:
+            at = data.draw(st.integers(0, len(payload) - 1))
+            payload = payload[:at] + bytes([payload[at] ^ data.draw(st.integers(1, 255))]) + payload[at + 1:]
+        elif how == "kind":
+            kind = data.draw(st.integers(0, 255))
+        elif how == "junk":
+            payload = data.draw(st.binary(max_size=300))
+        tag = wire._mac(key, struct.pack("<QB", seq, True), bytes([kind]), payload)
+        if how == "tag":
+            tag = bytes(32)
+        length = len(payload) if how != "length" else data.draw(st.sampled_from([0, 1 << 31, (1 << 32) - 1]))
+        frame = wire.HEADER.pack(kind, length) + payload + tag
+        out.append(frame[:data.draw(st.integers(0, len(frame)))] if how == "cut" else frame)
+        if how == "cut":
+            break
+    return b"".join(out)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_the_migration_receiver(arriving_vm, data):
+    """Whatever a peer sends, the receiver takes a VM, or refuses in one line; never a
+    traceback, a hang or memory beyond the VM it would hold."""
+    stream = _stream(data, *arriving_vm)
+    destination = Destination(load_profile("penryn"), None, RECEIVER_SECRET,
+                              lambda snapshot: VM.resume(snapshot, "penryn"), nonce=RECEIVER_NONCE)
+    with bounded("receiver"):
+        destination.receive(_CountingChannel(_Peer(stream), "fuzz", is_source=False))
 
 
 # ---- host profile files -------------------------------------------------------------------

@@ -6,7 +6,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-EXIT_CODES = {"halted": 0, "crashed": 125, "unsupported": 126, "limit": 124}
+EXIT_CODES = {"halted": 0, "crashed": 125, "unsupported": 126, "limit": 124, "migrated": 0}
 SIGNALS = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",
            8: "SIGFPE", 9: "SIGKILL", 10: "SIGUSR1", 11: "SIGSEGV", 12: "SIGUSR2", 13: "SIGPIPE", 14: "SIGALRM",
            15: "SIGTERM"}

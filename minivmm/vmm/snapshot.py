@@ -99,6 +99,7 @@ SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in ra
 JSON_BOUNDS = {"meta": (3, 64 + MAX_MASKS + MAX_HOSTS), "regs": (1 + len(SHAPES), 4 * len(REGISTERS)),
                "cpuid": (2 + MAX_ENTRIES, 2 + 7 * MAX_ENTRIES),
                "process": (process_state.JSON_CONTAINERS, process_state.JSON_VALUES)}
+JSON_BOUNDS["offer"] = tuple(m + c + 1 for m, c in zip(JSON_BOUNDS["meta"], JSON_BOUNDS["cpuid"]))  # remote.py
 # A string, or what opens a list or an object or separates values: at most three of
 # these (a comma, a key, a value) for each value JSON holds.
 JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{,]', re.DOTALL)
@@ -223,7 +224,7 @@ class Snapshot:
         missing = [n for n in REQUIRED if n not in sections]
         if missing:
             bad(f"missing section(s) {', '.join(missing)}")
-        meta, regs, cpuid, process = (_parse_json(n, sections[n][1], bad) if n in sections else None
+        meta, regs, cpuid, process = (parse_json_section(n, sections[n][1], bad) if n in sections else None
                                       for n in ("meta", "regs", "cpuid", "process"))
         compression, body, length = sections["memory"]
         others = sections.get("memories", (0, b"", 0))
@@ -234,38 +235,10 @@ class Snapshot:
 
     def _validate(self, bad, memory_length: int, others_length: int) -> None:
         """Every field by type and bound (``bad(message)`` raises)."""
-        if not isinstance(self.meta, dict) or not isinstance(self.regs, dict) or not isinstance(self.cpuid, dict):
+        if not isinstance(self.regs, dict):
             bad("meta, regs and cpuid must be JSON objects")
-        meta = self.meta
-        memory = meta.get("memory")
-        if not _is_int(memory) or memory != memory_length or memory % 4096 or not MIN_MEMORY <= memory <= MAX_MEMORY:
-            bad(f"meta.memory {memory!r} does not match the memory section of {memory_length} bytes "
-                f"(a multiple of 4 KiB from {MIN_MEMORY} to {MAX_MEMORY})")
-        fields = {"guest": str, "host": str, "entry": int, "evc": (str, type(None)), "masks": list,
-                  "policy": str, "checkpoints": int, "xcr0": (int, type(None)), "hosts": list}
-        for key, kind in fields.items():
-            if key not in meta:
-                bad(f"meta.{key} is missing")
-            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-                bad(f"meta.{key} is {json.dumps(meta[key])[:40]}, not a {_kind_name(kind)}")
-        for key in ("guest", "host", "evc"):
-            if len(meta[key] or "") > MAX_NAME:
-                bad(f"meta.{key} is longer than {MAX_NAME} characters")
-        if not 0 <= meta["entry"] < memory:
-            bad(f"meta.entry {meta['entry']:#x} is outside the guest's RAM")
-        if meta["policy"] not in POLICIES:
-            bad(f"meta.policy '{meta['policy'][:20]}' is not one of {', '.join(POLICIES)}")
-        if meta["checkpoints"] < 0 or (meta["xcr0"] is not None and not 0 <= meta["xcr0"] < 1 << 64):
-            bad("meta.checkpoints or meta.xcr0 is out of range")
-        for key, most, longest in (("masks", MAX_MASKS, MAX_MASK), ("hosts", MAX_HOSTS, MAX_NAME)):
-            if len(meta[key]) > most or not all(isinstance(item, str) and len(item) <= longest for item in meta[key]):
-                bad(f"meta.{key} must be a list of at most {most} strings of at most {longest} characters")
+        check_meta(self.meta, self.cpuid, bad, memory_length)
         _check_registers(self.regs, bad, "")
-        leaves = self.cpuid.get("leaves")
-        if not isinstance(leaves, list) or not leaves or len(leaves) > MAX_ENTRIES or not all(
-                isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)
-                for e in leaves):
-            bad("the CPUID view is malformed")
         if self.process is not None:
             try:
                 process_state.validate(self.process, memory_length)
@@ -293,6 +266,41 @@ class Snapshot:
                   "processes": self.processes} if self.process is not None else {}
         return {**self.meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
                 "console_bytes": len(self.console), "rip": self.regs.get("RIP"), **mounts}
+
+
+def check_meta(meta, cpuid, bad, memory_length: int) -> None:
+    """The metadata and the CPUID view by type and bound, ``meta.memory`` the RAM's
+    ``memory_length`` (``bad(message)`` raises): all a destination needs to decide."""
+    if not isinstance(meta, dict) or not isinstance(cpuid, dict):
+        bad("meta, regs and cpuid must be JSON objects")
+    memory = meta.get("memory")
+    if not _is_int(memory) or memory != memory_length or memory % 4096 or not MIN_MEMORY <= memory <= MAX_MEMORY:
+        bad(f"meta.memory {memory!r} does not match the memory section of {memory_length} bytes "
+            f"(a multiple of 4 KiB from {MIN_MEMORY} to {MAX_MEMORY})")
+    fields = {"guest": str, "host": str, "entry": int, "evc": (str, type(None)), "masks": list,
+              "policy": str, "checkpoints": int, "xcr0": (int, type(None)), "hosts": list}
+    for key, kind in fields.items():
+        if key not in meta:
+            bad(f"meta.{key} is missing")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            bad(f"meta.{key} is {json.dumps(meta[key])[:40]}, not a {_kind_name(kind)}")
+    for key in ("guest", "host", "evc"):
+        if len(meta[key] or "") > MAX_NAME:
+            bad(f"meta.{key} is longer than {MAX_NAME} characters")
+    if not 0 <= meta["entry"] < memory:
+        bad(f"meta.entry {meta['entry']:#x} is outside the guest's RAM")
+    if meta["policy"] not in POLICIES:
+        bad(f"meta.policy '{meta['policy'][:20]}' is not one of {', '.join(POLICIES)}")
+    if meta["checkpoints"] < 0 or (meta["xcr0"] is not None and not 0 <= meta["xcr0"] < 1 << 64):
+        bad("meta.checkpoints or meta.xcr0 is out of range")
+    for key, most, longest in (("masks", MAX_MASKS, MAX_MASK), ("hosts", MAX_HOSTS, MAX_NAME)):
+        if len(meta[key]) > most or not all(isinstance(item, str) and len(item) <= longest for item in meta[key]):
+            bad(f"meta.{key} must be a list of at most {most} strings of at most {longest} characters")
+    leaves = cpuid.get("leaves")
+    if not isinstance(leaves, list) or not leaves or len(leaves) > MAX_ENTRIES or not all(
+            isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)
+            for e in leaves):
+        bad("the CPUID view is malformed")
 
 
 def _check_registers(regs: dict, bad, where: str) -> None:
@@ -388,7 +396,7 @@ def _pack(sections) -> bytes:
     return b"".join(out)
 
 
-def _parse_json(name: str, body, bad):
+def parse_json_section(name: str, body, bad):
     """A JSON section, refused before json.loads builds anything when it holds more lists,
     objects or values than minivmm writes there (:func:`_check_json_bounds`)."""
     _check_json_bounds(name, body, bad)

@@ -52,7 +52,7 @@ from ..masking.view import CR4_OSXSAVE, GuestCpuidView
 from . import MAX_MASKS, MAX_MEMORY, MIN_MEMORY
 from . import engine as engine_module
 from .accelerated import ACCELERATORS, check_view, run_on_kvm
-from . import from_native, supervised
+from . import from_native, remote, supervised, wire
 from .audit import Audit
 from .log import ExitLog
 from .engine import counted_so_far as engine_counter
@@ -312,14 +312,15 @@ class VM:
 
     def run(self, max_insns: int | None = None, timeout: float | None = None, console=None,
             audit: bool = False, migrations=(), force: bool = False, snapshot_at: str | None = None,
-            snapshot_file: str | None = None, precopy: PreCopy = PreCopy()) -> RunResult:
+            snapshot_file: str | None = None, precopy: PreCopy = PreCopy(), secret: bytes | None = None) -> RunResult:
         """Run to completion.
 
         ``console`` receives guest console bytes as they appear; ``audit`` reports
         instructions that need features the CPUID view hides; ``migrations`` are
         ``PROFILE@WHEN`` strings or :class:`MigrationRequest` objects, applied in order
         (``force`` overrides a failed compatibility check); ``snapshot_at`` (a WHEN)
-        writes a snapshot to ``snapshot_file`` and carries on."""
+        writes a snapshot to ``snapshot_file`` and carries on. A migration to
+        ``tcp:ADDR:PORT`` goes to a ``minivmm receive`` there, proving ``secret``."""
         check_budgets(max_insns, timeout)
         if self.accel != "tcg":
             moving = () if self.accel == "native" else ((migrations, "--migrate"), (snapshot_at, "--snapshot-at"))
@@ -332,9 +333,17 @@ class VM:
             return run_on_kvm(self, timeout, console, (GDT, GDT_BASE, CR0_BOOT, boot_cr4(self.view), XCR0_BOOT,
                                                        MXCSR_RESET))
         events = self._events(migrations, snapshot_at, snapshot_file)
+        if any(isinstance(e, MigrationRequest) and remote.is_remote(e.destination) for e in events):
+            if self.accel != "tcg":
+                raise MinivmmError(f"--accel {self.accel}: a migration over TCP moves an emulated VM; run on the "
+                                   f"emulator")
+            if secret is None:
+                raise MinivmmError("a migration to tcp:ADDR:PORT needs the receiver's shared secret (--secret-file)")
         if self.accel == "native":
             return supervised.run_supervised(self, timeout, console, events, force)
-        return _Run(self, console, audit, events, force, precopy).run(max_insns, timeout)
+        run = _Run(self, console, audit, events, force, precopy)
+        run.secret = secret
+        return run.run(max_insns, timeout)
 
     def _events(self, migrations, snapshot_at, snapshot_file) -> list:
         """The migrations and the snapshot point, checked before anything runs."""
@@ -347,7 +356,9 @@ class VM:
         if any(trigger_of(e).kind == "syscall" for e in events) and self.image.kind != "linux":
             raise MinivmmError("syscall:N points are for Linux programs (--linux)")
         for event in events:
-            if isinstance(event, MigrationRequest):
+            if isinstance(event, MigrationRequest) and remote.is_remote(event.destination):
+                wire.parse_address(event.destination[len(remote.PREFIX):], "--migrate")
+            elif isinstance(event, MigrationRequest):
                 load_profile(event.destination)  # unknown names fail before anything runs
         return events
 
@@ -637,6 +648,7 @@ class _Run:
         self.x87 = X87Exceptions()
         self.x87_wanted: bool | None = None   # checking x87 exceptions from the next start, or not
         self.resumable = False
+        self.secret: bytes | None = None   # what a migration over TCP proves to its receiver
         self.switching = False   # the running thread blocked, yielded, exited, or its slice is over
         self.engines: dict[int, _Engine] = {}   # a Linux VM's processes' CPUs and memory, by pid
         self.execed = False   # the last start ended at an execve: the code is another program's
@@ -1163,16 +1175,22 @@ class _Run:
 
     def _migrate(self, request: MigrationRequest) -> None:
         source = self.engine
-        destination = load_profile(request.destination)
-        record = {"from": source.host.name, "to": destination.name, "when": str(request.when), "ok": False,
-                  "forced": False, "cold": request.cold, "missing": [], "rounds": 0, "pages_sent": 0,
-                  "pages_per_round": [], "downtime_ms": 0.0, "total_ms": 0.0, "mode": None}
+        remote_move = remote.is_remote(request.destination)
+        destination = None if remote_move else load_profile(request.destination)
+        record = {"from": source.host.name, "to": request.destination if remote_move else destination.name,
+                  "when": str(request.when), "ok": False, "forced": False, "cold": request.cold, "missing": [],
+                  "rounds": 0, "pages_sent": 0, "pages_per_round": [], "downtime_ms": 0.0, "total_ms": 0.0,
+                  "mode": None}
         self.migrations.append(record)
         record["refused"] = True  # until it moves, or the guest ends first
         refusal = policy_refusal(self.vm.policy, request)
+        if not refusal and remote_move and request.cold:
+            refusal = "a cold migration over TCP is not made: the receiver takes running VMs"
         if refusal:
             record["reason"] = refusal
             return
+        if remote_move:
+            return self._migrate_remote(request, record)
         if request.cold:
             return self._cold_migrate(destination, record)
         missing, marks = compatibility(source.view, source.host, destination)
@@ -1182,14 +1200,7 @@ class _Run:
             return
         record["forced"] = bool(missing or marks)
         target = _Engine(self, destination, source.view)
-        tracked: set[int] = set()
-
-        def run_guest(insns):
-            source.exits.track(tracked)
-            self._run_on_source(insns)
-            dirty = set(tracked)
-            tracked.clear()
-            return None if self.stop or self.errors else dirty
+        run_guest = self._tracked_run(source)
 
         def copy_pages(pages):
             for page in pages:
@@ -1226,6 +1237,80 @@ class _Run:
                       downtime_ms=round(self.precopy.send_ms(remaining) + switch_ms, 3),
                       total_ms=round(self.precopy.send_ms(sent) + switch_ms, 3))
         self.hosts.append(destination.name)
+
+    def _tracked_run(self, source: _Engine):
+        """Pre-copy's ``run_guest``: the guest runs on, the pages it writes in ``source``'s
+        memory tracked (None once it stopped)."""
+        tracked: set[int] = set()
+
+        def run_guest(insns):
+            source.exits.track(tracked)
+            self._run_on_source(insns)
+            dirty = set(tracked)
+            tracked.clear()
+            return None if self.stop or self.errors else dirty
+        return run_guest
+
+    def _migrate_remote(self, request: MigrationRequest, record: dict) -> None:
+        """Live migration to a ``minivmm receive`` (remote.py, wire.py): the destination
+        decides; pre-copy sends the running process's pages while the VM runs here; then
+        the VM stops, the rest of its memory and its state cross, and once the
+        destination holds a VM it can run, GO hands it over. Anything failing before GO
+        leaves the VM here, as if nothing had happened."""
+        source, committed = self.engine, False
+        try:
+            channel = remote.connect(request.destination, self.secret)
+        except wire.ProtocolError as e:
+            record["reason"] = f"{e}: the VM stays on {source.host.name}"
+            return
+        with channel.sock:
+            try:
+                offer = self._snapshot(copy=False)
+                channel.send(wire.OFFER, wire.pack_json({"meta": offer.meta, "cpuid": offer.cpuid}))
+                channel.receive(wire.ACCEPT)
+                space = self.kernel.p.tid if self.kernel else 0
+                result = precopy(self.precopy, touched_pages(source.ram), self._tracked_run(source),
+                                 lambda pages: remote.send_pages(channel, space, pages, source.ram),
+                                 hurry=lambda: self.fired)
+                source.exits.track(None)
+                record.update(rounds=result["rounds"], pages_per_round=result["pages_per_round"],
+                              mode=result["mode"])
+                if result.get("stopped"):
+                    record.update(reason="the guest stopped on the source before the switchover: nothing to move",
+                                  refused=False)
+                    return
+                stopped = time.perf_counter()
+                remaining = result["remaining"] if result["remaining"] is not None else touched_pages(source.ram)
+                if self.kernel:
+                    self._spawn()
+                sent = remote.send_pages(channel, space, remaining, source.ram)
+                for kernel in self.kernel.machine.live() if self.kernel else []:
+                    engine = self.engines[kernel.p.tid]
+                    if engine is not source:   # the others' memory, whole, while the VM is stopped
+                        sent += remote.send_pages(channel, kernel.p.tid, touched_pages(engine.ram), engine.ram)
+                state = self._snapshot(copy=False)
+                channel.send(wire.STATE, wire.pack_state({"meta": state.meta, "regs": state.regs,
+                                                          "cpuid": state.cpuid, "process": state.process},
+                                                         state.console))
+                channel.receive(wire.READY)
+                channel.send(wire.GO)
+                committed = True
+                channel.receive(wire.STARTED)
+            except wire.ProtocolError as e:
+                source.exits.track(None)
+                if not committed:
+                    record["reason"] = f"{e}: the VM stays on {source.host.name}"
+                    return
+                record["unconfirmed"] = f"the VM was handed over, but {e}"
+        downtime = (time.perf_counter() - stopped) * 1e3
+        total = sum(result["pages_per_round"]) + sent
+        record.update(ok=True, refused=False, pages_sent=total, downtime_ms=round(downtime, 3),
+                      switchover_ms=round(downtime, 3), total_ms=round(self.precopy.send_ms(total) + downtime, 3))
+        self.hosts.append(request.destination)
+        where = request.destination[len(remote.PREFIX):]
+        self._end(Stop("migrated", 0, rip=self.engine.rip(), message=(
+            f"the VM moved to {where}, where it runs on" if "unconfirmed" not in record else
+            f"the VM moved to {where}, which did not confirm it runs it: {record['unconfirmed']}")))
 
     def _carry_threads(self, source: _Engine, target: _Engine, threads, running: dict | None) -> None:
         """The contexts of a process's threads not running, saved by the source's engine,
