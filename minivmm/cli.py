@@ -359,17 +359,23 @@ def _stream_console(data: bytes) -> None:
         sys.stdout.buffer.flush()
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--dumps", is_flag=True, help="List the real CPUID dumps usable as dump:NAME instead.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def profiles(dumps, as_json):
-    """List the built-in host profiles (or, with --dumps, the real CPU dumps).
+@click.pass_context
+def profiles(context, dumps, as_json):
+    """List the built-in host profiles (or, with --dumps, the real CPU dumps);
+    capture this machine's CPUID as a profile, or diff two profiles.
 
     \b
     Examples:
       minivmm profiles
       minivmm profiles --dumps --json
+      minivmm profiles capture this-host.txt     # then: --host file:this-host.txt
+      minivmm profiles diff file:a.txt file:b.txt
     """
+    if context.invoked_subcommand is not None:
+        return
     names = [f"dump:{n}" for n in profiles_mod.dump_names()] if dumps else profiles_mod.builtin_names()
     rows = [profiles_mod.load_profile(n).summary() for n in names]
     if as_json:
@@ -381,6 +387,49 @@ def profiles(dumps, as_json):
     wide = _terminal_width() >= 120  # on 80 columns: the essentials; the rest in --json
     print_table("Real CPU dumps" if dumps else "Built-in host profiles", columns if wide else columns[:4],
                 table if wide else [row[:4] for row in table])
+
+
+@profiles.command("capture")
+@click.argument("file", metavar="FILE")
+def profiles_capture(file):
+    """Write this machine's CPUID (every leaf and subleaf, in `cpuid -1 -r`'s lines)
+    to FILE, for use as --host file:FILE here or anywhere: a host's fingerprint.
+
+    \b
+    Example:
+      minivmm profiles capture host-a.txt && minivmm profiles diff file:host-a.txt native
+    """
+    table = profiles_mod.load_profile("native").cpuid
+    check_output(file, "profile file", [])
+    write_atomically(file, "\n".join(table.raw_lines()) + "\n", "profile file")
+    click.echo(f"minivmm: wrote {len(table.raw_lines()) - 1} CPUID leaves of this machine to {file} "
+               f"(use it as --host file:{file})", err=True)
+
+
+@profiles.command("diff")
+@click.argument("first", metavar="A")
+@click.argument("second", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def profiles_diff(first, second, as_json):
+    """The features host A reports and B lacks, those B reports and A lacks, and
+    the EVC modes each can run: drift between "identical" hosts, found before a
+    migration fails. Exit 0 if they report the same features, 1 if not.
+
+    \b
+    Example:
+      minivmm profiles diff file:rack1-host3.txt file:rack1-host4.txt
+    """
+    from .masking.compat import diff_profiles
+    a, b = profiles_mod.load_profile(first), profiles_mod.load_profile(second)
+    data = diff_profiles(a, b)
+    if as_json:
+        emit_json(data)
+    else:
+        for side, other, key in ((a, b, "only_a"), (b, a, "only_b")):
+            click.echo(f"{side.name} has, {other.name} lacks: {', '.join(data[key]) or '-'}")
+        for side, key in ((a, "evc_a"), (b, "evc_b")):
+            click.echo(f"EVC modes {side.name} can run: {', '.join(data[key]) or '-'}")
+    sys.exit(0 if not data["only_a"] and not data["only_b"] else 1)
 
 
 @cli.command()
@@ -462,11 +511,22 @@ def check(source, destination, evc, cpuid_mask, as_json):
     has more: the VM keeps its view and moves) or INCOMPATIBLE, with the features
     that block the move. Exit status 0 when the VM can move, 1 when it cannot.
 
+    SOURCE may also be a VM that ran: a snapshot, or a run's --json report. The
+    answer then has three levels: its view (as above), the feature bits it read from
+    CPUID (it depends on each), and the gated features it executed that its view
+    hides (with --audit): a VM that executed a masked instruction is UNSAFE on a host
+    without it, though its view matches.
+
     \b
     Examples:
       minivmm check nehalem penryn                     # INCOMPATIBLE: sse4_2 popcnt rdtscp
       minivmm check nehalem penryn --evc intel-penryn  # IDENTICAL
+      minivmm run my_guest --host nehalem --evc intel-penryn --audit --json > ran.json
+      minivmm check ran.json penryn                    # UNSAFE if it executed popcnt
     """
+    if os.path.isfile(source):
+        _check_what_ran(source, profiles_mod.load_profile(destination), as_json)
+        return
     src, dst = _profiles((source, destination))
     result = compat_mod.compare(src, dst, evc, cpuid_mask)
     if as_json:
@@ -479,6 +539,46 @@ def check(source, destination, evc, cpuid_mask, as_json):
         for mark in result.marks:
             click.echo(f"blocking mark: {mark}")
     sys.exit(0 if result.can_migrate else 1)
+
+
+def _check_what_ran(path: str, destination, as_json: bool) -> None:
+    """``check`` of a snapshot or a report: the view, what was read, what was executed."""
+    from .cpu.features import catalogue
+    from .files import read_bytes
+    data = read_bytes(path, "snapshot or report", snapshot_mod.MAX_FILE)
+    if data.startswith(snapshot_mod.MAGIC):
+        snap = snapshot_mod.Snapshot.from_bytes(data, path)
+        view, observed = catalogue().decode(snap.view_table), snap.meta.get("observed")
+    else:
+        try:
+            report = json.loads(data)
+            view, observed = report["view_features"], report["observed"]
+            ok = isinstance(view, list) and all(isinstance(f, str) for f in view) and all(
+                isinstance(observed[k], list) and all(isinstance(f, str) for f in observed[k])
+                for k in ("read", "executed")) and isinstance(observed["audited"], bool)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise MinivmmError(f"{path}: neither a snapshot nor a run's --json report (with view_features and "
+                               f"observed)")
+    observed = observed or {"read": [], "executed": [], "audited": False}
+    result = compat_mod.observed_check(view, observed, destination)
+    if as_json:
+        emit_json({"source": path, **result})
+    else:
+        name = destination.name
+        click.echo(f"view: {'blocked by ' + ' '.join(result['view']) if result['view'] else 'compatible'} "
+                   f"(the features it was powered on with, which {name} must have)")
+        click.echo(f"read: {' '.join(result['read_features']) or '-'}; {name} lacks: {' '.join(result['read']) or '-'}"
+                   f" (a feature bit read is a dependency, used or not)")
+        if not result["audited"]:
+            click.echo("executed: not audited (run with --audit to know what it executed beyond its view)")
+        else:
+            click.echo(f"executed beyond its view: {' '.join(result['executed_hidden']) or '-'}; {name} lacks: "
+                       f"{' '.join(result['executed']) or '-'}" + (
+                           " (the EVC hazard: masked, yet executed)" if result["executed"] else ""))
+        click.echo(result["verdict"])
+    sys.exit(0 if result["verdict"] == "COMPATIBLE" else 1)
 
 
 @cli.group()

@@ -178,6 +178,30 @@ def test_cpuid_native_diffs_against_the_real_tool_only_where_documented():
     assert len(mine.keys() & real.keys()) > 20
 
 
+@pytest.mark.skipif(not shutil.which("cpuid"), reason="the cpuid tool is not installed (apt install cpuid)")
+def test_a_captured_host_is_what_the_real_tool_reads_and_runs_guests(tmp_path):
+    captured = tmp_path / "here.txt"
+    done = minivmm_cli("profiles", "capture", str(captured))
+    assert done.returncode == 0 and "--host file:" in done.stderr
+    mine = parse_raw_lines(captured.read_text())
+    real = parse_raw_lines(subprocess.run(["cpuid", "-1", "-r"], capture_output=True, text=True).stdout)
+    differ = {key for key in mine.keys() & real.keys() if mine[key] != real[key]}
+    assert differ <= {(1, 0), (0x8000001E, 0)} | {k for k in real if k[0] in (0xB, 0x1F)}   # the CPU it ran on
+    assert len(mine.keys() & real.keys()) > 20 and mine[(0, 0)] == real[(0, 0)]
+    assert minivmm_cli("profiles", "diff", f"file:{captured}", "native").returncode == 0
+    assert minivmm_cli("run", "hello", "--host", f"file:{captured}").returncode == 0
+
+
+def test_a_diff_of_two_hosts_names_the_drift_and_the_modes_each_runs():
+    done = minivmm_cli("profiles", "diff", "penryn", "nehalem", "--json")
+    data = json.loads(done.stdout)
+    assert done.returncode == 1 and data["only_a"] == []
+    assert {"popcnt", "sse4_2", "rdtscp"} <= set(data["only_b"])
+    assert data["evc_a"] == ["intel-merom", "intel-penryn"] and "intel-nehalem" in data["evc_b"]
+    same = minivmm_cli("profiles", "diff", "nehalem", "nehalem")
+    assert same.returncode == 0 and "lacks: -" in same.stdout
+
+
 @pytest.mark.parametrize("args", [[], ["mask"], ["evc"], ["snapshot"]])
 def test_a_group_alone_prints_its_help(args):
     out = minivmm_cli(*args)

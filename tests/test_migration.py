@@ -296,3 +296,52 @@ def test_snapshot_is_not_pickle(saved):
     data = saved.read_bytes()
     assert data.startswith(b"MINIVMM\0") and b"pickle" not in data[:64]
     assert os.path.getsize(saved) < 16 << 20  # memory is compressed
+
+
+# ---- checks from what the guest did -------------------------------------------------------
+
+PROBES_THEN_RUNS = """
+    mov ebx, 0xff
+    popcnt eax, ebx                  ; found by trying it: the view (intel-penryn) hides popcnt
+    mov eax, 1
+    cpuid
+    out 0xf5, al                     ; checkpoint 1
+    popcnt eax, ebx
+    out 0xf4, al
+"""
+
+
+def test_check_of_what_ran_finds_the_masked_instruction_the_view_hides(asm_guest, tmp_path):
+    """The view says the Penryn can take the VM; what it executed says it cannot."""
+    guest = asm_guest(PROBES_THEN_RUNS)
+    assert minivmm_cli("check", "nehalem", "penryn", "--evc", "intel-penryn").stdout.startswith("IDENTICAL")
+    report = tmp_path / "ran.json"
+    done = minivmm_cli("run", guest, "--host", "nehalem", "--evc", "intel-penryn", "--audit", "--json")
+    report.write_text(done.stdout)
+    checked = minivmm_cli("check", str(report), "penryn", "--json")
+    answer = json.loads(checked.stdout)
+    assert checked.returncode == 1 and answer["verdict"] == "UNSAFE"
+    assert answer["view"] == [] and answer["executed"] == ["popcnt"] and "sse4_1" in answer["read_features"]
+    assert minivmm_cli("check", str(report), "nehalem").returncode == 0       # where popcnt is, it is safe
+    unaudited = tmp_path / "unaudited.json"
+    unaudited.write_text(minivmm_cli("run", guest, "--host", "nehalem", "--evc", "intel-penryn", "--json").stdout)
+    blind = minivmm_cli("check", str(unaudited), "penryn")
+    assert blind.returncode == 0 and "not audited" in blind.stdout     # without the audit, only the view speaks
+
+
+def test_a_snapshot_carries_what_the_guest_did_to_its_check_and_its_resume(asm_guest, tmp_path):
+    snap = tmp_path / "p.snap"
+    VM(asm_guest(PROBES_THEN_RUNS), "nehalem", evc="intel-penryn").run(
+        audit=True, snapshot_at="checkpoint:1", snapshot_file=str(snap), timeout=30)
+    checked = minivmm_cli("check", str(snap), "core2", "--json")
+    answer = json.loads(checked.stdout)
+    assert answer["verdict"] == "INCOMPATIBLE" and answer["view"] == ["sse4_1"] and answer["read"] == ["sse4_1"]
+    resumed = VM.resume(snapshot_mod.load(str(snap))).run(audit=True, timeout=30)
+    assert resumed.observed["executed"] == ["popcnt"] and resumed.observed["audited"]
+
+
+def test_check_of_a_file_that_is_neither_is_one_line(tmp_path):
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"view_features": 3}')
+    done = minivmm_cli("check", str(junk), "penryn")
+    assert done.returncode == 2 and "neither a snapshot nor a run's --json report" in done.stderr

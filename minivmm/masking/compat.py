@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..cpu.deps import hidden_closure
 from ..cpu.features import catalogue
 from ..errors import MinivmmError
-from .evc import EvcMode, evc_mode, highest_common_mode, levelled_features, require_supported
+from .evc import EvcMode, evc_mode, evc_modes, highest_common_mode, levelled_features, require_supported
 from .formats import format_mask
 from .mask import Mask, feature_mask
 from .view import GuestCpuidView
@@ -103,3 +103,29 @@ def compare(source, destination, evc: str | None = None, masks=()) -> Comparison
     else:
         verdict = "SUPERSET"
     return Comparison(verdict, blocking, tuple(marks), physical(destination) - seen)
+
+
+def observed_check(view_features, observed: dict, destination) -> dict:
+    """Three answers for a VM that ran, on ``destination``: its view (what vSphere
+    checks: the features it was powered on with), the feature bits it read from CPUID
+    (it depends on each, whether or not it used it), and the gated features it executed
+    that its view hides (the audit's; a probe that found a hidden feature by trying it:
+    unsafe where the destination lacks it, though the view matches)."""
+    levelled = levelled_features()
+    view = sorted((frozenset(view_features) & levelled) - physical(destination))
+    read = sorted((frozenset(observed["read"]) & levelled) - physical(destination))
+    executed = sorted(frozenset(observed["executed"]) - destination.physical)
+    verdict = "INCOMPATIBLE" if view else "UNSAFE" if executed else "COMPATIBLE"
+    return {"destination": destination.name, "verdict": verdict, "view": view, "read": read, "executed": executed,
+            "read_features": sorted(frozenset(observed["read"]) & levelled),
+            "executed_hidden": sorted(observed["executed"]), "audited": observed["audited"]}
+
+
+def diff_profiles(a, b) -> dict:
+    """What two hosts' CPUID reports differ in, by feature name, and the EVC modes each
+    can present (``profiles diff``)."""
+    reported_a, reported_b = catalogue().decode(a.cpuid), catalogue().decode(b.cpuid)
+    return {"a": a.name, "b": b.name, "only_a": sorted(reported_a - reported_b),
+            "only_b": sorted(reported_b - reported_a),
+            "evc_a": [key for key, mode in evc_modes().items() if mode.supported_by(a)],
+            "evc_b": [key for key, mode in evc_modes().items() if mode.supported_by(b)]}

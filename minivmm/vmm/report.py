@@ -59,6 +59,9 @@ class RunResult:
     memory: int = 0
     ram: object = field(default=None, repr=False, compare=False)   # guest RAM at the end, for the digest
     view_features: frozenset[str] = frozenset()   # what the guest's CPUID view shows, at the end
+    # what the guest did, as migration checks need it: the features in the CPUID answers it
+    # read, and (with the audit) the gated features it executed that its view hides
+    observed: dict = field(default_factory=lambda: {"read": [], "executed": [], "audited": False})
     # Exact totals of every exit (of the first 1000 CPUID keys), and how many the bounds left out.
     cpuid_totals: dict[tuple[int, int], int] = field(default_factory=dict)
     exception_totals: dict[int, int] = field(default_factory=dict)
@@ -125,7 +128,7 @@ class RunResult:
             "migrations": self.migrations, "audit": self.audit, "checkpoints": self.checkpoints,
             "unknown_port_writes": {f"0x{p:x}": n for p, n in sorted(self.unknown_port_writes.items())},
             "engine_model": self.engine_model, "memory": self.memory, "memory_sha256": self.memory_sha256,
-            "view_features": sorted(self.view_features),
+            "view_features": sorted(self.view_features), "observed": dict(self.observed),
             "cpuid_exit_counts": [{"leaf": leaf, "subleaf": sub, "count": n}
                                   for (leaf, sub), n in sorted(self.cpuid_totals.items())],
             "exception_counts": [{"vector": v, "count": n} for v, n in sorted(self.exception_totals.items())],

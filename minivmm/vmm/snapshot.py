@@ -96,7 +96,8 @@ SHAPES = {**{name: (4, 64) for name in TABLES}, **{f"FP{i}": (2, 64) for i in ra
 # (lists and objects, values) json.loads may build of each JSON section of a snapshot
 # within those bounds: counted before it parses one, since a few bytes such as "[],"
 # make a hundred bytes of Python objects.
-JSON_BOUNDS = {"meta": (3, 64 + MAX_MASKS + MAX_HOSTS), "regs": (1 + len(SHAPES), 4 * len(REGISTERS)),
+MAX_OBSERVED = 1024              # feature names in meta.observed's lists: the catalogue has fewer
+JSON_BOUNDS = {"meta": (6, 67 + MAX_MASKS + MAX_HOSTS + 2 * MAX_OBSERVED), "regs": (1 + len(SHAPES), 4 * len(REGISTERS)),
                "cpuid": (2 + MAX_ENTRIES, 2 + 7 * MAX_ENTRIES),
                "process": (process_state.JSON_CONTAINERS, process_state.JSON_VALUES)}
 JSON_BOUNDS["offer"] = tuple(m + c + 1 for m, c in zip(JSON_BOUNDS["meta"], JSON_BOUNDS["cpuid"]))  # remote.py
@@ -264,7 +265,8 @@ class Snapshot:
         """What inspect shows, with the --mount a Linux program's resume needs."""
         mounts = {"mounts": [str(Mount(*m)) for m in self.process["mounts"]],
                   "processes": self.processes} if self.process is not None else {}
-        return {**self.meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
+        meta = {k: v for k, v in self.meta.items() if k != "observed"}   # (minivmm check reads it)
+        return {**meta, "registers": len(self.regs), "cpuid_leaves": len(self.cpuid["leaves"]),
                 "console_bytes": len(self.console), "rip": self.regs.get("RIP"), **mounts}
 
 
@@ -296,6 +298,11 @@ def check_meta(meta, cpuid, bad, memory_length: int) -> None:
     for key, most, longest in (("masks", MAX_MASKS, MAX_MASK), ("hosts", MAX_HOSTS, MAX_NAME)):
         if len(meta[key]) > most or not all(isinstance(item, str) and len(item) <= longest for item in meta[key]):
             bad(f"meta.{key} must be a list of at most {most} strings of at most {longest} characters")
+    observed = meta.get("observed", {"read": [], "executed": [], "audited": False})
+    if not isinstance(observed, dict) or not isinstance(observed.get("audited"), bool) or not all(
+            isinstance(observed.get(key), list) and len(observed[key]) <= MAX_OBSERVED
+            and all(isinstance(name, str) and len(name) <= 64 for name in observed[key]) for key in ("read", "executed")):
+        bad(f"meta.observed must hold lists read and executed of at most {MAX_OBSERVED} feature names, and audited")
     leaves = cpuid.get("leaves")
     if not isinstance(leaves, list) or not leaves or len(leaves) > MAX_ENTRIES or not all(
             isinstance(e, list) and len(e) == 6 and all(_is_int(v) and 0 <= v <= 0xFFFFFFFF for v in e)

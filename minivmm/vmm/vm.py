@@ -638,6 +638,7 @@ class _Run:
         self.pending_fault = None
         self.fired = False
         self.audit = Audit() if audit else None
+        self.observed = {"read": set(), "executed": set(), "audited": audit}   # before a snapshot, too
         self.cpuid_log = ExitLog(lambda entry: entry[0])               # by (leaf, subleaf)
         self.exceptions = ExitLog(lambda entry: entry["vector"])
         self.migrations: list[dict] = []
@@ -1401,7 +1402,7 @@ class _Run:
         meta = {"guest": vm.image.name, "entry": vm.image.entry, "host": engine.host.name, "evc": vm.evc,
                 "masks": [self_contained(m) if isinstance(m, str) else format_mask(m, "vmware") for m in vm.masks],
                 "policy": vm.policy, "memory": vm.memory, "checkpoints": self.io.checkpoints,
-                "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1}
+                "xcr0": state["xcr0"], "hosts": self.hosts, "minivmm_format": 1, "observed": self._observed()}
         leaves = [[leaf, sub, *regs] for (leaf, sub), regs in engine.view.table.items()]
         process, others = None, []
         if self.kernel:
@@ -1437,6 +1438,9 @@ class _Run:
         self.engine.restore({"regs": snapshot.regs, "xcr0": snapshot.meta.get("xcr0")})
         self.io.console += snapshot.console  # printed before the snapshot: not again
         self.io.checkpoints = snapshot.meta.get("checkpoints", 0)
+        before = snapshot.meta.get("observed", {"read": [], "executed": [], "audited": False})
+        self.observed = {"read": set(before["read"]), "executed": set(before["executed"]),
+                         "audited": before["audited"] and self.observed["audited"]}
         self.hosts = list(snapshot.meta.get("hosts", [])) + [self.engine.host.name]
         if snapshot.process is not None:
             engines = [self.engine] + [_Engine(self, self.engine.host, self.engine.view)
@@ -1486,6 +1490,16 @@ class _Run:
             thread.context, thread.regs = uc.context_save(), None
         uc.context_restore(context)
 
+    def _observed(self) -> dict:
+        """What the guest did so far, on every host: the features in the CPUID answers
+        it read (each leaf it asked, as its view answers it), and, audited since power-on,
+        the gated features it executed that its view hides."""
+        view, cr4 = self.engine.view, self.uc.reg_read(x86.UC_X86_REG_CR4)
+        read = catalogue().decode({key: view.answer(*key, cr4) for key in self.cpuid_log.counts})
+        executed = {feature for entry in (self.audit.report() if self.audit else []) for feature in entry["features"]}
+        return {"read": sorted(self.observed["read"] | read), "executed": sorted(self.observed["executed"] | executed),
+                "audited": bool(self.observed["audited"])}
+
     def _syscall_report(self) -> dict | None:
         if not self.kernel:
             return None
@@ -1512,6 +1526,7 @@ class _Run:
             unreached=unreached(self.events),
             audit=self.audit.report() if self.audit else [], checkpoints=self.io.checkpoints,
             unknown_port_writes=dict(self.io.unknown_writes), engine_model=self.engine.host.engine_model,
+            observed=self._observed(),
             memory=vm.memory, ram=self.engine.ram,
             view_features=catalogue().decode(self.engine.view.table))
 
