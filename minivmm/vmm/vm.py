@@ -1358,7 +1358,12 @@ class _Run:
         return whole
 
     def _run_on_source(self, insns: int) -> None:
-        """Let the guest run ``insns`` instructions while its pages are in flight."""
+        """Let the guest run ``insns`` instructions while its pages are in flight (a
+        thread that blocked at the point waits: another runs)."""
+        if self.switching:
+            self._switch()
+            if self.stop:
+                return
         point = self._next_point()
         if point and point.kind == "insn":  # the next point, exactly
             insns = min(insns, point.count - self.executed)
