@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -139,6 +140,18 @@ def test_a_cell_that_kills_every_worker_fails_and_the_run_finishes(tmp_path):
     assert report["distributed"]["retries"] >= 1
 
 
+def test_a_linux_program_runs_as_it_would_here(tmp_path, cluster):
+    """Its path is part of what it sees ($0, /proc/self/exe): it runs from the worker's
+    own file, the same by SHA-256, as under --jobs."""
+    options = ["--mount", "/", "--arg", "-c", "--arg", "echo $0; readlink /proc/self/exe"]
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    here, _ = matrix(tmp_path / "here", "--jobs", "1", *options, guests=("/bin/sh",), hosts="penryn")
+    there, _ = matrix(tmp_path / "there", "--scheduler", cluster.address, *options, guests=("/bin/sh",),
+                      hosts="penryn")
+    assert comparable(there) == comparable(here) and here["cells"][0]["console"] == "/bin/sh\n/bin/sh\n"
+
+
 def test_a_scheduler_that_is_not_one_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,3 +161,13 @@ def test_a_scheduler_that_is_not_one_is_one_line(tmp_path):
     assert one_line_error(done) and "no Dask scheduler answers there" in done.stderr
     done = minivmm_cli("matrix", "detect_cpuid", "--scheduler", "local:zero")
     assert one_line_error(done) and "not local:N" in done.stderr
+    with socket.create_server(("127.0.0.1", 0)) as impostor:   # answers Dask's handshake with junk
+        def junk():
+            peer, _ = impostor.accept()
+            peer.sendall(b"\xff" * 64)
+            time.sleep(5)
+            peer.close()
+        threading.Thread(target=junk, daemon=True).start()
+        done = minivmm_cli("matrix", "detect_cpuid", "--hosts", "penryn", "--scheduler",
+                           f"tcp://127.0.0.1:{impostor.getsockname()[1]}", timeout=60)
+    assert one_line_error(done) and "no Dask scheduler answers there" in done.stderr

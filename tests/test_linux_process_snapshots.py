@@ -79,6 +79,10 @@ def test_the_bytes_a_pipe_held_come_from_the_snapshot(tmp_path):
     (lambda s: s["machine"]["processes"][0].update(tid=s["tid"]), "process or thread ids repeat"),
     (lambda s: s["machine"]["processes"][0].update(clock=s["clock"]), "is not a process's own state"),
     (lambda s: s["machine"]["processes"].pop(), "other processes' memory is"),
+    (lambda s: s["files"].update({"50": {"kind": "Epoll", "path": "anon_inode:[eventpoll]", "flags": 0, "offset": 0,
+                                         "id": 999, "interest": [[50, 999, 1, 0]]}}), "epolls watch one another"),
+    (lambda s: s["machine"]["pipes"][0].__setitem__(0, 1), "pipes are malformed"),   # a pipe minivmm never makes
+    (lambda s: s["threads"][0].update(resume="vfork", result=s["tid"]), "waits on vfork for a process that is not"),
 ])
 def test_a_snapshot_whose_processes_disagree_is_refused_in_one_line(tmp_path, change, says):
     path = tmp_path / "pipeline.snap"

@@ -143,3 +143,33 @@ def test_a_process_waiting_for_standard_input_lets_the_others_run():
     finally:
         child.kill()
     assert (first, rest) == ("first\n", "later\n")
+
+
+EPOLL_NESTS = """
+import select
+a, b = select.epoll(), select.epoll()
+b.register(a.fileno(), select.EPOLLIN)
+try:
+    a.register(b.fileno(), select.EPOLLIN)
+    print("a loop of epolls was accepted")
+except OSError as e:
+    print("loop:", e.errno)
+chain = [select.epoll() for _ in range(7)]
+for i in range(6):
+    try:
+        chain[i + 1].register(chain[i].fileno(), select.EPOLLIN)
+    except OSError as e:
+        print("nested", i + 1, "deep:", e.errno)
+        break
+print(a.poll(0.01))
+"""
+
+
+@needs_python
+def test_epolls_in_a_loop_or_nested_too_deep_are_eloop_as_natively():
+    """fs/eventpoll.c's ep_loop_check: the machine's kernel is the oracle."""
+    argv = [SYSTEM_PYTHON, "-S", "-c", EPOLL_NESTS]
+    expected = natively(argv)
+    assert "loop: 40" in expected.stdout
+    result = emulated(argv, "penryn")
+    assert (result.console, result.exit_code) == (expected.stdout, expected.returncode), result.stderr[-400:]

@@ -18,6 +18,8 @@ POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 0x1, 0x2, 0x4, 0x8, 0x10,
 POLLRDNORM, POLLWRNORM = 0x40, 0x100
 EPOLLET, EPOLLONESHOT = 1 << 31, 1 << 30
 EFD_SEMAPHORE = 1
+EP_MAX_NESTS = 4          # epolls nested below one (fs/eventpoll.c): deeper, or a loop, is ELOOP
+MAX_EPOLL_DEPTH = EP_MAX_NESTS + 1   # an epoll and the epolls inside it, as deep as Linux lets them go
 COUNTER_MAX = (1 << 64) - 2
 ANON = MemoryNode(st.S_IFREG | 0o600, b"")
 
@@ -96,3 +98,11 @@ class Epoll(OpenFile):
 
     def readiness(self) -> int:
         return POLLIN if any(readiness(d) & (e | POLLERR | POLLHUP) for d, e, _ in self.interest.values()) else 0
+
+    def depth(self) -> int:
+        """How many epolls deep this one watches (1: none inside it)."""
+        return 1 + max((d.depth() for d, _, _ in self.interest.values() if isinstance(d, Epoll)), default=0)
+
+    def watches(self, other: Epoll) -> bool:
+        """Whether ``other`` is inside this one, at any depth."""
+        return any(d is other or isinstance(d, Epoll) and d.watches(other) for d, _, _ in self.interest.values())

@@ -14,7 +14,7 @@ from .calls.files import open_node
 from .errno import SyscallError
 from .events import COUNTER_MAX, Epoll, EventFd
 from .files import IDENTITY, MAX_FDS, O_NOFOLLOW, MemoryFile, OpenFile
-from .pipes import PIPE_SIZE, PipeEnd
+from .pipes import PIPE_BUF, PIPE_SIZE, PipeEnd
 
 STREAMS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 KINDS = ("HostFile", "MemoryFile", "Directory", "Device", "Stream", "OpenFile", "PipeEnd", "EventFd", "Epoll")
@@ -123,7 +123,7 @@ def validate_files(files, need, checks) -> None:
 
 
 def pipe_is_valid(pipe, is_int, is_b64) -> bool:
-    return (isinstance(pipe, list) and len(pipe) == 2 and is_int(pipe[0], 1, PIPE_SIZE)
+    return (isinstance(pipe, list) and len(pipe) == 2 and pipe[0] in (PIPE_BUF, PIPE_SIZE) and is_int(pipe[0])
             and is_b64(pipe[1], PIPE_SIZE) and len(base64.b64decode(pipe[1])) <= pipe[0])
 
 

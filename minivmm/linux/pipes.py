@@ -21,7 +21,8 @@ FIFO = MemoryNode(st.S_IFIFO | 0o600, b"")
 
 
 class Pipe:
-    def __init__(self, capacity: int = PIPE_SIZE, on_free=None):
+    def __init__(self, capacity: int = PIPE_SIZE, on_free=None, inode: int = 0):
+        self.inode = inode                                   # pipefs's: the VM's own count
         self.buffer = bytearray()
         self.readers = self.writers = 0
         self.capacity, self.on_free = capacity, on_free   # on_free(): both ends closed
@@ -31,7 +32,7 @@ class PipeEnd(OpenFile):
     seekable = False
 
     def __init__(self, pipe: Pipe, flags: int):
-        super().__init__(f"pipe:[{id(pipe)}]", FIFO, flags)
+        super().__init__(f"pipe:[{pipe.inode}]", FIFO, flags)
         self.pipe = pipe
         self.writing = flags & O_WRONLY
         if self.writing:

@@ -47,6 +47,7 @@ class Machine:
         self.next_pid = first.p.tid + 1
         self.forked: list = []                 # new processes whose CPU the VMM has yet to make
         self.pipe_bytes = 0                    # what the VM's pipes may buffer together
+        self.pipes_made = 0
 
     def may_fork(self) -> bool:
         live = self.live()
@@ -63,7 +64,8 @@ class Machine:
 
         def freed():
             self.pipe_bytes -= capacity
-        return Pipe(capacity, freed)
+        self.pipes_made += 1
+        return Pipe(capacity, freed, inode=self.pipes_made)
 
     def tasks(self) -> int:
         return sum(len(k.threads.all) for k in self.live())

@@ -18,6 +18,7 @@ from ..errors import MinivmmError
 from .calls import TABLE
 from .calls.processes import vfork_wait
 from .cpuinfo import cpuinfo
+from .events import MAX_EPOLL_DEPTH
 from .files import MAX_FDS, recount
 from .files_state import Numbering, Reopening, b64, files_record, pipe_is_valid, validate_files
 from .kernel import STDERR_KEPT, UNKNOWN_KEPT, Kernel
@@ -292,6 +293,23 @@ def _validate_machine(state, need, memory: int) -> None:
                  f"descriptor {fd} of process {p['tid']} names a pipe that does not exist")
     need(all(i[1] in described for r in described.values() if r["kind"] == "Epoll" for i in r["interest"]),
          "an epoll watches a description that does not exist")
+    need(all(_epoll_depth(n, described, ()) <= MAX_EPOLL_DEPTH for n, r in described.items() if r["kind"] == "Epoll"),
+         f"epolls watch one another in a loop, or more than {MAX_EPOLL_DEPTH} deep")
+    parents = {p["tid"]: p.get("ppid") for p in processes} | {z[0]: z[1] for z in machine["zombies"]}
+    for p in processes:
+        for t in p["threads"]:
+            child = t["result"]   # (a child reaped since is no longer anywhere: the wait ends at once)
+            need(t["resume"] != "vfork" or child != p["tid"] and parents.get(child, p["tid"]) == p["tid"],
+                 f"thread {t['tid']} waits on vfork for a process that is not its child")
+
+
+def _epoll_depth(number: int, described: dict, path: tuple) -> int:
+    """How deep the epoll ``number`` nests others (itself included); a loop, or past
+    MAX_EPOLL_DEPTH: more than MAX_EPOLL_DEPTH."""
+    if number in path or len(path) > MAX_EPOLL_DEPTH:
+        return MAX_EPOLL_DEPTH + 1
+    inner = [i[1] for i in described[number]["interest"] if described.get(i[1], {}).get("kind") == "Epoll"]
+    return 1 + max((_epoll_depth(n, described, path + (number,)) for n in inner), default=0)
 
 
 def _timer(value) -> bool:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import struct
 
-from ..errno import EBADF, EEXIST, EINTR, EINVAL, ENOENT, EPERM, SyscallError
-from ..events import POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, POLLPRI, Epoll, EventFd, readiness
+from ..errno import EBADF, EEXIST, EINTR, EINVAL, ELOOP, ENOENT, EPERM, SyscallError
+from ..events import MAX_EPOLL_DEPTH, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, POLLPRI, Epoll, EventFd, readiness
 from ..files import O_CLOEXEC, Directory, HostFile
 from ..pipes import O_NONBLOCK
 from ..threads import Block
@@ -149,6 +149,9 @@ def sys_epoll_ctl(k, uc, epfd, op, fd, event, *_):
         del epoll.interest[fd]
         return 0
     events, data = EPOLL_EVENT.unpack(k.p.read(event, EPOLL_EVENT.size))
+    if isinstance(target, Epoll) and op in (EPOLL_CTL_ADD, EPOLL_CTL_MOD) and (
+            target.watches(epoll) or target.depth() + 1 > MAX_EPOLL_DEPTH):
+        raise SyscallError(ELOOP)   # ep_loop_check: a loop of epolls, or too deep a nest
     if op == EPOLL_CTL_ADD:
         if fd in epoll.interest:
             raise SyscallError(EEXIST)
