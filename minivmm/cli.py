@@ -820,13 +820,15 @@ def receive(address, host, secret_file, evc, once, force, mount, migrate, timeou
         bound = server.getsockname()
         click.echo(f"minivmm: receiving VMs on {bound[0]}:{bound[1]} as {profile.name}"
                    f"{f' (EVC mode {evc})' if evc else ''}", err=True)
+        receiving = remote.Receiving(server, destination)
         while True:
-            vm, peer = remote.accept_vm(server, destination, lambda peer, why: click.echo(
+            vm, peer = receiving.next_vm(lambda peer, why: click.echo(
                 f"minivmm: refused a migration from {peer}: {why}", err=True))
             click.echo(f"minivmm: a VM arrived from {peer}: {vm.image.name}", err=True)
             code = _run_and_print(vm, as_json, timeout=timeout, force=force, migrations=migrations, secret=secret)
             if once:
                 sys.exit(code)
+            receiving.done()
 
 
 @cli.group()

@@ -234,7 +234,7 @@ def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
             stored = json.dumps(state).encode()
             length = len(stored)
         sections.append((name, compression, stored, length))
-    with bounded("snapshot"):
+    with bounded("processes"):
         snap = snapshot_mod.Snapshot.from_bytes(pack_snapshot(sections), "fuzz.snap")
         VM.resume(snap, mounts=["/"]).run(max_insns=200_000, timeout=5)
 

@@ -218,3 +218,44 @@ def test_the_receiver_stays_up_after_a_peer_that_is_not_minivmm(secret_file, asm
     status, _, err = receiver.finish()
     assert moved.migrations[0]["ok"] and status == 0x11
     assert err.count("refused a migration from") == 3
+
+
+def test_peers_that_say_nothing_hold_up_no_migration(asm_guest, secret_file):
+    receiver = Receiver("penryn", secret_file, "--once", "--json")
+    host, port = receiver.address.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+    try:
+        moved = run_to(asm_guest(CPUID_GUIDED), f"tcp:{receiver.address}")
+        status, _, _ = receiver.finish()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert moved.migrations[0]["ok"] and status == 0x11
+
+
+def test_what_an_unauthenticated_peer_says_is_shown_as_such_and_escaped(secret_file):
+    receiver = Receiver("penryn", secret_file)
+    host, port = receiver.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        said = b"x\nminivmm: a VM arrived from 10.0.0.9:4444: /bin/evil"
+        sock.sendall(wire.HEADER.pack(wire.REFUSE, len(said)) + said)
+        sock.recv(100)
+    time.sleep(1)
+    err = receiver.kill()
+    assert "(not authenticated) refused: x\\x0aminivmm: a VM arrived" in err
+    assert not any(line.startswith("minivmm: a VM arrived") for line in err.splitlines())
+
+
+def test_a_state_whose_processes_do_not_hold_together_is_refused_before_use(tmp_path):
+    from minivmm.cpu.profiles import load_profile
+    from minivmm.vmm import snapshot as snapshot_mod
+    from minivmm.vmm.remote import Destination
+    path = tmp_path / "vm.snap"
+    VM("dispatch_cpuid", "penryn").run(snapshot_at="checkpoint:1", snapshot_file=str(path), timeout=30)
+    snap = snapshot_mod.load(str(path))
+    offer = {"meta": snap.meta, "cpuid": snap.cpuid}
+    destination = Destination(load_profile("penryn"), None, SECRET, lambda s: VM.resume(s, "penryn"))
+    for process in ({"machine": []}, {"tid": [1]}, {"machine": {"processes": 5}}):
+        state = wire.pack_state({"meta": snap.meta, "regs": snap.regs, "cpuid": snap.cpuid, "process": process}, b"")
+        with pytest.raises(wire.ProtocolError, match="the VM's process state"):
+            destination._snapshot(offer, state, {}, snap.meta["memory"])

@@ -8,10 +8,13 @@ sends GO moves the VM: it goes on at the source as if nothing had happened."""
 from __future__ import annotations
 
 import mmap
+import queue
 import socket
+import threading
 from dataclasses import dataclass, field
 
 from ..errors import MinivmmError
+from ..linux import state as process_state
 from ..linux.scheduler import MAX_PROCESSES, MAX_VM_MEMORY
 from ..masking.compat import presented
 from ..masking.evc import evc_mode
@@ -58,20 +61,29 @@ class Destination:
                 raise MinivmmError(f"the VM's CPUID view has {', '.join(beyond)}, beyond this cluster's EVC mode "
                                    f"{evc_mode(self.evc).key}")
 
-    def receive(self, channel: Channel):
+    def receive(self, channel: Channel, turn=None):
         """One conversation: the VM that arrived (resumed, not yet run), or ProtocolError.
-        Once the source is authenticated, it hears why it was refused."""
+        Once the source is authenticated, it hears why it was refused. ``turn``: taken
+        once it is (a lock: one VM arrives at a time; a source that finds it taken is
+        refused, and keeps its VM)."""
         channel.greet(self.secret, self.nonce)
+        taken = False
         try:
+            if turn is not None:
+                taken = turn.acquire(blocking=False)
+                if not taken:
+                    raise MinivmmError("this receiver is busy with another VM")
             return self._arrival(channel)
-        except wire.Refused:
+        except BaseException as e:
+            if taken:
+                turn.release()
+            if isinstance(e, MinivmmError) and not isinstance(e, wire.Refused):
+                try:   # (a ProtocolError too: the source may still hear it)
+                    channel.send(wire.REFUSE, str(e).encode()[:wire.MAX_PAYLOAD[wire.REFUSE]])
+                except ProtocolError:
+                    pass
+                raise ProtocolError(str(e)) from None
             raise
-        except MinivmmError as e:   # a ProtocolError too: the source may still hear it
-            try:
-                channel.send(wire.REFUSE, str(e).encode()[:wire.MAX_PAYLOAD[wire.REFUSE]])
-            except ProtocolError:
-                pass
-            raise ProtocolError(str(e)) from None
 
     def _arrival(self, channel: Channel):
         _, payload = channel.receive(OFFER)
@@ -101,7 +113,10 @@ class Destination:
             for ram in spaces.values():
                 ram.close()
             raise
-        channel.send(STARTED)
+        try:   # the VM is this receiver's from GO on: a source gone since loses only its confirmation
+            channel.send(STARTED)
+        except ProtocolError:
+            pass
         return vm
 
     def _snapshot(self, offer: dict, payload: bytes, spaces: dict, memory: int) -> Snapshot:
@@ -114,9 +129,13 @@ class Destination:
         if cpuid != offer["cpuid"] or not isinstance(meta, dict) or any(
                 meta.get(key) != offer["meta"][key] for key in ("memory", "evc", "masks", "guest")):
             raise ProtocolError("the VM's state is not the VM offered")
-        first = process.get("tid") if isinstance(process, dict) else 0
-        order = [first] + [p.get("tid") for p in process.get("machine", {}).get("processes", [])
-                           if isinstance(p, dict)] if isinstance(process, dict) else [0]
+        order = [0]
+        if process is not None:   # which memory is whose: only once the state holds together
+            try:
+                process_state.validate(process, memory)
+            except ValueError as e:
+                raise ProtocolError(f"the VM's process state: {e}") from None
+            order = [process["tid"]] + [p["tid"] for p in process.get("machine", {}).get("processes", [])]
         if set(spaces) - set(order):
             raise ProtocolError("pages arrived for a process the VM's state does not have")
         rams = [spaces.get(space) or mmap.mmap(-1, memory) for space in order]
@@ -145,19 +164,57 @@ def listen(address: str):
     return server
 
 
-def accept_vm(server, destination: Destination, on_refused) -> tuple[object, str]:
-    """Wait for a VM: (the VM, where it came from). A conversation that fails is
-    reported through ``on_refused(peer, reason)`` and the receiver waits again: one
-    at a time, each bounded in time (wire.HANDSHAKE_SECONDS a message until the peer
-    is authenticated) and memory."""
-    while True:
-        sock, (peer_host, peer_port, *_) = server.accept()
-        peer = f"{peer_host}:{peer_port}"
-        with sock:
+class Receiving:
+    """A receiver's conversations: each connection in a thread of its own, so that peers
+    that say nothing (wire.HANDSHAKE_SECONDS a message until they are authenticated)
+    hold up no one; at most MAX_CONVERSATIONS at once (more are closed at once); one
+    VM past authentication at a time, kept until it has run (``done``)."""
+
+    MAX_CONVERSATIONS = 16
+
+    def __init__(self, server, destination: Destination):
+        self.destination = destination
+        self.turn = threading.Lock()
+        self.slots = threading.BoundedSemaphore(self.MAX_CONVERSATIONS)
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server) -> None:
+        while True:
             try:
-                return destination.receive(Channel(sock, peer, is_source=False)), peer
-            except (ProtocolError, MinivmmError) as e:
-                on_refused(peer, str(e))
+                sock, (host, port, *_) = server.accept()
+            except OSError:
+                return   # the receiver closed its socket
+            if not self.slots.acquire(blocking=False):
+                sock.close()
+                continue
+            threading.Thread(target=self._converse, args=(sock, f"{host}:{port}"), daemon=True).start()
+
+    def _converse(self, sock, peer: str) -> None:
+        try:
+            with sock:
+                vm = self.destination.receive(Channel(sock, peer, is_source=False), self.turn)
+            self.events.put(("arrived", peer, vm))
+        except (ProtocolError, MinivmmError) as e:
+            self.events.put(("refused", peer, str(e)))
+        except BaseException as e:   # a fault of ours: the receiver's own thread raises it
+            self.events.put(("error", peer, e))
+        finally:
+            self.slots.release()
+
+    def next_vm(self, on_refused) -> tuple[object, str]:
+        """The next VM that arrives and where from (call ``done()`` once it has run);
+        ``on_refused(peer, reason)`` for each conversation that failed meanwhile."""
+        while True:
+            kind, peer, what = self.events.get()
+            if kind == "arrived":
+                return what, peer
+            if kind == "error":
+                raise what
+            on_refused(peer, what)
+
+    def done(self) -> None:
+        self.turn.release()
 
 
 # ---- the source ----------------------------------------------------------------------

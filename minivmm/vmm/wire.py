@@ -145,7 +145,9 @@ class Channel:
                                     f"or not from the holder of the secret)")
             self.received += 1
         if kind in (REFUSE, DENIED):
-            raise Refused(f"{self.peer} refused: {payload.decode('utf-8', 'replace')}")
+            said = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in payload.decode("utf-8", "replace"))
+            who = self.peer if self.key is not None else f"{self.peer} (not authenticated)"
+            raise Refused(f"{who} refused: {said[:300]}")
         return kind, payload
 
     # -- the handshake -------------------------------------------------------------------
