@@ -10,6 +10,7 @@ hang) and the peak RSS; README's table comes from such a run.
 """
 
 import contextlib
+import copy
 import json
 import shutil
 import signal
@@ -230,7 +231,7 @@ def test_fuzz_the_state_of_several_processes(processes_snapshot, data):
                         break
                 if isinstance(target, dict) or isinstance(target, list) and isinstance(last, int) \
                         and last < len(target):
-                    target[last] = data.draw(JSON | PAST_BOUNDS | st.integers(-2, 2000))
+                    target[last] = copy.deepcopy(data.draw(JSON | PAST_BOUNDS | st.integers(-2, 2000)))
             stored = json.dumps(state).encode()
             length = len(stored)
         sections.append((name, compression, stored, length))
