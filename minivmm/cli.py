@@ -541,17 +541,24 @@ def check(source, destination, evc, cpuid_mask, as_json):
     sys.exit(0 if result.can_migrate else 1)
 
 
+MAX_REPORT = 256 << 20   # a run's --json report: its console (16 MiB), stderr (16 MiB), logs and audit, with room
+
+
 def _check_what_ran(path: str, destination, as_json: bool) -> None:
     """``check`` of a snapshot or a report: the view, what was read, what was executed."""
     from .cpu.features import catalogue
     from .files import read_bytes
-    data = read_bytes(path, "snapshot or report", snapshot_mod.MAX_FILE)
-    if data.startswith(snapshot_mod.MAGIC):
-        snap = snapshot_mod.Snapshot.from_bytes(data, path)
+    try:
+        with open(path, "rb") as f:   # (a regular file: the caller checked)
+            magic = f.read(len(snapshot_mod.MAGIC))
+    except OSError as e:
+        raise MinivmmError(f"cannot read {path}: {e.strerror}") from None
+    if magic == snapshot_mod.MAGIC:
+        snap = snapshot_mod.load(path)
         view, observed = catalogue().decode(snap.view_table), snap.meta.get("observed")
     else:
         try:
-            report = json.loads(data)
+            report = json.loads(read_bytes(path, "report", MAX_REPORT))
             view, observed = report["view_features"], report["observed"]
             ok = isinstance(view, list) and all(isinstance(f, str) for f in view) and all(
                 isinstance(observed[k], list) and all(isinstance(f, str) for f in observed[k])

@@ -96,6 +96,7 @@ def test_a_snapshot_whose_processes_disagree_is_refused_in_one_line(tmp_path, ch
     assert one_line_error(done) and says in done.stderr
 
 
+@needs_avx2   # (the shell's glibc on a Haswell view runs AVX2 on the machine's CPU)
 @pytest.mark.parametrize("stop_and_copy", [False, True])
 @pytest.mark.parametrize("blocked_in", [SLEEP_CALLS, ("wait4",)])
 def test_a_pipeline_migrates_whole(stop_and_copy, blocked_in):

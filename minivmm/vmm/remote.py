@@ -151,8 +151,7 @@ def _protocol_error(message: str):
 
 def listen(address: str):
     """A listening socket on ``ADDR:PORT`` (port 0: any free one)."""
-    host, port = wire.parse_address(address, "--listen") if not address.endswith(":0") else \
-        (address.rpartition(":")[0], 0)
+    host, port = wire.parse_address(address, "--listen", any_port=True)
     server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -171,12 +170,16 @@ class Receiving:
     VM past authentication at a time, kept until it has run (``done``)."""
 
     MAX_CONVERSATIONS = 16
+    MAX_TOLD = 1000
 
     def __init__(self, server, destination: Destination):
         self.destination = destination
         self.turn = threading.Lock()
         self.slots = threading.BoundedSemaphore(self.MAX_CONVERSATIONS)
-        self.events: queue.Queue = queue.Queue()
+        # conversations that ended while a VM runs, waiting to be told: one VM arrives at a
+        # time, and refusals past MAX_TOLD are counted, not kept (a flood grows nothing)
+        self.events: queue.Queue = queue.Queue(self.MAX_TOLD)
+        self.untold = 0
         threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def _accept(self, server) -> None:
@@ -196,7 +199,10 @@ class Receiving:
                 vm = self.destination.receive(Channel(sock, peer, is_source=False), self.turn)
             self.events.put(("arrived", peer, vm))
         except (ProtocolError, MinivmmError) as e:
-            self.events.put(("refused", peer, str(e)))
+            try:
+                self.events.put_nowait(("refused", peer, str(e)))
+            except queue.Full:
+                self.untold += 1
         except BaseException as e:   # a fault of ours: the receiver's own thread raises it
             self.events.put(("error", peer, e))
         finally:
@@ -212,6 +218,9 @@ class Receiving:
             if kind == "error":
                 raise what
             on_refused(peer, what)
+            if self.untold and self.events.empty():
+                on_refused("other peers", f"{self.untold} more conversations failed while a VM ran here")
+                self.untold = 0
 
     def done(self) -> None:
         self.turn.release()

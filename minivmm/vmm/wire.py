@@ -247,9 +247,11 @@ def unpack_state(payload: bytes) -> tuple[dict[str, bytes], bytes]:
     return sections, payload[at:]
 
 
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv4 address or a name; port 1 to 65535)."""
+def parse_address(text: str, what: str, any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT (an IPv4 address or a name; port 1 to 65535, or 0 with ``any_port``:
+    a free one)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or not port.isascii():
+    lowest = 0 if any_port else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536 or not port.isascii():
         raise MinivmmError(f"{what} {text!r}: not ADDRESS:PORT (e.g. 127.0.0.1:4444)")
     return host, int(port)
