@@ -58,6 +58,7 @@ from .log import ExitLog
 from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
+from .exits.refusals import EngineRefusals, fast_paths
 from .exits.traps import PORT_IO, TRAP
 from .exits.emulate import bit_scan
 from .exits.native import NativeExecutor
@@ -463,13 +464,14 @@ class _Engine:
                                f"{e.strerror}") from None
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
         self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None, run.x87),
-                                      run._on_exit, run._fail)
+                                      run._on_exit, run._fail,
+                                      EngineRefusals(host.engine_model) if fast_paths() else None)
         self.exits.install(uc)
         self.cpuid = CpuidExitHandler(view, host.name, run._fail, run.cpuid_log)
         self.cpuid.install(uc)
         run.io.install(uc)
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self.faults.on_invalid)
+        uc.hook_add(UC_HOOK_INSN_INVALID, lambda uc, ud: self.exits.on_refused(uc) or self.faults.on_invalid(uc, ud))
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)

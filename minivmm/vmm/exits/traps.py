@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 
 import iced_x86
+from unicorn.x86_const import UC_X86_REG_RIP
 from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE,
                      UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
@@ -75,20 +76,22 @@ def misused_lock(data: bytes, offset: int, ip: int):
 
 # Exits on one-byte opcodes whose bytes sit inside immediates, displacements and ModR/M
 # bytes all over a large program: a Linux program's IN, OUT, INS and OUTS (E4-E7, EC-EF,
-# 6C-6F: #GP at CPL 3) and the x87 instructions minivmm carries out or checks (D8-DF,
-# WAIT's 9B). An exit at every such byte put thousands of hooks on a large program's pages
+# 6C-6F: #GP at CPL 3), the x87 instructions minivmm carries out or checks (D8-DF,
+# WAIT's 9B), and a LOCK prefix on what cannot take it (F0: every -16 displacement). An exit at every such byte put thousands of hooks on a large program's pages
 # (python3: about 17,000), and the engine checks every hook for each instruction it
 # translates, which made it minutes slower. These exits go only where a linear sweep of
 # the page starts an instruction, as a compiler lays code out. One the sweep misses runs
 # as the engine runs it: port I/O reaches an empty bus (IoExits.linux), an x87
-# instruction sets the engine's flags. Exits that raise #UD are never swept: a missed
-# one would run what the host lacks.
+# instruction sets the engine's flags, an x87 control load that unmasks exceptions goes
+# unnoticed (no #MF follows), a misused LOCK runs as the instruction without it. Exits
+# that raise #UD because the host lacks a feature are never swept: a missed one would
+# run what the host lacks.
 PORT_IO = frozenset(getattr(iced_x86.Mnemonic, name) for name in ("IN", "OUT", "INSB", "INSW", "INSD", "OUTSB",
                                                                    "OUTSW", "OUTSD"))
 
 
 def swept(action: str | None, instr) -> bool:
-    return action == "x87" or action == "gp" and instr.mnemonic in PORT_IO
+    return action in ("x87", "x87 control") or action == "gp" and instr.mnemonic in PORT_IO
 
 
 def linear_sweep(data: bytes, ip: int) -> set[int]:
@@ -107,14 +110,18 @@ Classifier = Callable[[object], tuple[str | None, frozenset[str]]]
 
 
 class InstructionExits:
-    def __init__(self, ram, classify: Classifier, on_exit, on_error):
+    def __init__(self, ram, classify: Classifier, on_exit, on_error, refusals=None):
         """``ram`` is guest memory as a host buffer: reading it through the engine from
         inside a TLB fill would re-enter the TLB. ``on_exit(uc, address, size, action,
         audited, instr)`` runs when a planted exit fires; ``on_error(exception)`` gets
-        what a fill raised (it must stop the engine)."""
+        what a fill raised (it must stop the engine). ``refusals`` (an EngineRefusals)
+        names the exits the engine's own #UD takes instead (:meth:`on_refused`); None
+        plants every exit."""
         self.ram = ram
         self.memory = len(ram)
         self._classify = classify
+        self._refusals = refusals
+        self._refused: set[int] = set()                # exits not planted: the engine refuses them
         self._on_exit = on_exit
         self._on_error = on_error
         self._keep = None
@@ -248,6 +255,7 @@ class InstructionExits:
         for address in [a for a in traps if offsets.start <= a - page < offsets.stop and a - page not in starts]:
             del traps[address]  # those bytes can no longer start an instruction that exits
             self._unhook(address)
+            self._refused.discard(address)
         for offset in sorted(starts):
             address = page + offset
             decoder.position, decoder.ip = offset, address
@@ -257,21 +265,27 @@ class InstructionExits:
                 instr, (action, audited) = misused, ("ud", frozenset())
             else:
                 action, audited = self._classify(instr)
-            if swept(action, instr):
+            if misused or swept(action, instr):
                 sweep = linear_sweep(data, page) if sweep is None else sweep
                 action = action if offset in sweep else None
             if not action and address in self._quiet:
                 audited = frozenset()
             wanted = (action, audited, instr) if (action or audited) else None
+            refused = bool(wanted) and self._refusals is not None and action in ("ud", "unsupported") \
+                and not misused and self._refusals.refuses(data[offset:offset + MAX_INSN], instr.len)
             current = traps.get(address)
-            if wanted and current and (current[0], current[1], current[2].code) == (action, audited, instr.code):
+            if wanted and current and (current[0], current[1], current[2].code) == (action, audited, instr.code) \
+                    and refused == (address in self._refused):
                 traps[address] = wanted  # same exit, new operands
                 continue
             if current:
                 del traps[address]
                 self._unhook(address)
+                self._refused.discard(address)
             if wanted:
                 traps[address] = wanted
+                if refused:
+                    self._refused.add(address)
                 self._hook(address)
 
     def note_write(self, address: int, size: int) -> None:
@@ -315,6 +329,7 @@ class InstructionExits:
         # its hooks are gone.
         for traps_at in list(self.pages.get(page, {})):
             self._unhook(traps_at)
+            self._refused.discard(traps_at)
         self.pages.pop(page, None)
         self._seen.pop(page, None)
         self._stale.discard(page)
@@ -327,6 +342,8 @@ class InstructionExits:
     # over the page (every instruction there then calls in: a few exits stay apart).
 
     def _hook(self, address: int) -> None:
+        if address in self._refused and not self._counted:
+            return  # the engine's own #UD reaches on_refused (a counted start plants it: see counting)
         if self._counted and not self._by_page and len(self._hooks) >= SHARED_HOOKS_FROM:
             self._rehook(True)  # the count of exits grew past the point while counting
         key = address & ~(PAGE - 1) if self._by_page else address
@@ -342,12 +359,14 @@ class InstructionExits:
 
     def counting(self, on: bool) -> None:
         """Choose the way of hooking for the next starts (between starts; the caller
-        flushes translated code)."""
+        flushes translated code). A counted start plants the exits the engine refuses
+        too: a planted exit fires before the count of the instruction is checked."""
+        replant = on != self._counted and bool(self._refused)
         self._counted = on
-        self._rehook(on and sum(map(len, self.pages.values())) > SHARED_HOOKS_FROM)
+        self._rehook(on and sum(map(len, self.pages.values())) > SHARED_HOOKS_FROM, replant)
 
-    def _rehook(self, by_page: bool) -> None:
-        if by_page == self._by_page:
+    def _rehook(self, by_page: bool, replant: bool = False) -> None:
+        if by_page == self._by_page and not replant:
             return
         for _, handle in self._hooks.values():
             engine.del_hook(self._uc, handle)
@@ -356,6 +375,16 @@ class InstructionExits:
         for traps in self.pages.values():
             for address in traps:
                 self._hook(address)
+
+    def on_refused(self, uc) -> bool:
+        """The engine refused the instruction at RIP: if an exit is there that was left
+        to this refusal, it fires as a planted one would (True); False otherwise."""
+        address = uc.reg_read(UC_X86_REG_RIP)
+        if address not in self._refused:
+            return False
+        action, audited, instr = self.exit_at(address)
+        self._on_exit(uc, address, instr.len, action, audited, instr)
+        return True
 
     def _raw_fire(self, _handle, address, size, _ud):
         try:

@@ -1,0 +1,140 @@
+"""The fast paths give what the slow ones give. With MINIVMM_FAST_PATHS=0 every exit is
+planted as before; with the fast paths, an exit the engine's own #UD reaches is left to
+it (exits/refusals.py). The same guests, Linux programs and audits end the same way,
+with the same console, exceptions and audit, either way; a refusal table that lies is
+caught by the same comparison (the negative control)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from minivmm.cpu.native import machine_features
+from minivmm.guests import shipped_guests_dir
+from minivmm.guests.assembler import assemble
+from minivmm.guests.loader import GuestImage
+from minivmm.vmm.exits import refusals
+from minivmm.vmm.exits.refusals import SWITCH, EngineRefusals
+from minivmm.vmm.vm import VM
+
+VPXOR_YMM, VPXOR_XMM = "c5f5efc2", "c5f1efc2"          # vpxor ymm0, ymm1, ymm2 / the xmm form
+VMOVDQU64_ZMM = "62f1fe486f07"                         # vmovdqu64 zmm0, [rdi]
+POPCNT = "f30fb8c0"                                    # popcnt eax, eax
+
+
+def _window(hex_bytes: str) -> tuple[bytes, int]:
+    code = bytes.fromhex(hex_bytes)
+    return code + b"\x90" * (15 - len(code)), len(code)
+
+
+def test_the_engine_refuses_what_its_model_lacks_and_every_wide_vex_and_evex_form():
+    """Measured on the engine (unicorn 2.1.4, QEMU 5.0's decoder): VEX.256 forms stop at
+    VEX.L, EVEX is BOUND's invalid opcode in 64-bit mode, POPCNT needs the model's bit;
+    VEX.128 forms run (as their legacy SSE forms: the exit stays planted)."""
+    penryn, nehalem = EngineRefusals("PENRYN"), EngineRefusals("NEHALEM")
+    assert penryn.refuses(*_window(VPXOR_YMM)) and penryn.refuses(*_window(VMOVDQU64_ZMM))
+    assert penryn.refuses(*_window(POPCNT)) and not nehalem.refuses(*_window(POPCNT))
+    assert not penryn.refuses(*_window(VPXOR_XMM))
+    assert not penryn.refuses(*_window("0fa2"))                 # CPUID runs (its hook answers)
+
+
+def test_a_probe_that_ran_leaves_nothing_for_the_next():
+    """An instruction that runs may change the scratch engine (here XSETBV clearing
+    XCR0's SSE bit would make the next SSE form #UD): each probe starts from the same
+    state."""
+    engine = EngineRefusals("SKYLAKE_SERVER")
+    assert not engine.refuses(*_window("0f28c1"))        # movaps xmm0, xmm1
+    assert not engine.refuses(*_window("0f01d1"))        # xsetbv (ecx = 0, eax = 0)
+    assert not engine.refuses(*_window("0f28c2"))        # movaps xmm0, xmm2: still runs
+
+
+# ---- the same ends either way -------------------------------------------------------------
+
+def _asm(name: str, lines: list[str]) -> GuestImage:
+    return GuestImage(name, "asm", ((0x100000, assemble("\n".join(lines), f"{name}.asm")),), 0x100000)
+
+
+def _ends(result) -> tuple:
+    stop = result.stop
+    return (stop.reason, stop.vector, stop.rip, stop.missing_features, stop.message, result.console,
+            result.exit_code, [(e["vector"], e["rip"], e["features"], e["delivered"]) for e in result.exceptions],
+            result.audit, result.instructions)
+
+
+def _both(monkeypatch, make, **run):
+    monkeypatch.setenv(SWITCH, "0")
+    slow = make().run(timeout=120, **run)
+    monkeypatch.setenv(SWITCH, "1")
+    fast = make().run(timeout=120, **run)
+    if "unsupported" in (slow.stop.reason, fast.stop.reason):
+        pytest.skip(f"this machine cannot run the host's instructions: {slow.stop.message}")
+    return slow, fast
+
+
+# An AVX guest: it enables YMM state where CPUID shows XSAVE and runs VEX.256 and
+# VEX.128 forms (AVX and AVX2) whatever CPUID says of them.
+ENABLE_YMM = ["xor ecx, ecx", "xgetbv", "or eax, 7", "xsetbv"]
+AVX_WORK = ["mov eax, 0x01020304", "vmovd xmm1, eax", "vpbroadcastd ymm1, xmm1", "vpaddd ymm0, ymm1, ymm1",
+             "vpxor xmm2, xmm0, xmm1", "vmovd eax, xmm2", "out 0xe9, al", "vzeroupper", "xor eax, eax",
+             "out 0xf4, al"]
+AVX_LINES = ["mov eax, 1", "cpuid", "bt ecx, 26", "jnc no_xsave", *ENABLE_YMM, "no_xsave:", *AVX_WORK]
+
+
+@pytest.mark.parametrize("host", ["penryn", "nehalem", "haswell", "skylake-server"])
+@pytest.mark.parametrize("guest", ["detect_ud", "dispatch_ud", "avx_proper", "lzcnt_pitfall", "detect_both", "avx"])
+def test_shipped_guests_end_the_same_either_way(monkeypatch, guest, host):
+    make = (lambda: VM(_asm("avx", AVX_LINES), host)) if guest == "avx" else (lambda: VM(guest, host))
+    slow, fast = _both(monkeypatch, make)
+    assert _ends(fast) == _ends(slow)
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["free", "counted"])
+def test_an_audit_and_a_count_are_the_same_either_way(monkeypatch, counted):
+    """A Haswell under a Sandy Bridge view, audited: the AVX2 the guest executes is counted
+    where the engine's refusal reaches the exit as where a planted exit fires; a counted
+    run (every exit planted again) counts the same instructions."""
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("avx", AVX_LINES), "haswell", evc="intel-sandybridge"), audit=True,
+                       max_insns=10**6 if counted else None)
+    assert fast.audit and "avx2" in {f for entry in fast.audit for f in entry["features"]}
+    assert _ends(fast) == _ends(slow)
+
+
+def test_a_refusal_table_that_lies_is_caught(monkeypatch):
+    """Negative control: told that the engine refuses everything, the fast path leaves
+    VPXOR xmm (VEX.128, which the engine runs) unplanted on a Penryn. The guest then
+    runs what Penryn lacks instead of taking #UD, and the comparison sees it."""
+    monkeypatch.setattr(EngineRefusals, "refuses", lambda self, window, length: True)
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("vex128", ["vpxor xmm0, xmm0, xmm1", "xor eax, eax",
+                                                               "out 0xf4, al"]), "penryn"))
+    assert (slow.stop.reason, slow.stop.vector) == ("crashed", 6)
+    assert fast.stop.reason == "exited" and _ends(fast) != _ends(slow)
+
+
+needs_gcc = pytest.mark.skipif(not shutil.which("gcc"), reason="gcc is not installed: cannot build a Linux program")
+
+
+@pytest.fixture(scope="module")
+def probe_avx2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast") / "probe_avx2"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(shipped_guests_dir().joinpath("linux", "probe_avx2.c"))],
+                   check=True)
+    return str(out)
+
+
+@needs_gcc
+@pytest.mark.parametrize("host", ["penryn", "haswell"])
+def test_a_linux_program_probing_avx2_ends_the_same_either_way(monkeypatch, probe_avx2, host):
+    slow, fast = _both(monkeypatch, lambda: VM(probe_avx2, host))
+    assert _ends(fast) == _ends(slow) and fast.exit_code == 0
+
+
+@pytest.mark.parametrize("host", ["penryn", "haswell", "skylake-server"])
+def test_python_runs_the_same_either_way(monkeypatch, host):
+    """The dynamic python3 of this machine, its glibc choosing string functions by the
+    host's CPUID (AVX2 and EVEX ones on the later hosts)."""
+    if "avx2" not in machine_features() and host != "penryn":
+        pytest.skip("this machine has no AVX2: the host's glibc chooses functions it cannot run")
+    program = "import hashlib, json; print(json.dumps(sorted({'b': 2, 'a': 1})), hashlib.sha256(b'x' * 999).hexdigest())"
+    slow, fast = _both(monkeypatch, lambda: VM(sys.executable, host, argv=["-S", "-c", program], mounts=["/"]))
+    assert _ends(fast) == _ends(slow) and fast.exit_code == 0 and fast.console.startswith('["a", "b"]')
