@@ -409,9 +409,9 @@ int main(void) {
 """ % (SIGNALS, SIGNALS)
 
 
-def _timed_command(command: list[str], repeats: int) -> float:
+def _timed_command(command: list[str], repeats: int, env=None) -> float:
     # As installed programs run: Python may keep its compiled modules (some CI images forbid it).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = {k: v for k, v in (env or os.environ).items() if k != "PYTHONDONTWRITEBYTECODE"}
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -445,6 +445,58 @@ def linux_rows(tmp: str, repeats: int) -> None:
           "(measured)"))
     emit(("Linux: start-up of a static glibc hello (whole command)", f"qemu-x86_64 {base_q * 1e3:.0f} ms",
           f"{base_m * 1e3:.0f} ms", "", "<= 500 ms"))
+
+
+def _text_file(path: str, size: int) -> str:
+    """A reproducible text of about ``size`` bytes: lines of words in a seeded order."""
+    import random
+    rng = random.Random(7)
+    words = [f"{w}{i}" for i, w in enumerate(("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu "
+                                               "nu xi omicron pi rho sigma tau upsilon phi chi psi omega").split())]
+    with open(path, "w") as f:
+        written = 0
+        while written < size:
+            line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" {rng.randrange(10 ** 6)}\n"
+            written += f.write(line)
+    return path
+
+
+def program_rows(tmp: str, repeats: int) -> None:
+    """Real programs of this machine (--mount /) against qemu-user with the matching
+    -cpu, and minivmm with its fast paths off (MINIVMM_FAST_PATHS=0) where that finishes
+    in minutes."""
+    import shutil
+    if not shutil.which("qemu-x86_64"):
+        emit(("real programs", "needs qemu-user", "skipped", "", ""))
+        return
+    qemu_models = {"penryn": "Penryn", "sandybridge": "SandyBridge", "haswell": "Haswell",
+                   "skylake-server": "Skylake-Server"}
+    slow_env = {**os.environ, "MINIVMM_FAST_PATHS": "0"}
+
+    def ours(host, *argv):
+        return [sys.executable, "-m", "minivmm", "run", argv[0], "--mount", "/", "--host", host, "--", *argv[1:]]
+
+    def row(label, host, argv, target, slow=True):
+        theirs = _timed_command(["qemu-x86_64", "-cpu", qemu_models[host], *argv], repeats)
+        mine = _timed_command(ours(host, *argv), repeats)
+        before = f"; fast paths off {_timed_command(ours(host, *argv), 1, slow_env):.2f} s" if slow else ""
+        emit((f"{label} on {host}", f"qemu-x86_64 -cpu {qemu_models[host]} {theirs:.2f} s", f"{mine:.2f} s{before}",
+              f"{mine / theirs:.1f}x qemu-user", target))
+
+    python = shutil.which("python3")
+    for host in ("penryn", "haswell", "skylake-server"):
+        row("python3 -c pass", host, [python, "-c", "pass"], "<= 3x qemu-user")
+    text = _text_file(os.path.join(tmp, "words.txt"), 5 << 20)
+    row("sort -S 64M of a 5 MB file", "haswell", [shutil.which("sort"), "-S", "64M", text], "<= 5x qemu-user",
+        slow=False)
+    row("grep -E -c over the same file", "haswell", [shutil.which("grep"), "-E", "-c", "(gamma|omega)[0-9]+ [0-9]{3}$",
+                                                     text], "<= 5x qemu-user", slow=False)
+    if shutil.which("openssl"):
+        blob = os.path.join(tmp, "blob")
+        Path(blob).write_bytes(bytes(range(256)) * (20 << 12))
+        for host in ("sandybridge", "haswell"):
+            row("openssl dgst -sha256 of 20 MB", host, [shutil.which("openssl"), "dgst", "-sha256", blob],
+                "<= 5x qemu-user", slow=False)
 
 
 THREADS_PINGPONG = r"""
@@ -742,6 +794,7 @@ def main():
     parser.add_argument("--supervised", action="store_true", help="only the rows of --accel native")
     parser.add_argument("--threads", action="store_true", help="only the rows of threads and processes")
     parser.add_argument("--dask", action="store_true", help="only the rows of matrix runs on Dask")
+    parser.add_argument("--programs", action="store_true", help="only the rows of real programs against qemu-user")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
@@ -767,6 +820,10 @@ def main():
         return
     if args.dask:
         dask_rows(repeats)
+        return
+    if args.programs:
+        with tempfile.TemporaryDirectory() as tmp:
+            program_rows(tmp, repeats)
         return
     with tempfile.TemporaryDirectory() as tmp:
         loop_path = os.path.join(tmp, "loop.asm")
@@ -825,6 +882,7 @@ def main():
         dask_rows(repeats)
         migration_rows(tmp, repeats)
         linux_rows(tmp, repeats)
+        program_rows(tmp, repeats)
         thread_rows(tmp, repeats)
         cost_rows(tmp, repeats)
         native_rows(tmp, repeats)

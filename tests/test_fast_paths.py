@@ -14,7 +14,6 @@ from minivmm.cpu.native import machine_features
 from minivmm.guests import shipped_guests_dir
 from minivmm.guests.assembler import assemble
 from minivmm.guests.loader import GuestImage
-from minivmm.vmm.exits import refusals
 from minivmm.vmm.exits.refusals import SWITCH, EngineRefusals
 from minivmm.vmm.vm import VM
 

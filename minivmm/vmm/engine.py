@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_TLB_FILL
+from unicorn.x86_const import UC_X86_REG_RIP
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from ..cpu.registers import RegisterBlock, reg_read_batch, reg_write_batch  # noqa: F401 (the exits' batches)
@@ -47,6 +48,31 @@ def add_code_hook(uc, callback, begin: int, end: int) -> tuple:
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle
+
+
+INVALID_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def add_invalid_hook(uc, callback) -> tuple:
+    """Register ``callback(handle, user_data) -> bool`` on the engine's invalid-opcode
+    exit (True: handled, resume at RIP), without the binding's wrapper frames: on an
+    AVX host every instruction the machine runs for the engine comes this way."""
+    cfunc = INVALID_CALLBACK(callback)
+    handle = uc_hook_h()
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN_INVALID, cfunc, None,
+                           ctypes.c_uint64(1), ctypes.c_uint64(0))
+    if err:
+        raise RuntimeError(f"uc_hook_add failed with error {err}")
+    return cfunc, handle
+
+
+_RIP = ctypes.c_uint64()
+
+
+def read_rip(uc) -> int:
+    """RIP through the C API (the binding's reg_read converts its id and type each call)."""
+    _lib.uc_reg_read(uc._uch, UC_X86_REG_RIP, ctypes.byref(_RIP))
+    return _RIP.value
 
 
 def del_hook(uc, handle) -> None:

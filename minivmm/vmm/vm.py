@@ -22,7 +22,7 @@ import time
 
 import unicorn.x86_const as x86
 from iced_x86 import Code, Decoder, Mnemonic
-from unicorn import (UC_ARCH_X86, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
+from unicorn import (UC_ARCH_X86, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
                      UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MODE_64, UC_PROT_ALL, UC_PROT_WRITE, Uc,
                      UcError)
 
@@ -435,7 +435,22 @@ class VM:
                 cache[instr.code] = result
             return result
 
+        classify.swept_only = swept_only_opcodes(linux, physical, audit)
         return classify
+
+
+def swept_only_opcodes(linux: bool, physical: frozenset[str], audit: bool) -> bytes:
+    """The opcode bytes after which every instruction exits only where a linear sweep
+    finds it (traps.swept): LOCK (lockable ALU forms need nothing; the rest is a misused
+    LOCK) and WAIT always; a Linux program's port I/O (#GP at CPL 3); x87's D8-DF where
+    FISTTP's SSE3 is the host's and no audit asks about it (FCMOV's CMOV is every
+    x86-64's). Checked against the classifier over every ModRM (tests/test_isa.py)."""
+    opcodes = b"\xf0\x9b"
+    if linux:
+        opcodes += bytes((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
+    if "pni" in physical and not audit:
+        opcodes += bytes(range(0xD8, 0xE0))
+    return opcodes
 
 
 EXIT_MNEMONICS = {Mnemonic.HLT: "hlt", Mnemonic.OUT: "out"}
@@ -463,6 +478,7 @@ class _Engine:
             raise MinivmmError(f"cannot allocate {vm.memory >> 20} MiB of guest RAM on this machine: "
                                f"{e.strerror}") from None
         uc.mem_map_ptr(0, vm.memory, UC_PROT_ALL, ctypes.addressof(ctypes.c_char.from_buffer(self.ram)))
+        self._fail = run._fail
         self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None, run.x87),
                                       run._on_exit, run._fail,
                                       EngineRefusals(host.engine_model) if fast_paths() else None)
@@ -471,7 +487,7 @@ class _Engine:
         self.cpuid.install(uc)
         run.io.install(uc)
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
-        uc.hook_add(UC_HOOK_INSN_INVALID, lambda uc, ud: self.exits.on_refused(uc) or self.faults.on_invalid(uc, ud))
+        self.invalid_hook = engine_module.add_invalid_hook(uc, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
@@ -498,6 +514,15 @@ class _Engine:
             self.faults.on_signal = run._signal
             self.faults.on_compat_call = run._int80
             self.privileged.compat_entry = run._sysenter
+
+    def _on_invalid(self, _handle, _ud) -> bool:
+        """The engine refused an instruction: an exit left to that refusal, or the
+        refusal itself (faults.on_invalid)."""
+        try:
+            return self.exits.on_refused(self.uc) or self.faults.on_invalid(self.uc, None)
+        except BaseException as e:  # never let an exception vanish inside ctypes
+            self._fail(e)
+            return True
 
     def power_on(self, vm: VM) -> None:
         """The machine state of docs/abi.md."""

@@ -21,7 +21,6 @@ import re
 from collections.abc import Callable
 
 import iced_x86
-from unicorn.x86_const import UC_X86_REG_RIP
 from unicorn import (UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_MEM_FETCH, UC_MEM_READ, UC_MEM_WRITE,
                      UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL)
 
@@ -42,19 +41,27 @@ PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(ran
 # which raises a pending x87 exception (x87.py); then HLT,
 # OUT, IN, OUTS and INS (#GP at a Linux program's CPL 3 with IOPL 0, which the engine
 # does not check); and the LOCK prefix, which the engine accepts where the CPU raises #UD.
-# (Tested over the whole one-byte opcode map, and against decoding every offset of
-# real binaries.)
-OPCODES = re.compile(rb"[\x0f\xc4\xc5\x62\x8f\x9b\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\x6c-\x6f\xf0]"
+# The two-byte opcodes of the 0F map that never exit are left out: NOP Ev (0F 1F), Jcc
+# (0F 80-8F), SETcc (0F 90-9F), CMOVcc (0F 40-4F), IMUL (0F AF), MOVZX/MOVSX (0F B6 B7
+# BE BF), whatever prefixes stand before them (a third of a program's matches).
+# (Tested over the whole one-byte opcode map and these 0F rows, and against decoding
+# every offset of real binaries.)
+OPCODES = re.compile(rb"\x0f(?![\x1f\x40-\x4f\x80-\x9f\xaf\xb6\xb7\xbe\xbf])"
+                     rb"|[\xc4\xc5\x62\x8f\x9b\x9e\x9f\xd8-\xdf\xf4\xe4-\xe7\xec-\xef\x6c-\x6f\xf0]"
                      rb"|[\xc6\xc7]\xf8")
 
 
-def exit_candidates(data: bytes, first: int, last: int) -> set[int]:
+def exit_candidates(data: bytes, first: int, last: int, swept_only: bytes = b"") -> tuple[set[int], set[int]]:
     """The offsets in [first, last) where an instruction an exit may be planted on can
     start: an opcode byte above, or up to 14 prefixes before one. Decoding only these
-    is the superset decode, without the offsets that cannot matter (most of a page)."""
-    out = set()
+    is the superset decode, without the offsets that cannot matter (most of a page).
+    Returned as (offsets to decode, offsets to decode only where a linear sweep starts
+    an instruction): those whose opcode is in ``swept_only``, whose every instruction
+    exits only where a sweep finds it (see ``swept``)."""
+    every, sweep = set(), set()
     for match in OPCODES.finditer(data, first, min(len(data), last + MAX_INSN - 1)):
         at = match.start()
+        out = sweep if data[at] in swept_only else every
         offset = at
         while True:
             if first <= offset < last:
@@ -62,7 +69,7 @@ def exit_candidates(data: bytes, first: int, last: int) -> set[int]:
             if offset == 0 or at - offset >= MAX_INSN - 1 or data[offset - 1] not in PREFIXES:
                 break
             offset -= 1
-    return out
+    return every, sweep - every
 
 
 def misused_lock(data: bytes, offset: int, ip: int):
@@ -94,18 +101,15 @@ def swept(action: str | None, instr) -> bool:
     return action in ("x87", "x87 control") or action == "gp" and instr.mnemonic in PORT_IO
 
 
-def linear_sweep(data: bytes, ip: int) -> set[int]:
+def linear_sweep(data: bytes) -> set[int]:
     """The offsets where instructions start when ``data`` is decoded from its first byte
     to the end of its first page."""
-    decoder = iced_x86.Decoder(64, data, ip=ip)
-    starts = set()
-    while decoder.position < PAGE:
-        starts.add(decoder.position)
-        decoder.decode()
-    return starts
+    return {instr.ip for instr in iced_x86.Decoder(64, data[:PAGE], ip=0)}
 
 
-# classify(instr) -> (action or None, audited features): what an exit at this instruction does.
+# classify(instr) -> (action or None, audited features): what an exit at this instruction
+# does. Its attribute ``swept_only`` names the opcode bytes after which every instruction
+# exits only where a linear sweep finds it (on this host, for this guest).
 Classifier = Callable[[object], tuple[str | None, frozenset[str]]]
 
 
@@ -120,6 +124,7 @@ class InstructionExits:
         self.ram = ram
         self.memory = len(ram)
         self._classify = classify
+        self._swept_only = getattr(classify, "swept_only", b"")
         self._refusals = refusals
         self._refused: set[int] = set()                # exits not planted: the engine refuses them
         self._on_exit = on_exit
@@ -250,8 +255,11 @@ class InstructionExits:
         data = self._bytes(page)
         decoder = iced_x86.Decoder(64, data, ip=page)
         traps = self.pages[page]
-        starts = exit_candidates(data, offsets.start, offsets.stop)
+        starts, swept_starts = exit_candidates(data, offsets.start, offsets.stop, self._swept_only)
         sweep = None
+        if swept_starts:
+            sweep = linear_sweep(data)
+            starts |= swept_starts & sweep
         for address in [a for a in traps if offsets.start <= a - page < offsets.stop and a - page not in starts]:
             del traps[address]  # those bytes can no longer start an instruction that exits
             self._unhook(address)
@@ -266,7 +274,7 @@ class InstructionExits:
             else:
                 action, audited = self._classify(instr)
             if misused or swept(action, instr):
-                sweep = linear_sweep(data, page) if sweep is None else sweep
+                sweep = linear_sweep(data) if sweep is None else sweep
                 action = action if offset in sweep else None
             if not action and address in self._quiet:
                 audited = frozenset()
@@ -379,7 +387,7 @@ class InstructionExits:
     def on_refused(self, uc) -> bool:
         """The engine refused the instruction at RIP: if an exit is there that was left
         to this refusal, it fires as a planted one would (True); False otherwise."""
-        address = uc.reg_read(UC_X86_REG_RIP)
+        address = engine.read_rip(uc)
         if address not in self._refused:
             return False
         action, audited, instr = self.exit_at(address)
