@@ -13,6 +13,8 @@ import struct
 import unicorn.x86_const as x86
 from unicorn import UcError
 
+from ..cpu.registers import ImageBlock, RegisterBlock
+
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
 INTERRUPT_GATE, TRAP_GATE = 0xE, 0xF
@@ -33,18 +35,29 @@ class GateFault(Exception):
         self.vector, self.error_code = vector, error_code
 
 
-def check_code_segment(uc, selector: int, memory: int, external: bool) -> None:
+# One batch moves what a delivery reads (IDTR and GDTR as the engine's uc_x86_mmr:
+# selector, base at 8, limit at 16; then SS, RSP, RFLAGS, CS) and one what it writes:
+# through the binding, each register cost microseconds, most of a #UD's round trip.
+_MMR = 24
+_READS = ImageBlock(((x86.UC_X86_REG_IDTR, 0), (x86.UC_X86_REG_GDTR, _MMR), (x86.UC_X86_REG_SS, 2 * _MMR),
+                     (x86.UC_X86_REG_RSP, 2 * _MMR + 8), (x86.UC_X86_REG_RFLAGS, 2 * _MMR + 16),
+                     (x86.UC_X86_REG_CS, 2 * _MMR + 24)), 2 * _MMR + 32)
+_WRITES = RegisterBlock((x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RSP))
+
+
+def check_code_segment(uc, selector: int, memory: int, external: bool, gdtr=None, ram=None) -> None:
     """The checks on an interrupt gate's selector, in the SDM's order: null, beyond the
-    GDT (there is no LDT), not a code segment, DPL above CPL 0, not 64-bit, not present."""
+    GDT (there is no LDT), not a code segment, DPL above CPL 0, not 64-bit, not present.
+    ``gdtr`` is (base, limit) if already read; ``ram`` guest RAM as a host buffer."""
     ext = 1 if external else 0
     error = (selector & 0xFFFC) | ext
     if selector & 0xFFFC == 0:
         raise GateFault(13, ext, "null code segment selector")
-    _, base, limit, _ = uc.reg_read(x86.UC_X86_REG_GDTR)
+    base, limit = gdtr or uc.reg_read(x86.UC_X86_REG_GDTR)[1:3]
     index = selector & 0xFFF8
     if selector & 4 or index + 7 > limit or base + index + 8 > memory:
         raise GateFault(13, error, f"selector {selector:#x} lies beyond the GDT")
-    descriptor = struct.unpack("<Q", uc.mem_read(base + index, 8))[0]
+    descriptor = struct.unpack("<Q", _read(uc, ram, base + index, 8))[0]
     code, dpl, present = descriptor >> 43 & 3 == 3, descriptor >> 45 & 3, descriptor >> 47 & 1
     long_mode = descriptor >> 53 & 1 and not descriptor >> 54 & 1
     if not code or dpl != 0 or not long_mode:
@@ -53,17 +66,26 @@ def check_code_segment(uc, selector: int, memory: int, external: bool) -> None:
         raise GateFault(11, error, f"code segment {selector:#x} is not present")
 
 
-def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = None, external: bool = True) -> int:
+def _read(uc, ram, at: int, size: int) -> bytes:
+    return uc.mem_read(at, size) if ram is None else ram[at:at + size]
+
+
+def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = None, external: bool = True,
+            ram=None) -> int:
     """Push the frame and enter the handler; return the handler's address. ``external``
-    is false for INT n, whose gate faults carry EXT = 0."""
-    _, base, limit, _ = uc.reg_read(x86.UC_X86_REG_IDTR)
+    is false for INT n, whose gate faults carry EXT = 0. The gate and the descriptor are
+    read from ``ram`` (guest RAM as a host buffer, identity-mapped) where given."""
+    registers = _READS.read(uc)
+    base, limit = struct.unpack_from("<QI", registers, 8)
+    gdtr = struct.unpack_from("<QI", registers, _MMR + 8)
+    ss, rsp, rflags, cs = struct.unpack_from("<4Q", registers, 2 * _MMR)
     if limit == 0:
         raise DeliveryFailed("no IDT loaded")
     if vector * 16 + 15 > limit:
         raise DeliveryFailed(f"IDT limit {limit:#x} does not cover vector {vector}")
     if base + vector * 16 + 16 > memory:
         raise DeliveryFailed(f"IDT gate {vector} at {base + vector * 16:#x} lies outside guest RAM")
-    low, high = struct.unpack("<QQ", uc.mem_read(base + vector * 16, 16))
+    low, high = struct.unpack("<QQ", _read(uc, ram, base + vector * 16, 16))
     kind, present, ist = low >> 40 & 0xF, low >> 47 & 1, low >> 32 & 7
     if not present:
         raise DeliveryFailed(f"IDT gate {vector} is not present")
@@ -75,9 +97,8 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     if handler >= memory:
         raise DeliveryFailed(f"IDT gate {vector} points at {handler:#x}, outside guest RAM")
     selector = low >> 16 & 0xFFFF
-    check_code_segment(uc, selector, memory, external)
-    rsp, rflags = uc.reg_read(x86.UC_X86_REG_RSP), uc.reg_read(x86.UC_X86_REG_RFLAGS)
-    frame = [uc.reg_read(x86.UC_X86_REG_SS), rsp, rflags, uc.reg_read(x86.UC_X86_REG_CS), rip]
+    check_code_segment(uc, selector, memory, external, gdtr, ram)
+    frame = [ss & 0xFFFF, rsp, rflags, cs & 0xFFFF, rip]
     if error_code is not None:
         frame.append(error_code)
     top = (rsp & ~0xF) - 8 * len(frame)
@@ -92,7 +113,6 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     flags = rflags & ~RFLAGS_CLEARED_BY_GATE
     if kind == INTERRUPT_GATE:
         flags &= ~RFLAGS_IF
-    uc.reg_write(x86.UC_X86_REG_RFLAGS, flags)
-    uc.reg_write(x86.UC_X86_REG_RSP, top)
+    _WRITES.write(uc, (flags, top))
     uc.reg_write(x86.UC_X86_REG_RIP, handler)
     return handler

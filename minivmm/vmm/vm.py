@@ -435,21 +435,24 @@ class VM:
                 cache[instr.code] = result
             return result
 
-        classify.swept_only = swept_only_opcodes(linux, physical, audit)
+        classify.swept_only = swept_only_opcodes(linux, physical, audit, fast_paths())
         return classify
 
 
-def swept_only_opcodes(linux: bool, physical: frozenset[str], audit: bool) -> bytes:
+def swept_only_opcodes(linux: bool, physical: frozenset[str], audit: bool, fast: bool = True) -> bytes:
     """The opcode bytes after which every instruction exits only where a linear sweep
-    finds it (traps.swept): LOCK (lockable ALU forms need nothing; the rest is a misused
-    LOCK) and WAIT always; a Linux program's port I/O (#GP at CPL 3); x87's D8-DF where
-    FISTTP's SSE3 is the host's and no audit asks about it (FCMOV's CMOV is every
-    x86-64's). Checked against the classifier over every ModRM (tests/test_isa.py)."""
-    opcodes = b"\xf0\x9b"
+    finds it (traps.swept): WAIT; a Linux program's port I/O (#GP at CPL 3); with the
+    fast paths, LOCK (lockable ALU forms need nothing; the rest is a misused LOCK), and
+    x87's D8-DF where FISTTP's SSE3 is the host's and no audit asks about it (FCMOV's
+    CMOV is every x86-64's). Checked against the classifier over every ModRM
+    (tests/test_isa.py)."""
+    opcodes = b"\x9b"
     if linux:
         opcodes += bytes((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
-    if "pni" in physical and not audit:
-        opcodes += bytes(range(0xD8, 0xE0))
+    if fast:
+        opcodes += b"\xf0"
+        if "pni" in physical and not audit:
+            opcodes += bytes(range(0xD8, 0xE0))
     return opcodes
 
 
@@ -487,6 +490,7 @@ class _Engine:
         self.cpuid.install(uc)
         run.io.install(uc)
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
+        self.faults.ram = self.ram
         self.invalid_hook = engine_module.add_invalid_hook(uc, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)

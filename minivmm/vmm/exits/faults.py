@@ -65,6 +65,7 @@ class FaultExits:
         self.native = None           # a NativeExecutor: what the engine cannot run, the machine may
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
         self.xsave = None              # an XsaveUnit where the host has XSAVE
+        self.ram = None                # guest RAM as a host buffer (identity-mapped): reads without the engine
         self._controls = None
         self._enabled: set[int] = set()   # instruction forms the controls were seen to allow
 
@@ -72,7 +73,8 @@ class FaultExits:
 
     def _instruction(self, uc, rip: int):
         try:
-            code = bytes(uc.mem_read(rip, 15))
+            code = bytes(self.ram[rip:rip + 15]) if self.ram is not None and rip + 15 <= self.memory \
+                else bytes(uc.mem_read(rip, 15))
         except UcError:
             return None
         instr = Decoder(64, code, ip=rip).decode()
@@ -101,7 +103,7 @@ class FaultExits:
         first = vector
         while True:
             try:
-                idt.deliver(uc, vector, rip, self.memory, error_code, external)
+                idt.deliver(uc, vector, rip, self.memory, error_code, external, self.ram)
                 break
             except idt.GateFault as fault:
                 self._record(vector, rip, text, missing, False, f"{_name(vector)} not delivered: {fault}")
@@ -199,7 +201,7 @@ class FaultExits:
         """The engine refused an instruction. If the host has it and the guest enabled
         what it needs, the refusal is the engine model's gap: emulate it or stop as
         unsupported. Otherwise it is the architecture's #UD."""
-        rip = uc.reg_read(x86.UC_X86_REG_RIP)
+        rip = engine.read_rip(uc)
         instr = self._instruction(uc, rip)
         missing = []
         # The engine reports INT 6 as the #UD it raises, at the INT

@@ -97,8 +97,10 @@ PORT_IO = frozenset(getattr(iced_x86.Mnemonic, name) for name in ("IN", "OUT", "
                                                                    "OUTSW", "OUTSD"))
 
 
-def swept(action: str | None, instr) -> bool:
-    return action in ("x87", "x87 control") or action == "gp" and instr.mnemonic in PORT_IO
+def swept(action: str | None, instr, fast: bool = True) -> bool:
+    """Whether this exit goes only where a linear sweep starts an instruction (x87
+    control loads only with the fast paths: without them, as before, at every offset)."""
+    return action == "x87" or fast and action == "x87 control" or action == "gp" and instr.mnemonic in PORT_IO
 
 
 def linear_sweep(data: bytes) -> set[int]:
@@ -126,6 +128,7 @@ class InstructionExits:
         self._classify = classify
         self._swept_only = getattr(classify, "swept_only", b"")
         self._refusals = refusals
+        self._fast = refusals is not None   # the fast paths (refusals.fast_paths): misused LOCK swept too
         self._refused: set[int] = set()                # exits not planted: the engine refuses them
         self._on_exit = on_exit
         self._on_error = on_error
@@ -273,7 +276,7 @@ class InstructionExits:
                 instr, (action, audited) = misused, ("ud", frozenset())
             else:
                 action, audited = self._classify(instr)
-            if misused or swept(action, instr):
+            if misused and self._fast or swept(action, instr, self._fast):
                 sweep = linear_sweep(data) if sweep is None else sweep
                 action = action if offset in sweep else None
             if not action and address in self._quiet:
