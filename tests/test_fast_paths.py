@@ -137,3 +137,116 @@ def test_python_runs_the_same_either_way(monkeypatch, host):
     program = "import hashlib, json; print(json.dumps(sorted({'b': 2, 'a': 1})), hashlib.sha256(b'x' * 999).hexdigest())"
     slow, fast = _both(monkeypatch, lambda: VM(sys.executable, host, argv=["-S", "-c", program], mounts=["/"]))
     assert _ends(fast) == _ends(slow) and fast.exit_code == 0 and fast.console.startswith('["a", "b"]')
+
+
+# ---- runs taken in machine code (exits/quick.py) -----------------------------------------
+
+# Three rounds of refused AVX2 forms (no memory operand) whose results show: the flags
+# VPTEST sets (ZF and CF), the MXCSR flag a masked divide by zero raises, a lane of a sum; then the
+# divide again with ZE unmasked, #XM (crashed: the guest has no IDT).
+QUICK_LINES = ENABLE_YMM + [
+    "mov eax, 0x00010002", "vmovd xmm1, eax", "vpbroadcastd ymm1, xmm1", "vpcmpeqd ymm2, ymm2, ymm2",
+    "mov eax, 0x3f800000", "vmovd xmm3, eax", "vpbroadcastd ymm3, xmm3", "vpxor xmm4, xmm4, xmm4", "mov ebx, 3",
+    "again:", "vpaddd ymm0, ymm0, ymm1", "vptest ymm2, ymm4", "pushfq", "pop rax", "and eax, 0x8d5",
+    "call print_hex32", "vdivps ymm5, ymm3, ymm4", "stmxcsr dword ptr [rsp - 256]", "mov eax, dword ptr [rsp - 256]",
+    "call print_hex32", "vextracti128 xmm6, ymm0, 1", "vmovd eax, xmm6", "call print_hex32", "dec ebx", "jnz again",
+    "and dword ptr [rsp - 256], 0xfffffdff", "ldmxcsr dword ptr [rsp - 256]", "vdivps ymm5, ymm3, ymm4",
+    "xor eax, eax", "out 0xf4, al", '.include "lib/console.inc"']
+
+
+needs_avx2 = pytest.mark.skipif("avx2" not in machine_features(), reason="this machine has no AVX2")
+
+
+@needs_avx2
+def test_runs_taken_in_machine_code_give_what_python_gives(monkeypatch):
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("quick", QUICK_LINES), "haswell"))
+    assert (fast.stop.reason, fast.stop.vector) == ("crashed", 19), fast.stop.message
+    assert len(fast.console) == 3 * 3 * 8 and _ends(fast) == _ends(slow)
+
+
+@needs_avx2
+def test_a_stale_plan_is_caught(monkeypatch):
+    """Negative control: every run taken by the machine code with the first one's
+    instructions (the VPADDD's at the VPTEST too, ending where the VPTEST ends): the
+    flags it prints are not the slow path's."""
+    import copy
+
+    from minivmm.vmm.exits.native import NativeExecutor
+    real, first = NativeExecutor.quick_run, []
+
+    def stale(self, address):
+        thunk = real(self, address)
+        if thunk is None or not first:
+            first.extend([thunk] if thunk is not None else [])
+            return thunk
+        wrong = copy.copy(first[0])
+        wrong.start, wrong.end = thunk.start, thunk.end
+        return wrong
+    monkeypatch.setattr(NativeExecutor, "quick_run", stale)
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("quick", QUICK_LINES), "haswell"))
+    assert fast.console != slow.console
+
+
+# Reads taken in machine code: an aligned load and a sum from memory, three times from
+# moving addresses; then the same loads misaligned (#GP), or reaching past RAM (#PF).
+def _reads(last_step: str) -> list[str]:
+    return ENABLE_YMM + [
+        "mov rdi, 0x200000", "mov ecx, 256", "fill:", "mov dword ptr [rdi], ecx", "add rdi, 4", "dec ecx",
+        "jnz fill", "mov rsi, 0x200000", "mov ebx, 4", "again:", "vmovdqa ymm0, ymmword ptr [rsi]",
+        "vpaddd ymm1, ymm0, ymmword ptr [rsi + 32]", "vmovd eax, xmm1", "call print_hex32", "add rsi, 64",
+        "dec ebx", "cmp ebx, 1", "jne next", last_step, "next:", "test ebx, ebx", "jnz again",
+        "xor eax, eax", "out 0xf4, al", '.include "lib/console.inc"']
+
+
+@needs_avx2
+@pytest.mark.parametrize("last_step, vector", [("add rsi, 16", 13), ("mov rsi, 0xffffe0", 14), ("nop", None)],
+                         ids=["misaligned", "beyond-ram", "fine"])
+def test_reads_taken_in_machine_code_fault_as_python_faults(monkeypatch, last_step, vector):
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("reads", _reads(last_step)), "haswell", memory="16M"))
+    assert fast.stop.vector == vector and _ends(fast) == _ends(slow)
+    assert fast.console.startswith("000001f8000001d8000001b8")   # 256 + 248, 240 + 232, 224 + 216
+
+
+# ---- what the engine would run for the guest: never what the host lacks ---------------------
+
+def _hidden_lock(instruction: bytes) -> list[str]:
+    """``instruction`` (LOCK-prefixed) where a linear sweep of the page does not find it:
+    inside what the sweep reads as MOV EAX, imm32; reached by a jump."""
+    return ["jmp main", ".byte 0xb8", "target:", ".byte " + ", ".join(hex(b) for b in instruction), "jmp after",
+            "main:", "lea rcx, [rip + value]", "xor eax, eax", "jmp target", "after:", "xor eax, eax",
+            "out 0xf4, al", "value: .byte 0x11, 0x22, 0x33, 0x44"]
+
+
+@pytest.mark.parametrize("host, instruction, missing", [
+    ("opteron-g5", "f00f38f001", ["movbe"]),     # LOCK MOVBE: the engine would run MOVBE, which the host lacks
+    ("haswell", "f0660f3800c1", []),             # LOCK PSHUFB: the engine would leave its stack in YMM0's top
+], ids=["lock-movbe", "lock-pshufb"])
+def test_a_misused_lock_on_what_the_engine_must_not_run_is_ud_wherever_it_hides(monkeypatch, host, instruction,
+                                                                                missing):
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("lock", _hidden_lock(bytes.fromhex(instruction))), host))
+    assert (fast.stop.reason, fast.stop.vector, fast.stop.missing_features) == ("crashed", 6, missing)
+    assert _ends(fast) == _ends(slow)
+
+
+def test_an_undefined_vex_encoding_is_ud_where_the_engine_would_run_a_legacy_instruction(monkeypatch):
+    """VEX 0F38 F0 /r (MOVBE's legacy opcode) defines nothing: #UD on every CPU, where
+    the engine's EPYC model runs MOVBE, which an Opteron G5 lacks."""
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("vex", ["lea rcx, [rip + value]", ".byte 0xc4, 0xe2, 0x78, 0xf0, 0x01",
+                                                            "xor eax, eax", "out 0xf4, al", "value: .quad 0"]),
+                                               "opteron-g5"))
+    assert (fast.stop.reason, fast.stop.vector) == ("crashed", 6) and _ends(fast) == _ends(slow)
+
+
+@pytest.mark.parametrize("host, flip, missing", [("penryn", 0x71, ["avx"]), ("penryn", 0x75, ["avx2"])],
+                         ids=["vex128", "vex256"])
+def test_an_instruction_completed_in_the_next_page_is_decoded_as_it_now_is(monkeypatch, host, flip, missing):
+    """C4 at a page's last byte, the rest of VPXOR in the next page: the guest rewrites
+    VEX.L there (ymm, refused by the engine, to xmm, which the engine runs): its exit
+    is decided again from the bytes the instruction now has."""
+    lines = ["lea rdi, [rip + tail]", f"mov byte ptr [rdi + 1], {flip:#x}", "jmp head", ".fill 0xfff - 0x10, 1, 0x90",
+             "head:", ".byte 0xc4", "tail:", ".byte 0xe1, 0x75, 0xef, 0xc2", "xor eax, eax", "out 0xf4, al"]
+    image = _asm("cross", lines)
+    assert (image.segments[0][0] + image.segments[0][1].index(bytes.fromhex("c4e175efc2"))) % 4096 == 4095
+    slow, fast = _both(monkeypatch, lambda: VM(image, host))
+    assert (fast.stop.reason, fast.stop.vector, fast.stop.missing_features) == ("crashed", 6, missing)
+    assert _ends(fast) == _ends(slow)

@@ -38,13 +38,14 @@ def add_insn_hook(uc, insn: int, callback) -> tuple:
 CODE_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
 
 
-def add_code_hook(uc, callback, begin: int, end: int) -> tuple:
-    """Register ``callback(handle, address, size, user_data)`` on [begin, end] without the
-    binding's per-call wrapper frames; returns (keep-alive objects, handle for hook_del)."""
-    cfunc = CODE_CALLBACK(callback)
+def add_code_hook(uc, callback, begin: int, end: int, user_data: int | None = None) -> tuple:
+    """Register ``callback(handle, address, size, user_data)`` (a Python function, or
+    machine code through ctypes) on [begin, end] without the binding's per-call wrapper
+    frames; returns (keep-alive objects, handle for hook_del)."""
+    cfunc = callback if isinstance(callback, ctypes._CFuncPtr) else CODE_CALLBACK(callback)
     handle = uc_hook_h()
-    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_CODE, cfunc, None,
-                           ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.cast(cfunc, ctypes.c_void_p),
+                           ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end))
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle
@@ -53,14 +54,15 @@ def add_code_hook(uc, callback, begin: int, end: int) -> tuple:
 INVALID_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
 
 
-def add_invalid_hook(uc, callback) -> tuple:
-    """Register ``callback(handle, user_data) -> bool`` on the engine's invalid-opcode
-    exit (True: handled, resume at RIP), without the binding's wrapper frames: on an
-    AVX host every instruction the machine runs for the engine comes this way."""
-    cfunc = INVALID_CALLBACK(callback)
+def add_invalid_hook(uc, callback, user_data: int | None = None) -> tuple:
+    """Register ``callback(handle, user_data) -> bool`` (a Python function, or machine
+    code through ctypes) on the engine's invalid-opcode exit (True: handled, resume at
+    RIP), without the binding's wrapper frames: on an AVX host every instruction the
+    machine runs for the engine comes this way."""
+    cfunc = callback if isinstance(callback, ctypes._CFuncPtr) else INVALID_CALLBACK(callback)
     handle = uc_hook_h()
-    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN_INVALID, cfunc, None,
-                           ctypes.c_uint64(1), ctypes.c_uint64(0))
+    err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN_INVALID, ctypes.cast(cfunc, ctypes.c_void_p),
+                           ctypes.c_void_p(user_data), ctypes.c_uint64(1), ctypes.c_uint64(0))
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
     return cfunc, handle

@@ -58,6 +58,7 @@ from .log import ExitLog
 from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
+from .exits.quick import QuickExits
 from .exits.refusals import EngineRefusals, fast_paths
 from .exits.traps import PORT_IO, TRAP
 from .exits.emulate import bit_scan
@@ -491,7 +492,7 @@ class _Engine:
         run.io.install(uc)
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
         self.faults.ram = self.ram
-        self.invalid_hook = engine_module.add_invalid_hook(uc, self._on_invalid)
+        self.quick = None   # the machine-code exits (exits/quick.py), where the machine runs what is refused
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
@@ -506,10 +507,17 @@ class _Engine:
             self.faults.counting = lambda: self._counted
             self.exits.on_code_change = native.forget
             native.on_write = self.exits.note_write
+            if fast_paths():
+                self.quick = QuickExits(uc, self._on_invalid, self.exits.raw_fire)
+                native.on_forget = self.quick.forget
+                self.exits.quick = (self.quick.code_hook, self.quick.user_data)
+                self.exits.after_exit = self._learn
             if native.wide:
                 self.opmasks = native
                 if self.faults.xsave is not None:
                     self.faults.xsave.hold_avx512(native)
+        if self.quick is None:
+            self.invalid_hook = engine_module.add_invalid_hook(uc, self._on_invalid)
         if vm.image.kind == "linux":  # the program's system calls and signals are the personality's
             # SYSCALL is no planted exit but the engine's own hook: the engine walks every
             # planted exit each time one fires, and a system call must not cost that.
@@ -521,12 +529,23 @@ class _Engine:
 
     def _on_invalid(self, _handle, _ud) -> bool:
         """The engine refused an instruction: an exit left to that refusal, or the
-        refusal itself (faults.on_invalid)."""
+        refusal itself (faults.on_invalid). A run the machine ran for a refusal is
+        taken in machine code from then on where it can be (exits/quick.py)."""
         try:
-            return self.exits.on_refused(self.uc) or self.faults.on_invalid(self.uc, None)
+            return self.exits.on_refused(self.uc, engine_module.read_rip(self.uc)) \
+                or self.faults.on_invalid(self.uc, None)
         except BaseException as e:  # never let an exception vanish inside ctypes
             self._fail(e)
             return True
+
+    def _learn(self, address: int) -> None:
+        """After an exit fired: a run the machine ran for it is taken in machine code
+        from then on, where it can be (exits/quick.py)."""
+        trap = self.exits.exit_at(address)
+        if not self._counted and trap and trap[0] == "unsupported" and not trap[1]:
+            thunk = self.faults.native.quick_run(address)
+            if thunk is not None:
+                self.quick.add(address, thunk, self.faults.native)
 
     def power_on(self, vm: VM) -> None:
         """The machine state of docs/abi.md."""
@@ -644,6 +663,8 @@ class _Engine:
         counted = count is not None
         if counted != self._counted:
             self.exits.counting(counted)
+            if self.quick is not None:
+                self.quick.forget()  # a counted start counts each native instruction an exit
             self.uc.ctl_flush_tb()
             self._counted = counted
         self.limit = count
@@ -907,6 +928,9 @@ class _Run:
     def _unmapped(self, uc, access, address, size, value, _ud):
         kind = {UC_MEM_FETCH_UNMAPPED: "fetch from", UC_MEM_READ_UNMAPPED: "read of",
                 UC_MEM_WRITE_UNMAPPED: "write to"}.get(access, "access to")
+        if TRAP <= address < TRAP + self.vm.memory and self.engine.exits.retrying((address - TRAP) & ~(PAGE - 1)):
+            self.pending_fault = lambda: None   # a translation abandoned (traps._tail_changed): resume at RIP
+            return False
         if TRAP <= address < TRAP + self.vm.memory:  # a page a Linux program's protections refuse (InstructionExits maps it there)
             address -= TRAP
             allowed = self.kernel.p.memory.pages[address // PAGE]

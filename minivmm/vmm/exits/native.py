@@ -205,6 +205,7 @@ class NativeExecutor:
         self._used = CODE_ARENA
         self.protection = None   # a Linux program's page protections (see InstructionExits)
         self.on_write = lambda at, size: None   # guest RAM written natively (dirty pages, code there)
+        self.on_forget = lambda first, last: None   # runs over [first, last) dropped
 
     def opmasks(self) -> dict[str, int]:
         """K0-7, which only the context holds (snapshot names)."""
@@ -330,6 +331,18 @@ class NativeExecutor:
         for key in [key for key, t in self._runs.items() if t.start < last and t.end > first]:
             del self._runs[key]
         self._refused = {a for a in self._refused if not first <= a < last}
+        self.on_forget(first, last)
+
+    def quick_run(self, address: int):
+        """The compiled run at ``address`` if machine code may take it without Python
+        (exits/quick.py): its memory operands only read, each whole (no mask, no vector
+        index); no stack; else None."""
+        thunk = self._runs.get((address, MAX_RUN))
+        if thunk is None or thunk.stack or thunk.count < 1 or any(
+                m["writes"] or m["vsib"] or m["masked"] or not m["reads"] or m["alignment"] & m["alignment"] - 1
+                for m, _ in thunk.memory):
+            return None
+        return thunk
 
     def _check_memory(self, m: dict, slots) -> tuple[int, list[tuple[int, int]]]:
         """Where the scratch register points (guest linear: the operand's address, or

@@ -81,6 +81,38 @@ def misused_lock(data: bytes, offset: int, ip: int):
     return instr if instr.code != iced_x86.Code.INVALID and instr.has_lock_prefix else None
 
 
+# A VEX encoding that defines no instruction is #UD on every CPU (SDM Vol. 2A, 2.3.12),
+# but the engine runs some as the legacy instruction of the same map, opcode and
+# prefix (VEX forms of MOVBE, RDRAND, ADCX, POPCNT ...): where that one would exit as
+# #UD or must not run on the engine, so does the VEX form. (Those the engine runs as
+# an instruction the host has run so: a fidelity gap, as in older QEMU.) EVEX is the
+# engine's #UD in 64-bit mode, an undefined XOP form its POP.
+_VEX_MAPS = {1: b"\x0f", 2: b"\x0f\x38", 3: b"\x0f\x3a"}
+_VEX_PREFIXES = (b"", b"\x66", b"\xf3", b"\xf2")
+
+
+def engine_form(data: bytes, offset: int):
+    """The legacy instruction the engine runs for the undefined VEX encoding at
+    ``offset`` (after legacy prefixes), or None where it is not one."""
+    at = offset
+    while at < len(data) and at - offset < MAX_INSN and data[at] in PREFIXES:
+        at += 1
+    if at + 3 > len(data) or data[at] not in (0xC4, 0xC5):
+        return None
+    first = data[at + 1]
+    if data[at] == 0xC5:
+        rex, escape, pp, rest = (~first >> 5) & 4, _VEX_MAPS[1], first & 3, at + 2
+    else:
+        second = data[at + 2]
+        escape, pp, rest = _VEX_MAPS.get(first & 0x1F), second & 3, at + 3
+        rex = (~first >> 5) & 7 | (second >> 4) & 8
+        if escape is None:
+            return None  # a map the engine refuses
+    code = _VEX_PREFIXES[pp] + (bytes([0x40 | rex]) if rex else b"") + escape + data[rest:rest + MAX_INSN]
+    instr = iced_x86.Decoder(64, code, ip=0).decode()
+    return None if instr.code == iced_x86.Code.INVALID else instr
+
+
 # Exits on one-byte opcodes whose bytes sit inside immediates, displacements and ModR/M
 # bytes all over a large program: a Linux program's IN, OUT, INS and OUTS (E4-E7, EC-EF,
 # 6C-6F: #GP at CPL 3), the x87 instructions minivmm carries out or checks (D8-DF,
@@ -140,6 +172,8 @@ class InstructionExits:
         self._uc = None
         self._dirty: set[int] | None = None            # pages written since tracking began
         self._seen: dict[int, bytes] = {}              # page -> its bytes when last decoded
+        self._tails: dict[int, bytes] = {}             # page -> the next page's first bytes its decode read
+        self.retry: set[int] = set()                   # pages whose fetch abandoned a translation
         self._stale: set[int] = set()                  # decoded pages written since
         self._quiet: set[int] = set()                  # addresses whose audit-only exit is removed
         # A Linux program's page protections (PROT_* bits, one byte per page): a page
@@ -149,6 +183,9 @@ class InstructionExits:
         # its own lookups too: it translates code addresses when it deletes hooks.)
         self.protection: bytearray | None = None
         self.on_code_change = None   # (first, last): the exits of [first, last) changed
+        self.after_exit = None       # (address): an exit fired (a planted one, or through on_refused)
+        self.quick = None            # (machine-code hook, its user data): planted exits' hook, which
+                                     # calls raw_fire for what it does not take itself (exits/quick.py)
 
     def install(self, uc) -> None:
         self._uc = uc
@@ -206,6 +243,9 @@ class InstructionExits:
             entry.perms = UC_PROT_ALL  # nothing is mapped there: the access itself faults
             return
         if access == UC_MEM_FETCH:
+            if self._tail_changed(page):
+                entry.paddr, entry.perms = TRAP + page, UC_PROT_ALL
+                return
             if page in self._stale:
                 self._refresh(page)
             else:
@@ -232,6 +272,36 @@ class InstructionExits:
         self.pages[page] = {}
         self._update(page, range(PAGE))
         self._seen[page] = bytes(self.ram[page:page + PAGE])
+        self._tails[page] = self._head(page + PAGE)
+
+    # An instruction may start in a page's last bytes and end in the next page: its exit
+    # was decided with the next page's first bytes as they were. Whatever changes them
+    # (the guest's store, the VMM's) leaves the next page without execute permission, so
+    # translating that instruction again asks for the next page, here: the first page's
+    # last offsets are decoded again, and this translation is abandoned (the fetch lands
+    # on TRAP, nothing of the block ran), so that it starts over with their exits
+    # (retrying, then resume at RIP).
+
+    def _head(self, page: int) -> bytes:
+        return bytes(self.ram[page:min(page + MAX_INSN - 1, self.memory)])
+
+    def _tail_changed(self, page: int) -> bool:
+        before = page - PAGE
+        if before not in self.pages or self._tails.get(before) == self._head(page):
+            return False
+        self._update(before, range(PAGE - MAX_INSN + 1, PAGE))
+        self._tails[before] = self._head(page)
+        self.retry.add(page)
+        return True
+
+    def retrying(self, page: int) -> bool:
+        """Whether a fetch the engine stopped on at TRAP + ``page`` abandoned a
+        translation (see _tail_changed): the run resumes at RIP, nothing to deliver."""
+        if page in self.retry:
+            self.retry.discard(page)
+            self.flush_tlb()
+            return True
+        return False
 
     def _refresh(self, page: int) -> None:
         """Re-decode what changed on a page since it was last decoded (self-modifying code,
@@ -272,11 +342,16 @@ class InstructionExits:
             decoder.position, decoder.ip = offset, address
             instr = decoder.decode()
             misused = instr.code == iced_x86.Code.INVALID and misused_lock(data, offset, address)
+            # a misused LOCK goes where a sweep finds it only if the engine, running the
+            # instruction without it, runs what the host has exactly
+            sweeps_lock = misused and self._fast and self._classify(misused) == (None, frozenset())
             if misused:
                 instr, (action, audited) = misused, ("ud", frozenset())
+            elif instr.code == iced_x86.Code.INVALID and self._engine_would_run(data, offset):
+                action, audited = "ud", frozenset()
             else:
                 action, audited = self._classify(instr)
-            if misused and self._fast or swept(action, instr, self._fast):
+            if sweeps_lock or swept(action, instr, self._fast):
                 sweep = linear_sweep(data) if sweep is None else sweep
                 action = action if offset in sweep else None
             if not action and address in self._quiet:
@@ -298,6 +373,12 @@ class InstructionExits:
                 if refused:
                     self._refused.add(address)
                 self._hook(address)
+
+    def _engine_would_run(self, data: bytes, offset: int) -> bool:
+        """An undefined VEX encoding at ``offset`` that the engine would run as a legacy
+        instruction the host lacks, or must run natively (see engine_form)."""
+        legacy = engine_form(data, offset)
+        return legacy is not None and self._classify(legacy)[0] in ("ud", "unsupported")
 
     def note_write(self, address: int, size: int) -> None:
         """The VMM wrote guest RAM itself (a Linux system call filling a buffer): the
@@ -343,6 +424,7 @@ class InstructionExits:
             self._refused.discard(traps_at)
         self.pages.pop(page, None)
         self._seen.pop(page, None)
+        self._tails.pop(page, None)
         self._stale.discard(page)
 
     # -- the engine's hooks ---------------------------------------------------------------
@@ -359,8 +441,11 @@ class InstructionExits:
             self._rehook(True)  # the count of exits grew past the point while counting
         key = address & ~(PAGE - 1) if self._by_page else address
         if key not in self._hooks:
-            end = key + PAGE - 1 if self._by_page else address
-            self._hooks[key] = engine.add_code_hook(self._uc, self._raw_fire, key, end)
+            if self.quick is not None and not self._by_page:  # machine code first (exits/quick.py)
+                self._hooks[key] = engine.add_code_hook(self._uc, self.quick[0], key, key, self.quick[1])
+            else:
+                end = key + PAGE - 1 if self._by_page else address
+                self._hooks[key] = engine.add_code_hook(self._uc, self.raw_fire, key, end)
 
     def _unhook(self, address: int) -> None:
         page = address & ~(PAGE - 1)
@@ -387,17 +472,19 @@ class InstructionExits:
             for address in traps:
                 self._hook(address)
 
-    def on_refused(self, uc) -> bool:
-        """The engine refused the instruction at RIP: if an exit is there that was left
-        to this refusal, it fires as a planted one would (True); False otherwise."""
-        address = engine.read_rip(uc)
+    def on_refused(self, uc, address: int) -> bool:
+        """The engine refused the instruction at ``address`` (RIP): if an exit is there
+        that was left to this refusal, it fires as a planted one would (True); False
+        otherwise."""
         if address not in self._refused:
             return False
         action, audited, instr = self.exit_at(address)
         self._on_exit(uc, address, instr.len, action, audited, instr)
+        if self.after_exit:
+            self.after_exit(address)
         return True
 
-    def _raw_fire(self, _handle, address, size, _ud):
+    def raw_fire(self, _handle, address, size, _ud):
         try:
             self._fire(self._uc, address, size, None)
         except BaseException as e:  # never let an exception vanish inside ctypes
@@ -407,3 +494,5 @@ class InstructionExits:
         trap = self.pages.get(address & ~(PAGE - 1), {}).get(address)
         if trap:
             self._on_exit(uc, address, size, *trap)
+            if self.after_exit:
+                self.after_exit(address)
