@@ -49,8 +49,8 @@ def test_port_and_x87_opcode_bytes_inside_instructions_plant_no_exits(ports, tmp
     def hooks(program) -> int:
         planted = []
         add = engine.add_code_hook
-        monkeypatch.setattr(engine, "add_code_hook", lambda uc, callback, begin, end:
-                            planted.append(begin) or add(uc, callback, begin, end))
+        monkeypatch.setattr(engine, "add_code_hook", lambda uc, callback, begin, end, *data:
+                            planted.append(begin) or add(uc, callback, begin, end, *data))
         assert VM(program, "penryn").run(timeout=60).console.endswith("done\n")
         return len(planted)
     assert hooks(ports) - hooks(_build(tmp_path, "-DWITHOUT_IMMEDIATES")) < 50

@@ -59,7 +59,7 @@ from .engine import counted_so_far as engine_counter
 from .engine import read_xcr0 as xcr0_from_context
 from .exits import CpuidExitHandler, FaultExits, InstructionExits, IoExits
 from .exits.quick import QuickExits
-from .exits.refusals import EngineRefusals, fast_paths
+from .exits.refusals import fast_paths, refusals_for
 from .exits.traps import PORT_IO, TRAP
 from .exits.emulate import bit_scan
 from .exits.native import NativeExecutor
@@ -485,7 +485,7 @@ class _Engine:
         self._fail = run._fail
         self.exits = InstructionExits(self.ram, vm.classifier(host, view, run.audit is not None, run.x87),
                                       run._on_exit, run._fail,
-                                      EngineRefusals(host.engine_model) if fast_paths() else None)
+                                      refusals_for(host.engine_model) if fast_paths() else None)
         self.exits.install(uc)
         self.cpuid = CpuidExitHandler(view, host.name, run._fail, run.cpuid_log)
         self.cpuid.install(uc)
@@ -589,11 +589,13 @@ class _Engine:
         self.exits.forget(BOOT_STUB)
         for reg, value in setup.items():
             uc.reg_write(reg, value)
-        try:
-            uc.emu_start(BOOT_STUB, NEVER, count=1)  # the one instruction, nothing after it
-            out = {r: uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDX)}
-        except UcError:
-            out = None
+        for _ in range(2):  # again once if the fetch only abandoned a translation (traps._tail_changed)
+            try:
+                uc.emu_start(BOOT_STUB, NEVER, count=1)  # the one instruction, nothing after it
+                out = {r: uc.reg_read(r) for r in (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDX)}
+                break
+            except UcError:
+                out = None
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = saved
         self.exits.forget(BOOT_STUB)
         uc.ctl_flush_tb()  # no block translated with the count may outlive it

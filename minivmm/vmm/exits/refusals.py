@@ -18,6 +18,7 @@ counts as a refusal; anything else (it ran, faulted, jumped) plants the exit.
 from __future__ import annotations
 
 import os
+import threading
 
 import unicorn.x86_const as x86
 from unicorn import UC_ARCH_X86, UC_ERR_INSN_INVALID, UC_MODE_64, Uc, UcError
@@ -72,3 +73,15 @@ class EngineRefusals:
             uc.ctl_remove_cache(0, SCRATCH)
             uc.context_restore(self._context)
         return refused
+
+
+_THREADS = threading.local()
+
+
+def refusals_for(engine_model: str) -> EngineRefusals:
+    """This thread's scratch engine of ``engine_model``, with what it measured so far
+    (a fork's new engine asks again about the same pages)."""
+    known = _THREADS.__dict__.setdefault("engines", {})
+    if engine_model not in known:
+        known[engine_model] = EngineRefusals(engine_model)
+    return known[engine_model]
