@@ -250,3 +250,21 @@ def test_an_instruction_completed_in_the_next_page_is_decoded_as_it_now_is(monke
     slow, fast = _both(monkeypatch, lambda: VM(image, host))
     assert (fast.stop.reason, fast.stop.vector, fast.stop.missing_features) == ("crashed", 6, missing)
     assert _ends(fast) == _ends(slow)
+
+
+@needs_avx2
+def test_plans_go_when_the_thunks_code_is_freed(monkeypatch):
+    """The executor starts its code arenas over when they are full (here after a few
+    dozen runs): a plan made before must not call into the freed code. A routine that
+    adds [rsi] = 1 into YMM0 runs three times (its plan is made), then many other runs
+    are compiled, then the routine three times more: 6 either way."""
+    from minivmm.vmm.exits import native
+    monkeypatch.setattr(native, "CODE_ARENA", 8192)
+    monkeypatch.setattr(native, "MAX_ARENAS", 2)
+    others = [line for k in range(64) for line in (f"vpaddd ymm1, ymm1, ymm{2 + k % 8}", f"jmp other{k}", f"other{k}:")]
+    lines = ENABLE_YMM + ["mov rsi, 0x200000", "mov dword ptr [rsi], 1", "vpxor xmm0, xmm0, xmm0",
+                          "call add", "call add", "call add", *others, "call add", "call add", "call add",
+                          "vmovd eax, xmm0", "call print_hex32", "xor eax, eax", "out 0xf4, al",
+                          "add:", "vpaddd ymm0, ymm0, ymmword ptr [rsi]", "ret", '.include "lib/console.inc"']
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("arenas", lines), "haswell"))
+    assert fast.console == slow.console == "00000006" and _ends(fast) == _ends(slow)

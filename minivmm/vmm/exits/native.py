@@ -118,8 +118,8 @@ def check_span(memory: int, protection, at: int, size: int, writes: bool, reads:
     (#GP, or #SS through the stack segment: RSP or RBP as the base, SDM Vol. 3A, 6.15),
     beyond RAM or refused by a Linux program's page ``protection`` (#PF)."""
     end = at + size
-    for address in (at, end - 1):
-        if address >> 47 not in (0, 0x1FFFF) or address >> 64:
+    for address in (at, (end - 1) & (1 << 64) - 1):  # a wrap past 2^64 is a #PF at the first byte, as the CPU's
+        if address >> 47 not in (0, 0x1FFFF):
             raise Fault(12 if stack else 13, 0, detail=f"non-canonical address {at:#x}")
     if end > memory:
         cr2 = max(at, memory)  # the first byte the CPU cannot reach
@@ -545,6 +545,7 @@ class NativeExecutor:
         if self._used + len(code) > CODE_ARENA:
             if len(self._arenas) >= MAX_ARENAS:  # code rewritten again and again: start over, bounded
                 self._runs.clear()
+                self.on_forget(0, 1 << 64)   # before the code they call is unmapped
                 self._arenas.clear()
             self._arenas.append(mmap.mmap(-1, CODE_ARENA, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))
             self._used = 0
