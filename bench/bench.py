@@ -461,42 +461,50 @@ def _text_file(path: str, size: int) -> str:
     return path
 
 
+QEMU_MODELS = {"penryn": "Penryn", "sandybridge": "SandyBridge", "haswell": "Haswell", "skylake-server": "Skylake-Server"}
+
+
+def _program_row(label: str, host: str, argv: list[str], target: str, repeats: int, slow: bool = True) -> None:
+    """One real program of this machine (--mount /) under qemu-user with the matching
+    -cpu and under minivmm, and once with minivmm's fast paths off (MINIVMM_FAST_PATHS=0)."""
+    ours = [sys.executable, "-m", "minivmm", "run", argv[0], "--mount", "/", "--host", host, "--", *argv[1:]]
+    theirs = _timed_command(["qemu-x86_64", "-cpu", QEMU_MODELS[host], *argv], repeats)
+    mine = _timed_command(ours, repeats)
+    before = f"; fast paths off {_timed_command(ours, 1, {**os.environ, 'MINIVMM_FAST_PATHS': '0'}):.2f} s" \
+        if slow else ""
+    emit((f"{label} on {host}", f"qemu-x86_64 -cpu {QEMU_MODELS[host]} {theirs:.2f} s", f"{mine:.2f} s{before}",
+          f"{mine / theirs:.1f}x qemu-user", target))
+
+
 def program_rows(tmp: str, repeats: int) -> None:
-    """Real programs of this machine (--mount /) against qemu-user with the matching
-    -cpu, and minivmm with its fast paths off (MINIVMM_FAST_PATHS=0) where that finishes
-    in minutes."""
+    """Real programs against qemu-user (the fast-path-off runs once: they take minutes)."""
     import shutil
     if not shutil.which("qemu-x86_64"):
         emit(("real programs", "needs qemu-user", "skipped", "", ""))
         return
-    qemu_models = {"penryn": "Penryn", "sandybridge": "SandyBridge", "haswell": "Haswell",
-                   "skylake-server": "Skylake-Server"}
-    slow_env = {**os.environ, "MINIVMM_FAST_PATHS": "0"}
-
-    def ours(host, *argv):
-        return [sys.executable, "-m", "minivmm", "run", argv[0], "--mount", "/", "--host", host, "--", *argv[1:]]
-
-    def row(label, host, argv, target, slow=True):
-        theirs = _timed_command(["qemu-x86_64", "-cpu", qemu_models[host], *argv], repeats)
-        mine = _timed_command(ours(host, *argv), repeats)
-        before = f"; fast paths off {_timed_command(ours(host, *argv), 1, slow_env):.2f} s" if slow else ""
-        emit((f"{label} on {host}", f"qemu-x86_64 -cpu {qemu_models[host]} {theirs:.2f} s", f"{mine:.2f} s{before}",
-              f"{mine / theirs:.1f}x qemu-user", target))
-
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(shutil.which("python3"))
     for host in ("penryn", "haswell", "skylake-server"):
-        row("python3 -c pass", host, [python, "-c", "pass"], "<= 3x qemu-user")
+        _program_row("python3 -c pass", host, [python, "-c", "pass"], "<= 3x qemu-user", repeats)
     text = _text_file(os.path.join(tmp, "words.txt"), 5 << 20)
-    row("sort -S 64M of a 5 MB file", "haswell", [shutil.which("sort"), "-S", "64M", text], "<= 5x qemu-user",
-        slow=False)
-    row("grep -E -c over the same file", "haswell", [shutil.which("grep"), "-E", "-c", "(gamma|omega)[0-9]+ [0-9]{3}$",
-                                                     text], "<= 5x qemu-user", slow=False)
-    if shutil.which("openssl"):
-        blob = os.path.join(tmp, "blob")
-        Path(blob).write_bytes(bytes(range(256)) * (20 << 12))
-        for host in ("sandybridge", "haswell"):
-            row("openssl dgst -sha256 of 20 MB", host, [shutil.which("openssl"), "dgst", "-sha256", blob],
-                "<= 5x qemu-user", slow=False)
+    _program_row("sort -S 64M of a 5 MB file", "haswell", [shutil.which("sort"), "-S", "64M", text],
+                 "<= 5x qemu-user", min(repeats, 3), slow=False)
+    _program_row("grep -E -c over the same file", "haswell",
+                 [shutil.which("grep"), "-E", "-c", "(gamma|omega)[0-9]+ [0-9]{3}$", text], "<= 5x qemu-user",
+                 min(repeats, 3), slow=False)
+    openssl_rows(tmp, 1)
+
+
+def openssl_rows(tmp: str, repeats: int) -> None:
+    """openssl's SHA-256 of 2 MB (its time grows with the size: 20 MB takes ten times as long)."""
+    import shutil
+    if not shutil.which("openssl"):
+        emit(("openssl dgst", "needs openssl", "skipped", "", ""))
+        return
+    blob = os.path.join(tmp, "blob")
+    Path(blob).write_bytes(bytes(range(256)) * (2 << 12))
+    for host in ("sandybridge", "haswell"):
+        _program_row("openssl dgst -sha256 of 2 MB", host, [shutil.which("openssl"), "dgst", "-sha256", blob],
+                     "<= 5x qemu-user", repeats, slow=False)
 
 
 THREADS_PINGPONG = r"""
@@ -785,6 +793,63 @@ def kvm_rows(repeats: int) -> None:
               f"{kvm * 1e3:.0f} ms", f"{tcg / kvm:.1f}x faster", "KVM within 1.5x of native"))
 
 
+def exit_rows(tmp: str, repeats: int) -> None:
+    """The engine bare and with minivmm's exits: the compute loop, CPUID, #UD, the gate,
+    the audit, the CPUID storm, the CLI's start-up."""
+    loop_path = os.path.join(tmp, "loop.asm")
+    cpuid_path = os.path.join(tmp, "cpuid.asm")
+    Path(loop_path).write_text(COMPUTE_LOOP)
+    Path(cpuid_path).write_text(CPUID_LOOP)
+
+    bare, ours = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP), lambda: minivmm_run(loop_path))
+    insns = 5 * LOOP_ITERATIONS
+    emit(("guest compute loop (500 M insns)", f"{bare * 1e3:.0f} ms ({insns / bare / 1e6:.0f} M/s)",
+             f"{ours * 1e3:.0f} ms ({insns / ours / 1e6:.0f} M/s)", f"{ours / bare:.3f}x", "<= 1.05x"))
+    bare, counted = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP),
+                                lambda: bare_unicorn(COMPUTE_LOOP, block_counter=True))
+    emit(("the same loop with a Linux program's clock counting its blocks (bare engine)", f"{bare * 1e3:.0f} ms",
+          f"{counted * 1e3:.0f} ms", f"{counted / bare:.3f}x", "<= 1.1x"))
+
+    engine, empty, exits = interleaved(
+        repeats, lambda: bare_unicorn(CPUID_LOOP), lambda: bare_unicorn(CPUID_LOOP, lambda uc, ud: 0),
+        lambda: minivmm_run(cpuid_path))
+    per = lambda t: (t - engine) / CPUIDS * 1e6  # noqa: E731
+    emit(("CPUID exit, 100k CPUIDs (us per CPUID over the engine's own)",
+                 f"engine {engine / CPUIDS * 1e6:.2f} us; empty binding hook +{per(empty):.2f} us",
+                 f"+{per(exits):.2f} us", f"{exits / engine:.0f}x engine", "<= 3.5 us"))
+
+    paths = {}
+    for name, source in (("ud", UD_LOOP.format(count=UDS, body="ud2")),
+                         ("nop", UD_LOOP.format(count=UDS, body="nop\n    nop")),
+                         ("gated", GATED_LOOP), ("audited", AUDITED_LOOP)):
+        paths[name] = os.path.join(tmp, f"{name}.asm")
+        Path(paths[name]).write_text(source)
+    faults, plain = interleaved(repeats, lambda: minivmm_run(paths["ud"]), lambda: minivmm_run(paths["nop"]))
+    emit(("#UD round trip: ud2 -> guest IDT handler -> iretq, 20k times",
+                 f"same loop without the fault: {plain / UDS * 1e6:.2f} us per iteration",
+                 f"{(faults - plain) / UDS * 1e6:.1f} us per #UD", "", "(measured)"))
+    bare, gated = interleaved(repeats, lambda: bare_unicorn(GATED_LOOP), lambda: minivmm_run(paths["gated"], "penryn"))
+    emit(("gate: hot loop on a page with trapped POPCNT/AESENC (penryn)", f"{bare * 1e3:.0f} ms",
+                 f"{gated * 1e3:.0f} ms", f"{gated / bare:.3f}x", "~1.0x"))
+    off, on = interleaved(repeats, lambda: minivmm_run(paths["gated"], "penryn"),
+                          lambda: minivmm_run(paths["gated"], "penryn", audit=True))
+    emit(("audit: the same hot loop, no violation in it", f"{off * 1e3:.0f} ms (no audit)",
+                 f"{on * 1e3:.0f} ms", f"{on / off:.3f}x", "<= 1.5x"))
+    off, on = interleaved(repeats, lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn"),
+                          lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn", audit=True))
+    emit(("audit: a loop whose POPCNT is hidden by EVC (counted 1000x, then it runs)",
+                 f"{off * 1e3:.0f} ms (no audit)", f"{on * 1e3:.0f} ms", f"{on / off:.2f}x", "<= 3x"))
+    off, on = interleaved(repeats, lambda: minivmm_run("dispatch_ud", "penryn", "intel-merom"),
+                          lambda: minivmm_run("dispatch_ud", "penryn", "intel-merom", audit=True))
+    emit(("audit: dispatch_ud under intel-merom (PMULLD hidden, 5 M executions)",
+                 f"{off * 1e3:.0f} ms (no audit)", f"{on * 1e3:.0f} ms", f"{on / off:.2f}x", "<= 3x"))
+    storm_row(tmp)
+
+    startup, bare_python = cli_startup(repeats), python_startup(repeats)
+    emit(("CLI start-up: minivmm run guests/hello.asm", f"python -c pass: {bare_python * 1e3:.0f} ms",
+                 f"{startup * 1e3:.0f} ms", f"{startup / bare_python:.1f}x python", "<= 500 ms"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 7")
@@ -795,6 +860,7 @@ def main():
     parser.add_argument("--threads", action="store_true", help="only the rows of threads and processes")
     parser.add_argument("--dask", action="store_true", help="only the rows of matrix runs on Dask")
     parser.add_argument("--programs", action="store_true", help="only the rows of real programs against qemu-user")
+    parser.add_argument("--exits", action="store_true", help="only the rows of the engine bare and with exits")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
@@ -825,59 +891,12 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             program_rows(tmp, repeats)
         return
+    if args.exits:
+        with tempfile.TemporaryDirectory() as tmp:
+            exit_rows(tmp, repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        loop_path = os.path.join(tmp, "loop.asm")
-        cpuid_path = os.path.join(tmp, "cpuid.asm")
-        Path(loop_path).write_text(COMPUTE_LOOP)
-        Path(cpuid_path).write_text(CPUID_LOOP)
-
-        bare, ours = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP), lambda: minivmm_run(loop_path))
-        insns = 5 * LOOP_ITERATIONS
-        emit(("guest compute loop (500 M insns)", f"{bare * 1e3:.0f} ms ({insns / bare / 1e6:.0f} M/s)",
-                 f"{ours * 1e3:.0f} ms ({insns / ours / 1e6:.0f} M/s)", f"{ours / bare:.3f}x", "<= 1.05x"))
-        bare, counted = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP),
-                                    lambda: bare_unicorn(COMPUTE_LOOP, block_counter=True))
-        emit(("the same loop with a Linux program's clock counting its blocks (bare engine)", f"{bare * 1e3:.0f} ms",
-              f"{counted * 1e3:.0f} ms", f"{counted / bare:.3f}x", "<= 1.1x"))
-
-        engine, empty, exits = interleaved(
-            repeats, lambda: bare_unicorn(CPUID_LOOP), lambda: bare_unicorn(CPUID_LOOP, lambda uc, ud: 0),
-            lambda: minivmm_run(cpuid_path))
-        per = lambda t: (t - engine) / CPUIDS * 1e6  # noqa: E731
-        emit(("CPUID exit, 100k CPUIDs (us per CPUID over the engine's own)",
-                     f"engine {engine / CPUIDS * 1e6:.2f} us; empty binding hook +{per(empty):.2f} us",
-                     f"+{per(exits):.2f} us", f"{exits / engine:.0f}x engine", "<= 3.5 us"))
-
-        paths = {}
-        for name, source in (("ud", UD_LOOP.format(count=UDS, body="ud2")),
-                             ("nop", UD_LOOP.format(count=UDS, body="nop\n    nop")),
-                             ("gated", GATED_LOOP), ("audited", AUDITED_LOOP)):
-            paths[name] = os.path.join(tmp, f"{name}.asm")
-            Path(paths[name]).write_text(source)
-        faults, plain = interleaved(repeats, lambda: minivmm_run(paths["ud"]), lambda: minivmm_run(paths["nop"]))
-        emit(("#UD round trip: ud2 -> guest IDT handler -> iretq, 20k times",
-                     f"same loop without the fault: {plain / UDS * 1e6:.2f} us per iteration",
-                     f"{(faults - plain) / UDS * 1e6:.1f} us per #UD", "", "(measured)"))
-        bare, gated = interleaved(repeats, lambda: bare_unicorn(GATED_LOOP), lambda: minivmm_run(paths["gated"], "penryn"))
-        emit(("gate: hot loop on a page with trapped POPCNT/AESENC (penryn)", f"{bare * 1e3:.0f} ms",
-                     f"{gated * 1e3:.0f} ms", f"{gated / bare:.3f}x", "~1.0x"))
-        off, on = interleaved(repeats, lambda: minivmm_run(paths["gated"], "penryn"),
-                              lambda: minivmm_run(paths["gated"], "penryn", audit=True))
-        emit(("audit: the same hot loop, no violation in it", f"{off * 1e3:.0f} ms (no audit)",
-                     f"{on * 1e3:.0f} ms", f"{on / off:.3f}x", "<= 1.5x"))
-        off, on = interleaved(repeats, lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn"),
-                              lambda: minivmm_run(paths["audited"], "nehalem", "intel-penryn", audit=True))
-        emit(("audit: a loop whose POPCNT is hidden by EVC (counted 1000x, then it runs)",
-                     f"{off * 1e3:.0f} ms (no audit)", f"{on * 1e3:.0f} ms", f"{on / off:.2f}x", "<= 3x"))
-        off, on = interleaved(repeats, lambda: minivmm_run("dispatch_ud", "penryn", "intel-merom"),
-                              lambda: minivmm_run("dispatch_ud", "penryn", "intel-merom", audit=True))
-        emit(("audit: dispatch_ud under intel-merom (PMULLD hidden, 5 M executions)",
-                     f"{off * 1e3:.0f} ms (no audit)", f"{on * 1e3:.0f} ms", f"{on / off:.2f}x", "<= 3x"))
-        storm_row(tmp)
-
-        startup, bare_python = cli_startup(repeats), python_startup(repeats)
-        emit(("CLI start-up: minivmm run guests/hello.asm", f"python -c pass: {bare_python * 1e3:.0f} ms",
-                     f"{startup * 1e3:.0f} ms", f"{startup / bare_python:.1f}x python", "<= 500 ms"))
+        exit_rows(tmp, repeats)
         matrix_rows(repeats)
         dask_rows(repeats)
         migration_rows(tmp, repeats)
