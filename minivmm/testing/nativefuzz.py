@@ -4,7 +4,8 @@ Each case is a short random sequence of instructions (AVX, AVX2, AVX-512, BMI, S
 x87, general and system instructions) with random registers and memory operands based
 on RSP, FS or GS, with an address-size prefix, misaligned, crossing a page or the end of
 a mapping, or non-canonical. It is wrapped in a tiny static Linux program (no libc):
-set FS/GS bases and every register, run the sequence, dump the registers, flags, MXCSR,
+set FS/GS bases and every register, run the sequence twice (the second time, minivmm
+takes in machine code what it compiled the first), dump the registers, flags, MXCSR,
 x87 control word and the data pages to stdout, exit. The program runs natively (the
 oracle) and as a Linux program under minivmm on the ``native`` host profile, in a worker
 process, so that a VMM that dies is counted, not fatal. They must agree: the same
@@ -37,6 +38,7 @@ VALUES = ("rax", "rcx", "rdx", "r10", "r11", "r12", "r13", "r15")
 SMALL, WRAPPED, NONCANONICAL = "r9", "r8", "r14"   # a small offset; junk above bit 31 + DATA; a bad offset
 FLAGS_AT, MXCSR_AT, FCW_AT, VECTORS_AT = 128, 136, 140, 256
 FLAGS_PUSHED_AT = 0xEF8              # PUSHFQ's copy on the dump's stack
+SLOT_AT = 0xFF0                      # where the run of the sequence goes next (it runs twice)
 ARITHMETIC = 0x8D5
 DUMP = 4096 + DATA_PAGES * 4096
 
@@ -83,9 +85,22 @@ def program(sequence: list[str | bytes], rng: random.Random, wide: bool) -> byte
              f"mov rax, {DATA + 0x2000:#x}"]
     start += [f"vmovdqu ymm{i}, ymmword ptr [rax + {32 * (i % 8)}]" for i in range(16)]
     start += [f"mov {r}, {v:#x}" for r, v in _registers(rng).items()]
-    code = _assemble(start)
+    # The sequence runs twice, so that minivmm takes the second time in machine code what
+    # it compiled the first: an indirect JMP through a slot of the result page leaves it
+    # the first time, and moves and jumps that touch no flag and no register bring it back.
+    code = bytearray(_assemble(start))
+    code += _assemble([f"mov qword ptr [{RESULT + SLOT_AT:#x}], 0"], CODE + len(code))
+    first_slot = len(code) - 4                      # the MOV's imm32: the slot's first target
+    again = len(code)
     for part in sequence:
         code += part if isinstance(part, bytes) else _assemble([part], CODE + len(code))
+    code += _assemble([f"jmp qword ptr [{RESULT + SLOT_AT:#x}]"], CODE + len(code))
+    struct.pack_into("<i", code, first_slot, CODE + len(code))
+    code += _assemble([f"mov qword ptr [{RESULT + SLOT_AT:#x}], 0"], CODE + len(code))
+    second_slot = len(code) - 4
+    code += b"\xe9" + struct.pack("<i", again - (len(code) + 5))
+    struct.pack_into("<i", code, second_slot, CODE + len(code))
+    code = bytes(code)
     stores = [f"mov qword ptr [{RESULT + 8 * i:#x}], {r}" for i, r in enumerate(GPRS)]
     stores += [f"mov rsp, {RESULT + 0xF00:#x}", "pushfq", "pop rax", f"mov qword ptr [{RESULT + FLAGS_AT:#x}], rax",
                f"stmxcsr dword ptr [{RESULT + MXCSR_AT:#x}]", f"fnstcw word ptr [{RESULT + FCW_AT:#x}]"]
