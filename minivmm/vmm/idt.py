@@ -8,11 +8,13 @@ from the gate, and clears TF, NT, RF (and IF for an interrupt gate). ``iretq`` u
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import unicorn.x86_const as x86
 from unicorn import UcError
 
+from . import engine
 from ..cpu.registers import ImageBlock, RegisterBlock
 
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
@@ -43,6 +45,7 @@ _READS = ImageBlock(((x86.UC_X86_REG_IDTR, 0), (x86.UC_X86_REG_GDTR, _MMR), (x86
                      (x86.UC_X86_REG_RSP, 2 * _MMR + 8), (x86.UC_X86_REG_RFLAGS, 2 * _MMR + 16),
                      (x86.UC_X86_REG_CS, 2 * _MMR + 24)), 2 * _MMR + 32)
 _WRITES = RegisterBlock((x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RSP))
+_HANDLER = ctypes.c_uint64()
 
 
 def check_code_segment(uc, selector: int, memory: int, external: bool, gdtr=None, ram=None) -> None:
@@ -71,10 +74,11 @@ def _read(uc, ram, at: int, size: int) -> bytes:
 
 
 def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = None, external: bool = True,
-            ram=None) -> int:
+            ram=None, on_write=None) -> int:
     """Push the frame and enter the handler; return the handler's address. ``external``
-    is false for INT n, whose gate faults carry EXT = 0. The gate and the descriptor are
-    read from ``ram`` (guest RAM as a host buffer, identity-mapped) where given."""
+    is false for INT n, whose gate faults carry EXT = 0. Where ``ram`` (guest RAM as a
+    host buffer, identity-mapped) is given, the gate and the descriptor are read there
+    and the frame written there, ``on_write(address, size)`` told (dirty pages, code)."""
     registers = _READS.read(uc)
     base, limit = struct.unpack_from("<QI", registers, 8)
     gdtr = struct.unpack_from("<QI", registers, _MMR + 8)
@@ -105,7 +109,12 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     if not 0 <= top or rsp > memory:
         raise DeliveryFailed(f"the stack at {rsp:#x} lies outside guest RAM")
     try:
-        uc.mem_write(top, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
+        pushed = struct.pack(f"<{len(frame)}Q", *reversed(frame))
+        if ram is None:
+            uc.mem_write(top, pushed)
+        else:
+            ram[top:top + len(pushed)] = pushed
+            on_write(top, len(pushed))
         if selector != frame[3]:
             uc.reg_write(x86.UC_X86_REG_CS, selector)
     except UcError as e:
@@ -114,5 +123,6 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     if kind == INTERRUPT_GATE:
         flags &= ~RFLAGS_IF
     _WRITES.write(uc, (flags, top))
-    uc.reg_write(x86.UC_X86_REG_RIP, handler)
+    _HANDLER.value = handler
+    engine.reg_write(uc._uch, x86.UC_X86_REG_RIP, ctypes.byref(_HANDLER))   # ends the block: resume there
     return handler

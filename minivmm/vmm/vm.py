@@ -491,7 +491,7 @@ class _Engine:
         self.cpuid.install(uc)
         run.io.install(uc)
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
-        self.faults.ram = self.ram
+        self.faults.ram, self.faults.on_write = self.ram, self.exits.note_write
         self.quick = None   # the machine-code exits (exits/quick.py), where the machine runs what is refused
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)

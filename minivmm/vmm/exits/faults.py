@@ -66,6 +66,7 @@ class FaultExits:
         self.counting = lambda: False  # the engine counts instructions: one native instruction an exit
         self.xsave = None              # an XsaveUnit where the host has XSAVE
         self.ram = None                # guest RAM as a host buffer (identity-mapped): reads without the engine
+        self.on_write = None           # (address, size): the VMM wrote guest RAM (InstructionExits.note_write)
         self._controls = None
         self._enabled: set[int] = set()   # instruction forms the controls were seen to allow
 
@@ -103,7 +104,7 @@ class FaultExits:
         first = vector
         while True:
             try:
-                idt.deliver(uc, vector, rip, self.memory, error_code, external, self.ram)
+                idt.deliver(uc, vector, rip, self.memory, error_code, external, self.ram, self.on_write)
                 break
             except idt.GateFault as fault:
                 self._record(vector, rip, text, missing, False, f"{_name(vector)} not delivered: {fault}")
