@@ -864,15 +864,6 @@ def main():
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
-    if args.supervised:
-        with tempfile.TemporaryDirectory() as tmp:
-            supervised_rows(tmp, repeats)
-        return
-
-    if args.costs:
-        with tempfile.TemporaryDirectory() as tmp:
-            cost_rows(tmp, repeats)
-        return
     if args.linux or args.native:
         with tempfile.TemporaryDirectory() as tmp:
             if args.linux:
@@ -880,20 +871,15 @@ def main():
                 thread_rows(tmp, repeats)
             native_rows(tmp, repeats)
         return
-    if args.threads:
-        with tempfile.TemporaryDirectory() as tmp:
-            thread_rows(tmp, repeats)
-        return
     if args.dask:
         dask_rows(repeats)
         return
-    if args.programs:
+    only = {"supervised": supervised_rows, "costs": cost_rows, "threads": thread_rows, "programs": program_rows,
+            "exits": exit_rows}
+    chosen = [rows for flag, rows in only.items() if getattr(args, flag)]
+    if chosen:
         with tempfile.TemporaryDirectory() as tmp:
-            program_rows(tmp, repeats)
-        return
-    if args.exits:
-        with tempfile.TemporaryDirectory() as tmp:
-            exit_rows(tmp, repeats)
+            chosen[0](tmp, repeats)
         return
     with tempfile.TemporaryDirectory() as tmp:
         exit_rows(tmp, repeats)

@@ -68,13 +68,19 @@ def add_invalid_hook(uc, callback, user_data: int | None = None) -> tuple:
     return cfunc, handle
 
 
-_RIP = ctypes.c_uint64()
-
-
 def read_rip(uc) -> int:
-    """RIP through the C API (the binding's reg_read converts its id and type each call)."""
-    _lib.uc_reg_read(uc._uch, UC_X86_REG_RIP, ctypes.byref(_RIP))
-    return _RIP.value
+    """RIP through the C API (the binding's reg_read converts its id and type each call).
+    The value's buffer is the call's own: VMs may run in threads, and ctypes lets go of
+    the GIL during the C call."""
+    value = ctypes.c_uint64()
+    _lib.uc_reg_read(uc._uch, UC_X86_REG_RIP, ctypes.byref(value))
+    return value.value
+
+
+def write_rip(uc, address: int) -> None:
+    """RIP through the C API: unlike a batch, the write ends the engine's block, so that
+    it resumes at ``address``."""
+    _lib.uc_reg_write(uc._uch, UC_X86_REG_RIP, ctypes.byref(ctypes.c_uint64(address)))
 
 
 def del_hook(uc, handle) -> None:

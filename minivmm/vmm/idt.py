@@ -8,8 +8,8 @@ from the gate, and clears TF, NT, RF (and IF for an interrupt gate). ``iretq`` u
 
 from __future__ import annotations
 
-import ctypes
 import struct
+import threading
 
 import unicorn.x86_const as x86
 from unicorn import UcError
@@ -40,12 +40,21 @@ class GateFault(Exception):
 # One batch moves what a delivery reads (IDTR and GDTR as the engine's uc_x86_mmr:
 # selector, base at 8, limit at 16; then SS, RSP, RFLAGS, CS) and one what it writes:
 # through the binding, each register cost microseconds, most of a #UD's round trip.
+# The batches are each thread's own: VMs may run in threads, and the C calls let go of
+# the GIL.
 _MMR = 24
-_READS = ImageBlock(((x86.UC_X86_REG_IDTR, 0), (x86.UC_X86_REG_GDTR, _MMR), (x86.UC_X86_REG_SS, 2 * _MMR),
-                     (x86.UC_X86_REG_RSP, 2 * _MMR + 8), (x86.UC_X86_REG_RFLAGS, 2 * _MMR + 16),
-                     (x86.UC_X86_REG_CS, 2 * _MMR + 24)), 2 * _MMR + 32)
-_WRITES = RegisterBlock((x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RSP))
-_HANDLER = ctypes.c_uint64()
+_THREADS = threading.local()
+
+
+def _batches() -> tuple:
+    batches = getattr(_THREADS, "batches", None)
+    if batches is None:
+        batches = _THREADS.batches = (
+            ImageBlock(((x86.UC_X86_REG_IDTR, 0), (x86.UC_X86_REG_GDTR, _MMR), (x86.UC_X86_REG_SS, 2 * _MMR),
+                        (x86.UC_X86_REG_RSP, 2 * _MMR + 8), (x86.UC_X86_REG_RFLAGS, 2 * _MMR + 16),
+                        (x86.UC_X86_REG_CS, 2 * _MMR + 24)), 2 * _MMR + 32),
+            RegisterBlock((x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RSP)))
+    return batches
 
 
 def check_code_segment(uc, selector: int, memory: int, external: bool, gdtr=None, ram=None) -> None:
@@ -79,7 +88,8 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     is false for INT n, whose gate faults carry EXT = 0. Where ``ram`` (guest RAM as a
     host buffer, identity-mapped) is given, the gate and the descriptor are read there
     and the frame written there, ``on_write(address, size)`` told (dirty pages, code)."""
-    registers = _READS.read(uc)
+    reads, writes = _batches()
+    registers = reads.read(uc)
     base, limit = struct.unpack_from("<QI", registers, 8)
     gdtr = struct.unpack_from("<QI", registers, _MMR + 8)
     ss, rsp, rflags, cs = struct.unpack_from("<4Q", registers, 2 * _MMR)
@@ -122,7 +132,6 @@ def deliver(uc, vector: int, rip: int, memory: int, error_code: int | None = Non
     flags = rflags & ~RFLAGS_CLEARED_BY_GATE
     if kind == INTERRUPT_GATE:
         flags &= ~RFLAGS_IF
-    _WRITES.write(uc, (flags, top))
-    _HANDLER.value = handler
-    engine.reg_write(uc._uch, x86.UC_X86_REG_RIP, ctypes.byref(_HANDLER))   # ends the block: resume there
+    writes.write(uc, (flags, top))
+    engine.write_rip(uc, handler)
     return handler
