@@ -951,7 +951,7 @@ class _Run:
         # start is counted, so the total stays exact across migrations.
         self.counting = bool(max_insns) or any(trigger_of(e).kind == "insn" for e in self.events)
         self.max_insns = max_insns
-        watchdog = _Watchdog(self)
+        watchdog = self.watchdog = _Watchdog(self)
         watchdog.set_deadline(deadline)
         if self.kernel:
             self.kernel.should_stop = lambda: watchdog.reason is not None
@@ -1174,6 +1174,11 @@ class _Run:
         self.clock_stopped = self.kernel is not None and self.kernel.clock.stopped_engine()
         if count is not None:
             self._count_started()
+        # The engine stopped before a parked exit (exits/traps.py) unless something else
+        # stopped it; if so, the next start stops there again at once.
+        parked = count is None and not (self.stop or self.errors or self.pending_fault or self.fired
+                                        or self.switching or self.clock_stopped or self.watchdog.reason) \
+            and self.engine.exits.fire_parked(self.uc, self.engine.rip())
         for address in self.quieten:
             self.engine.exits.quieten(address)
         # the control word, however it was loaded (FLDCW, a signal frame, a snapshot),
@@ -1187,7 +1192,7 @@ class _Run:
             self.engine.exits.forget_all()
         if self.execed and self.engine.faults.native is not None:
             self.engine.faults.native.forget()
-        self.resumable = bool(self.quieten or switched or self.execed) and not (
+        self.resumable = bool(self.quieten or switched or self.execed or parked) and not (
             self.stop or self.errors or self.pending_fault or self.fired)
         self.execed = False
         self.quieten.clear()
