@@ -18,12 +18,13 @@ import unicorn.x86_const as x86
 
 from ..errors import MinivmmError
 from ..guests.loader import MAX_IMAGE, GuestImage, load_elf
+from . import vdso
 from .errno import EACCES, ELIBBAD, ELOOP, ENOEXEC, ENOMEM, SyscallError
 from .files import HostFile
 from .memory import MMAP_MIN, PAGE, PROT_READ, PROT_WRITE, page_up
 from .process import (AT_BASE, AT_CLKTCK, AT_EGID, AT_ENTRY, AT_EUID, AT_FLAGS, AT_GID, AT_HWCAP, AT_HWCAP2,
-                      AT_MINSIGSTKSZ, AT_PAGESZ, AT_PHDR, AT_PHENT, AT_PHNUM, AT_SECURE, AT_UID, STACK_SIZE, USER_DS,
-                      Process, build_stack, hwcap, hwcap2, min_sigstack)
+                      AT_MINSIGSTKSZ, AT_PAGESZ, AT_PHDR, AT_PHENT, AT_PHNUM, AT_SECURE, AT_SYSINFO_EHDR, AT_UID,
+                      STACK_SIZE, USER_DS, Process, build_stack, hwcap, hwcap2, min_sigstack)
 from .vfs import HostNode
 
 BINPRM_BUF_SIZE = 256      # include/linux/binfmts.h: what a binary format sees of the file's start
@@ -202,12 +203,12 @@ def stack_layout(ram_size: int) -> tuple[int, int]:
 
 
 def fits(program: Program, ram_size: int) -> bool:
-    """The image between MMAP_MIN and the stack, and room for its interpreter between
-    them (the address space is empty when it is loaded)."""
+    """The image between MMAP_MIN and the stack, and room for its interpreter and the
+    vDSO between them (the address space is empty when it is loaded)."""
     image, interpreter = program.image, program.interpreter
     end = page_up(image.end)
     mmap_top = stack_layout(ram_size)[1] - PAGE
-    room = mmap_top - end - PAGE - (page_up(interpreter.end) if interpreter else 0)
+    room = mmap_top - end - PAGE - (page_up(interpreter.end) if interpreter else 0) - 2 * PAGE   # and the vDSO
     return min(address for address, _, _ in image.segments) >= MMAP_MIN and end <= mmap_top and room >= 0
 
 
@@ -230,7 +231,9 @@ def load_program(uc, process: Process, program: Program, env: list[str], seed: i
         base = process.memory.find_free(page_up(interpreter.end), process.mmap_top, end + PAGE)
         map_image(process, interpreter, base)
         entry = base + interpreter.entry
-    auxv = [(AT_PHDR, info["phdr"]), (AT_PHENT, 56), (AT_PHNUM, info["phnum"]), (AT_PAGESZ, PAGE),
+    vdso_at = vdso.map_into(process, process.mmap_top, end + PAGE)   # after the interpreter (arch_setup_additional_pages)
+    auxv = [(AT_SYSINFO_EHDR, vdso_at), (AT_PHDR, info["phdr"]), (AT_PHENT, 56), (AT_PHNUM, info["phnum"]),
+            (AT_PAGESZ, PAGE),
             (AT_BASE, base), (AT_FLAGS, 0), (AT_ENTRY, image.entry), (AT_UID, 1000), (AT_EUID, 1000),
             (AT_GID, 1000), (AT_EGID, 1000), (AT_HWCAP, hwcap(view)), (AT_HWCAP2, hwcap2(view)),
             (AT_CLKTCK, 100), (AT_SECURE, 0), (AT_MINSIGSTKSZ, min_sigstack(view))]

@@ -125,6 +125,8 @@ class AddressSpace:
         self.maps = Mappings()
         self.on_change = None   # (start, end): permissions were taken away there (the VMM empties its TLB)
         self.on_write = None    # (address, size): the kernel changed memory there (dirty for pre-copy)
+        self.vvar: int | None = None   # where [vvar] is (vdso.py), while it is mapped
+        self.on_vvar_gone = None       # (): [vvar] was unmapped or mapped over (the VMM stops writing there)
 
     # -- the mapping list -------------------------------------------------------------------
 
@@ -182,6 +184,7 @@ class AddressSpace:
         its pages read as zeros until the caller fills them."""
         end = self._check_range(start, length)
         self._carve(start, end)
+        self._lose_vvar(start, end)
         self._insert(Mapping(start, end, prot, name, offset, shared))
         self.zero(start, end)
         self._set_pages(start, end, effective(prot) | MAPPED)
@@ -189,8 +192,19 @@ class AddressSpace:
     def unmap(self, start: int, length: int) -> None:
         end = self._check_range(start, length)
         self._carve(start, end)
+        self._lose_vvar(start, end)
         self._set_pages(start, end, 0)
         self.zero(start, end)
+
+    def _lose_vvar(self, start: int, end: int) -> None:
+        if self.vvar is not None and start <= self.vvar < end:
+            self.vvar = None
+            if self.on_vvar_gone:
+                self.on_vvar_gone()
+
+    def find_named(self, name: str) -> int | None:
+        """Where the first mapping called ``name`` starts (None: there is none)."""
+        return next((m.start for m in self.maps if m.name == name), None)
 
     def protect(self, start: int, length: int, prot: int) -> None:
         end = self._check_range(start, length)

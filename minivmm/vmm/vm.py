@@ -35,6 +35,7 @@ from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
 from ..linux import compat
 from ..linux.calls import RETURNED
+from ..linux import vdso
 from ..linux.clock import CODE_NS_SHIFT
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
@@ -493,6 +494,7 @@ class _Engine:
         self.faults = FaultExits(host, vm.memory, run._end, run.exceptions)
         self.faults.ram, self.faults.on_write = self.ram, self.exits.note_write
         self.quick = None   # the machine-code exits (exits/quick.py), where the machine runs what is refused
+        self.vvar = None    # a Linux program's [vvar] (linux/vdso.py): where the block counter stores the time
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
@@ -760,6 +762,18 @@ class _Run:
         # The program's clock counts its work; the VMM's own stubs are no work of its.
         self.engine.block_counter = engine_module.add_block_counter(self.uc, kernel.clock.counter, VMM_AREA[1],
                                                                      CODE_NS_SHIFT)
+        engine = self.engine
+        memory.on_vvar_gone = lambda: self._publish_vvar(engine, kernel)
+        self._publish_vvar(engine, kernel)
+
+    def _publish_vvar(self, engine: _Engine, kernel) -> None:
+        """The program's [vvar] (linux/vdso.py) filled in, and the block counter storing
+        the time since boot there; nowhere once it is gone (a Linux program may unmap it)."""
+        memory = kernel.p.memory
+        memory.vvar = memory.find_named("[vvar]")
+        engine.vvar = None if memory.vvar is None else vdso.publish(
+            engine.ram, memory.vvar, kernel.clock.realtime, kernel.clock.wall_offset())
+        engine_module.set_time_store(engine.block_counter[3], engine.vvar)
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -781,6 +795,7 @@ class _Run:
         before the next start forget every exit planted, every block translated and
         every native run of the old code (:meth:`_start`)."""
         self.execed = True
+        self._publish_vvar(self.engine, self.kernel)
         self.kernel.threads.only_running()   # execve ended every other thread (de_thread)
         self.kernel.signals.current = self.kernel.threads.leader
         self.kernel.clock.preempt_after(None)

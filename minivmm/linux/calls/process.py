@@ -190,10 +190,20 @@ def sys_clock_getres(k, uc, clock, buf, *_):
     return 0
 
 
-def sys_gettimeofday(k, uc, buf, *_):
+def sys_gettimeofday(k, uc, buf, tz, *_):
     ns = k.clock.read(CLOCK_REALTIME)
     if buf:
         k.p.write(buf, struct.pack("<qq", ns // 10**9, ns % 10**9 // 1000))
+    if tz:
+        k.p.write(tz, bytes(8))   # sys_tz: no minutes west, no DST (the vDSO answers the same)
+    return 0
+
+
+def sys_getcpu(k, uc, cpu, node, *_):
+    """The one CPU, node 0 (sched_getaffinity's mask; the vDSO answers the same)."""
+    for address in (cpu, node):
+        if address:
+            k.p.write(address, bytes(4))
     return 0
 
 
@@ -274,7 +284,7 @@ TABLE = {
     204: ("sched_getaffinity", sys_sched_getaffinity), 228: ("clock_gettime", sys_clock_gettime),
     229: ("clock_getres", sys_clock_getres), 230: ("clock_nanosleep", sys_clock_nanosleep),
     231: ("exit_group", sys_exit_group), 302: ("prlimit64", sys_prlimit64),
-    318: ("getrandom", sys_getrandom), 99: ("sysinfo", sys_sysinfo), 115: ("getgroups", sys_zero),
+    309: ("getcpu", sys_getcpu), 318: ("getrandom", sys_getrandom), 99: ("sysinfo", sys_sysinfo), 115: ("getgroups", sys_zero),
     125: ("capget", sys_capget), 157: ("prctl", sys_prctl), 221: ("fadvise64", sys_zero),
     191: ("getxattr", sys_no_xattr), 192: ("lgetxattr", sys_no_xattr), 193: ("fgetxattr", sys_no_xattr),
     194: ("listxattr", sys_zero), 195: ("llistxattr", sys_zero), 196: ("flistxattr", sys_zero), 334: ("rseq", sys_enosys),
