@@ -209,3 +209,21 @@ def test_sort_of_a_file_runs_on_haswell(tmp_path):
     data.write_text("pear\napple\nfig\n")
     result = VM("/usr/bin/sort", "haswell", linux=True, argv=[str(data)], mounts=["/"]).run(timeout=120)
     assert (result.stop.reason, result.console) == ("exited", "apple\nfig\npear\n"), result.stop.message
+
+
+def test_only_calls_whose_handlers_never_see_the_cpu_skip_moving_rip_first():
+    """SYSCALL's RIP is moved past the call before the handler runs only where the
+    handler can see it: those that read or save registers (execve, clone, rt_sigreturn,
+    sigaltstack, arch_prctl) are not CPU_FREE; getpid, read and fork (whose child's
+    context is taken after the call returned) are."""
+    from minivmm.linux.calls import CPU_FREE, TABLE
+    from minivmm.linux.calls.base import reads_cpu
+    by_name = {name: number for number, (name, _) in TABLE.items()}
+    for name in ("execve", "execveat", "clone", "clone3", "rt_sigreturn", "sigaltstack", "arch_prctl"):
+        assert by_name[name] not in CPU_FREE, name
+    for name in ("getpid", "read", "write", "fork", "mmap", "futex", "clock_gettime"):
+        assert by_name[name] in CPU_FREE, name
+    # the rule itself, on a handler that names its engine only inside a closure
+    def nested(k, uc, *_):
+        return (lambda: uc.reg_read(0))()
+    assert reads_cpu(nested) and reads_cpu(lambda k, uc: uc) and not reads_cpu(lambda k, uc, fd: fd)

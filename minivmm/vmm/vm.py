@@ -33,9 +33,8 @@ from ..cpu.profiles import HostProfile, load_profile
 from ..errors import MinivmmError, NotCarried
 from ..files import check_output
 from ..guests.loader import LOAD_ADDRESS, GuestImage, load_guest
-from ..linux import compat
-from ..linux.calls import RETURNED
-from ..linux import vdso
+from ..linux import compat, vdso
+from ..linux.calls import CPU_FREE, RETURNED
 from ..linux.clock import CODE_NS_SHIFT
 from ..linux.start import Options as LinuxOptions
 from ..linux.start import execve
@@ -843,11 +842,13 @@ class _Run:
         rip = values[8]
         size = len(SYSCALL) if self.engine.ram[rip:rip + len(SYSCALL)] == SYSCALL else \
             Decoder(64, bytes(self.engine.ram[rip:rip + 15]), ip=rip).decode().len  # prefixed
-        rip_block.write(uc, (rip + size,))  # where a signal the call raises returns to
+        if values[0] not in CPU_FREE:   # a handler that sees the CPU sees RIP past the call
+            rip_block.write(uc, (rip + size,))
         self.kernel.calling = (values[0], rip)
         result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
         signals, threads = self.kernel.signals, self.kernel.threads
-        waiting = threads.current in threads.all and threads.running.wait is not None   # no return to user mode yet
+        running = threads.all.get(threads.current)
+        waiting = running is not None and running.wait is not None   # no return to user mode yet
         if result is not RETURNED and (waiting or not signals.pending and signals.saved_mask is None):
             outputs.write(uc, (result, rip + size, values[7], rip))
         else:  # the return to user mode delivers what is pending, from where the call returns
@@ -871,15 +872,16 @@ class _Run:
             self._killed()
             if self.stop:
                 return
-        status = self.kernel.p.exit_status
+        kernel = self.kernel
+        status = kernel.p.exit_status
         if status is not None and not self._process_ended(status << 8):
             self._end(Stop("exited", status, message=f"program exited with status {status}"))
             return
-        when = self._next_point()
-        if when and when.kind == "syscall" and when.count == self.kernel.calls:
+        when = self.events and self._next_point()
+        if when and when.kind == "syscall" and when.count == kernel.calls:
             self.fired = True  # stop right after it returned; RIP is already past it
             uc.emu_stop()
-        if self.kernel.threads.switch_wanted or self.kernel.machine.forked:
+        if kernel.threads.switch_wanted or kernel.machine.forked:
             self.switching = True
             uc.emu_stop()
 
