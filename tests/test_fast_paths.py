@@ -4,9 +4,11 @@ it (exits/refusals.py). The same guests, Linux programs and audits end the same 
 with the same console, exceptions and audit, either way; a refusal table that lies is
 caught by the same comparison (the negative control)."""
 
+import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from minivmm.cpu.native import machine_features
 from minivmm.guests import shipped_guests_dir
 from minivmm.guests.assembler import assemble
 from minivmm.guests.loader import GuestImage
+from minivmm.vmm.exits import traps
 from minivmm.vmm.exits.refusals import SWITCH, EngineRefusals
 from minivmm.vmm.vm import VM
 
@@ -137,6 +140,66 @@ def test_python_runs_the_same_either_way(monkeypatch, host):
     program = "import hashlib, json; print(json.dumps(sorted({'b': 2, 'a': 1})), hashlib.sha256(b'x' * 999).hexdigest())"
     slow, fast = _both(monkeypatch, lambda: VM(sys.executable, host, argv=["-S", "-c", program], mounts=["/"]))
     assert _ends(fast) == _ends(slow) and fast.exit_code == 0 and fast.console.startswith('["a", "b"]')
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "words"
+    rng = random.Random(7)
+    path.write_text("".join(f"{rng.choice(['alpha', 'beta', 'gamma'])} {rng.randrange(10 ** 6)}\n" for _ in range(2000)))
+    return str(path)
+
+
+def _sort(host: str, text: str):
+    return lambda: VM(shutil.which("sort"), host, argv=[text], mounts=["/"])
+
+
+@pytest.mark.parametrize("host", ["penryn", "haswell"])
+def test_a_program_runs_the_same_with_exits_unhooked_all_the_time(monkeypatch, host, text):
+    """Eight to twelve pages' exits hooked at most: fetches of new pages unhook the
+    older ones (dropping their translated blocks, ending the start), and a fetch of an
+    old page hooks its exits again. sort (glibc's AVX2 string functions on haswell)
+    ends as on the slow paths."""
+    if "avx2" not in machine_features() and host != "penryn":
+        pytest.skip("this machine has no AVX2: the host's glibc chooses functions it cannot run")
+    evictions = []
+    evict = traps.InstructionExits._evict
+    monkeypatch.setattr(traps.InstructionExits, "_evict", lambda self, keep: (evictions.append(keep), evict(self, keep)))
+    monkeypatch.setattr(traps, "RESIDENT_PAGES", 8)
+    monkeypatch.setattr(traps, "MAX_RESIDENT_PAGES", 12)
+    slow, fast = _both(monkeypatch, _sort(host, text))
+    assert _ends(fast) == _ends(slow) and fast.exit_code == 0 and evictions
+    assert fast.console == "".join(sorted(Path(text).read_text().splitlines(keepends=True)))
+
+
+# Three rounds of: a VEX.128 add on a page of its own (xmm0 = xmm1 + xmm2 = 3, printed),
+# then thirteen more pages each with a VEX.128 form: fourteen pages of exits, past the
+# eight that stay hooked, so the add's page has lost its exits when the next round
+# calls it. The engine would run the add as the legacy PADDD (xmm0 += xmm2: 5, 7).
+ROUNDS_OF_PAGES = ENABLE_YMM + [
+    "mov eax, 1", "movd xmm1, eax", "mov eax, 2", "movd xmm2, eax", "mov ebx, 3",
+    "again:", "call add", "movd eax, xmm0", "add al, 0x30", "out 0xe9, al",
+    *[f"call other{i}" for i in range(13)],
+    "dec ebx", "jnz again", "xor eax, eax", "out 0xf4, al",
+    ".p2align 12", "add:", "vpaddd xmm0, xmm1, xmm2", "ret",
+    *[line for i in range(13) for line in (".p2align 12", f"other{i}:", "vpxor xmm5, xmm6, xmm7", "ret")]]
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_a_page_unhooked_runs_only_after_a_fetch_hooked_it_again(monkeypatch, flushed):
+    """Evicted exits come back before their code runs again: the TLB is emptied after
+    an eviction, so the next fetch of the page hooks them. Without that (the negative
+    control) the add's block is translated again from the TLB's entry, without its
+    exit, and the engine runs it as the legacy form."""
+    if "avx" not in machine_features():
+        pytest.skip("this machine has no AVX: the host's VEX forms cannot run")
+    monkeypatch.setattr(traps, "RESIDENT_PAGES", 8)
+    monkeypatch.setattr(traps, "MAX_RESIDENT_PAGES", 8)
+    if not flushed:
+        monkeypatch.setattr(traps.InstructionExits, "after_eviction", lambda self: None)
+    slow, fast = _both(monkeypatch, lambda: VM(_asm("pages", ROUNDS_OF_PAGES), "haswell"))
+    assert slow.console == "333"
+    assert (fast.console == "333") is flushed, fast.console
 
 
 # ---- runs taken in machine code (exits/quick.py) -----------------------------------------

@@ -584,6 +584,7 @@ class _Engine:
         context = {reg: uc.reg_read(reg) for reg in clobbered}
         # The VMM's area is no page of a Linux program's: the stub runs past its protections.
         guard, self.exits.protection = self.exits.protection, None
+        self.exits.evictions = False   # nothing may end the stub's one instruction early
         self.exits.flush_tlb()
         saved = bytes(self.ram[BOOT_STUB:BOOT_STUB + len(code)])
         self.ram[BOOT_STUB:BOOT_STUB + len(code)] = code
@@ -601,6 +602,7 @@ class _Engine:
         self.exits.forget(BOOT_STUB)
         uc.ctl_flush_tb()  # no block translated with the count may outlive it
         self.exits.protection = guard
+        self.exits.evictions = True
         self.exits.flush_tlb()
         for reg, value in context.items():
             uc.reg_write(reg, value)
@@ -1193,8 +1195,8 @@ class _Run:
             self._count_started()
         # The engine stopped before a parked exit (exits/traps.py) unless something else
         # stopped it; if so, the next start stops there again at once.
-        parked = count is None and not (self.stop or self.errors or self.pending_fault or self.fired
-                                        or self.switching or self.clock_stopped or self.watchdog.reason) \
+        parked = count is None and not (self.stop or self.errors or self.pending_fault or self.fired or self.switching
+                                        or self.clock_stopped or self.watchdog.reason or self.engine.exits.evicted) \
             and self.engine.exits.fire_parked(self.uc, self.engine.rip())
         for address in self.quieten:
             self.engine.exits.quieten(address)
@@ -1209,7 +1211,10 @@ class _Run:
             self.engine.exits.forget_all()
         if self.execed and self.engine.faults.native is not None:
             self.engine.faults.native.forget()
-        self.resumable = bool(self.quieten or switched or self.execed or parked) and not (
+        evicted = self.engine.exits.evicted
+        if evicted:
+            self.engine.exits.after_eviction()
+        self.resumable = bool(self.quieten or switched or self.execed or parked or evicted) and not (
             self.stop or self.errors or self.pending_fault or self.fired)
         self.execed = False
         self.quieten.clear()

@@ -29,6 +29,8 @@ from .. import engine
 PAGE = 0x1000
 MAX_INSN = 15
 SHARED_HOOKS_FROM = 256         # exits above which a counted start hooks them by page
+RESIDENT_PAGES = 32             # pages whose exits stay hooked, at first (see _reside)
+MAX_RESIDENT_PAGES = 1 << 16
 TRAP = 1 << 50                  # where refused pages map: no memory, above every user address, below 2^52
 _NEEDS = {UC_MEM_FETCH: UC_PROT_EXEC, UC_MEM_WRITE: UC_PROT_WRITE, UC_MEM_READ: UC_PROT_READ}
 
@@ -164,6 +166,17 @@ class InstructionExits:
         self._refused: set[int] = set()                # exits not planted: the engine refuses them
         self._parked: set[int] = set()                 # exits in the engine's list of stops (see _hook)
         self._parked_changed = False
+        self._resident: dict[int, None] = {}           # pages whose exits are hooked, least recent first
+        self._evicting = False
+        self.evicted = False       # the last start ended for an eviction (resume at RIP)
+        # doubled while the pages in use do not fit; at least 8, so that an eviction keeps
+        # 4 pages and the next needs more new ones than one block's translation reads (3:
+        # the page before, whose last instruction may end in it, and the one after), so
+        # that a block runs between two evictions
+        self._limit = max(RESIDENT_PAGES, 8)
+        self._admitting = ()           # the pages a fetch is hooking the exits of
+        self._rehooked = 0             # evicted pages hooked again since the last eviction
+        self.evictions = True      # off while the VMM runs a stub of its own
         self._on_exit = on_exit
         self._on_error = on_error
         self._keep = None
@@ -247,13 +260,23 @@ class InstructionExits:
             entry.perms = UC_PROT_ALL  # nothing is mapped there: the access itself faults
             return
         if access == UC_MEM_FETCH:
-            if self._tail_changed(page):
-                entry.paddr, entry.perms = TRAP + page, UC_PROT_ALL
+            if self._evicting:   # the engine's own lookup while it drops translated code
+                entry.perms = UC_PROT_READ | UC_PROT_EXEC
                 return
-            if page in self._stale:
-                self._refresh(page)
-            else:
-                self._decode_page(page)
+            self._admitting = (page - PAGE, page)
+            try:
+                self._reside(page)
+                if self._tail_changed(page):
+                    entry.paddr, entry.perms = TRAP + page, UC_PROT_ALL
+                    return
+                if page in self._stale:
+                    self._refresh(page)
+                else:
+                    self._decode_page(page)
+            finally:
+                self._admitting = ()
+            if len(self._resident) > self._limit and self._evicts():
+                self._shrink()
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
             return
         decoded = page in self.pages
@@ -263,8 +286,9 @@ class InstructionExits:
             if self._dirty is not None:
                 self._dirty.add(page)
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
-        elif decoded and page not in self._stale:
-            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+        elif decoded and page not in self._stale and (page in self._resident or not self._evicts()
+                                                      or not self._hookable(page)):
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC   # (else the first fetch asks, and hooks its exits)
         elif decoded or (self._dirty is not None and page not in self._dirty):
             entry.perms = UC_PROT_READ
         else:
@@ -429,6 +453,7 @@ class InstructionExits:
             self._refused.discard(traps_at)
         self.sync_parked()
         self.pages.pop(page, None)
+        self._resident.pop(page, None)
         self._seen.pop(page, None)
         self._tails.pop(page, None)
         self._stale.discard(page)
@@ -454,6 +479,11 @@ class InstructionExits:
             self._parked.add(address)
             self._parked_changed = True
             return
+        page = address & ~(PAGE - 1)
+        if self._evicts():
+            if page not in self._resident and page not in self._admitting:
+                return   # hooked when its page is next fetched (_reside)
+            self._resident[page] = self._resident.pop(page, None)
         if self._counted and not self._by_page and len(self._hooks) >= SHARED_HOOKS_FROM:
             self._rehook(True)  # the count of exits grew past the point while counting
         key = address & ~(PAGE - 1) if self._by_page else address
@@ -473,6 +503,69 @@ class InstructionExits:
         key = page if self._by_page else address
         if key in self._hooks and not (self._by_page and self.pages.get(page)):
             engine.del_hook(self._uc, self._hooks.pop(key)[1])
+
+    # The engine walks its whole list of hooks for every instruction it translates and
+    # every hook that fires, so the list holds only the exits of pages fetched lately
+    # (with the fast paths, in starts that do not count): a page's exits are hooked when
+    # the engine fetches code from it, and once more than RESIDENT_PAGES pages hold
+    # hooks, the least recently fetched half lose theirs. Deleting a hook drops every
+    # block translated with it; the engine forgets deleted hooks only when a start
+    # ends, so the start is ended (``evicted``: the run resumes at RIP), and the next
+    # empties the TLB first, so that code on those pages is translated again only after
+    # a fetch has hooked their exits anew (a read maps them without execute
+    # permission meanwhile). sort on haswell fires 32 of its 625 exits.
+
+    def _evicts(self) -> bool:
+        return self._fast and not self._counted and self.evictions
+
+    def _hookable(self, page: int) -> bool:
+        """Whether some exit on ``page`` is hooked (neither refused nor parked)."""
+        return any(a not in self._refused and a not in self._parked for a in self.pages.get(page, ()))
+
+    def _reside(self, page: int) -> None:
+        """The engine fetches code from ``page``: the exits of the page (and of the one
+        before, whose last instruction may end here) are hooked, their pages the most
+        recent (past the limit, the least recent half lose theirs: _shrink)."""
+        if not self._evicts():
+            return
+        for at in (page - PAGE, page):
+            if at in self._resident:
+                self._resident[at] = self._resident.pop(at)
+            elif self._hookable(at):
+                self._rehooked += 1
+                for address in self.pages[at]:
+                    self._hook(address)
+
+    def _shrink(self) -> None:
+        if self._rehooked > self._limit // 2:   # evicted pages came back: those in use do not fit
+            self._limit = min(self._limit * 2, MAX_RESIDENT_PAGES)
+        else:
+            self._evict(self._limit // 2)
+        self._rehooked = 0
+
+    def _evict(self, keep: int) -> None:
+        """Unhook all but the ``keep`` most recently fetched pages (inside a fill, as a
+        translation starts: the two pages it may read are the most recent) and end
+        the start."""
+        self._evicting = True
+        try:
+            while len(self._resident) > keep:
+                page = next(iter(self._resident))
+                del self._resident[page]
+                for address in self.pages.get(page, ()):
+                    hook = self._hooks.pop(address, None)
+                    if hook is not None:
+                        engine.del_hook(self._uc, hook[1])
+        finally:
+            self._evicting = False
+        self.evicted = True
+        self._uc.emu_stop()
+
+    def after_eviction(self) -> None:
+        """Between starts, after _evict ended one: the TLB forgets the unhooked pages, so
+        that their code is fetched (and their exits hooked) before it is translated."""
+        self.evicted = False
+        self.flush_tlb()
 
     def counting(self, on: bool) -> None:
         """Choose the way of hooking for the next starts (between starts; the caller
@@ -495,6 +588,7 @@ class InstructionExits:
             for address in traps:
                 self._hook(address)
         self.sync_parked()
+        self.flush_tlb()   # a page not resident is fetched anew before its code runs
 
     def sync_parked(self) -> None:
         """Give the engine the parked exits, if they changed (between blocks)."""
