@@ -126,6 +126,14 @@ def probe_avx2(tmp_path_factory):
 
 @needs_gcc
 @pytest.mark.parametrize("host", ["penryn", "haswell"])
+def test_a_counted_run_with_the_fast_paths_off(monkeypatch, probe_avx2, host):
+    """Counting with hundreds of exits hooks them by page; without the fast paths the
+    engine has no list of stops, and none is given to it."""
+    slow, fast = _both(monkeypatch, lambda: VM(probe_avx2, host), max_insns=50_000_000)
+    assert _ends(fast) == _ends(slow) and fast.exit_code == 0
+
+
+@pytest.mark.parametrize("host", ["penryn", "haswell"])
 def test_a_linux_program_probing_avx2_ends_the_same_either_way(monkeypatch, probe_avx2, host):
     slow, fast = _both(monkeypatch, lambda: VM(probe_avx2, host))
     assert _ends(fast) == _ends(slow) and fast.exit_code == 0

@@ -102,3 +102,11 @@ def test_a_page_mapped_where_vvar_was_keeps_its_bytes(program, monkeypatch):
     monkeypatch.setattr(memory_mod.AddressSpace, "_lose_vvar", lambda self, start, end: None)
     result = VM(program, "haswell", argv=["unmap"], mounts=["/"], linux=True).run(timeout=120)
     assert result.exit_code == 3 and "overwritten at 0" in result.console   # negative control
+
+
+def test_vvar_cannot_become_writable_lose_its_page_or_grow(program):
+    """[vvar] is a special mapping (vdso_install_vvar_mapping): without VM_MAYWRITE,
+    mprotect(PROT_WRITE) is EACCES (mm/mprotect.c); VM_PFNMAP makes MADV_DONTNEED EINVAL
+    (mm/madvise.c); VM_DONTEXPAND makes growing it EFAULT (mm/mremap.c). A program
+    cannot rewrite what its vDSO reads."""
+    assert run(program, "special").console == "mprotect -1 13\nmadvise -1 22\nmremap 1 14\n"

@@ -19,7 +19,7 @@ import mmap as host_mmap
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, replace
 
-from .errno import EFAULT, EINVAL, ENOMEM, SyscallError
+from .errno import EACCES, EFAULT, EINVAL, ENOMEM, SyscallError
 
 PAGE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -206,8 +206,16 @@ class AddressSpace:
         """Where the first mapping called ``name`` starts (None: there is none)."""
         return next((m.start for m in self.maps if m.name == name), None)
 
+    def holds_vvar(self, start: int, end: int) -> bool:
+        """Whether [start, end) holds [vvar]: a special mapping (vdso.py) that cannot
+        become writable (no VM_MAYWRITE: mprotect is EACCES), has no pages to drop
+        (VM_PFNMAP: madvise is EINVAL) and cannot grow (VM_DONTEXPAND: mremap is EFAULT)."""
+        return self.vvar is not None and start <= self.vvar < end
+
     def protect(self, start: int, length: int, prot: int) -> None:
         end = self._check_range(start, length)
+        if prot & PROT_WRITE and self.holds_vvar(start, end):
+            raise SyscallError(EACCES)
         if 0 in self.pages[start // PAGE:end // PAGE]:
             raise SyscallError(ENOMEM)  # part of the range is not mapped (mprotect(2))
         pieces = self.overlapping(start, end)

@@ -533,8 +533,8 @@ class _Engine:
         refusal itself (faults.on_invalid). A run the machine ran for a refusal is
         taken in machine code from then on where it can be (exits/quick.py)."""
         try:
-            return self.exits.on_refused(self.uc, engine_module.read_rip(self.uc)) \
-                or self.faults.on_invalid(self.uc, None)
+            rip = engine_module.read_rip(self.uc)
+            return self.exits.on_refused(self.uc, rip) or self.faults.on_invalid(self.uc, rip)
         except BaseException as e:  # never let an exception vanish inside ctypes
             self._fail(e)
             return True

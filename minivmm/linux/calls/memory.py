@@ -96,7 +96,7 @@ def sys_mremap(k, uc, old, old_size, new_size, flags, new_address, *_):
         raise SyscallError(EINVAL)
     old_size, new_size = page_up(old_size), page_up(new_size)
     mapping = memory.mapping_at(old)
-    if mapping is None or old + old_size > mapping.end:
+    if mapping is None or old + old_size > mapping.end or new_size > old_size and memory.holds_vvar(old, old + 1):
         raise SyscallError(EFAULT)
     if new_size <= old_size and not flags & MREMAP_FIXED:
         if new_size < old_size:
@@ -128,6 +128,8 @@ def sys_madvise(k, uc, address, length, advice, *_):
         raise SyscallError(EINVAL)
     if advice == MADV_DONTNEED and length:  # private anonymous pages read as zeros again
         end = min(address + page_up(length), k.p.memory.size)
+        if k.p.memory.holds_vvar(address, end):
+            raise SyscallError(EINVAL)
         for m in k.p.memory.overlapping(address, end):
             lo, hi = max(m.start, address), min(m.end, end)
             if lo < hi and not m.name.startswith("/") and not m.shared:

@@ -42,6 +42,7 @@ SIGNAL_CODES = {6: (2, None), 0: (1, None), 14: (1, None), 16: (0x80, None)}
 # IA32 emulation); every other vector's gate has DPL 0, so INT n there is #GP (SDM Vol.
 # 3A, 6.12.1.1).
 COMPAT_VECTOR = 0x80
+DECODES_KEPT = 4096             # faulting instructions whose decode is kept
 USER_GATES = frozenset((3, 4, COMPAT_VECTOR))
 
 
@@ -69,17 +70,29 @@ class FaultExits:
         self.on_write = None           # (address, size): the VMM wrote guest RAM (InstructionExits.note_write)
         self._controls = None
         self._enabled: set[int] = set()   # instruction forms the controls were seen to allow
+        self._decodes: dict[tuple[int, bytes], tuple] = {}   # (RIP, bytes) -> (instruction, text)
 
     # -- what the instruction is -------------------------------------------------------
 
     def _instruction(self, uc, rip: int):
+        return self._decoded(uc, rip)[0]
+
+    def _decoded(self, uc, rip: int) -> tuple:
+        """The instruction at ``rip`` and its text ((None, "(bad)") where none is), kept
+        for its bytes: a guest taking the same fault in a loop decodes it once."""
         try:
             code = bytes(self.ram[rip:rip + 15]) if self.ram is not None and rip + 15 <= self.memory \
                 else bytes(uc.mem_read(rip, 15))
         except UcError:
-            return None
-        instr = Decoder(64, code, ip=rip).decode()
-        return None if instr.code == Code.INVALID else instr
+            return None, "(bad)"
+        known = self._decodes.get((rip, code))
+        if known is None:
+            instr = Decoder(64, code, ip=rip).decode()
+            known = (None, "(bad)") if instr.code == Code.INVALID else (instr, isa.disassemble(instr))
+            if len(self._decodes) >= DECODES_KEPT:
+                self._decodes.clear()
+            self._decodes[(rip, code)] = known
+        return known
 
     def _record(self, vector, rip, instruction, features, delivered, message=""):
         entry = {"vector": vector, "name": _name(vector), "rip": rip,
@@ -92,13 +105,16 @@ class FaultExits:
     # -- delivery --------------------------------------------------------------------------
 
     def deliver(self, uc, vector: int, rip: int, error_code: int | None = None, instr=None,
-                missing=(), detail: str = "", external: bool = True, si_code: int | None = None) -> bool:
+                missing=(), detail: str = "", external: bool = True, si_code: int | None = None,
+                text: str | None = None) -> bool:
         """Enter the guest's handler for ``vector``, or end the run as crashed. A gate
         whose code segment is unusable raises #GP/#NP in its place; two contributory
         faults make #DF, and a fault delivering #DF is a triple fault (SDM Vol. 3A,
         6.15, Table 6-5)."""
-        instr = instr if instr is not None else self._instruction(uc, rip)
-        text = isa.disassemble(instr) if instr is not None else "(bad)"
+        if instr is None:
+            instr, text = self._decoded(uc, rip)
+        elif text is None:
+            text = isa.disassemble(instr)
         if self.signals:
             return self._signal(uc, vector, rip, text, missing, detail, error_code, si_code)
         first = vector
@@ -198,12 +214,11 @@ class FaultExits:
 
     # -- the engine's exits ------------------------------------------------------------
 
-    def on_invalid(self, uc, _ud) -> bool:
-        """The engine refused an instruction. If the host has it and the guest enabled
-        what it needs, the refusal is the engine model's gap: emulate it or stop as
-        unsupported. Otherwise it is the architecture's #UD."""
-        rip = engine.read_rip(uc)
-        instr = self._instruction(uc, rip)
+    def on_invalid(self, uc, rip: int) -> bool:
+        """The engine refused the instruction at ``rip``. If the host has it and the guest
+        enabled what it needs, the refusal is the engine model's gap: emulate it or stop
+        as unsupported. Otherwise it is the architecture's #UD."""
+        instr, text = self._decoded(uc, rip)
         missing = []
         # The engine reports INT 6 as the #UD it raises, at the INT
         if self.signals and instr is not None and instr.mnemonic == Mnemonic.INT \
@@ -218,7 +233,7 @@ class FaultExits:
                     self.unsupported(uc, rip, instr)
                 return True
             missing = sorted(needs - self.host.physical)
-        self.deliver(uc, 6, rip, instr=instr, missing=missing)
+        self.deliver(uc, 6, rip, instr=instr, missing=missing, text=text)
         return True
 
     def _control(self, uc) -> tuple[int, int | None]:

@@ -591,8 +591,9 @@ class InstructionExits:
         self.flush_tlb()   # a page not resident is fetched anew before its code runs
 
     def sync_parked(self) -> None:
-        """Give the engine the parked exits, if they changed (between blocks)."""
-        if self._parked_changed:
+        """Give the engine the parked exits, if they changed (between blocks; only the
+        fast paths park, and only they have the engine stop at exits)."""
+        if self._parked_changed and self._fast:
             self._parked_changed = False
             self._uc.ctl_set_exits(sorted(self._parked))
 

@@ -1,7 +1,9 @@
 /* Reads every clock the vDSO answers, through the C library (the vDSO) and as system
    calls, and says where [vvar] and [vdso] are. "unmap": [vvar] unmapped and a page of
-   the program's own mapped there; its bytes must stay as written while the program runs. */
+   the program's own mapped there; its bytes must stay as written while the program runs.
+   "special": what Linux refuses of [vvar]. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
@@ -27,6 +29,16 @@ int main(int argc, char **argv) {
         for (int i = 0; i < 4096; i++)
             if (mine[i] != 0x5a) { printf("overwritten at %d\n", i); return 3; }
         puts("intact");
+        return 0;
+    }
+    if (argc > 1 && !strcmp(argv[1], "special")) {   /* what Linux refuses of [vvar] */
+        char *vvar = (char *)(ehdr - 4096);
+        int got = mprotect(vvar, 4096, PROT_READ | PROT_WRITE);
+        printf("mprotect %d %d\n", got, errno);
+        got = madvise(vvar, 4096, MADV_DONTNEED);
+        printf("madvise %d %d\n", got, errno);
+        got = mremap(vvar, 4096, 8192, MREMAP_MAYMOVE) == MAP_FAILED;
+        printf("mremap %d %d\n", got, errno);
         return 0;
     }
     struct timespec library, kernel, res;
