@@ -55,10 +55,12 @@ class Clock:
         # Shared with the engine's block counter: [0] nanoseconds of the code executed,
         # [1] the engine stops at the block that brings [0] there (the next timer),
         # [2] the engine's stop function (the counter fills it in), [3] nonzero when the
-        # counter stopped the engine, [4] the rest of the time since boot, the kernel's
-        # and the sleeps' (counted here: a system call does not touch the engine's),
-        # which the counter adds to [0] for the vDSO (vdso.py).
-        self.counter = (ctypes.c_uint64 * 5)(0, NEVER, 0, 0, 0)
+        # counter stopped the engine, [4] where the counter stores the time since boot
+        # for the vDSO (engine.set_time_store), [5] the rest of the time since boot, the
+        # kernel's and the sleeps' (counted here: a system call does not touch the
+        # engine's), [6] where the time goes when there is no vDSO.
+        self.counter = (ctypes.c_uint64 * 7)(0, NEVER, 0, 0, 0, 0, 0)
+        self.counter[4] = ctypes.addressof(self.counter) + 48
         self.calls = 0
         self.kernel_ns = 0
         self.slept_ns = 0
@@ -95,7 +97,7 @@ class Clock:
         """A system call, which copied ``copied`` bytes from and to the program's memory."""
         self.calls += 1
         self.kernel_ns += NS_PER_SYSCALL + copied * NS_PER_BYTE_COPIED
-        self.counter[4] = self.kernel_ns + self.slept_ns
+        self.counter[5] = self.kernel_ns + self.slept_ns
         if self.deadline is not None and not self.realtime:
             self._stop_engine()   # the call brought the next timer nearer
 
@@ -104,7 +106,7 @@ class Clock:
         clock has moved by itself)."""
         if not self.realtime:
             self.slept_ns += ns
-            self.counter[4] = self.kernel_ns + self.slept_ns
+            self.counter[5] = self.kernel_ns + self.slept_ns
             self._stop_engine()
 
     def stop_engine_at(self, since_boot: int | None) -> None:

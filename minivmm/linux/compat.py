@@ -25,9 +25,10 @@ COMPAT = {
 }
 M32 = 0xFFFFFFFF
 # Where SYSENTER's call returns (do_fast_syscall_32): the 32-bit vDSO's int80 landing pad,
-# mm->context.vdso + vdso_image_32.sym_int80_landing_pad. minivmm maps no vDSO, so it is
-# the pad's offset alone (0x5e9 in a 6.x kernel's image): page zero, where nothing is
-# ever mapped, so the fetch there faults in 32-bit code.
+# mm->context.vdso + vdso_image_32.sym_int80_landing_pad. minivmm maps no 32-bit vDSO
+# (only the 64-bit one, vdso.py), so it is the pad's offset alone (0x5e9 in a 6.x
+# kernel's image): page zero, where nothing is ever mapped, so the fetch there faults in
+# 32-bit code.
 LANDING_PAD = 0x5E9
 SEGV_MAPERR, PF_USER, PF_FETCH = 1, 1 << 2, 1 << 4
 _CALL = RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX,
@@ -74,5 +75,5 @@ def sysenter(kernel, uc) -> None:
     uc.reg_write(x86.UC_X86_REG_CR2, LANDING_PAD)
     if not kernel.signals.deliver(uc, SIGSEGV, SEGV_MAPERR, LANDING_PAD, 14, PF_USER | PF_FETCH,
                                   (USER32_CS, USER_DS)):
-        why = f"SYSENTER returned to 32-bit code at {LANDING_PAD:#x}, the landing pad of a vDSO it has not (#PF)"
+        why = f"SYSENTER returned to 32-bit code at {LANDING_PAD:#x}, the landing pad of a 32-bit vDSO it has not (#PF)"
         kernel.signals.fatal = kernel.signals.fatal or (SIGSEGV, why)

@@ -368,7 +368,7 @@ def restore(state: dict, rams: list, host, view, console, options, origin: str) 
     clock, p = first.clock, first.p
     clock.calls, clock.counter[0] = state["clock"]["calls"], state["clock"]["code_ns"]
     clock.kernel_ns, clock.slept_ns = state["clock"]["kernel_ns"], state["clock"]["slept_ns"]
-    clock.counter[4] = (clock.kernel_ns + clock.slept_ns) & ((1 << 64) - 1)
+    clock.counter[5] = (clock.kernel_ns + clock.slept_ns) & ((1 << 64) - 1)
     p.counts, p.unknown = Counter(state["stats"]["counts"]), Counter({int(k): v for k, v in
                                                                       state["stats"]["unknown"].items()})
     p.unknown_others, p.sample = state["stats"]["unknown_others"], list(state["stats"]["sample"])

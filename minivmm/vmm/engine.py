@@ -90,28 +90,24 @@ def del_hook(uc, handle) -> None:
 # ---- the work the guest has done, counted where the engine runs ---------------------------
 # A block hook runs at the start of every translated block the engine executes. In Python
 # it costs about 150 ns a block (a tight loop runs 10x slower); this callback, a few
-# instructions of machine code, costs nothing measurable (2.1 G instructions/s on the
-# compute loop with and without it). Its user data is the engine's own: the address of
-# the counter (shared by the engines of a VM's processes: one clock) and the address to
-# store the time since boot in (a Linux program's [vvar], vdso.py; else the third word).
-# It adds the block's size in bytes, shifted left by ``shift``, to counter[0], stores
-# counter[0] + counter[4] (the time since boot) at the second address, and once
-# counter[0] reaches counter[1] sets counter[3] and calls uc_emu_stop(uc)
+# instructions of machine code, costs little (measured by bench.py's compute loop
+# with and without it). It adds the block's size in bytes, shifted left by ``shift``,
+# to counter[0], stores counter[0] + counter[5] (the time since boot) where counter[4]
+# points (a Linux program's [vvar], linux/vdso.py; else counter[6]), and once counter[0]
+# reaches counter[1] sets counter[3] and calls uc_emu_stop(uc)
 # (the address in counter[2]): the engine then stops before the block's first
 # instruction (the exit check at each block's start sees the request), a stop the run
 # resumes from exactly, and counts the block again when it runs.
-#   void counter(uc_engine *uc, uint64_t address, uint32_t size, uint64_t *own)
+#   void counter(uc_engine *uc, uint64_t address, uint32_t size, uint64_t *counter)
 BLOCK_COUNTER = (
-    "4989c8"        # mov r8, rcx                 (the engine's own words)
-    "498b08"        # mov rcx, [r8]               (the counter)
     "89d2"          # mov edx, edx                (size, zero-extended)
     "48c1e2{shift}"  # shl rdx, shift
     "480311"        # add rdx, [rcx]
     "488911"        # mov [rcx], rdx
-    "488b4120"      # mov rax, [rcx + 32]
+    "488b4128"      # mov rax, [rcx + 40]
     "4801d0"        # add rax, rdx
-    "4d8b4808"      # mov r9, [r8 + 8]
-    "498901"        # mov [r9], rax               (the time since boot)
+    "4c8b4120"      # mov r8, [rcx + 32]
+    "498900"        # mov [r8], rax               (the time since boot)
     "483b5108"      # cmp rdx, [rcx + 8]
     "7301"          # jae stop
     "c3"            # ret
@@ -121,27 +117,28 @@ BLOCK_COUNTER = (
 
 def add_block_counter(uc, counter, begin: int, shift: int) -> tuple:
     """Count the bytes of every block the engine executes from ``begin`` on, times
-    2**``shift``, into ``counter`` (five uint64: the count, the count at which to stop,
-    uc_emu_stop's address, filled in here, the flag of a stop, and the time since boot
-    less the count). The caller keeps the returned objects alive as long as the engine
-    runs; :func:`set_time_store` says where the time since boot goes."""
+    2**``shift``, into ``counter`` (seven uint64: the count, the count at which to stop,
+    uc_emu_stop's address, filled in here, the flag of a stop, where to store the time
+    since boot (set_time_store), the time since boot less the count, a word to store it
+    in when nowhere else). The caller keeps the returned objects alive as long as the
+    engine runs."""
     from ..cpu.native import executable
     function, page = executable(bytes.fromhex(BLOCK_COUNTER.format(shift=f"{shift:02x}")), None)
     counter[2] = ctypes.cast(_lib.uc_emu_stop, ctypes.c_void_p).value
-    own = (ctypes.c_uint64 * 3)(ctypes.addressof(counter), 0, 0)
-    set_time_store(own, None)
+    set_time_store(counter, None)
     handle = uc_hook_h()
     err = _lib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK, ctypes.cast(function, ctypes.c_void_p),
-                           own, ctypes.c_uint64(begin), ctypes.c_uint64((1 << 64) - 1))
+                           counter, ctypes.c_uint64(begin), ctypes.c_uint64((1 << 64) - 1))
     if err:
         raise RuntimeError(f"uc_hook_add failed with error {err}")
-    return function, page, counter, own, handle
+    return function, page, counter, handle
 
 
-def set_time_store(own, store) -> None:
-    """Where the block counter whose words are ``own`` stores the time since boot: a
-    ctypes uint64 that stays alive while it is there (None: nowhere that matters)."""
-    own[1] = ctypes.addressof(own) + 16 if store is None else ctypes.addressof(store)
+def set_time_store(counter, store) -> None:
+    """Where the block counter of ``counter`` stores the time since boot: a ctypes
+    object that stays alive while it is there (None: the counter's own last word). The
+    engines of a VM's processes share one counter: the engine about to run sets it."""
+    counter[4] = ctypes.addressof(counter) + 48 if store is None else ctypes.addressof(store)
 
 
 class TlbEntry(ctypes.Structure):

@@ -494,6 +494,7 @@ class _Engine:
         self.faults.ram, self.faults.on_write = self.ram, self.exits.note_write
         self.quick = None   # the machine-code exits (exits/quick.py), where the machine runs what is refused
         self.vvar = None    # a Linux program's [vvar] (linux/vdso.py): where the block counter stores the time
+        self.block_counter = None   # a Linux program's clock (engine.add_block_counter)
         uc.hook_add(UC_HOOK_INTR, self.faults.on_interrupt)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, run._unmapped)
         self.privileged = PrivilegedExits(host, view, self.faults)
@@ -673,7 +674,14 @@ class _Engine:
             self.uc.ctl_flush_tb()
             self._counted = counted
         self.limit = count
+        self.store_time()
         self.uc.emu_start(self.rip(), NEVER, count=count or 0)
+
+    def store_time(self) -> None:
+        """The block counter, shared by the VM's processes, stores the time since boot in
+        this engine's [vvar] (nowhere without one): set before each start."""
+        if self.block_counter is not None:
+            engine_module.set_time_store(self.block_counter[2], self.vvar)
 
     def past_limit(self) -> bool:
         """At an exit: the counted start's budget ended at this instruction, which the
@@ -774,7 +782,8 @@ class _Run:
         memory.vvar = memory.find_named("[vvar]")
         engine.vvar = None if memory.vvar is None else vdso.publish(
             engine.ram, memory.vvar, kernel.clock.realtime, kernel.clock.wall_offset())
-        engine_module.set_time_store(engine.block_counter[3], engine.vvar)
+        if engine is self.engine:   # (it may be running: a system call unmapped [vvar])
+            engine.store_time()
 
     # -- exits ---------------------------------------------------------------------------
 
