@@ -820,14 +820,17 @@ def exit_rows(tmp: str, repeats: int) -> None:
     Path(loop_path).write_text(COMPUTE_LOOP)
     Path(cpuid_path).write_text(CPUID_LOOP)
 
+    # The block counter first: once a VM has run in this process, the engine's hooked
+    # loop runs about 1.5x slower with any hook of machine code (the counter of the
+    # last release and this one alike), which says nothing about the counter.
+    uncounted, counted = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP),
+                                     lambda: bare_unicorn(COMPUTE_LOOP, block_counter=True))
     bare, ours = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP), lambda: minivmm_run(loop_path))
     insns = 5 * LOOP_ITERATIONS
     emit(("guest compute loop (500 M insns)", f"{bare * 1e3:.0f} ms ({insns / bare / 1e6:.0f} M/s)",
              f"{ours * 1e3:.0f} ms ({insns / ours / 1e6:.0f} M/s)", f"{ours / bare:.3f}x", "<= 1.05x"))
-    bare, counted = interleaved(repeats, lambda: bare_unicorn(COMPUTE_LOOP),
-                                lambda: bare_unicorn(COMPUTE_LOOP, block_counter=True))
-    emit(("the same loop with a Linux program's clock counting its blocks (bare engine)", f"{bare * 1e3:.0f} ms",
-          f"{counted * 1e3:.0f} ms", f"{counted / bare:.3f}x", "<= 1.1x"))
+    emit(("the same loop with a Linux program's clock counting its blocks (bare engine)", f"{uncounted * 1e3:.0f} ms",
+          f"{counted * 1e3:.0f} ms", f"{counted / uncounted:.3f}x", "<= 1.1x"))
 
     engine, empty, exits = interleaved(
         repeats, lambda: bare_unicorn(CPUID_LOOP), lambda: bare_unicorn(CPUID_LOOP, lambda uc, ud: 0),
