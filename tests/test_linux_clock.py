@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from test_linux import needs_gcc
 
+from minivmm.linux import clock as clock_module
 from minivmm.vmm import engine
 from minivmm.vmm import snapshot as snapshot_mod
 from minivmm.vmm.vm import VM
@@ -157,3 +158,21 @@ def test_zstd_s_benchmark_finishes_and_reports_speeds(tmp_path):
     assert (result.stop.reason, result.exit_code) == ("exited", 0), result.stop.message
     compress, decompress = (float(s) for s in re.findall(r"([\d.]+) MB/s", result.console)[-2:])
     assert 0.1 < compress < decompress < 10_000, result.console
+
+
+@needs_gcc
+def test_cpu_time_clocks_and_resolutions_as_linux_answers(tmp_path):
+    """clock_getcpuclockid and pthread_getcpuclockid name clocks a program reads (pid 0
+    and its own tid; no such pid, or a fourth kind of time, is EINVAL); the coarse
+    clocks and the profiling CPU clock tick at HZ. The machine's kernel is the oracle
+    where its HZ is minivmm's (Debian's and Ubuntu's 250)."""
+    program = tmp_path / "cpuclocks"
+    source = Path(__file__).parent / "data" / "linux" / "cpuclocks.c"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(program), str(source), "-lpthread"], check=True)
+    tick = str(10**9 // clock_module.HZ)
+    expected = [f"res 5 {tick}", f"res 6 {tick}", "res 1 1", "res 2 1", "getcpuclockid 0 id -6 gettime 0 res 0 1",
+                "pthread 0 gettime 0", "no such pid -1 22", "which 3 -1 22", f"prof res 0 {tick}"]
+    assert under_minivmm(str(program)).console.splitlines() == expected
+    here = native(str(program))[0].splitlines()
+    if here[0] == f"res 5 {tick}":
+        assert here == expected

@@ -37,6 +37,27 @@ NEVER = (1 << 64) - 1
 WALL = frozenset((0, 5, 8, 11))            # REALTIME, REALTIME_COARSE, REALTIME_ALARM, TAI
 SINCE_BOOT = frozenset((1, 4, 6, 7, 9))    # MONOTONIC, MONOTONIC_RAW, MONOTONIC_COARSE, BOOTTIME, BOOTTIME_ALARM
 CPU = frozenset((2, 3))                    # PROCESS_CPUTIME_ID, THREAD_CPUTIME_ID (one thread)
+COARSE = frozenset((5, 6))                 # REALTIME_COARSE, MONOTONIC_COARSE: the tick's resolution
+HZ = 250                                   # the kernel's tick (CONFIG_HZ of Debian's and Ubuntu's kernels)
+CPUCLOCK_VIRT, CPUCLOCK_SCHED = 1, 2       # a CPU-time clock id's low bits (PROF 0: user and system time)
+
+
+def cpu_clock(clock_id: int) -> tuple[int, int, bool] | None:
+    """What a CPU-time clock id of clock_getcpuclockid and pthread_getcpuclockid names
+    (include/linux/posix-timers.h: ~pid << 3 | per-thread << 2 | which): the pid (0: the
+    caller), which time, and whether it is a thread's; None for a fixed clock id."""
+    if clock_id >= 0:
+        return None
+    return ~(clock_id >> 3), clock_id & 3, bool(clock_id & 4)
+
+
+def resolution(clock_id: int) -> int:
+    """clock_getres in nanoseconds: the tick for the coarse clocks (LOW_RES_NSEC) and for
+    the CPU clocks but the scheduler's (posix_cpu_clock_getres), 1 ns otherwise."""
+    cpu = cpu_clock(clock_id)
+    if clock_id in COARSE or cpu is not None and cpu[1] != CPUCLOCK_SCHED:
+        return (10**9 + HZ - 1) // HZ
+    return 1
 
 
 def boot_epoch(paths) -> int:
@@ -82,13 +103,18 @@ class Clock:
         return time.time_ns() - time.monotonic_ns() if self.realtime else self.epoch * 10**9
 
     def read(self, clock_id: int) -> int:
-        """What clock_gettime reads of ``clock_id``, in nanoseconds; EINVAL for no clock."""
+        """What clock_gettime reads of ``clock_id``, in nanoseconds; EINVAL for no clock.
+        A CPU-time clock id (cpu_clock) reads the one CPU time, or the user part of it
+        (CPUCLOCK_VIRT: the code run); the caller checks whose it is."""
         if clock_id in SINCE_BOOT:
             return self.since_boot()
         if clock_id in WALL:
             return time.time_ns() if self.realtime else self.since_boot() + self.epoch * 10**9
-        if clock_id in CPU:
+        cpu = cpu_clock(clock_id)
+        if clock_id in CPU or cpu is not None and cpu[1] in (0, CPUCLOCK_SCHED):
             return self.cpu()
+        if cpu is not None and cpu[1] == CPUCLOCK_VIRT:
+            return int(os.times().user * 1e9) if self.realtime else self.counter[0]
         raise SyscallError(EINVAL)
 
     # -- moving -------------------------------------------------------------------------------

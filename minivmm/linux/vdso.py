@@ -40,6 +40,7 @@ class Vvar(ctypes.Structure):
 
 WALL_CLOCKS = 1 << 0 | 1 << 5 | 1 << 8 | 1 << 11     # clock.py's WALL
 SINCE_BOOT_CLOCKS = 1 << 1 | 1 << 4 | 1 << 6 | 1 << 7 | 1 << 9   # clock.py's SINCE_BOOT
+COARSE_CLOCKS = 1 << 5 | 1 << 6                                  # clock.py's COARSE
 SYS_GETTIMEOFDAY, SYS_TIME, SYS_CLOCK_GETTIME, SYS_CLOCK_GETRES = 96, 201, 228, 229
 
 # Each function finds [vvar] one page below the page it runs in (the image's code lies in
@@ -86,13 +87,14 @@ CODE = {
         mov qword ptr [rdi], rax
     l1:  ret
     l9:  mov eax, {SYS_TIME}; syscall; ret""",
-    # int clock_getres(clockid_t, struct timespec *): 1 ns, as the system call answers
+    # int clock_getres(clockid_t, struct timespec *): 1 ns, as the system call answers,
+    # for all but the coarse clocks (the tick: the system call answers)
     "clock_getres": f"""
         {_VVAR}
         cmp dword ptr [r8 + 16], 0; je l9
         cmp edi, 11; ja l9
         mov eax, 1; mov ecx, edi; shl eax, cl
-        test eax, {SINCE_BOOT_CLOCKS | WALL_CLOCKS}; jz l9
+        test eax, {(SINCE_BOOT_CLOCKS | WALL_CLOCKS) & ~COARSE_CLOCKS}; jz l9
         test rsi, rsi; jz l1
         mov qword ptr [rsi], 0; mov qword ptr [rsi + 8], 1
     l1:  xor eax, eax; ret

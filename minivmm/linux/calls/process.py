@@ -8,7 +8,7 @@ import struct
 
 import unicorn.x86_const as x86
 
-from ..clock import WALL
+from ..clock import WALL, cpu_clock, resolution
 from ..errno import EINTR, EINVAL, ENODATA, ENOSPC, EOPNOTSUPP, EPERM, SyscallError
 from ..process import AT_MINSIGSTKSZ
 from ..signals import ERESTART_RESTARTBLOCK, ERESTARTNOHAND
@@ -178,15 +178,29 @@ def read_timespec(k, address: int) -> int:
     return seconds * 10**9 + nanos
 
 
+def _clock_id(k, clock: int) -> int:
+    """The clock id a call names, EINVAL for a CPU-time clock of no thread or process
+    here (posix-cpu-timers.c, lookup_task: pid 0 is the caller)."""
+    clock = signed32(clock)
+    cpu = cpu_clock(clock)
+    if cpu is not None:
+        pid, _which, per_thread = cpu
+        known = k.threads.all if per_thread else (k.p.tid, *k.machine.kernels)
+        if pid and pid not in known:
+            raise SyscallError(EINVAL)
+    return clock
+
+
 def sys_clock_gettime(k, uc, clock, buf, *_):
-    k.p.write(buf, timespec(k.clock.read(signed32(clock))))
+    k.p.write(buf, timespec(k.clock.read(_clock_id(k, clock))))
     return 0
 
 
 def sys_clock_getres(k, uc, clock, buf, *_):
-    k.clock.read(signed32(clock))  # EINVAL for no clock
+    clock = _clock_id(k, clock)
+    k.clock.read(clock)  # EINVAL for no clock
     if buf:
-        k.p.write(buf, timespec(1))
+        k.p.write(buf, timespec(resolution(clock)))
     return 0
 
 
