@@ -29,6 +29,7 @@ from .vfs import FileSystem, device
 STDERR_KEPT = 16 << 20            # stderr bytes the report keeps (the rest is counted)
 SIGPIPE, SI_USER = 13, 0
 UNKNOWN_KEPT = 1000               # distinct unknown system-call numbers counted one by one
+UNKNOWN_CALL = (None, sys_enosys)
 WAITED = 0.1                      # seconds a blocked call waits at a time: the run stays stoppable
 
 
@@ -159,11 +160,11 @@ class Kernel:
         self.p.unknown_others += 1
         return -ENOSYS & (1 << 64) - 1
 
-    def dispatch(self, uc, number: int, args: tuple[int, ...]):
+    def dispatch(self, uc, number: int, args):
         """One system call, its registers already read by the VMM (RAX the number, RDI
         RSI RDX R10 R8 R9 the arguments, RIP past the SYSCALL): the value for RAX, or
         RETURNED when the call set every register itself (rt_sigreturn, a signal)."""
-        name, handler = TABLE.get(number, (None, sys_enosys))
+        name, handler = TABLE.get(number, UNKNOWN_CALL)
         p = self.p
         copied = p.copied
         if name is None and (number in p.unknown or len(p.unknown) < UNKNOWN_KEPT):

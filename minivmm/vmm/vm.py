@@ -748,7 +748,8 @@ class _Run:
                                          x86.UC_X86_REG_R9, x86.UC_X86_REG_RFLAGS, x86.UC_X86_REG_RIP)),
             engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11,
                                          x86.UC_X86_REG_RIP)),
-            engine_module.RegisterBlock((x86.UC_X86_REG_RIP,)))
+            engine_module.RegisterBlock((x86.UC_X86_REG_RIP,)),
+            engine_module.RegisterBlock((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_R11)))
         self.engine.enter_user_mode()
         xcr0 = self.engine.read_xcr0()  # fixed from now on: XSETBV and MOV CR4 are #GP at CPL 3
         kernel.signals.read_xcr0 = lambda: xcr0
@@ -837,7 +838,7 @@ class _Run:
 
     def _on_syscall(self, _handle, _user_data) -> int:
         try:
-            self._syscall(self.uc)
+            self._syscall(self.engine.uc)
         except BaseException as e:  # an exception inside a hook must not vanish
             self._fail(e)
         return 0
@@ -848,26 +849,33 @@ class _Run:
         transfers (a system call's cost is mostly register access). The engine's
         SYSCALL hook runs with RIP at the instruction and adds its length after it (so
         its block ends there, and a batch write of RIP takes effect)."""
-        inputs, outputs, rip_block = self._syscall_registers
+        inputs, outputs, rip_block, results = self._syscall_registers
         values = inputs.read(uc)
         rip = values[8]
-        size = len(SYSCALL) if self.engine.ram[rip:rip + len(SYSCALL)] == SYSCALL else \
+        size = 2 if self.engine.ram[rip:rip + 2] == SYSCALL else \
             Decoder(64, bytes(self.engine.ram[rip:rip + 15]), ip=rip).decode().len  # prefixed
-        if values[0] not in CPU_FREE:   # a handler that sees the CPU sees RIP past the call
+        moved = values[0] not in CPU_FREE
+        if moved:   # a handler that sees the CPU sees RIP past the call
             rip_block.write(uc, (rip + size,))
         self.kernel.calling = (values[0], rip)
-        result = self.kernel.dispatch(uc, values[0], tuple(values[1:7]))
-        signals, threads = self.kernel.signals, self.kernel.threads
+        result = self.kernel.dispatch(uc, values[0], values[1:7])
+        kernel = self.kernel
+        signals, threads = kernel.signals, kernel.threads
         running = threads.all.get(threads.current)
         waiting = running is not None and running.wait is not None   # no return to user mode yet
         if result is not RETURNED and (waiting or not signals.pending and signals.saved_mask is None):
-            outputs.write(uc, (result, rip + size, values[7], rip))
+            if moved:
+                outputs.write(uc, (result, rip + size, values[7], rip))
+            else:   # RIP as it was: no write of it, which would end the engine's block
+                results.write(uc, (result, rip + size, values[7]))
         else:  # the return to user mode delivers what is pending, from where the call returns
             if result is not RETURNED:
                 outputs.write(uc, (result, rip + size, values[7], rip + size))
             signals.deliver_pending(uc, (values[0], rip, result) if result is not RETURNED else None)
             rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))  # less what the engine adds
-        self._returned(uc)
+        if signals.fatal or kernel.p.exit_status is not None or self.events or threads.switch_wanted \
+                or kernel.machine.forked:
+            self._returned(uc)
 
     def _int80(self, uc) -> None:
         compat.int80(self.kernel, uc)
