@@ -114,6 +114,7 @@ ET_DYN, EM_X86_64, PT_LOAD, PT_DYNAMIC = 3, 62, 1, 2
 PF_X, PF_R = 1, 4
 DT_NULL, DT_HASH, DT_STRTAB, DT_SYMTAB, DT_STRSZ, DT_SYMENT, DT_SONAME = 0, 4, 5, 6, 10, 11, 14
 DT_VERSYM, DT_VERDEF, DT_VERDEFNUM = 0x6FFFFFF0, 0x6FFFFFFC, 0x6FFFFFFD
+DYNAMIC = (DT_HASH, DT_STRTAB, DT_SYMTAB, DT_STRSZ, DT_SYMENT, DT_SONAME, DT_VERSYM, DT_VERDEF, DT_VERDEFNUM, DT_NULL)
 STB_GLOBAL, STB_WEAK, STT_FUNC = 1, 2, 2
 SHT_PROGBITS, SHT_STRTAB, SHT_DYNAMIC, SHT_HASH, SHT_DYNSYM = 1, 3, 6, 5, 11
 SHT_GNU_VERDEF, SHT_GNU_VERSYM = 0x6FFFFFFD, 0x6FFFFFFF
@@ -193,7 +194,7 @@ def image() -> bytes:
     placed = {}
     for name, kind, data, link, align, entsize in layout:
         offset += -offset % align
-        size = {".dynsym": 24 * count, ".dynamic": 16 * 10}.get(name, len(data) if data is not None else 0)
+        size = {".dynsym": 24 * count, ".dynamic": 16 * len(DYNAMIC)}.get(name, len(data) if data is not None else 0)
         placed[name] = offset
         if name != ".text":
             offset += size
@@ -201,10 +202,10 @@ def image() -> bytes:
     dynsym = bytes(24)
     for (_, bind, function), at in zip(symbols, name_at):
         dynsym += struct.pack("<IBBHQQ", at, bind << 4 | STT_FUNC, 0, TEXT_INDEX, *where[function])
-    dynamic = b"".join(struct.pack("<qQ", tag, value) for tag, value in (
-        (DT_HASH, placed[".hash"]), (DT_STRTAB, placed[".dynstr"]), (DT_SYMTAB, placed[".dynsym"]),
-        (DT_STRSZ, len(dynstr.data)), (DT_SYMENT, 24), (DT_SONAME, soname), (DT_VERSYM, placed[".gnu.version"]),
-        (DT_VERDEF, placed[".gnu.version_d"]), (DT_VERDEFNUM, 2), (DT_NULL, 0)))
+    values = {DT_HASH: placed[".hash"], DT_STRTAB: placed[".dynstr"], DT_SYMTAB: placed[".dynsym"],
+              DT_STRSZ: len(dynstr.data), DT_SYMENT: 24, DT_SONAME: soname, DT_VERSYM: placed[".gnu.version"],
+              DT_VERDEF: placed[".gnu.version_d"], DT_VERDEFNUM: 2, DT_NULL: 0}
+    dynamic = b"".join(struct.pack("<qQ", tag, values[tag]) for tag in DYNAMIC)
     contents = {".dynsym": dynsym, ".dynamic": dynamic, ".text": text}
     body = bytearray(placed[".text"] + len(text))
     for name, kind, data, link, align, entsize in layout:
@@ -245,7 +246,6 @@ def map_into(process, top: int, bottom: int) -> int:
     memory.map(vvar, PAGE, PROT_READ, "[vvar]")
     memory.map(vvar + PAGE, PAGE, PROT_READ | PROT_EXEC, "[vdso]")
     process.fill(vvar + PAGE, image())
-    memory.vvar = vvar
     return vvar + PAGE
 
 

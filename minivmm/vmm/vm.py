@@ -874,7 +874,7 @@ class _Run:
             signals.deliver_pending(uc, (values[0], rip, result) if result is not RETURNED else None)
             rip_block.write(uc, (uc.reg_read(x86.UC_X86_REG_RIP) - size,))  # less what the engine adds
         if signals.fatal or kernel.p.exit_status is not None or self.events or threads.switch_wanted \
-                or kernel.machine.forked:
+                or kernel.machine.forked:   # what _returned acts on (most calls: none; a call costs 0.15 us)
             self._returned(uc)
 
     def _int80(self, uc) -> None:
@@ -896,7 +896,7 @@ class _Run:
         if status is not None and not self._process_ended(status << 8):
             self._end(Stop("exited", status, message=f"program exited with status {status}"))
             return
-        when = self.events and self._next_point()
+        when = self._next_point()
         if when and when.kind == "syscall" and when.count == kernel.calls:
             self.fired = True  # stop right after it returned; RIP is already past it
             uc.emu_stop()
